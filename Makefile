@@ -1,0 +1,45 @@
+# `make run` and `make test` work on a fresh machine; every step reuses what is already there.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+IG := $(VENV)/bin/interest-graph
+STAMP := $(VENV)/.installed-stamp
+# The test suite runs on its own Neo4j (ports 7688/7475, own data dir): it never wipes `make run`'s data.
+TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(HOME)/.local/share/interest-graph-test
+
+.PHONY: install neo4j migrate run test bench stop evaluate clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --progress-bar off -e ".[test]"
+	touch $(STAMP)
+
+neo4j: install
+	$(IG) neo4j start
+
+migrate: neo4j
+	$(IG) migrate
+
+run: migrate
+	$(IG) serve
+
+test: install
+	$(TEST_ENV) $(IG) neo4j start
+	$(TEST_ENV) $(IG) migrate
+	$(PY) -m pytest
+
+bench: install
+	$(TEST_ENV) $(IG) neo4j start
+	$(TEST_ENV) $(IG) migrate
+	@echo "no benchmarks yet"
+
+stop:
+	-$(IG) neo4j stop
+	-$(TEST_ENV) $(IG) neo4j stop
+
+clean: stop
+	rm -rf $(VENV) *.egg-info

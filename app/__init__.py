@@ -1,0 +1,23 @@
+"""interest-graph: a real-time GraphSAGE interest graph on Neo4j."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from app.config import Config, load_config
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the Flask app; tests pass their own Config."""
+    app = Flask(__name__)
+    app.config["IG"] = config or load_config()
+    app.json.sort_keys = False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from app import errors
+    from app.api import health
+
+    errors.register(app)
+    app.register_blueprint(health.bp)
+    return app

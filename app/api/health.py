@@ -1,0 +1,36 @@
+"""Liveness and readiness probes."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from app import cypher, migrate
+from app.api import cfg, driver
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz():
+    """Neo4j answers and every migration is applied, else 503 with the reason."""
+    try:
+        with driver().session(database=cfg().neo4j_database) as session:
+            session.run(cypher.PING).consume()
+        states = migrate.info(driver(), cfg().neo4j_database)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return _not_ready(f"neo4j unreachable: {type(exc).__name__}: {exc}")
+    waiting = [s["file"] for s in states if s["state"] != "applied"]
+    if waiting:
+        return _not_ready(f"migrations not current: {', '.join(waiting)}")
+    return {"status": "ready", "migrations": len(states)}
+
+
+def _not_ready(reason: str):
+    response = jsonify({"status": "unavailable", "error": {"status": 503, "message": reason}})
+    response.status_code = 503
+    return response

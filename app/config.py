@@ -1,0 +1,124 @@
+"""All configuration, read from the environment (and the git-ignored `.env`) in one place."""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_FILE = ROOT / ".env"
+MIGRATIONS_DIR = ROOT / "migrations"
+NEO4J_VERSION = "5.26.30"
+NEO4J_BROWSER_VERSION = "5.24.0"
+
+
+def _ensure_password() -> str:
+    """Return NEO4J_PASSWORD from `.env`, generating and saving one (mode 0600) on first use."""
+    stored = dotenv_values(ENV_FILE).get("NEO4J_PASSWORD") if ENV_FILE.exists() else None
+    if stored:
+        return stored
+    password = secrets.token_urlsafe(18)
+    with open(os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as fh:
+        fh.write(f"NEO4J_PASSWORD={password}\n")
+    os.chmod(ENV_FILE, 0o600)
+    return password
+
+
+def _env(env: dict, name: str, default=None, cast=str):
+    value = env.get(name)
+    return default if value in (None, "") else cast(value)
+
+
+def _pairs(text: str) -> dict[str, float]:
+    """Parse `view:1,cart:3` into a dict."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition(":")
+        out[key.strip()] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings shared by the API, the worker and the CLI."""
+
+    neo4j_uri: str = "bolt://127.0.0.1:7687"
+    neo4j_user: str = "neo4j"
+    neo4j_password: str = ""
+    neo4j_database: str = "neo4j"
+    neo4j_http_port: int = 7474
+    admin_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    home: Path = Path.home() / ".local" / "share" / "interest-graph"
+    cache: Path = Path.home() / ".cache" / "interest-graph"
+    neo4j_heap: str = "2g"
+    neo4j_pagecache: str = "2g"
+    # model
+    embed_dim: int = 64
+    layers: int = 2
+    model_dir: Path | None = None
+    # ingest
+    batch_limit: int = 10_000
+    type_weights: dict = field(default_factory=lambda: {
+        "view": 1.0, "click": 1.0, "cart": 3.0, "purchase": 5.0, "return": -5.0})
+    half_life_days: float = 30.0
+    max_quantity: float = 10_000.0
+    max_price: float = 100_000.0
+    max_future_seconds: float = 86_400.0
+    bot_events_per_minute: float = 600.0
+    id_hmac_key: str | None = None
+    # refresh
+    refresh_interval: float = 1.0
+    full_share: float = 0.5
+    retrain_cron: str = "0 3 * * *"
+    lease_seconds: float = 10.0
+
+    @property
+    def models_path(self) -> Path:
+        """Directory holding model checkpoints."""
+        return self.model_dir or self.home / "models"
+
+
+def load_config(**overrides) -> Config:
+    """Build the Config from `.env` overlaid by the process environment, then `overrides`."""
+    env = {**(dotenv_values(ENV_FILE) if ENV_FILE.exists() else {}), **os.environ}
+    password = env.get("NEO4J_PASSWORD") or _ensure_password()
+    values = dict(
+        neo4j_uri=_env(env, "NEO4J_URI", Config.neo4j_uri),
+        neo4j_user=_env(env, "NEO4J_USER", Config.neo4j_user),
+        neo4j_password=password,
+        neo4j_database=_env(env, "NEO4J_DATABASE", Config.neo4j_database),
+        neo4j_http_port=_env(env, "NEO4J_HTTP_PORT", Config.neo4j_http_port, int),
+        admin_token=_env(env, "IG_ADMIN_TOKEN"),
+        host=_env(env, "IG_HOST", Config.host),
+        port=_env(env, "IG_PORT", Config.port, int),
+        workers=_env(env, "IG_WORKERS", Config.workers, int),
+        home=_env(env, "IG_HOME", Config.home, Path),
+        cache=_env(env, "IG_CACHE", Config.cache, Path),
+        neo4j_heap=_env(env, "IG_NEO4J_HEAP", Config.neo4j_heap),
+        neo4j_pagecache=_env(env, "IG_NEO4J_PAGECACHE", Config.neo4j_pagecache),
+        embed_dim=_env(env, "IG_EMBED_DIM", Config.embed_dim, int),
+        layers=_env(env, "IG_LAYERS", Config.layers, int),
+        model_dir=_env(env, "IG_MODEL_DIR", None, Path),
+        batch_limit=_env(env, "IG_BATCH_LIMIT", Config.batch_limit, int),
+        half_life_days=_env(env, "IG_HALF_LIFE_DAYS", Config.half_life_days, float),
+        max_quantity=_env(env, "IG_MAX_QUANTITY", Config.max_quantity, float),
+        max_price=_env(env, "IG_MAX_PRICE", Config.max_price, float),
+        max_future_seconds=_env(env, "IG_MAX_FUTURE_SECONDS", Config.max_future_seconds, float),
+        bot_events_per_minute=_env(env, "IG_BOT_EVENTS_PER_MINUTE", Config.bot_events_per_minute, float),
+        id_hmac_key=_env(env, "IG_ID_HMAC_KEY"),
+        refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
+        full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
+        retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
+        lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
+    )
+    weights = _env(env, "IG_TYPE_WEIGHTS")
+    if weights:
+        values["type_weights"] = {**Config().type_weights, **_pairs(weights)}
+    values.update(overrides)
+    return Config(**values)

@@ -1,0 +1,31 @@
+"""One Neo4j driver per process, built from the Config."""
+from __future__ import annotations
+
+import threading
+
+from neo4j import Driver, GraphDatabase
+
+from app.config import Config
+
+_lock = threading.Lock()
+_drivers: dict[tuple, Driver] = {}
+
+
+def get_driver(cfg: Config) -> Driver:
+    """Return the process-wide driver for these connection settings (created lazily)."""
+    key = (cfg.neo4j_uri, cfg.neo4j_user, cfg.neo4j_password)
+    with _lock:
+        if key not in _drivers:
+            _drivers[key] = GraphDatabase.driver(
+                cfg.neo4j_uri, auth=(cfg.neo4j_user, cfg.neo4j_password),
+                connection_timeout=5.0, max_connection_pool_size=64,
+                notifications_min_severity="OFF")
+        return _drivers[key]
+
+
+def close_all() -> None:
+    """Close every driver (at process exit and in tests)."""
+    with _lock:
+        for driver in _drivers.values():
+            driver.close()
+        _drivers.clear()

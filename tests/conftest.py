@@ -1,0 +1,63 @@
+"""Shared fixtures: a real Neo4j test server (separate from the dev one), the app, a live HTTP server."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+# The suite wipes its database, so it runs on its own server (ports 7688/7475, own data dir)
+# and never touches the data `make run` loaded. Set these to point it elsewhere.
+os.environ.setdefault("NEO4J_URI", "bolt://127.0.0.1:7688")
+os.environ.setdefault("NEO4J_HTTP_PORT", "7475")
+os.environ.setdefault("IG_HOME", str(Path.home() / ".local" / "share" / "interest-graph-test"))
+os.environ.setdefault("IG_NEO4J_HEAP", "1g")
+os.environ.setdefault("IG_NEO4J_PAGECACHE", "1g")
+os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")
+
+from werkzeug.serving import make_server  # noqa: E402
+
+from app import create_app, migrate, neo4j_local  # noqa: E402
+from app.config import load_config  # noqa: E402
+from app.db import get_driver  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cfg():
+    """The test Config, with the test server started and migrated."""
+    config = load_config()
+    neo4j_local.start(config)
+    migrate.migrate(get_driver(config), config.neo4j_database, {"embed_dim": config.embed_dim})
+    return config
+
+
+@pytest.fixture(scope="session")
+def driver(cfg):
+    """The Neo4j driver for the test server."""
+    return get_driver(cfg)
+
+
+@pytest.fixture
+def clean_db(cfg, driver):
+    """An empty graph (schema and migration records kept)."""
+    with driver.session(database=cfg.neo4j_database) as session:
+        session.run("MATCH (n) WHERE NOT n:_Migration CALL { WITH n DETACH DELETE n } "
+                    "IN TRANSACTIONS OF 10000 ROWS").consume()
+    return driver
+
+
+@pytest.fixture(scope="session")
+def app(cfg):
+    """The Flask app on the test Config."""
+    return create_app(cfg)
+
+
+@pytest.fixture(scope="session")
+def base_url(app):
+    """A real HTTP server running the app on a free local port."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()

@@ -1,0 +1,122 @@
+"""The real Neo4j server, migrations, config and the health probes."""
+from __future__ import annotations
+
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from app import config as config_module
+from app import migrate, neo4j_local
+from app.config import load_config
+
+
+def test_cypher_round_trip_on_real_server(cfg, clean_db):
+    with clean_db.session(database=cfg.neo4j_database) as s:
+        s.run("CREATE (:User {id: $id})", id="u-roundtrip").consume()
+        assert s.run("MATCH (u:User {id: $id}) RETURN count(u) AS n", id="u-roundtrip").single()["n"] == 1
+        version = s.run("CALL dbms.components() YIELD versions RETURN versions[0] AS v").single()["v"]
+    assert version.startswith("5.26")
+
+
+def test_browser_is_served(cfg):
+    page = requests.get(f"http://127.0.0.1:{cfg.neo4j_http_port}/browser/", timeout=10)
+    assert page.status_code == 200 and "Neo4j Browser" in page.text
+
+
+def test_schema_has_constraints_and_vector_indexes(cfg, driver):
+    with driver.session(database=cfg.neo4j_database) as s:
+        names = {r["name"]: r for r in s.run("SHOW INDEXES YIELD name, type, options")}
+    assert {"user_id", "item_id", "event_id", "user_changed_at", "interacted_changed_at"} <= set(names)
+    vector = names["item_embedding"]
+    assert vector["type"] == "VECTOR"
+    assert vector["options"]["indexConfig"]["vector.dimensions"] == cfg.embed_dim
+
+
+def test_unique_constraint_is_enforced(cfg, clean_db):
+    with clean_db.session(database=cfg.neo4j_database) as s:
+        s.run("CREATE (:Item {id: 'dup'})").consume()
+        with pytest.raises(Exception, match="already exists"):
+            s.run("CREATE (:Item {id: 'dup'})").consume()
+
+
+def test_migrate_twice_applies_nothing(cfg):
+    run = [sys.executable, "-m", "app", "migrate"]
+    first = subprocess.run(run, capture_output=True, text=True, check=True)
+    second = subprocess.run(run, capture_output=True, text=True, check=True)
+    assert "0 migration(s) applied" in second.stdout, first.stdout + second.stdout
+    info = subprocess.run(run + ["--info"], capture_output=True, text=True, check=True).stdout
+    assert "V001" in info and "applied" in info
+
+
+def test_edited_applied_migration_is_refused(cfg, driver, tmp_path):
+    for m in migrate.discover():
+        shutil.copy(m.path, tmp_path / m.path.name)
+    edited = tmp_path / "V001__initial_schema.cypher"
+    edited.write_text(edited.read_text() + "\n// an innocent-looking edit\n")
+    with pytest.raises(migrate.MigrationError, match="V001__initial_schema.cypher"):
+        migrate.migrate(driver, cfg.neo4j_database, {"embed_dim": cfg.embed_dim}, tmp_path)
+
+
+def test_pending_migration_is_listed(cfg, driver, tmp_path):
+    for m in migrate.discover():
+        shutil.copy(m.path, tmp_path / m.path.name)
+    (tmp_path / "V999__later.cypher").write_text("RETURN 1;\n")
+    states = {s["file"]: s["state"] for s in migrate.info(driver, cfg.neo4j_database, tmp_path)}
+    assert states["V999__later.cypher"] == "pending"
+    assert states["V001__initial_schema.cypher"] == "applied"
+
+
+def test_bad_migration_name_is_refused(tmp_path):
+    (tmp_path / "001_schema.cypher").write_text("RETURN 1;")
+    with pytest.raises(migrate.MigrationError, match="001_schema.cypher"):
+        migrate.discover(tmp_path)
+
+
+def test_password_generated_once_with_mode_0600(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "ENV_FILE", tmp_path / ".env")
+    monkeypatch.delenv("NEO4J_PASSWORD", raising=False)
+    first = load_config().neo4j_password
+    assert first and load_config().neo4j_password == first
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+
+
+def test_port_in_use_gives_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = load_config(home=tmp_path, neo4j_uri=f"bolt://127.0.0.1:{port}")
+        with pytest.raises(neo4j_local.Neo4jError, match=f"port {port} is already in use"):
+            neo4j_local.start(cfg)
+
+
+def test_missing_java_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cfg = load_config(home=tmp_path, neo4j_uri="bolt://127.0.0.1:7999", neo4j_http_port=7998)
+    with pytest.raises(neo4j_local.Neo4jError, match="`java` not found"):
+        neo4j_local.start(cfg)
+
+
+def test_healthz_and_json_errors(base_url):
+    assert requests.get(f"{base_url}/healthz", timeout=5).json() == {"status": "ok"}
+    missing = requests.get(f"{base_url}/no-such-route", timeout=5)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["status"] == 404
+
+
+@pytest.mark.slow
+def test_readyz_follows_neo4j_without_restarting_the_service(cfg, base_url):
+    assert requests.get(f"{base_url}/readyz", timeout=10).status_code == 200
+    neo4j_local.stop(cfg)
+    try:
+        down = requests.get(f"{base_url}/readyz", timeout=30)
+        assert down.status_code == 503
+        assert "neo4j unreachable" in down.json()["error"]["message"]
+    finally:
+        neo4j_local.start(cfg)
+    assert requests.get(f"{base_url}/readyz", timeout=30).status_code == 200
