@@ -20,4 +20,9 @@ def create_app(config: Config | None = None) -> Flask:
 
     errors.register(app)
     app.register_blueprint(health.bp)
+    from app.api import admin, recs
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(recs.bp)
+    from app.api import events as events_api
+    app.register_blueprint(events_api.bp)
     return app

@@ -81,3 +81,154 @@ def serve():
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
                                "--workers", str(cfg.workers), "--threads", "8",
                                "--access-logfile", "-", "app.wsgi:app"])
+
+
+# --- ingest -----------------------------------------------------------------
+DEMO_DATA = "data/online_retail/online_retail.csv.gz"
+
+
+def _load_report(totals) -> None:
+    """Print a loader's counts: accepted, duplicates, rejected and each drop reason."""
+    for key in ("rows", "accepted", "duplicates", "rejected"):
+        click.echo(f"{key:>22}: {totals.get(key, 0):,}")
+    for key in sorted(set(totals) - {"rows", "accepted", "duplicates", "rejected"}):
+        click.echo(f"{'dropped ' + key:>22}: {totals[key]:,}")
+
+
+def _run_load(batches, label: str) -> None:
+    from app.ingest import decay, loaders
+    cfg = load_config()
+    try:
+        decay.check_config(cfg)
+        totals = loaders.load(get_driver(cfg), cfg, batches, label=label)
+    except (decay.DecayRangeError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _load_report(totals)
+
+
+@main.group()
+def load():
+    """Bulk-load interactions (same validation, cleaning and idempotency as POST /v1/events)."""
+
+
+@load.command("online-retail")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--chunk-size", default=5000, show_default=True, help="Rows per batch / transaction.")
+def load_online_retail(path: str, chunk_size: int):
+    """Load the UCI Online Retail CSV: invoices -> purchases, cancellations -> returns."""
+    from app.ingest import loaders
+    _run_load(loaders.online_retail_batches(path, chunk_size), "online-retail")
+
+
+@load.command("csv")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--user-col", required=True)
+@click.option("--item-col", required=True)
+@click.option("--ts-col", required=True, help="RFC 3339 text or epoch numbers (see --ts-unit).")
+@click.option("--type-col", default=None, help="Event type column; else every row is --type.")
+@click.option("--type", "default_type", default="view", show_default=True)
+@click.option("--weight-col", default=None, help="Explicit weight (overrides the type's base weight).")
+@click.option("--event-id-col", default=None, help="Else the id is a hash of the row's content.")
+@click.option("--ts-unit", type=click.Choice(["ms", "s"]), default="ms", show_default=True)
+@click.option("--chunk-size", default=5000, show_default=True)
+def load_csv(path, user_col, item_col, ts_col, type_col, default_type, weight_col, event_id_col, ts_unit,
+             chunk_size):
+    """Load any interaction CSV; re-running it adds nothing."""
+    from app.ingest import loaders
+    _run_load(loaders.csv_batches(path, user_col, item_col, ts_col, type_col, weight_col, event_id_col,
+                                  default_type, ts_unit, chunk_size), "csv")
+
+
+@load.command("demo")
+def load_demo():
+    """Load the shipped Online Retail copy, only into a graph without interactions."""
+    from app.config import ROOT
+    from app.ingest import loaders, writer
+    cfg = load_config()
+    if writer.interacted_edges(get_driver(cfg), cfg.neo4j_database):
+        click.echo("already loaded")
+        return
+    _run_load(loaders.online_retail_batches(ROOT / DEMO_DATA), "demo")
+
+
+# --- model and refresh ------------------------------------------------------
+@main.command()
+@click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
+def train(epochs):
+    """Train a new model version on the graph, re-embed everything with it and make it current."""
+    from app.embeddings.training import train_and_publish
+    cfg = load_config()
+    try:
+        result = train_and_publish(get_driver(cfg), cfg, progress=True, epochs=epochs)
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "embed"}, indent=2))
+
+
+@main.command()
+@click.option("--full", is_flag=True, required=True, help="Recompute every embedding (the only mode here).")
+def embed(full):
+    """Recompute every embedding with the current model (`reindex` queues the same for the worker)."""
+    from app.embeddings import models
+    from app.embeddings.full import embed_full
+    cfg = load_config()
+    driver = get_driver(cfg)
+    lm = models.current(driver, cfg)
+    if lm is None:
+        _fail("no trained model yet: run `interest-graph train` first")
+    click.echo(json.dumps(embed_full(driver, cfg, lm, progress=True), indent=2))
+
+
+@main.command()
+def worker():
+    """Run the refresh scheduler (one active worker per database; others stand by)."""
+    from app.worker import Worker
+    Worker(load_config()).run_forever()
+
+
+def _run_job(kind: str, params: dict, wait: bool) -> None:
+    """Queue a job; run it here when no worker is active, else wait for the worker."""
+    import time
+
+    from app import jobs
+    from app.worker import Worker
+    cfg = load_config()
+    driver = get_driver(cfg)
+    with driver.session(database=cfg.neo4j_database) as s:
+        job = jobs.create(s, kind, params)
+    click.echo(f"queued job {job['id']} ({kind})")
+    helper = Worker(cfg)
+    while wait:
+        with driver.session(database=cfg.neo4j_database) as s:
+            job = jobs.get(s, job["id"])
+        if job["state"] in ("succeeded", "failed"):
+            click.echo(json.dumps(job, indent=2, default=str))
+            sys.exit(0 if job["state"] == "succeeded" else 1)
+        if job["state"] == "queued" and helper.renew_lease():
+            helper.tick()  # no worker was active: this process does the work
+            helper.release()
+        else:
+            time.sleep(0.5)
+
+
+@main.command()
+@click.option("--full", is_flag=True, help="Recompute everything instead of what changed.")
+@click.option("--no-wait", is_flag=True, help="Queue and return at once.")
+def reindex(full, no_wait):
+    """Refresh embeddings now (incremental, or --full)."""
+    _run_job("reindex", {"mode": "full" if full else "incremental"}, not no_wait)
+
+
+@main.command()
+@click.option("--no-wait", is_flag=True, help="Queue and return at once.")
+def retrain(no_wait):
+    """Retrain, then re-embed everything under the new model version."""
+    _run_job("retrain", {"reason": "cli"}, not no_wait)
+
+
+@main.command()
+def status():
+    """Watermark, lag, recent runs, model version and node counts."""
+    from app.status import status as pipeline_status
+    cfg = load_config()
+    click.echo(json.dumps(pipeline_status(get_driver(cfg), cfg), indent=2))

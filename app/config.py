@@ -67,6 +67,7 @@ class Config:
     type_weights: dict = field(default_factory=lambda: {
         "view": 1.0, "click": 1.0, "cart": 3.0, "purchase": 5.0, "return": -5.0})
     half_life_days: float = 30.0
+    decay_anchor: str = "2010-01-01T00:00:00Z"
     max_quantity: float = 10_000.0
     max_price: float = 100_000.0
     max_future_seconds: float = 86_400.0
@@ -75,8 +76,15 @@ class Config:
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
+    refresh_margin_ms: int = 10_000
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
+
+    @property
+    def decay_anchor_ms(self) -> int:
+        """The fixed decay anchor A as epoch milliseconds (edge weights are relative to it)."""
+        from datetime import datetime
+        return int(datetime.fromisoformat(self.decay_anchor.replace("Z", "+00:00")).timestamp() * 1000)
 
     @property
     def models_path(self) -> Path:
@@ -107,6 +115,7 @@ def load_config(**overrides) -> Config:
         model_dir=_env(env, "IG_MODEL_DIR", None, Path),
         batch_limit=_env(env, "IG_BATCH_LIMIT", Config.batch_limit, int),
         half_life_days=_env(env, "IG_HALF_LIFE_DAYS", Config.half_life_days, float),
+        decay_anchor=_env(env, "IG_DECAY_ANCHOR", Config.decay_anchor),
         max_quantity=_env(env, "IG_MAX_QUANTITY", Config.max_quantity, float),
         max_price=_env(env, "IG_MAX_PRICE", Config.max_price, float),
         max_future_seconds=_env(env, "IG_MAX_FUTURE_SECONDS", Config.max_future_seconds, float),
@@ -114,6 +123,7 @@ def load_config(**overrides) -> Config:
         id_hmac_key=_env(env, "IG_ID_HMAC_KEY"),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
+        refresh_margin_ms=_env(env, "IG_REFRESH_MARGIN_MS", Config.refresh_margin_ms, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
     )

@@ -14,3 +14,319 @@ CREATE (:_Migration {version: $version, description: $description, checksum: $ch
 
 # --- health -----------------------------------------------------------------
 PING = "RETURN 1 AS ok"
+
+# --- embeddings: export, state write-back, models --------------------------
+SERVER_TIME = "RETURN timestamp() AS now"
+
+EXPORT_USERS = "MATCH (u:User) RETURN u.id AS id"
+
+EXPORT_ITEMS = """
+MATCH (i:Item)
+RETURN i.id AS id, i.category AS category, i.price AS price, i.title AS title
+"""
+
+EXPORT_EDGES = """
+MATCH (u:User)-[r:INTERACTED]->(i:Item)
+RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev
+"""
+
+# `row.props` holds embedding and refresh state (ig_h*, ig_a*, ig_deg): keys are fixed by the model's
+# layer count, values are parameters, so the statement stays parameterised.
+WRITE_USERS = """
+UNWIND $rows AS row
+MATCH (n:User {id: row.id})
+SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = datetime()
+"""
+
+WRITE_ITEMS = """
+UNWIND $rows AS row
+MATCH (n:Item {id: row.id})
+SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = datetime()
+"""
+
+# ig_w is the aggregation weight the stored state accounts for, ig_rev the edge revision it saw.
+MARK_EDGES = """
+UNWIND $rows AS row
+MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item {id: row.i})
+SET r.ig_w = row.w, r.ig_rev = row.rev
+"""
+
+MARK_USERS_SEEN = "UNWIND $rows AS row MATCH (n:User {id: row.id}) SET n.ig_seen = row.at"
+MARK_ITEMS_SEEN = "UNWIND $rows AS row MATCH (n:Item {id: row.id}) SET n.ig_seen = row.at"
+
+MODEL_CREATE = """
+CREATE (m:Model {version: $version, trained_at: datetime($trained_at), metrics: $metrics,
+                 config: $config, path: $path, ref_ms: $ref_ms, current: false})
+"""
+
+MODEL_SET_CURRENT = """
+MATCH (m:Model)
+SET m.current = (m.version = $version)
+"""
+
+MODEL_CURRENT = """
+MATCH (m:Model {current: true})
+RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trained_at) AS trained_at,
+       m.metrics AS metrics
+"""
+
+# --- refresh: change detection and the L-hop pull ---------------------------
+CHANGED_EDGES = """
+MATCH (u:User)-[r:INTERACTED]->(i:Item)
+WHERE r.changed_at >= $since AND coalesce(r.ig_rev, -1) < r.rev
+RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev, r.ig_w AS ig_w, r.changed_at AS at
+"""
+
+CHANGED_USERS = """
+MATCH (n:User) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+RETURN n.id AS id, n.changed_at AS at
+"""
+
+CHANGED_ITEMS = """
+MATCH (n:Item) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+RETURN n.id AS id, n.changed_at AS at, n.category AS category, n.price AS price, n.title AS title
+"""
+
+OLDEST_PENDING = """
+CALL {
+  MATCH ()-[r:INTERACTED]->() WHERE r.changed_at >= $since AND coalesce(r.ig_rev, -1) < r.rev
+  RETURN min(r.changed_at) AS at
+  UNION ALL
+  MATCH (n:User) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+  RETURN min(n.changed_at) AS at
+  UNION ALL
+  MATCH (n:Item) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+  RETURN min(n.changed_at) AS at
+}
+RETURN min(at) AS oldest
+"""
+
+# Edges incident to the given users or items, with the weight each side has accounted for.
+USER_EDGES = """
+UNWIND $ids AS id
+MATCH (u:User {id: id})-[r:INTERACTED]->(i:Item)
+RETURN u.id AS u, i.id AS i, r.w AS w, r.ig_w AS ig_w
+"""
+
+ITEM_EDGES = """
+UNWIND $ids AS id
+MATCH (u:User)-[r:INTERACTED]->(i:Item {id: id})
+RETURN u.id AS u, i.id AS i, r.w AS w, r.ig_w AS ig_w
+"""
+
+USER_STATE = """
+UNWIND $ids AS id
+MATCH (n:User {id: id})
+RETURN n.id AS id, [k IN $keys | n[k]] AS vals
+"""
+
+ITEM_STATE = """
+UNWIND $ids AS id
+MATCH (n:Item {id: id})
+RETURN n.id AS id, [k IN $keys | n[k]] AS vals
+"""
+
+NODE_COUNT = """
+CALL { MATCH (u:User) RETURN count(u) AS users }
+CALL { MATCH (i:Item) RETURN count(i) AS items }
+RETURN users, items
+"""
+
+REFRESH_STATE = """
+MERGE (s:_Refresh {key: 'main'})
+RETURN s.watermark AS watermark, coalesce(s.full_pending, false) AS full_pending, s.last_run AS last_run
+"""
+
+REFRESH_FULL_PENDING = """
+MERGE (s:_Refresh {key: 'main'})
+SET s.full_pending = $pending
+"""
+
+# Fenced by the lease: a worker that lost it cannot move the watermark (the transaction is rolled back).
+REFRESH_ADVANCE = """
+MERGE (s:_Refresh {key: 'main'})
+WITH s WHERE $owner IS NULL OR s.lease_owner = $owner
+SET s.watermark = $watermark, s.last_run = $run, s.full_pending = false,
+    s.recent = ([$run] + coalesce(s.recent, []))[0..20]
+RETURN count(s) AS updated
+"""
+
+# --- ingest -----------------------------------------------------------------
+# MERGE on the unique Event id locks the id, so a concurrent duplicate waits and then matches.
+# `_new` marks the events this transaction created; it is removed before commit.
+INGEST_MERGE_EVENTS = """
+UNWIND $events AS e
+MERGE (ev:Event {id: e.id})
+ON CREATE SET ev.ts = e.ts, ev._new = true
+WITH e, ev WHERE ev._new
+REMOVE ev._new
+RETURN collect(e.id) AS new
+"""
+
+# One row per (user, item), pre-aggregated in Python; min/max and sums keep it order independent.
+INGEST_UPSERT_EDGES = """
+UNWIND $rows AS row
+MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp()
+MERGE (i:Item {id: row.i}) ON CREATE SET i.changed_at = timestamp()
+MERGE (u)-[r:INTERACTED]->(i)
+SET r.w = coalesce(r.w, 0.0) + row.w,
+    r.qty = coalesce(r.qty, 0.0) + row.qty,
+    r.first_ts = CASE WHEN r.first_ts <= row.first THEN r.first_ts ELSE row.first END,
+    r.last_ts = CASE WHEN r.last_ts >= row.last THEN r.last_ts ELSE row.last END,
+    r.changed_at = timestamp(),
+    r.rev = coalesce(r.rev, 0) + 1
+FOREACH (k IN keys(row.n) | SET r[k] = coalesce(r[k], 0) + row.n[k])
+"""
+
+# Counters live on a few shard nodes so concurrent writers rarely wait on the same lock.
+INGEST_COUNT = """
+MERGE (s:_IngestStats {shard: $shard})
+FOREACH (k IN keys($counts) | SET s[k] = coalesce(s[k], 0) + $counts[k])
+"""
+
+INGEST_STATS = "MATCH (s:_IngestStats) RETURN properties(s) AS counts"
+
+# Only properties whose value differs mark the item as changed for the refresh job.
+ITEM_UPSERT = """
+UNWIND $rows AS row
+MERGE (i:Item {id: row.id})
+ON CREATE SET i.changed_at = timestamp(), i._new = true
+WITH i, row, i._new IS NOT NULL OR any(k IN keys(row.props) WHERE i[k] IS NULL OR i[k] <> row.props[k]) AS changed
+SET i += row.props
+REMOVE i._new
+FOREACH (_ IN CASE WHEN changed THEN [1] ELSE [] END | SET i.changed_at = timestamp())
+RETURN count(CASE WHEN changed THEN 1 END) AS changed
+"""
+
+# Erasure: every item the user touched loses an edge, so it is marked changed before the delete.
+USER_DELETE = """
+MATCH (u:User {id: $id})
+OPTIONAL MATCH (u)--(i:Item)
+WITH u, collect(DISTINCT i) AS items
+FOREACH (i IN items | SET i.changed_at = timestamp())
+DETACH DELETE u
+RETURN size(items) AS items
+"""
+
+INTERACTED_EDGE_COUNT = "MATCH ()-[r:INTERACTED]->() RETURN count(r) AS n"
+
+LATEST_EVENT_TS = """
+MATCH ()-[r:INTERACTED]->()
+RETURN max(r.last_ts) AS latest
+"""
+
+# --- worker: lease and jobs -------------------------------------------------
+LEASE_ACQUIRE = """
+MERGE (s:_Refresh {key: 'main'})
+WITH s, timestamp() AS now
+WHERE s.lease_owner IS NULL OR s.lease_owner = $owner OR s.lease_until < now
+SET s.lease_owner = $owner, s.lease_until = now + $ttl_ms
+RETURN s.lease_owner AS owner
+"""
+
+LEASE_HELD = """
+OPTIONAL MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
+RETURN s IS NOT NULL AS held
+"""
+
+LEASE_RELEASE = """
+MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
+SET s.lease_until = 0
+"""
+
+REFRESH_STATUS = """
+MERGE (s:_Refresh {key: 'main'})
+RETURN s.watermark AS watermark, s.recent AS recent, s.lease_owner AS lease_owner,
+       s.lease_until AS lease_until, timestamp() AS now
+"""
+
+JOB_CREATE = """
+CREATE (j:Job {id: $id, kind: $kind, params: $params, state: 'queued', progress: 0.0,
+               created_at: timestamp()})
+RETURN j {.*} AS job
+"""
+
+JOB_GET = "MATCH (j:Job {id: $id}) RETURN j {.*} AS job"
+
+JOB_NEXT = """
+MATCH (j:Job {state: 'queued'})
+WITH j ORDER BY j.created_at LIMIT 1
+SET j.state = 'running', j.started_at = timestamp(), j.owner = $owner
+RETURN j {.*} AS job
+"""
+
+JOB_FINISH = """
+MATCH (j:Job {id: $id})
+SET j.state = $state, j.finished_at = timestamp(), j.result = $result, j.error = $error,
+    j.progress = CASE $state WHEN 'succeeded' THEN 1.0 ELSE j.progress END
+"""
+
+# Jobs left running by a worker that died go back to the queue when a new worker takes the lease.
+JOB_REQUEUE_ORPHANS = """
+MATCH (j:Job {state: 'running'}) WHERE j.owner <> $owner
+SET j.state = 'queued', j.owner = null
+RETURN count(j) AS requeued
+"""
+
+# --- serving: recommendations from the vector indexes -----------------------
+# Each query keeps only neighbours embedded by the same model version as the query vector,
+# so one answer never mixes two versions (a retrain re-embeds while serving goes on).
+RECOMMEND_ITEMS = """
+MATCH (u:User {id: $user_id}) WHERE u.embedding IS NOT NULL
+WITH u, COUNT { (u)-[:INTERACTED]->() } AS seen
+CALL db.index.vector.queryNodes('item_embedding', $k * 3 + seen, u.embedding) YIELD node AS item, score
+WHERE item.embedding_version = u.embedding_version AND NOT EXISTS { (u)-[:INTERACTED]->(item) }
+RETURN item.id AS item_id, item.title AS title, item.category AS category, score,
+       u.embedding_version AS version
+ORDER BY score DESC LIMIT $k
+"""
+
+SIMILAR_ITEMS = """
+MATCH (i:Item {id: $item_id}) WHERE i.embedding IS NOT NULL
+CALL db.index.vector.queryNodes('item_embedding', $k * 2 + 1, i.embedding) YIELD node AS item, score
+WHERE item <> i AND item.embedding_version = i.embedding_version
+RETURN item.id AS item_id, item.title AS title, item.category AS category, score,
+       i.embedding_version AS version
+ORDER BY score DESC LIMIT $k
+"""
+
+ITEM_AUDIENCE = """
+MATCH (i:Item {id: $item_id}) WHERE i.embedding IS NOT NULL
+CALL db.index.vector.queryNodes('user_embedding', $k * 3, i.embedding) YIELD node AS user, score
+WHERE user.embedding_version = i.embedding_version
+  AND ($include_known OR NOT EXISTS { (user)-[:INTERACTED]->(i) })
+RETURN user.id AS user_id, score, i.embedding_version AS version
+ORDER BY score DESC LIMIT $k
+"""
+
+# Churn risk: silence measured against the user's own rhythm (days since the last event over the
+# average gap between their events), for users with a history; drift is 1 - cosine between the
+# user's vector and the mean vector of what sold in the last 30 days of the data.
+CHURN_RISK = """
+CALL {
+  MATCH ()-[r:INTERACTED]->() RETURN max(r.last_ts) AS now
+}
+CALL {
+  WITH now
+  MATCH (:User)-[r:INTERACTED]->(i:Item) WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL
+  WITH i, count(r) AS buyers ORDER BY buyers DESC LIMIT 200
+  RETURN collect(i.embedding) AS trending
+}
+MATCH (u:User)-[r:INTERACTED]->()
+WITH u, now, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
+     sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events
+WHERE events >= $min_events
+WITH u, trending, (now - last) / 86400000.0 AS silent_days,
+     ((last - first) / 86400000.0) / (events - 1) AS gap_days
+WITH u, trending, silent_days, gap_days, silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
+ORDER BY risk DESC LIMIT $k
+RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_days,
+       round(gap_days, 1) AS typical_gap_days,
+       CASE WHEN u.embedding IS NULL OR size(trending) = 0 THEN null
+            ELSE round(1 - vector.similarity.cosine(u.embedding,
+                 reduce(acc = [x IN range(1, size(u.embedding)) | 0.0], v IN trending |
+                        [k IN range(0, size(v) - 1) | acc[k] + v[k]])), 4) END AS drift
+"""
+
+USER_EMBEDDED = "MATCH (n:User {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"
+ITEM_EMBEDDED = "MATCH (n:Item {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"

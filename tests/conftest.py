@@ -38,12 +38,17 @@ def driver(cfg):
     return get_driver(cfg)
 
 
+def wipe(driver, database: str) -> None:
+    """Delete every node but the migration records."""
+    with driver.session(database=database) as session:
+        session.run("MATCH (n) WHERE NOT n:_Migration CALL { WITH n DETACH DELETE n } "
+                    "IN TRANSACTIONS OF 10000 ROWS").consume()
+
+
 @pytest.fixture
 def clean_db(cfg, driver):
     """An empty graph (schema and migration records kept)."""
-    with driver.session(database=cfg.neo4j_database) as session:
-        session.run("MATCH (n) WHERE NOT n:_Migration CALL { WITH n DETACH DELETE n } "
-                    "IN TRANSACTIONS OF 10000 ROWS").consume()
+    wipe(driver, cfg.neo4j_database)
     return driver
 
 

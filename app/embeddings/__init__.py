@@ -1,0 +1,1 @@
+"""From graph to vectors: export, train, full and incremental embedding, write-back."""

@@ -1,0 +1,78 @@
+"""Full recompute: every embedding and every stored intermediate from the whole graph."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from app.config import Config
+from app.embeddings import store
+from app.embeddings.features import item_features, omega
+from app.embeddings.models import LoadedModel
+from app.embeddings.state import node_props
+from graph_models import build_graph
+
+log = logging.getLogger(__name__)
+
+
+def compute(lm: LoadedModel, snap: store.Snapshot, cfg: Config) -> tuple[dict, dict, dict, np.ndarray]:
+    """Layer-wise inference over the snapshot; returns (out, user index, item index, edge weights)."""
+    uidx = {u: k for k, u in enumerate(snap.user_ids)}
+    iidx = {it["id"]: k for k, it in enumerate(snap.items)}
+    u = np.fromiter((uidx[x] for x in snap.edges_u), dtype=np.int64, count=len(snap.edges_u))
+    i = np.fromiter((iidx[x] for x in snap.edges_i), dtype=np.int64, count=len(snap.edges_i))
+    om = omega(snap.w, lm.ref_ms, cfg) if len(snap.w) else np.zeros(0)
+    g = build_graph(u, i, np.zeros(len(u)), len(uidx), len(iidx))
+    # Exact float64 weights: the incremental path accumulates the same values in float64.
+    for etype in g.canonical_etypes:
+        g.edges[etype].data["w"] = torch.from_numpy(om.copy())
+    feats = item_features(snap.items, lm.buckets)
+    feats["rows"] = torch.tensor([lm.item_rows.get(it["id"], -1) for it in snap.items], dtype=torch.int64)
+    out = lm.model.inference(g, feats)
+    return out, uidx, iidx, om
+
+
+def _fenced(tx, owner, write, *args):
+    """A batch write that lands only while `owner` still holds the refresh lease."""
+    store.check_lease(tx, owner)
+    write(tx, *args)
+
+
+def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, owner: str | None = None) -> dict:
+    """Recompute and write every node's embedding and refresh state under `lm.version`."""
+    started = time.monotonic()
+    with driver.session(database=cfg.neo4j_database) as session:
+        store.set_full_pending(session, True)
+        with tqdm(desc="export edges", unit="edge", disable=not progress) as bar:
+            snap = session.execute_read(lambda tx: store.export(tx, bar))
+    t_export = time.monotonic() - started
+    out, uidx, iidx, om = compute(lm, snap, cfg)
+    t_infer = time.monotonic() - started - t_export
+    layers = lm.mcfg.layers
+    users = node_props(out, store.USER, snap.user_ids, layers)
+    items = node_props(out, store.ITEM, [it["id"] for it in snap.items], layers)
+    edges = [{"u": u, "i": i, "w": float(w), "rev": rev}
+             for u, i, w, rev in zip(snap.edges_u, snap.edges_i, om, snap.rev)]
+    with driver.session(database=cfg.neo4j_database) as session:
+        for ntype, rows in ((store.USER, users), (store.ITEM, items)):
+            for chunk in tqdm(list(store._chunks(rows)), desc=f"write {ntype}s", disable=not progress):
+                session.execute_write(lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
+                                                                           lm.version))
+        for chunk in tqdm(list(store._chunks(edges, 20000)), desc="mark edges", disable=not progress):
+            session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
+        seen = [{"id": x, "at": snap.taken_at} for x in snap.user_ids]
+        seen_items = [{"id": it["id"], "at": snap.taken_at} for it in snap.items]
+        run = {"mode": "full", "version": lm.version, "users": len(users), "items": len(items),
+               "edges": len(edges), "seconds": round(time.monotonic() - started, 3),
+               "export_s": round(t_export, 3), "inference_s": round(t_infer, 3), "finished_at": int(time.time() * 1000)}
+
+        def finish(tx):
+            store.mark_seen(tx, store.USER, seen)
+            store.mark_seen(tx, store.ITEM, seen_items)
+            store.advance(tx, snap.taken_at, run, owner)
+        session.execute_write(finish)
+    log.info("full recompute: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs", run)
+    return run

@@ -1,0 +1,253 @@
+"""Incremental refresh: recompute exactly the embeddings a change reaches, by deltas.
+
+Each node stores, per layer l, the weighted sum a_l of its neighbours' layer-(l-1) vectors and
+its own layer vectors h_l (see `state`). A changed edge (u, i) or node x then changes a_l only by
+`w_new * h_new - w_old * h_old` along the edges that touch a changed node, so a run reads the
+edges of the nodes whose vectors changed, not the whole L-hop neighbourhood of every affected
+node (the idea of InkStream and Ripple). Everything is float64, so the result equals a full
+recompute to ~1e-12.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from app.config import Config
+from app.embeddings import store
+from app.embeddings.features import item_features, omega
+from app.embeddings.full import embed_full
+from app.embeddings.models import LoadedModel
+from app.embeddings.state import DEG, ITEM, USER, a_key, first_h, h_key
+
+log = logging.getLogger(__name__)
+OTHER = {USER: ITEM, ITEM: USER}
+
+
+class TooLarge(Exception):
+    """The affected set passed the configured share of the graph: a full recompute is cheaper."""
+
+
+def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: bool = False,
+            owner: str | None = None) -> dict:
+    """One refresh run: incremental when possible, full when asked, pending or cheaper."""
+    with driver.session(database=cfg.neo4j_database) as session:
+        state = store.refresh_state(session)
+        reason = ("requested" if full else "interrupted full recompute" if state["full_pending"]
+                  else "no watermark yet" if state["watermark"] is None else None)
+        if reason is None:
+            started = time.monotonic()
+            now = store.server_time(session)
+            since = state["watermark"] - cfg.refresh_margin_ms
+            edges, users, items = session.execute_read(lambda tx: store.changes(tx, since))
+            if not (edges or users or items):
+                return {"mode": "noop", "seconds": round(time.monotonic() - started, 4)}
+            try:
+                run = _Incremental(session, cfg, lm, edges, users, items).run()
+            except TooLarge as exc:
+                reason = str(exc)
+            else:
+                run.update(mode="incremental", version=lm.version, seconds=round(time.monotonic() - started, 4),
+                           finished_at=int(time.time() * 1000))
+                writes = run.pop("writes")
+                session.execute_write(lambda tx: _write(tx, lm.version, writes, now, run, owner))
+                log.info("incremental refresh: %(changed_edges)d edges, %(nodes)d nodes in %(seconds).3fs", run)
+                return run
+    log.info("full recompute (%s)", reason)
+    run = embed_full(driver, cfg, lm, progress=progress, owner=owner)
+    run["reason"] = reason
+    return run
+
+
+def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | None) -> None:
+    """Everything one incremental run changes, in its single transaction."""
+    for ntype in (USER, ITEM):
+        store.write_nodes(tx, ntype, writes["nodes"][ntype], version)
+        store.mark_seen(tx, ntype, writes["seen"][ntype])
+    store.mark_edges(tx, writes["edges"])
+    store.advance(tx, mark, run, owner)
+
+
+class _Incremental:
+    """The state of one delta run; `run()` returns its summary and the writes to make."""
+
+    def __init__(self, session, cfg: Config, lm: LoadedModel, edges, users, items):
+        self.s, self.cfg, self.lm, self.L = session, cfg, lm, lm.mcfg.layers
+        self.changed = {(e["u"], e["i"]): e for e in edges}
+        new_w = omega([e["w"] for e in edges], lm.ref_ms, cfg) if edges else []
+        for e, w in zip(edges, new_w):
+            e["on"], e["oo"] = float(w), float(e["ig_w"] or 0.0)
+        self.scratch = {USER: {u["id"] for u in users}, ITEM: {i["id"] for i in items}}
+        self.seen = {USER: users, ITEM: items}
+        self.changed_items = items
+        with torch.no_grad():
+            self.u0 = lm.model.user_input(1)[0].numpy()
+        # old[l][t][id] = stored h_l; new[l][t][id] = recomputed h_l (the changed set D_l)
+        self.old = [defaultdict(dict) for _ in range(self.L + 1)]
+        self.new = [defaultdict(dict) for _ in range(self.L + 1)]
+        self.stored = {USER: {}, ITEM: {}}  # id -> {key: value} read for targets
+        self.out = {USER: defaultdict(dict), ITEM: defaultdict(dict)}  # id -> props to write
+        self.total = None
+
+    # -- reads -------------------------------------------------------------
+    def _fetch_h(self, layer: int, ntype: str, ids) -> None:
+        """Load stored h_layer of nodes not yet known (users' h_0 is the shared input)."""
+        if layer < first_h(ntype):
+            return
+        known = self.old[layer][ntype]
+        missing = [x for x in ids if x not in known]
+        for node_id, (vec,) in store.node_state(self.s, ntype, missing, [h_key(layer)]).items():
+            known[node_id] = None if vec is None else np.asarray(vec, dtype=np.float64)
+
+    def h(self, layer: int, ntype: str, node_id: str, fresh: bool) -> np.ndarray:
+        """h_layer of a node: recomputed if `fresh` and it changed, else as stored (0 if unset)."""
+        if fresh and node_id in self.new[layer][ntype]:
+            return self.new[layer][ntype][node_id]
+        if layer == 0 and ntype == USER:
+            return self.u0
+        vec = self.old[layer][ntype].get(node_id)
+        return np.zeros_like(self.u0) if vec is None else vec
+
+    def _edges_of(self, ntype: str, ids) -> list[dict]:
+        """Current edges of nodes, each with the weights (new, old) this run accounts for."""
+        rows = store.incident_edges(self.s, ntype, sorted(ids)) if ids else []
+        for r in rows:
+            e = self.changed.get((r["u"], r["i"]))
+            acc = float(r["ig_w"] or 0.0)
+            r["on"], r["oo"] = (e["on"], e["oo"]) if e else (acc, acc)
+        return rows
+
+    # -- the run -----------------------------------------------------------
+    def run(self) -> dict:
+        """Propagate layer by layer; return the summary with the writes."""
+        self._layer0()
+        scratch_edges = {t: self._edges_of(t, self.scratch[t]) for t in (USER, ITEM)}
+        targets = {USER: set(), ITEM: set()}
+        for layer in range(1, self.L + 1):
+            targets = self._layer(layer, scratch_edges)
+        nodes = {t: [{"id": x, "props": self.out[t][x]} for x in targets[t]] for t in (USER, ITEM)}
+        writes = {
+            "nodes": nodes,
+            "edges": [{"u": u, "i": i, "w": e["on"], "rev": e["rev"]} for (u, i), e in self.changed.items()],
+            "seen": {t: [{"id": r["id"], "at": r["at"]} for r in self.seen[t]] for t in (USER, ITEM)},
+        }
+        return {"changed_edges": len(self.changed), "changed_nodes": sum(map(len, self.scratch.values())),
+                "users": len(nodes[USER]), "items": len(nodes[ITEM]),
+                "nodes": len(nodes[USER]) + len(nodes[ITEM]), "writes": writes}
+
+    def _layer0(self) -> None:
+        """New input vectors h_0 of changed or never-embedded items."""
+        endpoints = {i for _, i in self.changed} | self.scratch[ITEM]
+        self._fetch_h(0, ITEM, endpoints)
+        meta = {r["id"]: r for r in self.changed_items}
+        todo = sorted(set(meta) | {x for x in endpoints if self.old[0][ITEM].get(x) is None})
+        if not todo:
+            return
+        missing = [x for x in todo if x not in meta]
+        if missing:  # endpoints never embedded and not flagged: read their features too
+            meta.update({r["id"]: r for r in self._item_meta(missing)})
+        feats = item_features([meta.get(x, {"id": x}) for x in todo], self.lm.buckets)
+        rows = torch.tensor([self.lm.item_rows.get(x, -1) for x in todo], dtype=torch.int64)
+        with torch.no_grad():
+            h0 = self.lm.model.item_input(rows, **feats).numpy()
+        for x, vec in zip(todo, h0):
+            self.new[0][ITEM][x] = vec
+            self.out[ITEM][x][h_key(0)] = vec.tolist()
+
+    def _item_meta(self, ids: list[str]) -> list[dict]:
+        rows = store.node_state(self.s, ITEM, ids, ["category", "price", "title"])
+        return [{"id": x, "category": v[0], "price": v[1], "title": v[2]} for x, v in rows.items()]
+
+    def _layer(self, layer: int, scratch_edges: dict) -> dict[str, set]:
+        """Update a_layer by deltas (or from scratch), then recompute h_layer of every target."""
+        prev = layer - 1
+        changed_prev = {t: set(self.new[prev][t]) for t in (USER, ITEM)}
+        edges = {(e["u"], e["i"]): e for e in self.changed.values()}
+        for t in (USER, ITEM):
+            for r in self._edges_of(t, changed_prev[t]):
+                edges.setdefault((r["u"], r["i"]), r)
+        targets = {USER: {u for u, _ in self.changed} | changed_prev[USER] | self.scratch[USER],
+                   ITEM: {i for _, i in self.changed} | changed_prev[ITEM] | self.scratch[ITEM]}
+        for u, i in edges:
+            targets[USER].add(u)
+            targets[ITEM].add(i)
+        self._check_size(targets)
+        # old h_{l-1} of every endpoint whose contribution is read
+        self._fetch_h(prev, USER, {u for u, _ in edges} | {e["u"] for e in scratch_edges[ITEM]})
+        self._fetch_h(prev, ITEM, {i for _, i in edges} | {e["i"] for e in scratch_edges[USER]})
+        self._fetch_h(prev, USER, targets[USER])
+        self._fetch_h(prev, ITEM, targets[ITEM])
+        a, deg = self._start_sums(layer, targets)
+        for (u, i), e in edges.items():
+            fresh_u, fresh_i = u in changed_prev[USER], i in changed_prev[ITEM]
+            if not (fresh_u or fresh_i or (u, i) in self.changed):
+                continue
+            on, oo = e["on"], e["oo"]
+            if i not in self.scratch[ITEM]:
+                a[ITEM][i] += on * self.h(prev, USER, u, True) - oo * self.h(prev, USER, u, False)
+                if layer == 1:
+                    deg[ITEM][i] += on - oo
+            if u not in self.scratch[USER]:
+                a[USER][u] += on * self.h(prev, ITEM, i, True) - oo * self.h(prev, ITEM, i, False)
+                if layer == 1:
+                    deg[USER][u] += on - oo
+        for t in (USER, ITEM):
+            for e in scratch_edges[t]:  # scratch nodes: the sum over current edges
+                own, other = (e["u"], e["i"]) if t == USER else (e["i"], e["u"])
+                a[t][own] += e["on"] * self.h(prev, OTHER[t], other, True)
+                if layer == 1:
+                    deg[t][own] += e["on"]
+        self._recompute(layer, targets, a, deg)
+        return targets
+
+    def _check_size(self, targets: dict) -> None:
+        if self.total is None:
+            self.total = store.node_count(self.s)
+        size = len(targets[USER]) + len(targets[ITEM])
+        if size > self.cfg.full_share * max(self.total, 1):
+            raise TooLarge(f"affected set {size} > {self.cfg.full_share:.0%} of {self.total} nodes")
+
+    def _start_sums(self, layer: int, targets: dict):
+        """Stored a_layer and deg of the targets (zero for scratch or new nodes)."""
+        a, deg = {}, {}
+        zero = np.zeros_like(self.u0)
+        for t in (USER, ITEM):
+            rows = store.node_state(self.s, t, sorted(targets[t] - self.scratch[t]), [a_key(layer), DEG])
+            a[t] = defaultdict(lambda z=zero: z.copy())
+            deg[t] = defaultdict(float)
+            for x, (vec, d) in rows.items():
+                if vec is not None:
+                    a[t][x] = np.asarray(vec, dtype=np.float64)
+                deg[t][x] = float(d or 0.0)
+            for x in targets[t]:  # deg is final after layer 1: take what that layer computed
+                if DEG in self.out[t][x]:
+                    deg[t][x] = self.out[t][x][DEG]
+        return a, deg
+
+    def _recompute(self, layer: int, targets: dict, a: dict, deg: dict) -> None:
+        """h_layer = combine(h_{layer-1}, a/deg) for every target; the embedding at the last layer."""
+        model, prev = self.lm.model, layer - 1
+        for t in (USER, ITEM):
+            ids = sorted(targets[t])
+            if not ids:
+                continue
+            sums = np.stack([a[t][x] for x in ids])
+            d = np.array([deg[t][x] for x in ids], dtype=np.float64)
+            mean = np.where(d[:, None] > 0, sums / np.where(d > 0, d, 1.0)[:, None], 0.0)
+            h_self = np.stack([self.h(prev, t, x, True) for x in ids])
+            with torch.no_grad():
+                h = model.combine(layer, t, torch.from_numpy(h_self), torch.from_numpy(mean))
+                emb = model.final(h).numpy() if layer == self.L else None
+            h = h.numpy()
+            for n, x in enumerate(ids):
+                props = self.out[t][x]
+                props[a_key(layer)] = sums[n].tolist()
+                props[DEG] = float(d[n])
+                if layer < self.L:
+                    self.new[layer][t][x] = h[n]
+                    props[h_key(layer)] = h[n].tolist()
+                else:
+                    props["embedding"] = emb[n].tolist()

@@ -1,0 +1,133 @@
+"""The Neo4j side of embedding: every read and write the pipeline needs, batched."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from app import cypher
+
+BATCH = 2000
+USER, ITEM = "user", "item"
+_WRITE = {USER: cypher.WRITE_USERS, ITEM: cypher.WRITE_ITEMS}
+_SEEN = {USER: cypher.MARK_USERS_SEEN, ITEM: cypher.MARK_ITEMS_SEEN}
+_EDGES = {USER: cypher.USER_EDGES, ITEM: cypher.ITEM_EDGES}
+_STATE = {USER: cypher.USER_STATE, ITEM: cypher.ITEM_STATE}
+
+
+@dataclass
+class Snapshot:
+    """The whole interaction graph as id lists and parallel edge arrays."""
+
+    user_ids: list[str]
+    items: list[dict]
+    edges_u: list[str] = field(default_factory=list)
+    edges_i: list[str] = field(default_factory=list)
+    w: list[float] = field(default_factory=list)
+    rev: list[int] = field(default_factory=list)
+    taken_at: int = 0
+
+
+def _chunks(rows: list, size: int = BATCH):
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+def server_time(session) -> int:
+    """Neo4j's clock in epoch ms: watermarks compare with timestamps it wrote."""
+    return session.run(cypher.SERVER_TIME).single()["now"]
+
+
+def export(session, progress=None) -> Snapshot:
+    """Stream users, items and edges out of Neo4j."""
+    snap = Snapshot(user_ids=[], items=[], taken_at=server_time(session))
+    snap.user_ids = [r["id"] for r in session.run(cypher.EXPORT_USERS)]
+    snap.items = [dict(r) for r in session.run(cypher.EXPORT_ITEMS)]
+    for record in session.run(cypher.EXPORT_EDGES):
+        snap.edges_u.append(record["u"])
+        snap.edges_i.append(record["i"])
+        snap.w.append(record["w"])
+        snap.rev.append(record["rev"] or 0)
+        if progress is not None:
+            progress.update(1)
+    return snap
+
+
+def write_nodes(tx, ntype: str, rows: list[dict], version: str) -> None:
+    """Write `{id, props}` rows (embedding and refresh state) under model `version`."""
+    for chunk in _chunks(rows):
+        tx.run(_WRITE[ntype], rows=chunk, version=version).consume()
+
+
+def mark_edges(tx, rows: list[dict]) -> None:
+    """Record on each edge the weight and revision the stored state accounts for."""
+    for chunk in _chunks(rows, 5000):
+        tx.run(cypher.MARK_EDGES, rows=chunk).consume()
+
+
+def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
+    """Record that node changes up to `at` are reflected in the stored state."""
+    for chunk in _chunks(rows, 5000):
+        tx.run(_SEEN[ntype], rows=chunk).consume()
+
+
+def refresh_state(session) -> dict:
+    """The refresh watermark (epoch ms, None before the first run), full_pending flag and last run."""
+    return session.execute_write(lambda tx: dict(tx.run(cypher.REFRESH_STATE).single()))
+
+
+def set_full_pending(session, pending: bool) -> None:
+    """Flag a full recompute in progress, so a crash mid-way is finished by a new full run."""
+    session.execute_write(lambda tx: tx.run(cypher.REFRESH_FULL_PENDING, pending=pending).consume())
+
+
+class LeaseLost(RuntimeError):
+    """Another worker holds the lease: this run's writes must not land."""
+
+
+def check_lease(tx, owner: str | None) -> None:
+    """Raise LeaseLost unless `owner` (None: no worker, e.g. the CLI) holds the lease."""
+    if owner is not None and not tx.run(cypher.LEASE_HELD, owner=owner).single()["held"]:
+        raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
+
+
+def advance(tx, mark: int, run: dict, owner: str | None = None) -> None:
+    """Move the watermark and record the run inside the run's transaction, fenced by the lease."""
+    record = tx.run(cypher.REFRESH_ADVANCE, watermark=mark, run=json.dumps(run), owner=owner).single()
+    if record["updated"] == 0:
+        raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
+
+
+def changes(session, since: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Edges, users and items changed since `since` and not yet reflected."""
+    edges = [dict(r) for r in session.run(cypher.CHANGED_EDGES, since=since)]
+    users = [dict(r) for r in session.run(cypher.CHANGED_USERS, since=since)]
+    items = [dict(r) for r in session.run(cypher.CHANGED_ITEMS, since=since)]
+    return edges, users, items
+
+
+def oldest_pending(session, since: int) -> int | None:
+    """Commit time (ms) of the oldest change not yet reflected, or None."""
+    return session.run(cypher.OLDEST_PENDING, since=since).single()["oldest"]
+
+
+def incident_edges(session, ntype: str, ids: list[str]) -> list[dict]:
+    """All edges of the given users or items: (u, i, w, ig_w)."""
+    out = []
+    for chunk in _chunks(ids, 5000):
+        out.extend(dict(r) for r in session.run(_EDGES[ntype], ids=chunk))
+    return out
+
+
+def node_state(session, ntype: str, ids: list[str], keys: list[str]) -> dict[str, list]:
+    """Stored properties `keys` of the given nodes: id -> values (None where unset)."""
+    out = {}
+    for chunk in _chunks(ids, 5000):
+        for r in session.run(_STATE[ntype], ids=chunk, keys=keys):
+            out[r["id"]] = r["vals"]
+    return out
+
+
+def node_count(session) -> int:
+    """Users plus items (count store lookups, no scan)."""
+    record = session.run(cypher.NODE_COUNT).single()
+    return record["users"] + record["items"]

@@ -1,0 +1,19 @@
+"""How raw user ids map to the ids stored in the graph (optional keyed pseudonymisation)."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from app.config import Config
+
+
+def user_key(cfg: Config, raw_id: str) -> str:
+    """The stored id of a user: HMAC-SHA256 hex of the raw id when IG_ID_HMAC_KEY is set, else the raw id."""
+    if not cfg.id_hmac_key:
+        return raw_id
+    return hmac.new(cfg.id_hmac_key.encode(), str(raw_id).encode(), hashlib.sha256).hexdigest()
+
+
+def user_keys(cfg: Config, raw_ids) -> dict[str, str]:
+    """`user_key` for many ids at once (each distinct id hashed once)."""
+    return {raw: user_key(cfg, raw) for raw in set(raw_ids)}

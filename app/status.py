@@ -1,0 +1,30 @@
+"""What the refresh pipeline is doing: watermark, lag, recent runs, model, counts."""
+from __future__ import annotations
+
+import json
+
+from app import cypher
+from app.config import Config
+from app.embeddings import models, store
+
+
+def status(driver, cfg: Config) -> dict:
+    """One snapshot of the pipeline's state, for `GET /admin/status` and `interest-graph status`."""
+    with driver.session(database=cfg.neo4j_database) as s:
+        st = s.execute_write(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
+        counts = s.run(cypher.NODE_COUNT).single()
+        since = (st["watermark"] or 0) - cfg.refresh_margin_ms
+        oldest = store.oldest_pending(s, since) if st["watermark"] is not None else None
+    now = st["now"]
+    model = models.current_info(driver, cfg)
+    lease_live = bool(st["lease_owner"]) and (st["lease_until"] or 0) > now
+    return {
+        "watermark": st["watermark"],
+        "lag_seconds": round((now - oldest) / 1000, 3) if oldest else 0.0,
+        "pending_since": oldest,
+        "recent_runs": [json.loads(r) for r in (st["recent"] or [])],
+        "model": model and {"version": model["version"], "trained_at": model["trained_at"],
+                            "metrics": model["metrics"]},
+        "counts": {"users": counts["users"], "items": counts["items"]},
+        "worker": {"owner": st["lease_owner"] if lease_live else None, "active": lease_live},
+    }

@@ -1,0 +1,1 @@
+"""Benchmarks (run against the test Neo4j server)."""

@@ -1,0 +1,150 @@
+"""Ingest throughput in one run: bare-driver ceiling, REST via gunicorn, bulk loader (Online Retail twice).
+
+Run with the test server up: `make bench`, or
+`NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=~/.local/share/interest-graph-test
+.venv/bin/python -m bench.bench_ingest`. It wipes that server's database.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from app.config import ROOT, load_config
+from app.db import get_driver
+from app.ingest import loaders
+
+CEILING = ("UNWIND $rows AS r MERGE (u:User {id:r.u}) MERGE (i:Item {id:r.i}) "
+           "MERGE (u)-[e:INTERACTED]->(i) SET e.w = coalesce(e.w,0) + r.w")
+WIPE = "MATCH (n) WHERE NOT n:_Migration CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
+GRAPH = ("MATCH (u:User) WITH count(u) AS users MATCH (i:Item) WITH users, count(i) AS items "
+         "MATCH ()-[r:INTERACTED]->() RETURN users, items, count(r) AS edges")
+T0 = 1_600_000_000_000
+
+
+def synthetic(n: int, seed: int, users: int = 20_000, items: int = 4_000, prefix: str = "s") -> list[dict]:
+    """Events with skewed item popularity, like a shop's: a few items get most traffic."""
+    rng = random.Random(seed)
+    types = ["view"] * 6 + ["click"] * 2 + ["cart", "purchase"]
+    return [{"event_id": f"{prefix}{seed}-{k}", "user_id": f"u{rng.randrange(users)}",
+             "item_id": f"i{min(int(rng.paretovariate(1.2)) - 1, items - 1)}", "type": rng.choice(types),
+             "ts": T0 + rng.randrange(10 ** 10), "quantity": 1} for k in range(n)]
+
+
+def wipe(driver, database: str) -> None:
+    with driver.session(database=database) as s:
+        s.run(WIPE).consume()
+
+
+def graph_counts(driver, database: str) -> dict:
+    with driver.session(database=database) as s:
+        return s.run(GRAPH).single().data()
+
+
+def ceiling(driver, database: str, events: list[dict], batch: int = 5000) -> float:
+    """(a) The bare UNWIND/MERGE loop, one event a row, one thread: events/s."""
+    rows = [{"u": e["user_id"], "i": e["item_id"], "w": 1.0} for e in events]
+    start = time.perf_counter()
+    with driver.session(database=database) as s:
+        for j in range(0, len(rows), batch):
+            s.execute_write(lambda tx, part=rows[j:j + batch]: tx.run(CEILING, rows=part).consume())
+    return len(rows) / (time.perf_counter() - start)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict]:
+    """(b) `interest-graph serve` (gunicorn) as a subprocess, `clients` threads posting batches: events/s."""
+    port = _free_port()
+    env = {**os.environ, "IG_PORT": str(port)}
+    server = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        batches = [events[j:j + batch] for j in range(0, len(events), batch)]
+        totals = {"accepted": 0, "duplicates": 0}
+
+        def worker(share):
+            with requests.Session() as session:
+                for part in share:
+                    reply = session.post(f"{url}/v1/events", json=part, timeout=300)
+                    reply.raise_for_status()
+                    body = reply.json()
+                    totals["accepted"] += body["accepted"]
+                    totals["duplicates"] += body["duplicates"]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(worker, [batches[c::clients] for c in range(clients)]))
+        return len(events) / (time.perf_counter() - start), totals
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bulk(driver, cfg, path) -> tuple[float, dict]:
+    """(c) The Online Retail loader: events (rows with a customer) per second, and its counts."""
+    start = time.perf_counter()
+    totals = loaders.load(driver, cfg, loaders.online_retail_batches(path), label="bench")
+    elapsed = time.perf_counter() - start
+    events = totals["rows"] - totals.get("missing_user", 0)
+    return events / elapsed, dict(totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000, help="synthetic events for (a) and (b)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2000, help="events per REST request")
+    parser.add_argument("--data", default=str(ROOT / "data/online_retail/online_retail.csv.gz"))
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,rest,bulk")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = load_config()
+    driver, db = get_driver(cfg), cfg.neo4j_database
+    events = synthetic(args.events, seed=1)
+    results = {}
+    if "ceiling" not in skip:
+        wipe(driver, db)
+        results["ceiling"] = ceiling(driver, db, events)
+        print(f"(a) ceiling, bare UNWIND MERGE, batches of 5,000: {results['ceiling']:,.0f} events/s", flush=True)
+    if "rest" not in skip:
+        wipe(driver, db)
+        results["rest"], totals = rest(events, args.clients, args.batch)
+        print(f"(b) REST, gunicorn, {args.clients} clients x {args.batch:,}-event batches: "
+              f"{results['rest']:,.0f} events/s  {totals}", flush=True)
+    if "bulk" not in skip:
+        wipe(driver, db)
+        results["bulk"], first = bulk(driver, cfg, args.data)
+        graph = graph_counts(driver, db)
+        print(f"(c) bulk, Online Retail: {results['bulk']:,.0f} events/s  {first}  graph {graph}", flush=True)
+        rate2, second = bulk(driver, cfg, args.data)
+        same = {k: v for k, v in first.items() if k not in ("accepted", "duplicates")} == \
+            {k: v for k, v in second.items() if k not in ("accepted", "duplicates")} and \
+            second["duplicates"] == first["accepted"] + first["duplicates"] and graph_counts(driver, db) == graph
+        print(f"    second load: {rate2:,.0f} events/s  {second}  identical graph and counts: {same}")
+    if "ceiling" in results:
+        for part in ("rest", "bulk"):
+            if part in results:
+                print(f"{part}/ceiling = {results[part] / results['ceiling']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Save and load InterestSAGE checkpoints as a plain dict of tensors and JSON-able values."""
+import json
+
+import torch
+
+from .config import ModelConfig
+from .model import InterestSAGE
+
+
+def save_checkpoint(path, model, cfg, meta):
+    """Write state_dict, config and JSON-able `meta` (version, item_ids, metrics, ...) to `path`."""
+    json.dumps(meta)  # fail now, not at load time, if meta is not plain data
+    torch.save({
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": cfg.to_dict(),
+        "num_items": model.num_items,
+        "meta": meta,
+    }, path)
+
+
+def load_checkpoint(path):
+    """Return (model in eval mode, ModelConfig, meta) from a checkpoint written by save_checkpoint."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = ModelConfig.from_dict(blob["config"])
+    model = InterestSAGE(blob["num_items"], cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), cfg, blob["meta"]
