@@ -24,8 +24,12 @@ neo4j: install
 migrate: neo4j
 	$(IG) migrate
 
+# Demo: load the shipped Online Retail copy (once), train a first model (once, 3 epochs),
+# then the worker refreshes embeddings in the background while the API serves (Ctrl-C stops both).
 run: migrate
-	$(IG) serve
+	$(IG) load demo
+	$(IG) train --if-missing --epochs 3
+	$(IG) worker & $(IG) serve
 
 test: install
 	$(TEST_ENV) $(IG) neo4j start
@@ -35,7 +39,7 @@ test: install
 bench: install
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) $(IG) migrate
-	@echo "no benchmarks yet"
+	$(TEST_ENV) $(PY) -m bench.bench_ingest
 
 stop:
 	-$(IG) neo4j stop

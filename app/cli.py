@@ -154,10 +154,15 @@ def load_demo():
 # --- model and refresh ------------------------------------------------------
 @main.command()
 @click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
-def train(epochs):
+@click.option("--if-missing", is_flag=True, help="Do nothing when a current model exists.")
+def train(epochs, if_missing):
     """Train a new model version on the graph, re-embed everything with it and make it current."""
+    from app.embeddings import models
     from app.embeddings.training import train_and_publish
     cfg = load_config()
+    if if_missing and models.current_info(get_driver(cfg), cfg):
+        click.echo("a current model exists; not training (run `interest-graph retrain` to replace it)")
+        return
     try:
         result = train_and_publish(get_driver(cfg), cfg, progress=True, epochs=epochs)
     except ValueError as exc:

@@ -153,18 +153,26 @@ RETURN count(s) AS updated
 
 # --- ingest -----------------------------------------------------------------
 # MERGE on the unique Event id locks the id, so a concurrent duplicate waits and then matches.
-# `_new` marks the events this transaction created; it is removed before commit.
+# `_new` marks the events this transaction created; it is removed before commit, so an Event
+# keeps only its id (nothing that leads back to a user, and the cheapest node to write).
 INGEST_MERGE_EVENTS = """
-UNWIND $events AS e
-MERGE (ev:Event {id: e.id})
-ON CREATE SET ev.ts = e.ts, ev._new = true
-WITH e, ev WHERE ev._new
+UNWIND $ids AS id
+MERGE (ev:Event {id: id})
+ON CREATE SET ev._new = true
+WITH id, ev WHERE ev._new
 REMOVE ev._new
-RETURN collect(e.id) AS new
+RETURN collect(id) AS new
 """
 
 # One row per (user, item), pre-aggregated in Python; min/max and sums keep it order independent.
+# Items are locked first in sorted order (users follow in row order, also sorted), so concurrent
+# batches sharing popular items queue instead of deadlocking and backing off.
 INGEST_UPSERT_EDGES = """
+UNWIND $items AS id
+MERGE (i:Item {id: id}) ON CREATE SET i.changed_at = timestamp()
+SET i._lock = true
+REMOVE i._lock
+WITH count(*) AS locked
 UNWIND $rows AS row
 MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp()
 MERGE (i:Item {id: row.i}) ON CREATE SET i.changed_at = timestamp()

@@ -14,12 +14,15 @@ class ModelConfig:
     dropout: float = 0.0
     lr: float = 5e-3
     weight_decay: float = 0.0
-    epochs: int = 15
-    batch_size: int = 4096
+    epochs: int = 30
+    batch_size: int = 2048
     fanouts: list = field(default_factory=lambda: [10, 20])
-    negatives: int = 2048
+    negatives: int = 1024
     temperature: float = 0.1
-    patience: int = 3
+    patience: int = 2
+    # Wall-clock cap in minutes: no epoch starts that would likely end past it
+    # (None = no cap). Runs stopped by it depend on machine speed.
+    max_minutes: float = 22.0
     seed: int = 0
     k: int = 20
 

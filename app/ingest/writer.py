@@ -34,12 +34,11 @@ def _write_tx(tx, events: list[dict], counts: dict) -> int:
 
     Everything it does happens inside `tx`, so the driver may re-run it after a deadlock.
     """
-    new_ids = set(tx.run(cypher.INGEST_MERGE_EVENTS,
-                         events=[{"id": e["id"], "ts": e["ts"]} for e in events]).single()["new"]) \
+    new_ids = set(tx.run(cypher.INGEST_MERGE_EVENTS, ids=[e["id"] for e in events]).single()["new"]) \
         if events else set()
     rows = aggregate([e for e in events if e["id"] in new_ids])
     if rows:
-        tx.run(cypher.INGEST_UPSERT_EDGES, rows=rows).consume()
+        tx.run(cypher.INGEST_UPSERT_EDGES, rows=rows, items=sorted({r["i"] for r in rows})).consume()
     totals = {k: v for k, v in {**counts, "accepted": len(new_ids),
                                 "duplicates": counts.get("duplicates", 0) + len(events) - len(new_ids)}.items() if v}
     if totals:
