@@ -41,6 +41,10 @@ bench: install
 	$(TEST_ENV) $(IG) migrate
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
 
+# Gowalla accuracy (LightGCN split, ~25 min on 2 cores); see docs/evaluation.md.
+evaluate: install
+	$(IG) evaluate gowalla --data-dir ../shared/data/gowalla
+
 stop:
 	-$(IG) neo4j stop
 	-$(TEST_ENV) $(IG) neo4j stop
