@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 IG := $(VENV)/bin/interest-graph
 STAMP := $(VENV)/.installed-stamp
-# The test suite runs on its own Neo4j (ports 7688/7475, own data dir): it never wipes `make run`'s data.
-TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(HOME)/.local/share/interest-graph-test
+# The test suite runs on its own Neo4j (ports 7688/7475, data under var/ of this checkout, so each
+# clone's server matches its own .env password): it never wipes `make run`'s data.
+TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDIR)/var/test
 
 .PHONY: install neo4j migrate run test bench stop evaluate clean
 

@@ -11,7 +11,7 @@ import pytest
 # and never touches the data `make run` loaded. Set these to point it elsewhere.
 os.environ.setdefault("NEO4J_URI", "bolt://127.0.0.1:7688")
 os.environ.setdefault("NEO4J_HTTP_PORT", "7475")
-os.environ.setdefault("IG_HOME", str(Path.home() / ".local" / "share" / "interest-graph-test"))
+os.environ.setdefault("IG_HOME", str(Path(__file__).resolve().parents[1] / "var" / "test"))
 os.environ.setdefault("IG_NEO4J_HEAP", "1g")
 os.environ.setdefault("IG_NEO4J_PAGECACHE", "1g")
 os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")

@@ -120,3 +120,9 @@ def test_readyz_follows_neo4j_without_restarting_the_service(cfg, base_url):
     finally:
         neo4j_local.start(cfg)
     assert requests.get(f"{base_url}/readyz", timeout=30).status_code == 200
+
+
+def test_wrong_password_gives_clear_error(cfg):
+    wrong = load_config(neo4j_password="not-the-password")
+    with pytest.raises(neo4j_local.Neo4jError, match="rejected the password"):
+        neo4j_local.start(wrong)

@@ -120,6 +120,7 @@ def status(cfg: Config) -> dict:
 
 def _wait_for_bolt(cfg: Config, pid: int, p: dict[str, Path], timeout: float) -> None:
     from neo4j import GraphDatabase
+    from neo4j.exceptions import AuthError
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _pid(p) != pid:
@@ -130,6 +131,10 @@ def _wait_for_bolt(cfg: Config, pid: int, p: dict[str, Path], timeout: float) ->
             with GraphDatabase.driver(cfg.neo4j_uri, auth=(cfg.neo4j_user, cfg.neo4j_password)) as drv:
                 drv.verify_connectivity()
                 return
+        except AuthError as exc:
+            raise Neo4jError(f"Neo4j rejected the password from NEO4J_PASSWORD/.env ({exc.message}); the "
+                             f"data in {p['data']} was set up with another one: set NEO4J_PASSWORD to it, "
+                             "or stop Neo4j and delete that directory to start afresh") from None
         except Exception:  # noqa: BLE001 - keep polling until the deadline
             time.sleep(0.5)
     raise Neo4jError(f"Neo4j did not answer on {cfg.neo4j_uri} within {timeout:.0f}s")
