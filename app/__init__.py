@@ -15,10 +15,11 @@ def create_app(config: Config | None = None) -> Flask:
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from app import errors
+    from app import errors, metrics
     from app.api import health
 
     errors.register(app)
+    metrics.init_app(app)
     app.register_blueprint(health.bp)
     from app.api import admin, recs
     app.register_blueprint(admin.bp)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import click
@@ -78,6 +79,11 @@ def migrate(show_info: bool):
 def serve():
     """Serve the REST API under gunicorn on IG_HOST:IG_PORT."""
     cfg = load_config()
+    # Gunicorn forks workers: prometheus_client sums their metrics through files in this directory.
+    metrics_dir = cfg.home / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
                                "--workers", str(cfg.workers), "--threads", "8",
                                "--access-logfile", "-", "app.wsgi:app"])

@@ -46,13 +46,17 @@ def _tensorboard(log_dir):
 def train(g, model, cfg, item_feats=None, val=None, progress=True, log_dir=None):
     """Train `model` on graph `g`; early-stop on validation Recall@k and restore the best weights.
 
-    `val` maps user row -> set of held-out item rows; the edges of `g` are the
-    training items excluded from the ranking. Without `val` all epochs run.
+    `val` maps user row -> set of held-out item rows, or is a pair (that dict,
+    scipy CSR users x items to exclude); by default the edges of `g` are the
+    training items excluded from the ranking. Without `val` all epochs run
+    (up to cfg.max_minutes).
     """
     gen = seed_everything(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = EdgeBatchSampler(g, cfg.fanouts, cfg.batch_size, cfg.negatives, gen)
-    exclude = graph_to_csr(g) if val else None
+    val, exclude = val if isinstance(val, tuple) else (val, None)
+    if val and exclude is None:
+        exclude = graph_to_csr(g)
     writer, key = _tensorboard(log_dir), f"recall@{cfg.k}"
     best, best_state, best_metrics, history, bad = -1.0, None, {}, [], 0
     start = time.time()

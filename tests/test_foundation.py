@@ -126,3 +126,10 @@ def test_wrong_password_gives_clear_error(cfg):
     wrong = load_config(neo4j_password="not-the-password")
     with pytest.raises(neo4j_local.Neo4jError, match="rejected the password"):
         neo4j_local.start(wrong)
+
+
+def test_metrics_endpoint(base_url):
+    requests.get(f"{base_url}/healthz", timeout=5)
+    body = requests.get(f"{base_url}/metrics", timeout=10).text
+    assert 'ig_http_request_seconds_count{method="GET",route="/healthz",status="200"}' in body
+    assert "ig_refresh_lag_seconds" in body and "ig_nodes" in body

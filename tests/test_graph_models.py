@@ -161,11 +161,12 @@ def planted(n_comm=4, users=30, items=15, per_user=8, p_in=0.9, seed=0):
 def test_training_recovers_planted_communities():
     u, i, test, nu, ni = planted()
     g = build_graph(u, i, np.ones(len(u)), nu, ni)
-    cfg = ModelConfig(dim=16, epochs=15, batch_size=128, negatives=32, fanouts=[5, 10], lr=0.01, max_minutes=None, seed=1)
+    cfg = ModelConfig(dim=16, epochs=15, batch_size=128, negatives=32, fanouts=[5, 10], lr=0.01, max_minutes=None, k=10,
+                      seed=1)
     model = InterestSAGE(ni, cfg)
-    out = train(g, model, cfg, val=test, progress=False)
-    assert out["epochs"] >= 1 and out["seconds"] > 0
     exclude = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(nu, ni))
+    out = train(g, model, cfg, val=(test, exclude), progress=False)
+    assert out["epochs"] >= 1 and out["seconds"] > 0 and "recall@10" in out["metrics"]
     emb = model.inference(g)["emb"]
     res = evaluate(embedding_scorer(emb["user"], emb["item"]), test, exclude, k=10)
     random_recall = 10 / (ni - 6)

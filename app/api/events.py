@@ -5,6 +5,7 @@ import json
 
 from flask import Blueprint, request
 
+from app import metrics
 from app.api import cfg, driver
 from app.errors import ApiError
 from app.ids import user_key
@@ -50,6 +51,7 @@ def _partial(body: dict, rejected: list[dict]):
 def post_events():
     """Validate, clean and commit a batch of events; each event_id counts once."""
     report = pipeline.ingest(driver(), cfg(), _batch())
+    metrics.count_events(report)
     return _partial({"accepted": report.accepted, "duplicates": report.duplicates,
                      "rejected": report.rejected, "quarantined": report.quarantined}, report.rejected)
 

@@ -1,0 +1,257 @@
+"""Incremental refresh against full recompute on Gowalla graphs of ~10k/100k/1M edges, and freshness under a stream.
+
+Run with the test server up: `make bench`, or
+`NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=~/.local/share/interest-graph-test
+.venv/bin/python -m bench.bench_refresh`. It wipes that server's database.
+
+A graph of N edges is the first N distinct (user, item) pairs of Gowalla in user order (each
+user's train items, then its test items). It is written by the bench-only SETUP_* statements,
+which set what the ingest path sets (no Event nodes: nothing here is retried); every measured
+change goes through `pipeline.ingest` or the REST API.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from app.config import ROOT, load_config
+from app.db import get_driver
+from app.embeddings import models
+from app.embeddings.full import embed_full
+from app.embeddings.refresh import refresh
+from app.embeddings.training import train_and_publish
+from app.ingest import decay, pipeline
+from bench.bench_ingest import _free_port, graph_counts, wipe
+
+DATA = Path("/work/shared/data/gowalla")
+DAY_MS = 86_400_000
+SETUP_USERS = "UNWIND $ids AS id CREATE (:User {id: id, changed_at: timestamp()})"
+SETUP_ITEMS = "UNWIND $ids AS id CREATE (:Item {id: id, changed_at: timestamp()})"
+# One `view` event per edge at `ts`, exactly as INGEST_UPSERT_EDGES would leave it.
+SETUP_EDGES = """
+UNWIND $rows AS row
+MATCH (u:User {id: row[0]}) MATCH (i:Item {id: row[1]})
+CREATE (u)-[:INTERACTED {w: $w, qty: 0.0, first_ts: $ts, last_ts: $ts, n_view: 1,
+                         changed_at: timestamp(), rev: 1}]->(i)
+"""
+# The sampled event's edge: its revision, the revision the stored embeddings reflect.
+PROBE = """
+UNWIND $rows AS row
+MATCH (u:User {id: row.u})-[r:INTERACTED]->(:Item {id: row.i})
+RETURN row.k AS k, r.rev AS rev, r.ig_rev AS ig_rev
+"""
+
+
+def gowalla_pairs() -> list[tuple[str, str]]:
+    """Distinct (user, item) pairs of the whole split in user order, train items before test items."""
+    per_user: dict[str, list[str]] = {}
+    for name in ("train.txt.gz", "test.txt.gz"):
+        with gzip.open(DATA / name, "rt") as fh:
+            for line in fh:
+                parts = line.split()
+                if parts:
+                    per_user.setdefault(f"g{parts[0]}", []).extend(f"p{x}" for x in parts[1:])
+    pairs = []
+    for user in sorted(per_user, key=lambda u: int(u[1:])):
+        pairs.extend((user, item) for item in dict.fromkeys(per_user[user]))
+    return pairs
+
+
+def test_pairs() -> list[tuple[str, str]]:
+    """The Gowalla test interactions, the source of the streamed events."""
+    with gzip.open(DATA / "test.txt.gz", "rt") as fh:
+        return [(f"g{p[0]}", f"p{x}") for p in map(str.split, fh) if p for x in p[1:]]
+
+
+def build(driver, cfg, pairs: list[tuple[str, str]], batch: int = 10_000) -> float:
+    """Wipe, then write the graph of `pairs` directly; seconds taken."""
+    started = time.perf_counter()
+    db = cfg.neo4j_database
+    wipe(driver, db)
+    ts = int(time.time() * 1000) - DAY_MS
+    w = decay.factor(cfg, ts)
+    users, items = sorted({u for u, _ in pairs}), sorted({i for _, i in pairs})
+    with driver.session(database=db) as s:
+        for query, ids in ((SETUP_USERS, users), (SETUP_ITEMS, items)):
+            for j in range(0, len(ids), batch):
+                s.execute_write(lambda tx, part=ids[j:j + batch]: tx.run(query, ids=part).consume())
+        rows = [list(p) for p in pairs]
+        for j in range(0, len(rows), batch):
+            s.execute_write(lambda tx, part=rows[j:j + batch]: tx.run(SETUP_EDGES, rows=part, w=w, ts=ts).consume())
+    return time.perf_counter() - started
+
+
+_seq = iter(range(10**12))
+
+
+def events(pairs_or_users, n: int, rng: random.Random, items: list[str] | None = None) -> list[dict]:
+    """`n` view events now: (user, item) from `pairs_or_users`, or a user from it and an item from `items`."""
+    now = int(time.time() * 1000)
+    out = []
+    for k in range(n):
+        if items is None:
+            user, item = rng.choice(pairs_or_users)
+        else:
+            user, item = pairs_or_users[k % len(pairs_or_users)], rng.choice(items)
+        out.append({"event_id": f"b{next(_seq)}-{rng.random():.12f}", "user_id": user, "item_id": item,
+                    "type": "view", "ts": now})
+    return out
+
+
+def ingest(driver, cfg, evs: list[dict], batch: int = 5000) -> None:
+    """Commit events through the real ingest path."""
+    for j in range(0, len(evs), batch):
+        pipeline.ingest(driver, cfg, evs[j:j + batch])
+
+
+def timed_refresh(driver, cfg, lm) -> dict:
+    """One refresh run, incremental whatever its size (full_share above 1)."""
+    started = time.perf_counter()
+    run = refresh(driver, cfg, lm)
+    run["wall"] = time.perf_counter() - started
+    return run
+
+
+def measure_size(driver, cfg, pairs, rng) -> dict:
+    """Full recompute, refresh after 1% of users changed, refresh after 1,000 events, on one graph."""
+    row = {"edges": len(pairs), "build_s": build(driver, cfg, pairs)}
+    row.update(graph_counts(driver, cfg.neo4j_database))
+    published = train_and_publish(driver, cfg, progress=False, train_model=False)
+    lm = models.load(published["checkpoint"], published["version"])
+    started = time.perf_counter()
+    row["full"] = embed_full(driver, cfg, lm)
+    row["full_s"] = time.perf_counter() - started
+    users = sorted({u for u, _ in pairs})
+    edge_items = [i for _, i in pairs]  # drawn in proportion to popularity
+    sample = rng.sample(users, max(1, round(0.01 * len(users))))
+    ingest(driver, cfg, events(sample, len(sample), rng, edge_items))
+    row["pct"] = timed_refresh(driver, cfg, lm)
+    ingest(driver, cfg, events([rng.choice(users) for _ in range(1000)], 1000, rng, edge_items))
+    row["k1000"] = timed_refresh(driver, cfg, lm)
+    return row
+
+
+def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, rng) -> dict:
+    """Events through `serve` at `rate`/s with one `worker`; latency from POST reply to a visible embedding."""
+    port = _free_port()
+    env = {**os.environ, "IG_PORT": str(port), "IG_REFRESH_INTERVAL": str(interval)}
+    procs = [subprocess.Popen([sys.executable, "-m", "app", cmd], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in ("serve", "worker")]
+    url = f"http://127.0.0.1:{port}"
+    source, samples, lock, done = test_pairs(), [], threading.Lock(), threading.Event()
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+
+        def poll():
+            with driver.session(database=cfg.neo4j_database) as s:
+                while True:
+                    with lock:
+                        pending = [x for x in samples if "seen" not in x]
+                    if not pending:
+                        if done.is_set():
+                            return
+                        time.sleep(0.05)
+                        continue
+                    rows = [{"k": n, "u": x["u"], "i": x["i"]} for n, x in enumerate(pending)]
+                    now = time.time()
+                    for r in s.run(PROBE, rows=rows):
+                        x = pending[r["k"]]
+                        x.setdefault("rev", r["rev"])
+                        if (r["ig_rev"] or -1) >= x["rev"]:
+                            x["seen"] = now
+                    if done.is_set() and time.time() > done.deadline:
+                        return
+                    time.sleep(0.05)
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        sent, started = 0, time.perf_counter()
+        with requests.Session() as http:
+            for k in range(int(seconds * rate / batch)):
+                delay = started + k * batch / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                part = events(source, batch, rng)
+                reply = http.post(f"{url}/v1/events", json=part, timeout=60)
+                reply.raise_for_status()
+                committed = time.time()
+                sent += len(part)
+                with lock:  # one sampled event a batch
+                    samples.append({"u": part[0]["user_id"], "i": part[0]["item_id"], "at": committed})
+        elapsed = time.perf_counter() - started
+        done.deadline = time.time() + 60
+        done.set()
+        poller.join()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    lat = np.array([x["seen"] - x["at"] for x in samples if "seen" in x])
+    return {"sent": sent, "rate": sent / elapsed, "samples": len(samples), "missed": len(samples) - len(lat),
+            "p50": float(np.percentile(lat, 50)) if len(lat) else float("inf"),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("inf")}
+
+
+def report(rows: list[dict]) -> None:
+    """The table of parts 1 and 2."""
+    print(f"{'edges':>9} {'users':>6} {'items':>6} | {'full s':>7} | {'1% users: s':>11} {'nodes':>7} {'ratio':>6}"
+          f" | {'1,000 ev: s':>11} {'nodes':>7} {'ratio':>6}")
+    for r in rows:
+        f = r["full_s"]
+        print(f"{r['edges']:>9,} {r['users']:>6,} {r['items']:>6,} | {f:>7.2f} | {r['pct']['wall']:>11.3f} "
+              f"{r['pct']['nodes']:>7,} {r['pct']['wall'] / f:>6.3f} | {r['k1000']['wall']:>11.3f} "
+              f"{r['k1000']['nodes']:>7,} {r['k1000']['wall'] / f:>6.3f}")
+    k = [r["k1000"]["wall"] for r in rows]
+    print(f"1,000 events: largest / smallest graph = {k[-1] / k[0]:.2f}x (full: {rows[-1]['full_s'] / rows[0]['full_s']:.1f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="edge counts (capped at the 1,027,370 pairs)")
+    parser.add_argument("--stream-seconds", type=float, default=300.0)
+    parser.add_argument("--rate", type=int, default=1000, help="streamed events per second")
+    parser.add_argument("--batch", type=int, default=100, help="events per POST")
+    parser.add_argument("--interval", type=float, default=1.0, help="worker IG_REFRESH_INTERVAL (s)")
+    parser.add_argument("--stream-base", type=int, default=100_000, help="edges of the stream's base graph")
+    parser.add_argument("--quick", action="store_true", help="sizes 10k,100k and a 30 s stream")
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.stream_seconds = "10000,100000", min(args.stream_seconds, 30.0)
+    cfg = load_config(full_share=10.0)  # parts 1 and 2 always measure the incremental path
+    driver, rng = get_driver(cfg), random.Random(args.seed)
+    pairs = gowalla_pairs()
+    rows = []
+    for size in (int(x) for x in args.sizes.split(",") if x):
+        rows.append(measure_size(driver, cfg, pairs[:size], rng))
+        r = rows[-1]
+        print(f"{r['edges']:,} edges: build {r['build_s']:.1f}s, full {r['full_s']:.2f}s {r['full']}, "
+              f"1% {r['pct']}, 1000 {r['k1000']}", flush=True)
+    if rows:
+        report(rows)
+    if args.stream_seconds > 0:
+        build(driver, cfg, pairs[:args.stream_base])
+        train_and_publish(driver, cfg, progress=False, train_model=False)
+        s = stream(driver, cfg, args.stream_seconds, args.rate, args.batch, args.interval, rng)
+        print(f"stream {args.stream_seconds:.0f}s on {args.stream_base:,} edges: {s['rate']:,.0f} events/s sent, "
+              f"{s['samples']} sampled, {s['missed']} not refreshed within 60 s; "
+              f"freshness p50 {s['p50']:.2f}s p99 {s['p99']:.2f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
