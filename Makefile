@@ -41,6 +41,7 @@ bench: install
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) $(IG) migrate
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
+	$(TEST_ENV) $(PY) -m bench.bench_refresh
 
 # Gowalla accuracy (LightGCN split, ~25 min on 2 cores); see docs/evaluation.md.
 evaluate: install

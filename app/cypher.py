@@ -25,9 +25,10 @@ MATCH (i:Item)
 RETURN i.id AS id, i.category AS category, i.price AS price, i.title AS title
 """
 
+# Grouped by user; coalesce keeps the three lists aligned (collect skips nulls).
 EXPORT_EDGES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev
+RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.rev, 0)) AS rev
 """
 
 # `row.props` holds embedding and refresh state (ig_h*, ig_a*, ig_deg): keys are fixed by the model's
@@ -45,10 +46,13 @@ SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = dat
 """
 
 # ig_w is the aggregation weight the stored state accounts for, ig_rev the edge revision it saw.
+# One row per user with a map item id -> [w, rev]: one expand per user instead of one per edge
+# (matching each edge by both ids re-scans a heavy user's edges for every one of them).
 MARK_EDGES = """
 UNWIND $rows AS row
-MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item {id: row.i})
-SET r.ig_w = row.w, r.ig_rev = row.rev
+MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item)
+WITH r, row.m[i.id] AS m WHERE m IS NOT NULL
+SET r.ig_w = m[0], r.ig_rev = m[1]
 """
 
 MARK_USERS_SEEN = "UNWIND $rows AS row MATCH (n:User {id: row.id}) SET n.ig_seen = row.at"
@@ -101,17 +105,18 @@ CALL {
 RETURN min(at) AS oldest
 """
 
-# Edges incident to the given users or items, with the weight each side has accounted for.
+# Edges incident to the given users or items, with the weight the stored state accounts for;
+# one record per node (the driver's per-record cost dominated), coalesce keeps the lists aligned.
 USER_EDGES = """
 UNWIND $ids AS id
-MATCH (u:User {id: id})-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, i.id AS i, r.w AS w, r.ig_w AS ig_w
+MATCH (:User {id: id})-[r:INTERACTED]->(i:Item)
+RETURN id, collect(i.id) AS other, collect(coalesce(r.ig_w, 0.0)) AS ig_w
 """
 
 ITEM_EDGES = """
 UNWIND $ids AS id
-MATCH (u:User)-[r:INTERACTED]->(i:Item {id: id})
-RETURN u.id AS u, i.id AS i, r.w AS w, r.ig_w AS ig_w
+MATCH (u:User)-[r:INTERACTED]->(:Item {id: id})
+RETURN id, collect(u.id) AS other, collect(coalesce(r.ig_w, 0.0)) AS ig_w
 """
 
 USER_STATE = """

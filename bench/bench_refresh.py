@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import random
 import subprocess
@@ -50,6 +51,7 @@ UNWIND $rows AS row
 MATCH (u:User {id: row.u})-[r:INTERACTED]->(:Item {id: row.i})
 RETURN row.k AS k, r.rev AS rev, r.ig_rev AS ig_rev
 """
+RECENT_RUNS = "MATCH (s:_Refresh {key: 'main'}) RETURN s.recent AS recent"
 
 
 def gowalla_pairs() -> list[tuple[str, str]]:
@@ -194,7 +196,7 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
                 with lock:  # one sampled event a batch
                     samples.append({"u": part[0]["user_id"], "i": part[0]["item_id"], "at": committed})
         elapsed = time.perf_counter() - started
-        done.deadline = time.time() + 60
+        done.deadline = time.time() + 60  # the poller gives up on samples still stale by then
         done.set()
         poller.join()
     finally:
@@ -202,7 +204,9 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
             proc.terminate()
             proc.wait(timeout=60)
     lat = np.array([x["seen"] - x["at"] for x in samples if "seen" in x])
-    return {"sent": sent, "rate": sent / elapsed, "samples": len(samples), "missed": len(samples) - len(lat),
+    with driver.session(database=cfg.neo4j_database) as s:
+        recent = [json.loads(r) for r in s.run(RECENT_RUNS).single()["recent"] or []]
+    return {"recent": [(r["mode"], r.get("nodes"), r["seconds"]) for r in recent],"sent": sent, "rate": sent / elapsed, "samples": len(samples), "missed": len(samples) - len(lat),
             "p50": float(np.percentile(lat, 50)) if len(lat) else float("inf"),
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("inf")}
 
@@ -250,7 +254,8 @@ def main() -> None:
         s = stream(driver, cfg, args.stream_seconds, args.rate, args.batch, args.interval, rng)
         print(f"stream {args.stream_seconds:.0f}s on {args.stream_base:,} edges: {s['rate']:,.0f} events/s sent, "
               f"{s['samples']} sampled, {s['missed']} not refreshed within 60 s; "
-              f"freshness p50 {s['p50']:.2f}s p99 {s['p99']:.2f}s", flush=True)
+              f"freshness p50 {s['p50']:.2f}s p99 {s['p99']:.2f}s\n"
+              f"last worker runs (mode, nodes, s): {s['recent']}", flush=True)
 
 
 if __name__ == "__main__":

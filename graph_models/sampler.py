@@ -54,7 +54,7 @@ class NeighbourSampler:
 
 
 class EdgeBatchSampler:
-    """Yields (user_pos, item_pos, neg_pos, blocks) for shuffled batches of 'ui' edges.
+    """Yields (user_pos, item_pos, blocks) for shuffled batches of 'ui' edges.
 
     The batch's own edges are removed from the sampled neighbourhoods in both
     directions, so a user is never embedded from the very item it must predict:
@@ -76,21 +76,19 @@ class EdgeBatchSampler:
             yield self.sample(perm[s:s + self.batch_size])
 
     def sample(self, eids):
-        """Blocks for one batch of edge ids, with local indices of users, items and negatives.
+        """Blocks for one batch of edge ids, with local indices of its users and items.
 
-        Negatives are shared by the whole batch: `negatives` uniform items plus
-        `negatives` items taken from the batch's own positives, which follow item
-        popularity (the "in-batch" negatives) without a batch x batch score matrix.
+        The seed items are the batch's positives (popularity-distributed, the
+        "in-batch" negatives of every other edge) plus `negatives` uniform items.
         """
         u, i = self.g.find_edges(eids, etype=UI)
         uniform = torch.randint(self.g.num_nodes(ITEM), (self.negatives,), generator=self.gen)
-        in_batch = i[torch.randint(len(i), (self.negatives,), generator=self.gen)]
         users, u_pos = torch.unique(u, return_inverse=True)
-        items, inv = torch.unique(torch.cat([i, uniform, in_batch]), return_inverse=True)
+        items, inv = torch.unique(torch.cat([i, uniform]), return_inverse=True)
         # Reverse edges share ids with their 'ui' edge (see build_graph), so one id
         # list removes the interaction in both directions.
         blocks = self.neighbours.sample_blocks({USER: users, ITEM: items}, eids, self.gen)
-        return u_pos, inv[: len(eids)], inv[len(eids):], blocks
+        return u_pos, inv[: len(eids)], blocks
 
 
 def seed_everything(seed):

@@ -11,18 +11,19 @@ from .graph import graph_to_csr
 from .sampler import EdgeBatchSampler, seed_everything
 
 
-def softmax_loss(user_emb, item_emb, u_pos, i_pos, neg_pos, temperature):
-    """Sampled softmax (InfoNCE) of each (user, item) edge against the batch's shared negatives.
+def softmax_loss(user_emb, item_emb, u_pos, i_pos, temperature):
+    """InfoNCE of each (user, item) edge against every seed item of the batch.
 
-    Scores are cosines / temperature, the same ranking serving uses. A negative
-    that equals the row's own positive is masked out rather than pushed down.
+    Scores are cosines / temperature, the same ranking serving uses. Items the
+    same user also interacted with in this batch are masked out, so a true
+    positive is never pushed down as a negative.
     """
-    users = user_emb[u_pos]
-    pos = (users * item_emb[i_pos]).sum(-1, keepdim=True)
-    neg = users @ item_emb[neg_pos].T
-    neg = neg.masked_fill(neg_pos.unsqueeze(0) == i_pos.unsqueeze(1), float("-inf"))
-    logits = torch.cat([pos, neg], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(u_pos), dtype=torch.int64))
+    logits = user_emb[u_pos] @ item_emb.T / temperature
+    pos = torch.zeros(user_emb.shape[0], item_emb.shape[0], dtype=torch.bool)
+    pos[u_pos, i_pos] = True
+    mask = pos[u_pos]
+    mask[torch.arange(len(u_pos)), i_pos] = False
+    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), i_pos)
 
 
 def validate(model, g, item_feats, truth, exclude, k):
@@ -67,9 +68,9 @@ def train(g, model, cfg, item_feats=None, val=None, progress=True, log_dir=None)
                 break
         model.train()
         total, bar = 0.0, tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
-        for step, (u_pos, i_pos, neg_pos, blocks) in enumerate(bar, 1):
+        for step, (u_pos, i_pos, blocks) in enumerate(bar, 1):
             emb = model(blocks, item_feats)
-            loss = softmax_loss(emb["user"], emb["item"], u_pos, i_pos, neg_pos, cfg.temperature)
+            loss = softmax_loss(emb["user"], emb["item"], u_pos, i_pos, cfg.temperature)
             opt.zero_grad()
             loss.backward()
             opt.step()

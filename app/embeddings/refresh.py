@@ -175,12 +175,10 @@ class _Incremental:
             targets[USER].add(u)
             targets[ITEM].add(i)
         self._check_size(targets)
-        # old h_{l-1} of every endpoint whose contribution is read
-        self._fetch_h(prev, USER, {u for u, _ in edges} | {e["u"] for e in scratch_edges[ITEM]})
-        self._fetch_h(prev, ITEM, {i for _, i in edges} | {e["i"] for e in scratch_edges[USER]})
-        self._fetch_h(prev, USER, targets[USER])
-        self._fetch_h(prev, ITEM, targets[ITEM])
         a, deg = self._start_sums(layer, targets)
+        # old h_{l-1} of scratch neighbours outside the targets (edge endpoints are targets)
+        self._fetch_h(prev, USER, {e["u"] for e in scratch_edges[ITEM]} - targets[USER])
+        self._fetch_h(prev, ITEM, {e["i"] for e in scratch_edges[USER]} - targets[ITEM])
         for (u, i), e in edges.items():
             fresh_u, fresh_i = u in changed_prev[USER], i in changed_prev[ITEM]
             if not (fresh_u or fresh_i or (u, i) in self.changed):
@@ -211,14 +209,24 @@ class _Incremental:
             raise TooLarge(f"affected set {size} > {self.cfg.full_share:.0%} of {self.total} nodes")
 
     def _start_sums(self, layer: int, targets: dict):
-        """Stored a_layer and deg of the targets (zero for scratch or new nodes)."""
+        """Stored a_layer and deg of the targets (zero for scratch or new nodes); loads their h_{layer-1}.
+
+        One read per node type: each target is looked up once per layer.
+        """
         a, deg = {}, {}
-        zero = np.zeros_like(self.u0)
+        zero, prev = np.zeros_like(self.u0), layer - 1
         for t in (USER, ITEM):
-            rows = store.node_state(self.s, t, sorted(targets[t] - self.scratch[t]), [a_key(layer), DEG])
+            with_h = prev >= first_h(t)
+            keys = [a_key(layer), DEG] + ([h_key(prev)] if with_h else [])
+            rows = store.node_state(self.s, t, sorted(targets[t]), keys)
             a[t] = defaultdict(lambda z=zero: z.copy())
             deg[t] = defaultdict(float)
-            for x, (vec, d) in rows.items():
+            known = self.old[prev][t]
+            for x, (vec, d, *h) in rows.items():
+                if with_h and x not in known:
+                    known[x] = None if h[0] is None else np.asarray(h[0], dtype=np.float64)
+                if x in self.scratch[t]:
+                    continue
                 if vec is not None:
                     a[t][x] = np.asarray(vec, dtype=np.float64)
                 deg[t][x] = float(d or 0.0)
