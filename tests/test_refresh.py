@@ -154,11 +154,10 @@ def test_worker_killed_mid_run_loses_nothing(trained, cfg, driver):
         job = jobs.create(s, "reindex", {"mode": "full"})
     proc = _worker({})
     try:
-        def running():
+        def full_in_progress():
             with driver.session(database=cfg.neo4j_database) as s:
-                return jobs.get(s, job["id"])["state"] == "running"
-        _wait(running, step=0.01)
-        time.sleep(0.3)
+                return store.refresh_state(s)["full_pending"]
+        _wait(full_in_progress, step=0.005)  # the full run has started writing: kill it now
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         with driver.session(database=cfg.neo4j_database) as s:
