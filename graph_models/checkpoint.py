@@ -19,7 +19,7 @@ def save_checkpoint(path, model, cfg, meta):
 
 
 def load_checkpoint(path):
-    """Return (model in eval mode, ModelConfig, meta) from a checkpoint written by save_checkpoint."""
+    """Return (model in eval mode, ModelConfig, meta) from a save_checkpoint file."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ModelConfig.from_dict(blob["config"])
     model = InterestSAGE(blob["num_items"], cfg)

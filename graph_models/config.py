@@ -20,8 +20,8 @@ class ModelConfig:
     negatives: int = 1024
     temperature: float = 0.1
     patience: int = 2
-    # Wall-clock cap in minutes: no epoch starts that would likely end past it
-    # (None = no cap). Runs stopped by it depend on machine speed.
+    # Wall-clock cap on training in minutes (None = none): training stops at the
+    # first batch past it, then validates. Runs it stops depend on machine speed.
     max_minutes: float = 22.0
     seed: int = 0
     k: int = 20

@@ -27,7 +27,8 @@ def top_k(scores, exclude_rows, k):
     scores = torch.as_tensor(scores).clone()
     if exclude_rows is not None and exclude_rows.nnz:
         r, c = exclude_rows.nonzero()
-        scores[torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)] = -np.inf
+        r, c = torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)
+        scores[r, c] = -np.inf
     return torch.topk(scores, k, dim=1).indices.numpy()
 
 

@@ -41,7 +41,8 @@ class InterestSAGE(nn.Module):
         self.neigh_lin = nn.ModuleList()
         for _ in range(cfg.layers):
             self.self_lin.append(nn.ModuleDict({t: nn.Linear(d, d) for t in (USER, ITEM)}))
-            self.neigh_lin.append(nn.ModuleDict({t: nn.Linear(d, d, bias=False) for t in (USER, ITEM)}))
+            self.neigh_lin.append(
+                nn.ModuleDict({t: nn.Linear(d, d, bias=False) for t in (USER, ITEM)}))
         self.drop = nn.Dropout(cfg.dropout)
 
     @property
@@ -109,8 +110,9 @@ class InterestSAGE(nn.Module):
         for s in range(0, n_items, batch_size):
             idx = torch.arange(s, min(s + batch_size, n_items))
             chunks.append(self.item_input(rows[idx], **select_features(feats, idx)))
-        h0 = {USER: self.user_input(g.num_nodes(USER)).clone(), ITEM: torch.cat(chunks) if chunks else
-              torch.zeros(0, self.cfg.dim, dtype=self.dtype)}
+        empty = torch.zeros(0, self.cfg.dim, dtype=self.dtype)
+        h0 = {USER: self.user_input(g.num_nodes(USER)).clone(),
+              ITEM: torch.cat(chunks) if chunks else empty}
         hs, aggs, deg = [h0], [None], {}
         for layer in range(1, self.cfg.layers + 1):
             h_new, agg_l = {}, {}

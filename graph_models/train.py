@@ -62,12 +62,11 @@ def train(g, model, cfg, item_feats=None, val=None, progress=True, log_dir=None)
     best, best_state, best_metrics, history, bad = -1.0, None, {}, [], 0
     start = time.time()
     for epoch in range(1, cfg.epochs + 1):
-        if cfg.max_minutes and history:
-            per_epoch = (time.time() - start) / len(history)
-            if time.time() - start + per_epoch > cfg.max_minutes * 60:
-                break
+        if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
+            break
         model.train()
-        total, bar = 0.0, tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        total, step = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for step, (u_pos, i_pos, blocks) in enumerate(bar, 1):
             emb = model(blocks, item_feats)
             loss = softmax_loss(emb["user"], emb["item"], u_pos, i_pos, cfg.temperature)
@@ -76,7 +75,9 @@ def train(g, model, cfg, item_feats=None, val=None, progress=True, log_dir=None)
             opt.step()
             total += loss.item()
             bar.set_postfix(loss=f"{total / step:.4f}")
-        row = {"epoch": epoch, "loss": total / max(len(batches), 1), "seconds": time.time() - start}
+            if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
+                break  # a slow (e.g. shared) machine must not blow the time budget
+        row = {"epoch": epoch, "loss": total / max(step, 1), "seconds": time.time() - start}
         if val:
             row.update(validate(model, g, item_feats, val, exclude, cfg.k))
         history.append(row)
@@ -84,7 +85,8 @@ def train(g, model, cfg, item_feats=None, val=None, progress=True, log_dir=None)
             for name, value in row.items():
                 writer.add_scalar(name, value, epoch)
         if progress:
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in row.items()))
         score = row.get(key, epoch)  # without validation the latest epoch is "best"
         if score > best:
             best, best_state, best_metrics, bad = score, copy.deepcopy(model.state_dict()), row, 0

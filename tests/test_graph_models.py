@@ -42,7 +42,8 @@ def test_build_graph_schema():
     assert set(g.canonical_etypes) == {("user", "ui", "item"), ("item", "iu", "user")}
     for et in ("ui", "iu"):
         assert g.edges[et].data["w"].dtype == torch.float32
-        assert torch.allclose(g.edges[et].data["w"], torch.tensor(agg_weight(w), dtype=torch.float32))
+        expect = torch.tensor(agg_weight(w), dtype=torch.float32)
+        assert torch.allclose(g.edges[et].data["w"], expect)
 
 
 def test_inference_shapes_and_determinism():
@@ -131,7 +132,8 @@ def test_metrics_hand_cases():
 
 
 def test_evaluate_excludes_training_items_and_baselines():
-    train_csr = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0]], dtype=np.float32))
+    dense = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0]], dtype=np.float32)
+    train_csr = sp.csr_matrix(dense)
     truth = {0: {2}, 1: {0}}
     pop = evaluate(popularity_scorer(train_csr), truth, train_csr, k=1)
     assert pop["recall@1"] == 1.0 and pop["users"] == 2  # item 1 is excluded for both
@@ -161,8 +163,8 @@ def planted(n_comm=4, users=30, items=15, per_user=8, p_in=0.9, seed=0):
 def test_training_recovers_planted_communities():
     u, i, test, nu, ni = planted()
     g = build_graph(u, i, np.ones(len(u)), nu, ni)
-    cfg = ModelConfig(dim=16, epochs=15, batch_size=128, negatives=32, fanouts=[5, 10], lr=0.01, max_minutes=None, k=10,
-                      seed=1)
+    cfg = ModelConfig(dim=16, epochs=8, batch_size=128, negatives=32, fanouts=[5, 10],
+                      lr=0.01, max_minutes=None, k=10, seed=1)
     model = InterestSAGE(ni, cfg)
     exclude = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(nu, ni))
     out = train(g, model, cfg, val=(test, exclude), progress=False)
@@ -198,3 +200,17 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(a["user"], b["user"]) and torch.equal(a["item"], b["item"])
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path / "bad.pt", model, model.cfg, {"x": object()})
+
+
+def test_full_neighbourhood_blocks_match_inference():
+    from graph_models.sampler import NeighbourSampler
+
+    g, _ = small_graph()
+    model = small_model().double()
+    seeds = {"user": torch.tensor([2, 0]), "item": torch.tensor([1])}
+    blocks = NeighbourSampler(g, [0, 0]).sample_blocks(seeds)
+    with torch.no_grad():
+        out = model(blocks)
+    full = model.inference(g)["emb"]
+    assert torch.allclose(out["user"], full["user"][seeds["user"]])
+    assert torch.allclose(out["item"], full["item"][seeds["item"]])
