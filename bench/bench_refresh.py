@@ -147,8 +147,10 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
     """Events through `serve` at `rate`/s with one `worker`; latency from POST reply to a visible embedding."""
     port = _free_port()
     env = {**os.environ, "IG_PORT": str(port), "IG_REFRESH_INTERVAL": str(interval)}
-    procs = [subprocess.Popen([sys.executable, "-m", "app", cmd], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in ("serve", "worker")]
+    worker_log = open(cfg.home / "bench_refresh_worker.log", "w")  # the worker's runs and failures
+    procs = [subprocess.Popen([sys.executable, "-m", "app", cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=worker_log if cmd == "worker" else subprocess.DEVNULL)
+             for cmd in ("serve", "worker")]
     url = f"http://127.0.0.1:{port}"
     source, samples, lock, done = test_pairs(), [], threading.Lock(), threading.Event()
     try:
@@ -203,6 +205,7 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
+        worker_log.close()
     lat = np.array([x["seen"] - x["at"] for x in samples if "seen" in x])
     with driver.session(database=cfg.neo4j_database) as s:
         recent = [json.loads(r) for r in s.run(RECENT_RUNS).single()["recent"] or []]

@@ -50,10 +50,13 @@ def server_time(session) -> int:
 
 
 def export(session, progress=None) -> Snapshot:
-    """Stream users, items and edges out of Neo4j."""
+    """Stream edges, then users and items, out of Neo4j.
+
+    Each statement sees the latest commits (read committed), so under concurrent ingest the
+    nodes are read after the edges (every endpoint of an edge is then listed), and edges of a
+    user erased in between are dropped. Later changes are left to the next incremental run.
+    """
     snap = Snapshot(user_ids=[], items=[], taken_at=server_time(session))
-    snap.user_ids = [r["id"] for r in session.run(cypher.EXPORT_USERS)]
-    snap.items = [dict(r) for r in session.run(cypher.EXPORT_ITEMS)]
     # One record per user, not per edge: the driver's per-record cost dominated a 1M-edge export.
     for record in session.run(cypher.EXPORT_EDGES):
         items = record["items"]
@@ -63,6 +66,14 @@ def export(session, progress=None) -> Snapshot:
         snap.rev.extend(record["rev"])
         if progress is not None:
             progress.update(len(items))
+    snap.user_ids = [r["id"] for r in session.run(cypher.EXPORT_USERS)]
+    snap.items = [dict(r) for r in session.run(cypher.EXPORT_ITEMS)]
+    users = set(snap.user_ids)
+    if not users.issuperset(snap.edges_u):
+        keep = [k for k, u in enumerate(snap.edges_u) if u in users]
+        for name in ("edges_u", "edges_i", "w", "rev"):
+            values = getattr(snap, name)
+            setattr(snap, name, [values[k] for k in keep])
     return snap
 
 
