@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 OTHER = {USER: ITEM, ITEM: USER}
 
 
+# A recomputed vector within EPS of the stored one counts as unchanged: it is neither written nor
+# propagated. This is what keeps a popular item from dragging in all its users: with users' shared
+# input, an item's layer-1 mean is the same vector whatever its users are, so a new edge changes it
+# only by float rounding (~1e-16). Comparing with the *stored* vector each time keeps every stored
+# vector within EPS of the exact one, so errors cannot accumulate across runs.
+EPS = 1e-9
+
+
 class TooLarge(Exception):
     """The affected set passed the configured share of the graph: a full recompute is cheaper."""
 
@@ -88,7 +96,7 @@ class _Incremental:
         # old[l][t][id] = stored h_l; new[l][t][id] = recomputed h_l (the changed set D_l)
         self.old = [defaultdict(dict) for _ in range(self.L + 1)]
         self.new = [defaultdict(dict) for _ in range(self.L + 1)]
-        self.stored = {USER: {}, ITEM: {}}  # id -> {key: value} read for targets
+        self.stored_out = {USER: {}, ITEM: {}}  # id -> this layer's stored output, for the EPS test
         self.out = {USER: defaultdict(dict), ITEM: defaultdict(dict)}  # id -> props to write
         self.total = None
 
@@ -125,10 +133,11 @@ class _Incremental:
         """Propagate layer by layer; return the summary with the writes."""
         self._layer0()
         scratch_edges = {t: self._edges_of(t, self.scratch[t]) for t in (USER, ITEM)}
-        targets = {USER: set(), ITEM: set()}
+        touched = {USER: set(), ITEM: set()}
         for layer in range(1, self.L + 1):
-            targets = self._layer(layer, scratch_edges)
-        nodes = {t: [{"id": x, "props": self.out[t][x]} for x in targets[t]] for t in (USER, ITEM)}
+            for t, ids in self._layer(layer, scratch_edges).items():
+                touched[t] |= ids
+        nodes = {t: [{"id": x, "props": self.out[t][x]} for x in touched[t]] for t in (USER, ITEM)}
         writes = {
             "nodes": nodes,
             "edges": [{"u": u, "i": i, "w": e["on"], "rev": e["rev"]} for (u, i), e in self.changed.items()],
@@ -136,7 +145,8 @@ class _Incremental:
         }
         return {"changed_edges": len(self.changed), "changed_nodes": sum(map(len, self.scratch.values())),
                 "users": len(nodes[USER]), "items": len(nodes[ITEM]),
-                "nodes": len(nodes[USER]) + len(nodes[ITEM]), "writes": writes}
+                "nodes": len(nodes[USER]) + len(nodes[ITEM]),
+                "embeddings": sum("embedding" in n["props"] for t in nodes for n in nodes[t]), "writes": writes}
 
     def _layer0(self) -> None:
         """New input vectors h_0 of changed or never-embedded items."""
@@ -154,8 +164,9 @@ class _Incremental:
         with torch.no_grad():
             h0 = self.lm.model.item_input(rows, **feats).numpy()
         for x, vec in zip(todo, h0):
-            self.new[0][ITEM][x] = vec
-            self.out[ITEM][x][h_key(0)] = vec.tolist()
+            if _moved(vec, self.old[0][ITEM].get(x)):
+                self.new[0][ITEM][x] = vec
+                self.out[ITEM][x][h_key(0)] = vec.tolist()
 
     def _item_meta(self, ids: list[str]) -> list[dict]:
         rows = store.node_state(self.s, ITEM, ids, ["category", "price", "title"])
@@ -208,6 +219,10 @@ class _Incremental:
         if size > self.cfg.full_share * max(self.total, 1):
             raise TooLarge(f"affected set {size} > {self.cfg.full_share:.0%} of {self.total} nodes")
 
+    def _out_key(self, layer: int) -> str:
+        """The stored output a layer's result is compared with: h_layer, or the embedding at the last."""
+        return "embedding" if layer == self.L else h_key(layer)
+
     def _start_sums(self, layer: int, targets: dict):
         """Stored a_layer and deg of the targets (zero for scratch or new nodes); loads their h_{layer-1}.
 
@@ -217,12 +232,13 @@ class _Incremental:
         zero, prev = np.zeros_like(self.u0), layer - 1
         for t in (USER, ITEM):
             with_h = prev >= first_h(t)
-            keys = [a_key(layer), DEG] + ([h_key(prev)] if with_h else [])
+            keys = [a_key(layer), DEG, self._out_key(layer)] + ([h_key(prev)] if with_h else [])
             rows = store.node_state(self.s, t, sorted(targets[t]), keys)
             a[t] = defaultdict(lambda z=zero: z.copy())
             deg[t] = defaultdict(float)
             known = self.old[prev][t]
-            for x, (vec, d, *h) in rows.items():
+            for x, (vec, d, out, *h) in rows.items():
+                self.stored_out[t][x] = out
                 if with_h and x not in known:
                     known[x] = None if h[0] is None else np.asarray(h[0], dtype=np.float64)
                 if x in self.scratch[t]:
@@ -250,12 +266,18 @@ class _Incremental:
                 h = model.combine(layer, t, torch.from_numpy(h_self), torch.from_numpy(mean))
                 emb = model.final(h).numpy() if layer == self.L else None
             h = h.numpy()
+            result = h if layer < self.L else emb
             for n, x in enumerate(ids):
                 props = self.out[t][x]
                 props[a_key(layer)] = sums[n].tolist()
                 props[DEG] = float(d[n])
+                if not _moved(result[n], self.stored_out[t].get(x)):
+                    continue
+                props[self._out_key(layer)] = result[n].tolist()
                 if layer < self.L:
-                    self.new[layer][t][x] = h[n]
-                    props[h_key(layer)] = h[n].tolist()
-                else:
-                    props["embedding"] = emb[n].tolist()
+                    self.new[layer][t][x] = result[n]
+
+
+def _moved(new: np.ndarray, stored) -> bool:
+    """True unless a stored vector exists and the new one is within EPS of it."""
+    return stored is None or float(np.max(np.abs(new - np.asarray(stored, dtype=np.float64)))) > EPS
