@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -22,6 +23,10 @@ def _fail(message: str) -> None:
 @click.group()
 def main():
     """Real-time GraphSAGE interest graph on Neo4j."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A tick still running when the next is due is skipped by design (max_instances=1): not news.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    logging.getLogger("neo4j").setLevel(logging.WARNING)
 
 
 @main.group()

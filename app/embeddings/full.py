@@ -41,7 +41,8 @@ def _fenced(tx, owner, write, *args):
     write(tx, *args)
 
 
-def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, owner: str | None = None) -> dict:
+def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, owner: str | None = None,
+               reason: str = "requested") -> dict:
     """Recompute and write every node's embedding and refresh state under `lm.version`."""
     started = time.monotonic()
     with driver.session(database=cfg.neo4j_database) as session:
@@ -65,7 +66,7 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
             session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         seen = [{"id": x, "at": snap.taken_at} for x in snap.user_ids]
         seen_items = [{"id": it["id"], "at": snap.taken_at} for it in snap.items]
-        run = {"mode": "full", "version": lm.version, "users": len(users), "items": len(items),
+        run = {"mode": "full", "reason": reason, "version": lm.version, "users": len(users), "items": len(items),
                "edges": len(edges), "seconds": round(time.monotonic() - started, 3),
                "export_s": round(t_export, 3), "inference_s": round(t_infer, 3), "finished_at": int(time.time() * 1000)}
 
@@ -74,5 +75,6 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
             store.mark_seen(tx, store.ITEM, seen_items)
             store.advance(tx, snap.taken_at, run, owner)
         session.execute_write(finish)
-    log.info("full recompute: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs", run)
+    log.info("full recompute (%(reason)s): %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs",
+             run)
     return run

@@ -64,10 +64,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
                 session.execute_write(lambda tx: _write(tx, lm.version, writes, now, run, owner))
                 log.info("incremental refresh: %(changed_edges)d edges, %(nodes)d nodes in %(seconds).3fs", run)
                 return run
-    log.info("full recompute (%s)", reason)
-    run = embed_full(driver, cfg, lm, progress=progress, owner=owner)
-    run["reason"] = reason
-    return run
+    return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason)
 
 
 def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | None) -> None:
