@@ -1,7 +1,7 @@
 """Ingest throughput in one run: bare-driver ceiling, REST via gunicorn, bulk loader (Online Retail twice).
 
 Run with the test server up: `make bench`, or
-`NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=~/.local/share/interest-graph-test
+`NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
 .venv/bin/python -m bench.bench_ingest`. It wipes that server's database.
 """
 from __future__ import annotations

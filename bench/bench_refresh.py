@@ -1,7 +1,7 @@
 """Incremental refresh against full recompute on Gowalla graphs of ~10k/100k/1M edges, and freshness under a stream.
 
 Run with the test server up: `make bench`, or
-`NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=~/.local/share/interest-graph-test
+`NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
 .venv/bin/python -m bench.bench_refresh`. It wipes that server's database.
 
 A graph of N edges is the first N distinct (user, item) pairs of Gowalla in user order (each
