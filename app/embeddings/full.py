@@ -59,10 +59,10 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
              for u, i, w, rev in zip(snap.edges_u, snap.edges_i, om, snap.rev)]
     with driver.session(database=cfg.neo4j_database) as session:
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
-            for chunk in tqdm(list(store._chunks(rows)), desc=f"write {ntype}s", disable=not progress):
+            for chunk in tqdm(list(store.chunks(rows)), desc=f"write {ntype}s", disable=not progress):
                 session.execute_write(lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
                                                                            lm.version))
-        for chunk in tqdm(list(store._chunks(edges, 20000)), desc="mark edges", disable=not progress):
+        for chunk in tqdm(list(store.chunks(edges, 20000)), desc="mark edges", disable=not progress):
             session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         seen = [{"id": x, "at": snap.taken_at} for x in snap.user_ids]
         seen_items = [{"id": it["id"], "at": snap.taken_at} for it in snap.items]

@@ -6,9 +6,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from app import cypher
+from app.embeddings.state import ITEM, USER
 
 BATCH = 2000
-USER, ITEM = "user", "item"
 _WRITE = {USER: cypher.WRITE_USERS, ITEM: cypher.WRITE_ITEMS}
 _SEEN = {USER: cypher.MARK_USERS_SEEN, ITEM: cypher.MARK_ITEMS_SEEN}
 _EDGES = {USER: cypher.USER_EDGES, ITEM: cypher.ITEM_EDGES}
@@ -39,7 +39,8 @@ class Rows(list):
         return f"<{len(self)} rows>"
 
 
-def _chunks(rows: list, size: int = BATCH):
+def chunks(rows: list, size: int = BATCH):
+    """Consecutive slices of `rows` as query parameter lists."""
     for start in range(0, len(rows), size):
         yield Rows(rows[start:start + size])
 
@@ -79,7 +80,7 @@ def export(session, progress=None) -> Snapshot:
 
 def write_nodes(tx, ntype: str, rows: list[dict], version: str) -> None:
     """Write `{id, props}` rows (embedding and refresh state) under model `version`."""
-    for chunk in _chunks(rows):
+    for chunk in chunks(rows):
         tx.run(_WRITE[ntype], rows=chunk, version=version).consume()
 
 
@@ -89,13 +90,13 @@ def mark_edges(tx, rows: list[dict]) -> None:
     for r in rows:
         by_user[r["u"]][r["i"]] = [r["w"], r["rev"]]
     users = [{"u": u, "m": m} for u, m in by_user.items()]
-    for chunk in _chunks(users, 1000):
+    for chunk in chunks(users, 1000):
         tx.run(cypher.MARK_EDGES, rows=chunk).consume()
 
 
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
     """Record that node changes up to `at` are reflected in the stored state."""
-    for chunk in _chunks(rows, 5000):
+    for chunk in chunks(rows, 5000):
         tx.run(_SEEN[ntype], rows=chunk).consume()
 
 
@@ -142,7 +143,7 @@ def oldest_pending(session, since: int) -> int | None:
 def incident_edges(session, ntype: str, ids: list[str]) -> list[dict]:
     """All edges of the given users or items: dicts {u, i, ig_w}."""
     out = []
-    for chunk in _chunks(ids, 5000):
+    for chunk in chunks(ids, 5000):
         for r in session.run(_EDGES[ntype], ids=chunk):
             own = r["id"]
             if ntype == USER:
@@ -155,7 +156,7 @@ def incident_edges(session, ntype: str, ids: list[str]) -> list[dict]:
 def node_state(session, ntype: str, ids: list[str], keys: list[str]) -> dict[str, list]:
     """Stored properties `keys` of the given nodes: id -> values (None where unset)."""
     out = {}
-    for chunk in _chunks(ids, 5000):
+    for chunk in chunks(ids, 5000):
         for r in session.run(_STATE[ntype], ids=chunk, keys=keys):
             out[r["id"]] = r["vals"]
     return out
