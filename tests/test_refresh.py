@@ -229,3 +229,12 @@ def test_admin_reindex_job_runs_and_survives_restart(trained, cfg, driver, base_
     assert state["recent_runs"][0]["mode"] == "full" and state["counts"]["users"] > 0
     missing = requests.get(f"{base_url}/admin/jobs/nope", headers=auth, timeout=10)
     assert missing.status_code == 404
+
+
+def test_cli_reindex_runs_the_job_when_no_worker_is_active(trained, cfg, driver):
+    _wait(lambda: _owner(driver, cfg) is None, timeout=30, step=0.2)  # earlier leases have lapsed
+    done = subprocess.run([sys.executable, "-m", "app", "reindex", "--full"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"state": "succeeded"' in done.stdout and '"mode": "full"' in done.stdout
+    shown = subprocess.run([sys.executable, "-m", "app", "status"], capture_output=True, text=True, check=True)
+    assert '"lag_seconds"' in shown.stdout and trained.version in shown.stdout
