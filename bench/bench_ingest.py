@@ -58,27 +58,33 @@ def ceiling(driver, database: str, events: list[dict], batch: int = 5000) -> flo
     return len(rows) / (time.perf_counter() - start)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free local TCP port for a server subprocess."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def wait_ready(url: str, tries: int = 120) -> None:
+    """Poll `url`/readyz until the service answers 200 (up to a minute)."""
+    for _ in range(tries):
+        try:
+            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+
+
 def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict]:
     """(b) `interest-graph serve` (gunicorn) as a subprocess, `clients` threads posting batches: events/s."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "IG_PORT": str(port)}
     server = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        wait_ready(url)
         batches = [events[j:j + batch] for j in range(0, len(events), batch)]
         totals = {"accepted": 0, "duplicates": 0}
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import requests
@@ -32,9 +31,9 @@ from app.embeddings.full import embed_full
 from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import decay, pipeline
-from bench.bench_ingest import _free_port, graph_counts, wipe
+from bench.bench_ingest import free_port, graph_counts, wait_ready, wipe
 
-DATA = Path("/work/shared/data/gowalla")
+DATA = ROOT.parent / "shared" / "data" / "gowalla"  # read in place, never copied
 DAY_MS = 86_400_000
 SETUP_USERS = "UNWIND $ids AS id CREATE (:User {id: id, changed_at: timestamp()})"
 SETUP_ITEMS = "UNWIND $ids AS id CREATE (:Item {id: id, changed_at: timestamp()})"
@@ -145,7 +144,7 @@ def measure_size(driver, cfg, pairs, rng) -> dict:
 
 def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, rng) -> dict:
     """Events through `serve` at `rate`/s with one `worker`; latency from POST reply to a visible embedding."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "IG_PORT": str(port), "IG_REFRESH_INTERVAL": str(interval)}
     worker_log = open(cfg.home / "bench_refresh_worker.log", "w")  # the worker's runs and failures
     procs = [subprocess.Popen([sys.executable, "-m", "app", cmd], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -154,13 +153,7 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
     url = f"http://127.0.0.1:{port}"
     source, samples, lock, done = test_pairs(), [], threading.Lock(), threading.Event()
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        wait_ready(url)
 
         def poll():
             with driver.session(database=cfg.neo4j_database) as s:
