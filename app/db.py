@@ -22,10 +22,3 @@ def get_driver(cfg: Config) -> Driver:
                 notifications_min_severity="OFF")
         return _drivers[key]
 
-
-def close_all() -> None:
-    """Close every driver (at process exit and in tests)."""
-    with _lock:
-        for driver in _drivers.values():
-            driver.close()
-        _drivers.clear()

@@ -12,6 +12,7 @@ from .config import ModelConfig
 from .evaluation import embedding_scorer, evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
+from .split import holdout
 from .train import train
 
 NUM_USERS, NUM_ITEMS = 29858, 40981
@@ -45,23 +46,6 @@ def load_split(data_dir):
     n_users = max(NUM_USERS, max(train) + 1, max(test) + 1)
     n_items = max(NUM_ITEMS, 1 + max(i for v in (*train.values(), *test.values()) for i in v))
     return to_csr(train, (n_users, n_items)), {u: set(v) for u, v in test.items()}, n_users, n_items
-
-
-def holdout(train_csr, fraction, seed):
-    """Split each user's training items into (fit_csr, validation dict); users keep >= 1 item."""
-    rng = np.random.default_rng(seed)
-    keep = np.ones(train_csr.nnz, dtype=bool)
-    val = {}
-    for u in range(train_csr.shape[0]):
-        lo, hi = train_csr.indptr[u], train_csr.indptr[u + 1]
-        n_val = int(round((hi - lo) * fraction)) if hi - lo > 1 else 0
-        if n_val:
-            pos = lo + rng.choice(hi - lo, size=n_val, replace=False)
-            keep[pos] = False
-            val[u] = set(int(i) for i in train_csr.indices[pos])
-    coo = train_csr.tocoo()
-    fit = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=train_csr.shape)
-    return fit, val
 
 
 def run_evaluation(data_dir, cfg=None, progress=True):

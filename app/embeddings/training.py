@@ -18,8 +18,8 @@ from app.embeddings.features import DAY_MS, item_features
 from app.embeddings.full import embed_full
 from graph_models import InterestSAGE, ModelConfig
 from graph_models.checkpoint import save_checkpoint
-from graph_models.gowalla import holdout
 from graph_models.graph import graph_from_csr
+from graph_models.split import holdout
 from graph_models.train import train
 
 log = logging.getLogger(__name__)
