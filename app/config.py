@@ -76,6 +76,8 @@ class Config:
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
+    propagate_edges: int = 50_000
+    propagate_seconds: float = 0.25
     refresh_margin_ms: int = 10_000
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
@@ -123,6 +125,8 @@ def load_config(**overrides) -> Config:
         id_hmac_key=_env(env, "IG_ID_HMAC_KEY"),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
+        propagate_edges=_env(env, "IG_PROPAGATE_EDGES", Config.propagate_edges, int),
+        propagate_seconds=_env(env, "IG_PROPAGATE_SECONDS", Config.propagate_seconds, float),
         refresh_margin_ms=_env(env, "IG_REFRESH_MARGIN_MS", Config.refresh_margin_ms, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),

@@ -55,6 +55,83 @@ WITH r, row.m[i.id] AS m WHERE m IS NOT NULL
 SET r.ig_w = m[0], r.ig_rev = m[1]
 """
 
+# An incremental run changes only the user side of an edge's weight at once; `ig_wi`, the weight the
+# items' last-layer sums still account for, keeps its oldest value until those sums catch up.
+MARK_EDGES_CHANGED = """
+UNWIND $rows AS row
+MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item)
+WITH r, row.m[i.id] AS m WHERE m IS NOT NULL
+SET r.ig_wi = coalesce(r.ig_wi, r.ig_w, 0.0)
+SET r.ig_w = m[0], r.ig_rev = m[1]
+"""
+
+# `_Pending` users: their items' last-layer sums still hold `ig_hs` (their old layer-(L-1) vector,
+# kept at its oldest value) and the edges' `ig_wi`. `_Pending` items: their embedding is due.
+MARK_USERS_PENDING = """
+UNWIND $rows AS row
+MATCH (n:User {id: row.id})
+SET n:_Pending, n.ig_hs = coalesce(n.ig_hs, row.hs)
+"""
+
+MARK_ITEMS_PENDING = """
+UNWIND $rows AS row
+MATCH (n:Item {id: row.id})
+SET n:_Pending, n.ig_scratch = coalesce(n.ig_scratch, false) OR row.scratch
+"""
+
+# Pending users in id order (so a long backlog is worked through, not sampled), with their degree.
+PENDING_USERS = """
+MATCH (u:User:_Pending)
+RETURN u.id AS id, COUNT { (u)-[:INTERACTED]->() } AS degree
+ORDER BY u.id LIMIT $limit
+"""
+
+PENDING_ITEMS = """
+MATCH (i:Item:_Pending)
+RETURN i.id AS id, coalesce(i.ig_scratch, false) AS scratch
+ORDER BY i.id LIMIT $limit
+"""
+
+# A user's edges with both sides' weights, its current layer-(L-1) vector and the one items hold.
+USER_SIDES = """
+UNWIND $ids AS id
+MATCH (u:User {id: id})
+RETURN id, u[$h] AS h, u.ig_hs AS hs,
+       [(u)-[r:INTERACTED]->(i:Item) | [i.id, coalesce(r.ig_w, 0.0), coalesce(r.ig_wi, r.ig_w, 0.0)]] AS edges
+"""
+
+# An item's edges with what its last-layer sum must hold from each user (rebuilt from scratch).
+ITEM_SIDES = """
+UNWIND $ids AS id
+MATCH (i:Item {id: id})
+RETURN id, [(u:User)-[r:INTERACTED]->(i) |
+            [u.id, coalesce(r.ig_w, 0.0), coalesce(r.ig_wi, r.ig_w, 0.0), u[$h], coalesce(u.ig_hs, u[$h])]] AS edges
+"""
+
+CLEAR_USERS_PENDING = """
+UNWIND $ids AS id
+MATCH (u:User {id: id})
+REMOVE u:_Pending, u.ig_hs
+WITH u
+MATCH (u)-[r:INTERACTED]->() WHERE r.ig_wi IS NOT NULL
+REMOVE r.ig_wi
+"""
+
+CLEAR_ITEMS_PENDING = "UNWIND $ids AS id MATCH (i:Item {id: id}) REMOVE i:_Pending, i.ig_scratch"
+
+# After a full recompute nothing is pending: every sum was rebuilt from the same snapshot.
+CLEAR_ALL_PENDING = """
+MATCH (n:_Pending)
+OPTIONAL MATCH (n)-[r:INTERACTED]->() WHERE r.ig_wi IS NOT NULL
+REMOVE n:_Pending, n.ig_hs, n.ig_scratch, r.ig_wi
+"""
+
+PENDING_COUNT = """
+CALL { MATCH (u:User:_Pending) RETURN count(u) AS users }
+CALL { MATCH (i:Item:_Pending) RETURN count(i) AS items }
+RETURN users, items
+"""
+
 MARK_USERS_SEEN = "UNWIND $rows AS row MATCH (n:User {id: row.id}) SET n.ig_seen = row.at"
 MARK_ITEMS_SEEN = "UNWIND $rows AS row MATCH (n:Item {id: row.id}) SET n.ig_seen = row.at"
 

@@ -65,7 +65,8 @@ class Worker:
             lm = models.current(self.driver, self.cfg)
             if lm is None:
                 return None
-            return refresh(self.driver, self.cfg, lm, owner=self.owner)
+            # Bounded: users' side of new events first; a large items' side drains over several ticks.
+            return refresh(self.driver, self.cfg, lm, owner=self.owner, budget_s=self.cfg.refresh_interval)
         except LeaseLost as exc:
             log.warning("%s", exc)
             self.active = False

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from app import jobs
 from app.config import load_config
 from app.embeddings import full, models, store
-from app.embeddings.refresh import refresh
+from app.embeddings.refresh import items_side, refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.status import status
@@ -80,13 +80,19 @@ op = st.one_of(
     st.tuples(st.just("item"), st.integers(0, 50), st.integers(0, 10**6)),
     st.tuples(st.just("delete"), st.integers(0, 70), st.integers(0, 10**6)),
     st.tuples(st.just("refresh"), st.just(0), st.just(0)),
+    st.tuples(st.just("users"), st.just(0), st.just(0)),
+    st.tuples(st.just("chunk"), st.integers(1, 12), st.just(0)),
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(op, min_size=1, max_size=6))
 def test_incremental_equals_full_recompute(trained, exact_cfg, driver, ops):
-    """New users and items, repeats, returns, metadata changes and deletions: still exact."""
+    """New users and items, repeats, returns, metadata changes and deletions: still exact.
+
+    Runs may do only the users' side (leaving the items' side pending across several runs) or a
+    single small chunk of the items' side, in any order, before the final draining run.
+    """
     for kind, n, seed in ops:
         rng = random.Random(seed)
         if kind == "events":  # ids beyond the seed graph are brand-new users and items
@@ -97,10 +103,31 @@ def test_incremental_equals_full_recompute(trained, exact_cfg, driver, ops):
                                           "price": rng.random() * 50}}])
         elif kind == "delete":
             writer.delete_user(driver, exact_cfg.neo4j_database, f"u{n}")
+        elif kind == "users":
+            refresh(driver, exact_cfg, trained, budget_s=0)
+        elif kind == "chunk":
+            items_side(driver, exact_cfg, trained, None, n)
         else:
             refresh(driver, exact_cfg, trained)
     run = refresh(driver, exact_cfg, trained)
     assert run["mode"] in ("incremental", "noop")
+    assert max_error(driver, exact_cfg, trained) < 1e-5
+
+
+def test_items_side_catches_up_after_several_users_side_runs(trained, exact_cfg, driver):
+    """A user changed twice before its items' side ran: the items still get exactly its latest vector."""
+    refresh(driver, exact_cfg, trained)
+    now = int(time.time() * 1000)
+    for k, item in enumerate(["i3", "i4", "i3"]):
+        pipeline.ingest(driver, exact_cfg, [{"event_id": f"twice-{now}-{k}", "user_id": "u5", "item_id": item,
+                                             "type": "cart", "ts": now}])
+        run = refresh(driver, exact_cfg, trained, budget_s=0)
+        assert run["mode"] == "incremental" and run["items_side"]["chunks"] == 0
+    with driver.session(database=exact_cfg.neo4j_database) as s:
+        assert store.pending_count(s)["users"] >= 1
+    assert max_error(driver, exact_cfg, trained) > 1e-5  # the items' side is still due
+    while items_side(driver, exact_cfg, trained, None, 1):  # then one user per chunk
+        pass
     assert max_error(driver, exact_cfg, trained) < 1e-5
 
 

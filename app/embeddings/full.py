@@ -73,6 +73,7 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
         def finish(tx):
             store.mark_seen(tx, store.USER, seen)
             store.mark_seen(tx, store.ITEM, seen_items)
+            store.clear_all_pending(tx)
             store.advance(tx, snap.taken_at, run, owner)
         session.execute_write(finish)
     log.info("full recompute (%(reason)s): %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs",

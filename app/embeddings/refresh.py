@@ -40,8 +40,39 @@ class TooLarge(Exception):
 
 
 def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: bool = False,
-            owner: str | None = None) -> dict:
-    """One refresh run: incremental when possible, full when asked, pending or cheaper."""
+            owner: str | None = None, budget_s: float | None = None) -> dict:
+    """A refresh: the users' side first, then the items' side until drained (or `budget_s` is spent).
+
+    The users' side (every changed user's embedding, all state but items' last layer) is one
+    transaction whose cost grows with the events; the items' side (items' last-layer sums and
+    embeddings: the fan-out of each changed user to all its items) follows in bounded chunks.
+    With a budget (the worker), new changes are taken between chunks, so users stay fresh while
+    a large items' side drains over several runs.
+    """
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    run = _users_side(driver, cfg, lm, full, progress, owner)
+    if run["mode"] == "full":
+        return run
+    side = {"chunks": 0, "users": 0, "items": 0, "seconds": 0.0}
+    edges = cfg.propagate_edges
+    while deadline is None or time.monotonic() < deadline:
+        chunk = items_side(driver, cfg, lm, owner, edges)
+        if chunk is None:
+            break
+        for k in side:
+            side[k] = round(side[k] + (1 if k == "chunks" else chunk[k]), 4)
+        if deadline is not None:
+            # Size the next chunk to about `propagate_seconds`, then catch up with new events.
+            rate = chunk["edges"] / max(chunk["seconds"], 1e-3)
+            edges = int(min(max(rate * cfg.propagate_seconds, 500), cfg.propagate_edges))
+            if _users_side(driver, cfg, lm, False, False, owner)["mode"] == "full":
+                break
+    run["items_side"] = side
+    return run
+
+
+def _users_side(driver, cfg: Config, lm: LoadedModel, full: bool, progress: bool, owner: str | None) -> dict:
+    """One run over the changes since the watermark: incremental when possible, else full."""
     with driver.session(database=cfg.neo4j_database) as session:
         state = store.refresh_state(session)
         reason = ("requested" if full else "interrupted full recompute" if state["full_pending"]
@@ -68,12 +99,80 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
 
 
 def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | None) -> None:
-    """Everything one incremental run changes, in its single transaction."""
+    """Everything one users'-side run changes, in its single transaction."""
     for ntype in (USER, ITEM):
         store.write_nodes(tx, ntype, writes["nodes"][ntype], version)
         store.mark_seen(tx, ntype, writes["seen"][ntype])
-    store.mark_edges(tx, writes["edges"])
+    store.mark_edges_changed(tx, writes["edges"])
+    store.mark_pending(tx, writes["pending"][USER], writes["pending"][ITEM])
     store.advance(tx, mark, run, owner)
+
+
+def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edges: int) -> dict | None:
+    """One chunk of the items' side: pending users' changes into their items' last-layer sums.
+
+    Item i's sum holds, per edge, `ig_wi * ig_hs[u]` (what it saw of u); the chunk adds
+    `ig_w * h[u] - ig_wi * ig_hs[u]` for the chunk's users, recomputes those items' embeddings
+    and clears the users' pending state, all in one transaction. None when nothing is pending.
+    """
+    started = time.monotonic()
+    L, prev = lm.mcfg.layers, lm.mcfg.layers - 1
+    hk = h_key(prev) if prev >= first_h(USER) else None  # users' h_0 is the shared input
+    with torch.no_grad():
+        u0 = lm.model.user_input(1)[0].numpy()
+
+    def arr(v):
+        return np.zeros_like(u0) if v is None else np.asarray(v, dtype=np.float64)
+
+    def vec(v):  # a user's layer-(L-1) vector
+        return u0 if hk is None else arr(v)
+
+    with driver.session(database=cfg.neo4j_database) as session:
+        users, items = store.pending(session, 5000, max_edges)
+        chosen, total = [], 0
+        for u in users:  # a prefix of about `max_edges` edges, at least one user
+            if chosen and total + u["degree"] > max_edges:
+                break
+            chosen.append(u["id"])
+            total += u["degree"]
+        if not (chosen or items):
+            return None
+        sides = store.sides(session, USER, chosen, hk)
+        scratch = sorted(x["id"] for x in items if x["scratch"])
+        targets = {x["id"] for x in items}.union(*({e[0] for e in r["edges"]} for r in sides.values()))
+        state = store.node_state(session, ITEM, sorted(targets), [a_key(L), DEG, h_key(prev)])
+        a = {x: arr(v[0]) for x, v in state.items()}
+        for x, r in store.sides(session, ITEM, scratch, hk).items():  # lost edges: rebuild the sum
+            a[x] = np.zeros_like(u0)
+            for uid, w, wi, h, hs in r["edges"]:
+                a[x] += w * vec(h) if uid in sides else wi * vec(hs)
+        done = set(scratch)
+        for r in sides.values():
+            h = vec(r["h"])
+            hs = h if r["hs"] is None else vec(r["hs"])
+            for i, w, wi in r["edges"]:
+                if i in a and i not in done:
+                    a[i] += w * h - wi * hs
+        ids = sorted(a)
+        if ids:
+            sums = np.stack([a[x] for x in ids])
+            d = np.array([float(state[x][1] or 0.0) for x in ids])
+            mean = np.where(d[:, None] > 0, sums / np.where(d > 0, d, 1.0)[:, None], 0.0)
+            h_self = np.stack([arr(state[x][2]) for x in ids])
+            with torch.no_grad():
+                h = lm.model.combine(L, ITEM, torch.from_numpy(h_self), torch.from_numpy(mean))
+                emb = lm.model.final(h).numpy()
+        rows = [{"id": x, "props": {a_key(L): sums[n].tolist(), "embedding": emb[n].tolist()}}
+                for n, x in enumerate(ids)]
+
+        def write(tx):
+            store.check_lease(tx, owner)
+            store.write_nodes(tx, ITEM, rows, lm.version)
+            store.clear_pending(tx, chosen, [x["id"] for x in items])
+        session.execute_write(write)
+    chunk = {"users": len(chosen), "items": len(ids), "edges": total, "seconds": round(time.monotonic() - started, 4)}
+    log.debug("items' side: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).3fs", chunk)
+    return chunk
 
 
 class _Incremental:
@@ -94,6 +193,7 @@ class _Incremental:
         self.old = [defaultdict(dict) for _ in range(self.L + 1)]
         self.new = [defaultdict(dict) for _ in range(self.L + 1)]
         self.stored_out = {USER: {}, ITEM: {}}  # id -> this layer's stored output, for the EPS test
+        self.sent = {}  # user id -> its stored h_{L-1} before this run (what items' sums still hold)
         self.out = {USER: defaultdict(dict), ITEM: defaultdict(dict)}  # id -> props to write
         self.total = None
 
@@ -135,10 +235,15 @@ class _Incremental:
             for t, ids in self._layer(layer, scratch_edges).items():
                 touched[t] |= ids
         nodes = {t: [{"id": x, "props": self.out[t][x]} for x in touched[t]] for t in (USER, ITEM)}
+        last_in = self.new[self.L - 1]  # nodes whose layer-(L-1) vector moved: their items' side is due
+        users = {u for u, _ in self.changed} | set(last_in[USER])
+        items = set(last_in[ITEM]) | self.scratch[ITEM]
         writes = {
             "nodes": nodes,
             "edges": [{"u": u, "i": i, "w": e["on"], "rev": e["rev"]} for (u, i), e in self.changed.items()],
             "seen": {t: [{"id": r["id"], "at": r["at"]} for r in self.seen[t]] for t in (USER, ITEM)},
+            "pending": {USER: [{"id": u, "hs": self.sent.get(u)} for u in sorted(users)],
+                        ITEM: [{"id": i, "scratch": i in self.scratch[ITEM]} for i in sorted(items)]},
         }
         return {"changed_edges": len(self.changed), "changed_nodes": sum(map(len, self.scratch.values())),
                 "users": len(nodes[USER]), "items": len(nodes[ITEM]),
@@ -170,11 +275,14 @@ class _Incremental:
         return [{"id": x, "category": v[0], "price": v[1], "title": v[2]} for x, v in rows.items()]
 
     def _layer(self, layer: int, scratch_edges: dict) -> dict[str, set]:
-        """Update a_layer by deltas (or from scratch), then recompute h_layer of every target."""
-        prev = layer - 1
+        """Update a_layer by deltas (or from scratch), then recompute h_layer of every target.
+
+        At the last layer only users are computed: items' last layer is the items' side.
+        """
+        prev, last = layer - 1, layer == self.L
         changed_prev = {t: set(self.new[prev][t]) for t in (USER, ITEM)}
         edges = {(e["u"], e["i"]): e for e in self.changed.values()}
-        for t in (USER, ITEM):
+        for t in (ITEM,) if last else (USER, ITEM):  # a user's h_{L-1} reaches only items' last layer
             for r in self._edges_of(t, changed_prev[t]):
                 edges.setdefault((r["u"], r["i"]), r)
         targets = {USER: {u for u, _ in self.changed} | changed_prev[USER] | self.scratch[USER],
@@ -182,17 +290,21 @@ class _Incremental:
         for u, i in edges:
             targets[USER].add(u)
             targets[ITEM].add(i)
+        if last:  # no item targets, but users' sums need the stored h_{L-1} of these items
+            targets[ITEM] = set()
+            self._fetch_h(prev, ITEM, {i for _, i in edges})
         self._check_size(targets)
         a, deg = self._start_sums(layer, targets)
         # old h_{l-1} of scratch neighbours outside the targets (edge endpoints are targets)
-        self._fetch_h(prev, USER, {e["u"] for e in scratch_edges[ITEM]} - targets[USER])
+        if not last:
+            self._fetch_h(prev, USER, {e["u"] for e in scratch_edges[ITEM]} - targets[USER])
         self._fetch_h(prev, ITEM, {e["i"] for e in scratch_edges[USER]} - targets[ITEM])
         for (u, i), e in edges.items():
             fresh_u, fresh_i = u in changed_prev[USER], i in changed_prev[ITEM]
             if not (fresh_u or fresh_i or (u, i) in self.changed):
                 continue
             on, oo = e["on"], e["oo"]
-            if i not in self.scratch[ITEM]:
+            if not last and i not in self.scratch[ITEM]:
                 a[ITEM][i] += on * self.h(prev, USER, u, True) - oo * self.h(prev, USER, u, False)
                 if layer == 1:
                     deg[ITEM][i] += on - oo
@@ -200,7 +312,7 @@ class _Incremental:
                 a[USER][u] += on * self.h(prev, ITEM, i, True) - oo * self.h(prev, ITEM, i, False)
                 if layer == 1:
                     deg[USER][u] += on - oo
-        for t in (USER, ITEM):
+        for t in (USER,) if last else (USER, ITEM):
             for e in scratch_edges[t]:  # scratch nodes: the sum over current edges
                 own, other = (e["u"], e["i"]) if t == USER else (e["i"], e["u"])
                 a[t][own] += e["on"] * self.h(prev, OTHER[t], other, True)
@@ -268,11 +380,14 @@ class _Incremental:
                 props = self.out[t][x]
                 props[a_key(layer)] = sums[n].tolist()
                 props[DEG] = float(d[n])
-                if not _moved(result[n], self.stored_out[t].get(x)):
+                stored = self.stored_out[t].get(x)
+                if not _moved(result[n], stored):
                     continue
                 props[self._out_key(layer)] = result[n].tolist()
                 if layer < self.L:
                     self.new[layer][t][x] = result[n]
+                if layer == self.L - 1 and t == USER:
+                    self.sent[x] = stored
 
 
 def _moved(new: np.ndarray, stored) -> bool:

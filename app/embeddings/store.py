@@ -94,6 +94,56 @@ def mark_edges(tx, rows: list[dict]) -> None:
         tx.run(cypher.MARK_EDGES, rows=chunk).consume()
 
 
+def mark_edges_changed(tx, rows: list[dict]) -> None:
+    """Like `mark_edges`, keeping the weight the items' last-layer sums still hold in `ig_wi`."""
+    by_user = defaultdict(dict)
+    for r in rows:
+        by_user[r["u"]][r["i"]] = [r["w"], r["rev"]]
+    for chunk in chunks([{"u": u, "m": m} for u, m in by_user.items()], 1000):
+        tx.run(cypher.MARK_EDGES_CHANGED, rows=chunk).consume()
+
+
+def mark_pending(tx, users: list[dict], items: list[dict]) -> None:
+    """Flag users (`{id, hs}`) and items (`{id, scratch}`) whose items' side is still due."""
+    for query, rows in ((cypher.MARK_USERS_PENDING, users), (cypher.MARK_ITEMS_PENDING, items)):
+        for chunk in chunks(rows, 5000):
+            tx.run(query, rows=chunk).consume()
+
+
+def pending(session, users: int, items: int) -> tuple[list[dict], list[dict]]:
+    """Up to `users` pending users ({id, degree}) and `items` pending items ({id, scratch}), by id."""
+    return ([dict(r) for r in session.run(cypher.PENDING_USERS, limit=users)],
+            [dict(r) for r in session.run(cypher.PENDING_ITEMS, limit=items)])
+
+
+def pending_count(session) -> dict:
+    """How many users and items still wait for the items' side of a refresh."""
+    return session.run(cypher.PENDING_COUNT).single().data()
+
+
+def sides(session, ntype: str, ids: list[str], h: str | None) -> dict[str, dict]:
+    """Per user (USER_SIDES) or item (ITEM_SIDES): both sides' edge weights and the layer vectors."""
+    query = cypher.USER_SIDES if ntype == USER else cypher.ITEM_SIDES
+    out = {}
+    for chunk in chunks(ids, 2000):
+        for r in session.run(query, ids=chunk, h=h):
+            out[r["id"]] = dict(r)
+    return out
+
+
+def clear_pending(tx, users: list[str], items: list[str]) -> None:
+    """The items' side of these users and these items' embeddings are now up to date."""
+    for chunk in chunks(users, 2000):
+        tx.run(cypher.CLEAR_USERS_PENDING, ids=chunk).consume()
+    for chunk in chunks(items, 5000):
+        tx.run(cypher.CLEAR_ITEMS_PENDING, ids=chunk).consume()
+
+
+def clear_all_pending(tx) -> None:
+    """After a full recompute: nothing is pending."""
+    tx.run(cypher.CLEAR_ALL_PENDING).consume()
+
+
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
     """Record that node changes up to `at` are reflected in the stored state."""
     for chunk in chunks(rows, 5000):
