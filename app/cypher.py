@@ -79,17 +79,18 @@ MATCH (n:Item {id: row.id})
 SET n:_Pending, n.ig_scratch = coalesce(n.ig_scratch, false) OR row.scratch
 """
 
-# Pending users in id order (so a long backlog is worked through, not sampled), with their degree.
+# Pending users in label-scan order (stable, so a long backlog is worked through, not sampled; no
+# sort, so a chunk's cost does not grow with the backlog), with their degree.
 PENDING_USERS = """
 MATCH (u:User:_Pending)
+WITH u LIMIT $limit
 RETURN u.id AS id, COUNT { (u)-[:INTERACTED]->() } AS degree
-ORDER BY u.id LIMIT $limit
 """
 
 PENDING_ITEMS = """
 MATCH (i:Item:_Pending)
+WITH i LIMIT $limit
 RETURN i.id AS id, coalesce(i.ig_scratch, false) AS scratch
-ORDER BY i.id LIMIT $limit
 """
 
 # A user's edges with both sides' weights, its current layer-(L-1) vector and the one items hold.

@@ -65,8 +65,10 @@ class Worker:
             lm = models.current(self.driver, self.cfg)
             if lm is None:
                 return None
-            # Bounded: users' side of new events first; a large items' side drains over several ticks.
-            return refresh(self.driver, self.cfg, lm, owner=self.owner, budget_s=self.cfg.refresh_interval)
+            # Keep working while changes keep coming (users' side of new events before every chunk of the
+            # items' side), for up to a few intervals: ending a tick early only adds an idle wait before the
+            # next one, and the bound lets queued admin jobs in.
+            return refresh(self.driver, self.cfg, lm, owner=self.owner, budget_s=5 * self.cfg.refresh_interval)
         except LeaseLost as exc:
             log.warning("%s", exc)
             self.active = False

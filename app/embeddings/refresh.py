@@ -21,7 +21,7 @@ from app.embeddings import store
 from app.embeddings.features import item_features, omega
 from app.embeddings.full import embed_full
 from app.embeddings.models import LoadedModel
-from app.embeddings.state import DEG, ITEM, USER, a_key, first_h, h_key
+from app.embeddings.state import DEG, ITEM, USER, a_key, first_h, h_key, pack, unpack
 
 log = logging.getLogger(__name__)
 OTHER = {USER: ITEM, ITEM: USER}
@@ -39,6 +39,9 @@ class TooLarge(Exception):
     """The affected set passed the configured share of the graph: a full recompute is cheaper."""
 
 
+_pace = {"edges_per_s": 4000.0}  # items' side throughput, updated after every chunk
+
+
 def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: bool = False,
             owner: str | None = None, budget_s: float | None = None) -> dict:
     """A refresh: the users' side first, then the items' side until drained (or `budget_s` is spent).
@@ -54,19 +57,19 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
     if run["mode"] == "full":
         return run
     side = {"chunks": 0, "users": 0, "items": 0, "seconds": 0.0}
-    edges = cfg.propagate_edges
     while deadline is None or time.monotonic() < deadline:
+        # With a budget, chunks of about `propagate_seconds` (at the rate measured so far in this
+        # process), each followed by the users' side of whatever arrived meanwhile.
+        edges = cfg.propagate_edges if deadline is None else int(
+            min(max(_pace["edges_per_s"] * cfg.propagate_seconds, 200), cfg.propagate_edges))
         chunk = items_side(driver, cfg, lm, owner, edges)
         if chunk is None:
             break
         for k in side:
             side[k] = round(side[k] + (1 if k == "chunks" else chunk[k]), 4)
-        if deadline is not None:
-            # Size the next chunk to about `propagate_seconds`, then catch up with new events.
-            rate = chunk["edges"] / max(chunk["seconds"], 1e-3)
-            edges = int(min(max(rate * cfg.propagate_seconds, 500), cfg.propagate_edges))
-            if _users_side(driver, cfg, lm, False, False, owner)["mode"] == "full":
-                break
+        _pace["edges_per_s"] = chunk["edges"] / max(chunk["seconds"], 1e-3)
+        if deadline is not None and _users_side(driver, cfg, lm, False, False, owner)["mode"] == "full":
+            break
     run["items_side"] = side
     return run
 
@@ -93,7 +96,8 @@ def _users_side(driver, cfg: Config, lm: LoadedModel, full: bool, progress: bool
                            finished_at=int(time.time() * 1000))
                 writes = run.pop("writes")
                 session.execute_write(lambda tx: _write(tx, lm.version, writes, now, run, owner))
-                log.info("incremental refresh: %(changed_edges)d edges, %(nodes)d nodes in %(seconds).3fs", run)
+                log.info("incremental refresh: %d edges, %d nodes in %.3fs (%.3fs with the write)", run["changed_edges"],
+                         run["nodes"], run["seconds"], time.monotonic() - started)
                 return run
     return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason)
 
@@ -122,13 +126,13 @@ def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edge
         u0 = lm.model.user_input(1)[0].numpy()
 
     def arr(v):
-        return np.zeros_like(u0) if v is None else np.asarray(v, dtype=np.float64)
+        return np.zeros_like(u0) if v is None else unpack(v)
 
     def vec(v):  # a user's layer-(L-1) vector
         return u0 if hk is None else arr(v)
 
     with driver.session(database=cfg.neo4j_database) as session:
-        users, items = store.pending(session, 5000, max_edges)
+        users, items = store.pending(session, min(max_edges, 5000), max_edges)
         chosen, total = [], 0
         for u in users:  # a prefix of about `max_edges` edges, at least one user
             if chosen and total + u["degree"] > max_edges:
@@ -162,7 +166,7 @@ def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edge
             with torch.no_grad():
                 h = lm.model.combine(L, ITEM, torch.from_numpy(h_self), torch.from_numpy(mean))
                 emb = lm.model.final(h).numpy()
-        rows = [{"id": x, "props": {a_key(L): sums[n].tolist(), "embedding": emb[n].tolist()}}
+        rows = [{"id": x, "props": {a_key(L): pack(sums[n]), "embedding": emb[n].tolist()}}
                 for n, x in enumerate(ids)]
 
         def write(tx):
@@ -171,7 +175,7 @@ def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edge
             store.clear_pending(tx, chosen, [x["id"] for x in items])
         session.execute_write(write)
     chunk = {"users": len(chosen), "items": len(ids), "edges": total, "seconds": round(time.monotonic() - started, 4)}
-    log.debug("items' side: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).3fs", chunk)
+    log.info("items' side: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).3fs", chunk)
     return chunk
 
 
@@ -194,6 +198,7 @@ class _Incremental:
         self.new = [defaultdict(dict) for _ in range(self.L + 1)]
         self.stored_out = {USER: {}, ITEM: {}}  # id -> this layer's stored output, for the EPS test
         self.sent = {}  # user id -> its stored h_{L-1} before this run (what items' sums still hold)
+        self.deg_old = {}  # item id -> stored deg, for items' layer 1 (see `_items_layer1`)
         self.out = {USER: defaultdict(dict), ITEM: defaultdict(dict)}  # id -> props to write
         self.total = None
 
@@ -205,7 +210,7 @@ class _Incremental:
         known = self.old[layer][ntype]
         missing = [x for x in ids if x not in known]
         for node_id, (vec,) in store.node_state(self.s, ntype, missing, [h_key(layer)]).items():
-            known[node_id] = None if vec is None else np.asarray(vec, dtype=np.float64)
+            known[node_id] = unpack(vec)
 
     def h(self, layer: int, ntype: str, node_id: str, fresh: bool) -> np.ndarray:
         """h_layer of a node: recomputed if `fresh` and it changed, else as stored (0 if unset)."""
@@ -242,7 +247,8 @@ class _Incremental:
             "nodes": nodes,
             "edges": [{"u": u, "i": i, "w": e["on"], "rev": e["rev"]} for (u, i), e in self.changed.items()],
             "seen": {t: [{"id": r["id"], "at": r["at"]} for r in self.seen[t]] for t in (USER, ITEM)},
-            "pending": {USER: [{"id": u, "hs": self.sent.get(u)} for u in sorted(users)],
+            "pending": {USER: [{"id": u, "hs": None if self.sent.get(u) is None else pack(self.sent[u])}
+                               for u in sorted(users)],
                         ITEM: [{"id": i, "scratch": i in self.scratch[ITEM]} for i in sorted(items)]},
         }
         return {"changed_edges": len(self.changed), "changed_nodes": sum(map(len, self.scratch.values())),
@@ -268,7 +274,7 @@ class _Incremental:
         for x, vec in zip(todo, h0):
             if _moved(vec, self.old[0][ITEM].get(x)):
                 self.new[0][ITEM][x] = vec
-                self.out[ITEM][x][h_key(0)] = vec.tolist()
+                self.out[ITEM][x][h_key(0)] = pack(vec)
 
     def _item_meta(self, ids: list[str]) -> list[dict]:
         rows = store.node_state(self.s, ITEM, ids, ["category", "price", "title"])
@@ -305,7 +311,8 @@ class _Incremental:
                 continue
             on, oo = e["on"], e["oo"]
             if not last and i not in self.scratch[ITEM]:
-                a[ITEM][i] += on * self.h(prev, USER, u, True) - oo * self.h(prev, USER, u, False)
+                if not self._shared_mean(layer, ITEM):
+                    a[ITEM][i] += on * self.h(prev, USER, u, True) - oo * self.h(prev, USER, u, False)
                 if layer == 1:
                     deg[ITEM][i] += on - oo
             if u not in self.scratch[USER]:
@@ -315,7 +322,8 @@ class _Incremental:
         for t in (USER,) if last else (USER, ITEM):
             for e in scratch_edges[t]:  # scratch nodes: the sum over current edges
                 own, other = (e["u"], e["i"]) if t == USER else (e["i"], e["u"])
-                a[t][own] += e["on"] * self.h(prev, OTHER[t], other, True)
+                if not self._shared_mean(layer, t):
+                    a[t][own] += e["on"] * self.h(prev, OTHER[t], other, True)
                 if layer == 1:
                     deg[t][own] += e["on"]
         self._recompute(layer, targets, a, deg)
@@ -328,37 +336,73 @@ class _Incremental:
         if size > self.cfg.full_share * max(self.total, 1):
             raise TooLarge(f"affected set {size} > {self.cfg.full_share:.0%} of {self.total} nodes")
 
+    def _shared_mean(self, layer: int, ntype: str) -> bool:
+        """Items' layer-1 mean in a deeper model: users share one input, so it is that input (deg > 0)."""
+        return layer == 1 and ntype == ITEM and self.L > 1
+
     def _out_key(self, layer: int) -> str:
         """The stored output a layer's result is compared with: h_layer, or the embedding at the last."""
         return "embedding" if layer == self.L else h_key(layer)
 
     def _start_sums(self, layer: int, targets: dict):
-        """Stored a_layer and deg of the targets (zero for scratch or new nodes); loads their h_{layer-1}.
+        """Stored a_layer and deg of the targets (zero for scratch or new nodes); loads their h_{layer-1}
+        and, below the last layer, their stored h_layer (for the EPS test).
 
         One read per node type: each target is looked up once per layer.
         """
         a, deg = {}, {}
         zero, prev = np.zeros_like(self.u0), layer - 1
+        self.stored_out = {USER: {}, ITEM: {}}
         for t in (USER, ITEM):
-            with_h = prev >= first_h(t)
-            keys = [a_key(layer), DEG, self._out_key(layer)] + ([h_key(prev)] if with_h else [])
+            shared = self._shared_mean(layer, t)
+            with_h = prev >= first_h(t) and not shared  # items' h_0 was loaded by `_layer0`
+            keys = [DEG] if shared else [DEG, a_key(layer)] + ([h_key(layer)] if layer < self.L else []) + (
+                [h_key(prev)] if with_h else [])
             rows = store.node_state(self.s, t, sorted(targets[t]), keys)
             a[t] = defaultdict(lambda z=zero: z.copy())
             deg[t] = defaultdict(float)
             known = self.old[prev][t]
-            for x, (vec, d, out, *h) in rows.items():
-                self.stored_out[t][x] = out
+            for x, vals in rows.items():
+                v = dict(zip(keys, vals))
+                if shared:
+                    self.deg_old[x] = float(v[DEG] or 0.0)
+                elif layer < self.L:
+                    self.stored_out[t][x] = unpack(v[h_key(layer)])
                 if with_h and x not in known:
-                    known[x] = None if h[0] is None else np.asarray(h[0], dtype=np.float64)
+                    known[x] = unpack(v[h_key(prev)])
                 if x in self.scratch[t]:
                     continue
-                if vec is not None:
-                    a[t][x] = np.asarray(vec, dtype=np.float64)
-                deg[t][x] = float(d or 0.0)
+                if not shared and v[a_key(layer)] is not None:
+                    a[t][x] = unpack(v[a_key(layer)])
+                deg[t][x] = float(v[DEG] or 0.0)
             for x in targets[t]:  # deg is final after layer 1: take what that layer computed
                 if DEG in self.out[t][x]:
                     deg[t][x] = self.out[t][x][DEG]
         return a, deg
+
+    def _items_layer1(self, ids: list[str], deg: dict) -> None:
+        """Items' layer 1 of a deeper model: h_1 = combine(h_0, u0 if deg > 0 else 0).
+
+        So h_1 moves only with h_0 or when deg crosses zero; every other item just gets its new deg,
+        without reading or writing a vector (and no layer-1 sum is kept for items).
+        """
+        todo = []
+        for x in ids:
+            self.out[ITEM][x][DEG] = float(deg[x])
+            if x in self.new[0][ITEM] or x in self.scratch[ITEM] or (self.deg_old.get(x, 0.0) > 0) != (deg[x] > 0):
+                todo.append(x)
+        if not todo:
+            return
+        stored = store.node_state(self.s, ITEM, todo, [h_key(1)])
+        d = np.array([deg[x] for x in todo])
+        mean = np.where(d[:, None] > 0, self.u0[None, :], 0.0)
+        h_self = np.stack([self.h(0, ITEM, x, True) for x in todo])
+        with torch.no_grad():
+            h = self.lm.model.combine(1, ITEM, torch.from_numpy(h_self), torch.from_numpy(mean)).numpy()
+        for n, x in enumerate(todo):
+            if _moved(h[n], unpack(stored.get(x, [None])[0])):
+                self.out[ITEM][x][h_key(1)] = pack(h[n])
+                self.new[1][ITEM][x] = h[n]
 
     def _recompute(self, layer: int, targets: dict, a: dict, deg: dict) -> None:
         """h_layer = combine(h_{layer-1}, a/deg) for every target; the embedding at the last layer."""
@@ -366,6 +410,9 @@ class _Incremental:
         for t in (USER, ITEM):
             ids = sorted(targets[t])
             if not ids:
+                continue
+            if self._shared_mean(layer, t):
+                self._items_layer1(ids, deg[t])
                 continue
             sums = np.stack([a[t][x] for x in ids])
             d = np.array([deg[t][x] for x in ids], dtype=np.float64)
@@ -378,12 +425,12 @@ class _Incremental:
             result = h if layer < self.L else emb
             for n, x in enumerate(ids):
                 props = self.out[t][x]
-                props[a_key(layer)] = sums[n].tolist()
+                props[a_key(layer)] = pack(sums[n])
                 props[DEG] = float(d[n])
                 stored = self.stored_out[t].get(x)
                 if not _moved(result[n], stored):
                     continue
-                props[self._out_key(layer)] = result[n].tolist()
+                props[self._out_key(layer)] = result[n].tolist() if layer == self.L else pack(result[n])
                 if layer < self.L:
                     self.new[layer][t][x] = result[n]
                 if layer == self.L - 1 and t == USER:
@@ -392,4 +439,4 @@ class _Incremental:
 
 def _moved(new: np.ndarray, stored) -> bool:
     """True unless a stored vector exists and the new one is within EPS of it."""
-    return stored is None or float(np.max(np.abs(new - np.asarray(stored, dtype=np.float64)))) > EPS
+    return stored is None or float(np.max(np.abs(new - stored))) > EPS
