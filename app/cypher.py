@@ -57,12 +57,14 @@ SET r.ig_w = m[0], r.ig_rev = m[1]
 
 # An incremental run changes only the user side of an edge's weight at once; `ig_wi`, the weight the
 # items' last-layer sums still account for, keeps its oldest value until those sums catch up.
+# Edges are found by the element id the change query returned (a run changes few edges of a user, so
+# expanding all of a heavy user's edges cost more), checked against both ids in case of reuse.
 MARK_EDGES_CHANGED = """
 UNWIND $rows AS row
-MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item)
-WITH r, row.m[i.id] AS m WHERE m IS NOT NULL
+MATCH ()-[r:INTERACTED]->() WHERE elementId(r) = row.e
+WITH r, row WHERE startNode(r).id = row.u AND endNode(r).id = row.i
 SET r.ig_wi = coalesce(r.ig_wi, r.ig_w, 0.0)
-SET r.ig_w = m[0], r.ig_rev = m[1]
+SET r.ig_w = row.w, r.ig_rev = row.rev
 """
 
 # `_Pending` users: their items' last-layer sums still hold `ig_hs` (their old layer-(L-1) vector,
@@ -156,7 +158,7 @@ RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trai
 CHANGED_EDGES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
 WHERE r.changed_at >= $since AND coalesce(r.ig_rev, -1) < r.rev
-RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev, r.ig_w AS ig_w, r.changed_at AS at
+RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev, r.ig_w AS ig_w, r.changed_at AS at, elementId(r) AS e
 """
 
 CHANGED_USERS = """
@@ -215,8 +217,9 @@ CALL { MATCH (i:Item) RETURN count(i) AS items }
 RETURN users, items
 """
 
+# A read: before the first run there is no node, hence no watermark, hence a full recompute.
 REFRESH_STATE = """
-MERGE (s:_Refresh {key: 'main'})
+OPTIONAL MATCH (s:_Refresh {key: 'main'})
 RETURN s.watermark AS watermark, coalesce(s.full_pending, false) AS full_pending, s.last_run AS last_run
 """
 

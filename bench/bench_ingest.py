@@ -23,7 +23,7 @@ from app.ingest import loaders
 
 CEILING = ("UNWIND $rows AS r MERGE (u:User {id:r.u}) MERGE (i:Item {id:r.i}) "
            "MERGE (u)-[e:INTERACTED]->(i) SET e.w = coalesce(e.w,0) + r.w")
-WIPE = "MATCH (n) WHERE NOT n:_Migration CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
+WIPE = "MATCH (n) WHERE NOT n:_Migration CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 1000 ROWS"
 GRAPH = ("MATCH (u:User) WITH count(u) AS users MATCH (i:Item) WITH users, count(i) AS items "
          "MATCH ()-[r:INTERACTED]->() RETURN users, items, count(r) AS edges")
 T0 = 1_600_000_000_000

@@ -6,6 +6,10 @@ its own layer vectors h_l (see `state`). A changed edge (u, i) or node x then ch
 edges of the nodes whose vectors changed, not the whole L-hop neighbourhood of every affected
 node (the idea of InkStream and Ripple). Everything is float64, so the result equals a full
 recompute to ~1e-12.
+
+A refresh has two sides (docs/architecture.md): the users' side (`_Incremental`, one transaction)
+and the items' last layer (`items_side`, bounded chunks), which is each changed user's fan-out to
+all its items.
 """
 from __future__ import annotations
 
@@ -245,7 +249,7 @@ class _Incremental:
         items = set(last_in[ITEM]) | self.scratch[ITEM]
         writes = {
             "nodes": nodes,
-            "edges": [{"u": u, "i": i, "w": e["on"], "rev": e["rev"]} for (u, i), e in self.changed.items()],
+            "edges": [{"e": e["e"], "u": u, "i": i, "w": e["on"], "rev": e["rev"]} for (u, i), e in self.changed.items()],
             "seen": {t: [{"id": r["id"], "at": r["at"]} for r in self.seen[t]] for t in (USER, ITEM)},
             "pending": {USER: [{"id": u, "hs": None if self.sent.get(u) is None else pack(self.sent[u])}
                                for u in sorted(users)],

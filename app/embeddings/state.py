@@ -1,7 +1,8 @@
 """Names and packing of the per-node refresh state stored next to each embedding.
 
 For an L-layer model a node keeps its layer inputs h_0..h_{L-1} (h_0 only for items: users share
-one learned input), its neighbour sums a_1..a_L and its weight sum deg. With these, a change is
+one learned input), its neighbour sums a_1..a_L (items no a_1 when L > 1: it is deg times that
+shared input) and its weight sum deg. With these, a change is
 applied as deltas to the sums instead of re-reading whole neighbourhoods.
 
 Vectors of the state are stored as little-endian float64 bytes, not as float lists: Neo4j reads a

@@ -95,11 +95,9 @@ def mark_edges(tx, rows: list[dict]) -> None:
 
 
 def mark_edges_changed(tx, rows: list[dict]) -> None:
-    """Like `mark_edges`, keeping the weight the items' last-layer sums still hold in `ig_wi`."""
-    by_user = defaultdict(dict)
-    for r in rows:
-        by_user[r["u"]][r["i"]] = [r["w"], r["rev"]]
-    for chunk in chunks([{"u": u, "m": m} for u, m in by_user.items()], 1000):
+    """Like `mark_edges` for changed edges (`{e, u, i, w, rev}`), keeping in `ig_wi` the weight the
+    items' last-layer sums still hold."""
+    for chunk in chunks(rows, 5000):
         tx.run(cypher.MARK_EDGES_CHANGED, rows=chunk).consume()
 
 
@@ -152,7 +150,7 @@ def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
 
 def refresh_state(session) -> dict:
     """The refresh watermark (epoch ms, None before the first run), full_pending flag and last run."""
-    return session.execute_write(lambda tx: dict(tx.run(cypher.REFRESH_STATE).single()))
+    return session.execute_read(lambda tx: dict(tx.run(cypher.REFRESH_STATE).single()))
 
 
 def set_full_pending(session, pending: bool) -> None:
