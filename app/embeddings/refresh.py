@@ -107,8 +107,12 @@ def _users_side(driver, cfg: Config, lm: LoadedModel, full: bool, progress: bool
 
 
 def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | None) -> None:
-    """Everything one users'-side run changes, in its single transaction."""
-    for ntype in (USER, ITEM):
+    """Everything one users'-side run changes, in its single transaction.
+
+    Locks are taken in the ingest path's order (items by id, then users by id, then edges), so a run
+    and concurrent ingest queue instead of deadlocking (a deadlock costs a retry after ~1 s).
+    """
+    for ntype in (ITEM, USER):
         store.write_nodes(tx, ntype, writes["nodes"][ntype], version)
         store.mark_seen(tx, ntype, writes["seen"][ntype])
     store.mark_edges_changed(tx, writes["edges"])
@@ -243,7 +247,7 @@ class _Incremental:
         for layer in range(1, self.L + 1):
             for t, ids in self._layer(layer, scratch_edges).items():
                 touched[t] |= ids
-        nodes = {t: [{"id": x, "props": self.out[t][x]} for x in touched[t]] for t in (USER, ITEM)}
+        nodes = {t: [{"id": x, "props": self.out[t][x]} for x in sorted(touched[t])] for t in (USER, ITEM)}
         last_in = self.new[self.L - 1]  # nodes whose layer-(L-1) vector moved: their items' side is due
         users = {u for u, _ in self.changed} | set(last_in[USER])
         items = set(last_in[ITEM]) | self.scratch[ITEM]

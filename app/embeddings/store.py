@@ -130,11 +130,14 @@ def sides(session, ntype: str, ids: list[str], h: str | None) -> dict[str, dict]
 
 
 def clear_pending(tx, users: list[str], items: list[str]) -> None:
-    """The items' side of these users and these items' embeddings are now up to date."""
-    for chunk in chunks(users, 2000):
-        tx.run(cypher.CLEAR_USERS_PENDING, ids=chunk).consume()
-    for chunk in chunks(items, 5000):
+    """The items' side of these users and these items' embeddings are now up to date.
+
+    Items, then users, each by id: the lock order of the ingest path.
+    """
+    for chunk in chunks(sorted(items), 5000):
         tx.run(cypher.CLEAR_ITEMS_PENDING, ids=chunk).consume()
+    for chunk in chunks(sorted(users), 2000):
+        tx.run(cypher.CLEAR_USERS_PENDING, ids=chunk).consume()
 
 
 def clear_all_pending(tx) -> None:
