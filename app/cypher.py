@@ -157,6 +157,45 @@ RETURN count(s) AS updated
 """
 
 # --- ingest -----------------------------------------------------------------
+# Which of the given event ids are already claimed (a plain index seek, no locks).
+INGEST_EXISTING_EVENTS = """
+UNWIND $ids AS id
+MATCH (ev:Event {id: id})
+RETURN collect(id) AS existing
+"""
+
+# One statement per transaction: claim the new event ids, add them to edges, bump a counter shard.
+# CREATE (not MERGE) because the ids were just checked absent; a concurrent writer that claimed
+# one meanwhile makes the unique constraint fail the whole transaction, which is then re-run.
+# Locks are taken in one global order, events (sorted), items (sorted), users (rows sorted),
+# counter shard, so concurrent batches queue instead of deadlocking and backing off.
+# An Event keeps only its id: nothing that leads back to a user, and the cheapest node to write.
+# Rows are pre-aggregated per (user, item) in Python; min/max and sums keep it order independent.
+INGEST_WRITE = """
+UNWIND $new AS id
+CREATE (:Event {id: id})
+WITH count(*) AS claimed
+UNWIND $items AS id
+MERGE (i:Item {id: id}) ON CREATE SET i.changed_at = timestamp()
+SET i._lock = true
+REMOVE i._lock
+WITH count(*) AS locked
+UNWIND $rows AS row
+MATCH (i:Item {id: row.i})
+MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp()
+MERGE (u)-[r:INTERACTED]->(i)
+SET r.w = coalesce(r.w, 0.0) + row.w,
+    r.qty = coalesce(r.qty, 0.0) + row.qty,
+    r.first_ts = CASE WHEN r.first_ts <= row.first THEN r.first_ts ELSE row.first END,
+    r.last_ts = CASE WHEN r.last_ts >= row.last THEN r.last_ts ELSE row.last END,
+    r.changed_at = timestamp(),
+    r.rev = coalesce(r.rev, 0) + 1
+FOREACH (k IN keys(row.n) | SET r[k] = coalesce(r[k], 0) + row.n[k])
+WITH count(*) AS edges
+MERGE (s:_IngestStats {shard: $shard})
+FOREACH (k IN keys($counts) | SET s[k] = coalesce(s[k], 0) + $counts[k])
+"""
+
 # MERGE on the unique Event id locks the id, so a concurrent duplicate waits and then matches.
 # `_new` marks the events this transaction created; it is removed before commit, so an Event
 # keeps only its id (nothing that leads back to a user, and the cheapest node to write).
