@@ -126,6 +126,8 @@ def main() -> None:
     cfg = load_config()
     driver, db = get_driver(cfg), cfg.neo4j_database
     events = synthetic(args.events, seed=1)
+    # Other work on the machine moves every figure; the load average says how quiet the run was.
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
     results = {}
     if "ceiling" not in skip:
         wipe(driver, db)
@@ -150,6 +152,7 @@ def main() -> None:
         for part in ("rest", "bulk"):
             if part in results:
                 print(f"{part}/ceiling = {results[part] / results['ceiling']:.2f}")
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

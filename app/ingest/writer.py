@@ -10,8 +10,6 @@ from neo4j.exceptions import ConstraintError
 from app import cypher
 
 STATS_SHARDS = 16
-# A CREATE loses a race only to a writer that committed the same id; the re-run sees it as claimed.
-CLAIM_ATTEMPTS = 8
 
 
 def aggregate(events: list[dict]) -> list[dict]:
@@ -33,14 +31,24 @@ def aggregate(events: list[dict]) -> list[dict]:
     return rows
 
 
-def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
+def _claimed(tx, ids: list[str]) -> set[str]:
+    """The ids among `ids` already stored as Event nodes (committed by any transaction)."""
+    return set(tx.run(cypher.INGEST_EXISTING_EVENTS, ids=ids).single()["existing"]) if ids else set()
+
+
+def _write_tx(tx, parts: list[tuple[list[dict], dict]], locking: bool = False) -> list[int]:
     """One transaction for several batches: claim unseen ids, add them to edges, bump counters.
 
-    The first batch (then the first event) holding an id wins it. Everything happens inside `tx`,
-    so the whole function may be re-run after a lost race or a transient error.
+    The first batch (then the first event) holding an id wins it. Optimistic by default (check, then
+    CREATE); `locking` claims with MERGE instead, which waits for concurrent claimers and cannot fail.
+    Everything happens inside `tx`, so the driver may re-run it after a transient error.
     """
     ids = sorted({e["id"] for events, _ in parts for e in events})
-    claimed = set(tx.run(cypher.INGEST_EXISTING_EVENTS, ids=ids).single()["existing"]) if ids else set()
+    if locking:
+        created = set(tx.run(cypher.INGEST_CLAIM_EVENTS, ids=ids).single()["new"]) if ids else set()
+        claimed = set(ids) - created
+    else:
+        claimed = _claimed(tx, ids)
     new, accepted, totals = [], [], Counter()
     for events, counts in parts:
         mine = []
@@ -55,7 +63,7 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
     totals = {k: v for k, v in totals.items() if v}
     if new or totals:
         rows = aggregate(new)
-        tx.run(cypher.INGEST_WRITE, new=sorted(e["id"] for e in new), rows=rows,
+        tx.run(cypher.INGEST_WRITE, new=[] if locking else sorted(e["id"] for e in new), rows=rows,
                items=sorted({r["i"] for r in rows}), shard=random.randrange(STATS_SHARDS),
                counts=totals).consume()
     return accepted
@@ -64,12 +72,11 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
 def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]]) -> list[int]:
     """Commit several (events, counts) batches in one transaction; return how many of each were new."""
     with driver.session(database=database) as session:
-        for attempt in range(CLAIM_ATTEMPTS):
-            try:
-                return session.execute_write(_write_tx, parts)
-            except ConstraintError:
-                if attempt == CLAIM_ATTEMPTS - 1:
-                    raise
+        try:
+            return session.execute_write(_write_tx, parts)
+        except ConstraintError:
+            # A concurrent writer committed one of our ids after the check: claim under locks instead.
+            return session.execute_write(_write_tx, parts, True)
 
 
 def write_events(driver, database: str, events: list[dict], counts: dict) -> int:
