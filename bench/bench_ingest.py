@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from app import neo4j_local
 from app.config import ROOT, load_config
 from app.db import get_driver
 from app.ingest import loaders
@@ -36,6 +37,43 @@ def synthetic(n: int, seed: int, users: int = 20_000, items: int = 4_000, prefix
     return [{"event_id": f"{prefix}{seed}-{k}", "user_id": f"u{rng.randrange(users)}",
              "item_id": f"i{min(int(rng.paretovariate(1.2)) - 1, items - 1)}", "type": rng.choice(types),
              "ts": T0 + rng.randrange(10 ** 10), "quantity": 1} for k in range(n)]
+
+
+def server_cpu(cfg) -> float:
+    """CPU seconds used so far by the local Neo4j server (0 when it is not a local process)."""
+    try:
+        fields = open(f"/proc/{neo4j_local.status(cfg)['pid']}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def python_cpu(server: int | None = None) -> float:
+    """CPU seconds of this process, plus the `server` process and its children (gunicorn) if given."""
+    total = time.process_time()
+    for pid in os.listdir("/proc") if server else ():
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if pid.isdigit() and server in (int(pid), int(fields[1])):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def cpu_cost(cfg, run):
+    """Run `run()`; return its result and the CPU seconds spent by Neo4j and by Python meanwhile.
+
+    Wall-clock rates move with whatever else the machine runs; CPU per event moves much less.
+    """
+    neo, py = server_cpu(cfg), python_cpu()
+    result = run()
+    return result, server_cpu(cfg) - neo, python_cpu() - py
+
+
+def per_event(neo: float, py: float, events: int) -> str:
+    """CPU seconds as microseconds per event."""
+    return f"CPU/event: Neo4j {1e6 * neo / events:.0f} us, Python {1e6 * py / events:.0f} us"
 
 
 def wipe(driver, database: str) -> None:
@@ -76,8 +114,11 @@ def wait_ready(url: str, tries: int = 120) -> None:
         time.sleep(0.5)
 
 
-def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict]:
-    """(b) `interest-graph serve` (gunicorn) as a subprocess, `clients` threads posting batches: events/s."""
+def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict, float]:
+    """(b) `interest-graph serve` (gunicorn) as a subprocess, `clients` threads posting batches.
+
+    Returns events/s, the summed replies and the CPU seconds of the clients and the server (not its start-up).
+    """
     port = free_port()
     env = {**os.environ, "IG_PORT": str(port)}
     server = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, cwd=ROOT,
@@ -96,10 +137,10 @@ def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict]:
                     body = reply.json()
                     totals["accepted"] += body["accepted"]
                     totals["duplicates"] += body["duplicates"]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), python_cpu(server.pid)
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(worker, [batches[c::clients] for c in range(clients)]))
-        return len(events) / (time.perf_counter() - start), totals
+        return len(events) / (time.perf_counter() - start), totals, python_cpu(server.pid) - cpu
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -126,21 +167,27 @@ def main() -> None:
     cfg = load_config()
     driver, db = get_driver(cfg), cfg.neo4j_database
     events = synthetic(args.events, seed=1)
+    # Other work on the machine moves every figure; the load average says how quiet the run was.
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
     results = {}
     if "ceiling" not in skip:
         wipe(driver, db)
-        results["ceiling"] = ceiling(driver, db, events)
-        print(f"(a) ceiling, bare UNWIND MERGE, batches of 5,000: {results['ceiling']:,.0f} events/s", flush=True)
+        results["ceiling"], neo, py = cpu_cost(cfg, lambda: ceiling(driver, db, events))
+        print(f"(a) ceiling, bare UNWIND MERGE, batches of 5,000: {results['ceiling']:,.0f} events/s  "
+              f"{per_event(neo, py, len(events))}", flush=True)
     if "rest" not in skip:
         wipe(driver, db)
-        results["rest"], totals = rest(events, args.clients, args.batch)
+        (results["rest"], totals, py), neo, _ = cpu_cost(cfg, lambda: rest(events, args.clients, args.batch))
         print(f"(b) REST, gunicorn, {args.clients} clients x {args.batch:,}-event batches: "
-              f"{results['rest']:,.0f} events/s  {totals}", flush=True)
+              f"{results['rest']:,.0f} events/s  {per_event(neo, py, len(events))} (server and clients)  "
+              f"{totals}", flush=True)
     if "bulk" not in skip:
         wipe(driver, db)
-        results["bulk"], first = bulk(driver, cfg, args.data)
+        (results["bulk"], first), neo, py = cpu_cost(cfg, lambda: bulk(driver, cfg, args.data))
         graph = graph_counts(driver, db)
-        print(f"(c) bulk, Online Retail: {results['bulk']:,.0f} events/s  {first}  graph {graph}", flush=True)
+        print(f"(c) bulk, Online Retail: {results['bulk']:,.0f} events/s  "
+              f"{per_event(neo, py, first['rows'] - first.get('missing_user', 0))}  {first}  graph {graph}",
+              flush=True)
         rate2, second = bulk(driver, cfg, args.data)
         same = {k: v for k, v in first.items() if k not in ("accepted", "duplicates")} == \
             {k: v for k, v in second.items() if k not in ("accepted", "duplicates")} and \
@@ -150,6 +197,7 @@ def main() -> None:
         for part in ("rest", "bulk"):
             if part in results:
                 print(f"{part}/ceiling = {results[part] / results['ceiling']:.2f}")
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

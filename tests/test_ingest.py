@@ -17,7 +17,7 @@ from app import create_app
 from app.cli import main as cli
 from app.config import ROOT
 from app.ids import user_key
-from app.ingest import decay
+from app.ingest import decay, group, writer
 
 T0 = 1_600_000_000_000  # 2020-09-13, inside the decay range
 
@@ -339,3 +339,79 @@ def test_demo_loads_only_into_an_empty_graph(cfg, clean_db, base_url):
     post(base_url, [ev(1)])
     result = CliRunner().invoke(cli, ["load", "demo"], catch_exceptions=False)
     assert result.exit_code == 0 and "already loaded" in result.output
+
+
+# --- write path: lost claim races, group commit ------------------------------------
+
+def weighed(k, user=None, item=None, type="view"):
+    """A kept event in the form the writer stores (what `pipeline.weigh` returns)."""
+    return {"id": f"e{k}", "u": user or f"u{k % 5}", "i": item or f"i{k % 4}", "ts": T0 + k, "type": type,
+            "w": 1.0, "qty": 0.0}
+
+
+def test_concurrent_direct_writers_claim_each_event_once(cfg, clean_db):
+    # Separate transactions per call (no group writer): they race on CREATE and re-run on a lost claim.
+    events = [weighed(k) for k in range(400)]
+
+    def client(seed):
+        mine = random.Random(seed).sample(events, 300)
+        return [writer.write_events(clean_db, cfg.neo4j_database, mine[j:j + 50], {}) for j in range(0, 300, 50)]
+
+    with ThreadPoolExecutor(8) as pool:
+        accepted = [n for calls in pool.map(client, range(8)) for n in calls]
+    assert sum(accepted) == 400
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN count(e)") == 400
+    assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN sum(r.n_view)") == 400
+    stored = writer.read_stats(clean_db, cfg.neo4j_database)
+    assert (stored["accepted"], stored["duplicates"]) == (400, 8 * 300 - 400)
+
+
+def test_a_lost_claim_race_re_runs_the_transaction_under_locks(cfg, clean_db, monkeypatch):
+    writer.write_events(clean_db, cfg.neo4j_database, [weighed(1, "u", "i")], {})
+    calls = []
+
+    def stale(tx, ids):
+        # The check misses e1, as if its writer committed right after our read: CREATE then fails.
+        calls.append(ids)
+        return set()
+    monkeypatch.setattr(writer, "_claimed", stale)
+    assert writer.write_events(clean_db, cfg.neo4j_database, [weighed(1, "u", "i"), weighed(2, "u", "i")], {}) == 1
+    assert calls == [["e1", "e2"]]
+    assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN r.n_view") == 2
+    assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN r.rev") == 2
+    assert writer.read_stats(clean_db, cfg.neo4j_database)["duplicates"] == 1
+
+
+def test_batches_in_one_transaction_keep_their_own_counts(cfg, clean_db):
+    first, second = [weighed(k) for k in range(10)], [weighed(k) for k in range(5, 15)]
+    accepted = writer.write_batches(clean_db, cfg.neo4j_database,
+                                    [(first, {"duplicates": 2}), (second, {"rejected": 1}), ([], {"bot": 3})])
+    assert accepted == [10, 5, 0]  # the earlier batch wins the ids both hold
+    assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN sum(r.n_view)") == 15
+    assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN collect(DISTINCT r.rev)") == [1]
+    assert writer.read_stats(clean_db, cfg.neo4j_database) == {"accepted": 15, "duplicates": 7, "rejected": 1,
+                                                                "bot": 3}
+
+
+def test_group_writer_answers_each_caller_exactly(cfg, clean_db):
+    events = [weighed(k) for k in range(600)]
+    shared = group.GroupWriter(clean_db, cfg.neo4j_database)
+
+    def client(seed):
+        mine = random.Random(seed).sample(events, 450)
+        return [(len(mine[j:j + 30]), shared.write(mine[j:j + 30], {})) for j in range(0, 450, 30)]
+
+    with ThreadPoolExecutor(8) as pool:
+        calls = [c for batch in pool.map(client, range(8)) for c in batch]
+    assert sum(n for _, n in calls) == 600 and all(0 <= n <= size for size, n in calls)
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN count(e)") == 600
+    assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN sum(r.n_view)") == 600
+    stored = writer.read_stats(clean_db, cfg.neo4j_database)
+    assert (stored["accepted"], stored["duplicates"]) == (600, 8 * 450 - 600)
+
+
+def test_group_writer_reports_a_failed_transaction_to_its_callers(cfg, clean_db):
+    broken = group.GroupWriter(clean_db, "no-such-database")
+    with pytest.raises(Exception, match="(?i)database"):
+        broken.write([weighed(1)], {})
+    assert count(clean_db, cfg, "MATCH (n) WHERE NOT n:_Migration RETURN count(n)") == 0

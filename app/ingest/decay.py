@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 from app.config import Config
 
@@ -14,9 +15,15 @@ class DecayRangeError(ValueError):
     """The anchor and half-life put a timestamp outside the float64-safe range."""
 
 
+@lru_cache(maxsize=8)
+def _anchor_ms(anchor: str) -> int:
+    # Config parses the anchor text on every access; this runs twice per event, so parse it once.
+    return Config(decay_anchor=anchor).decay_anchor_ms
+
+
 def half_lives(cfg: Config, ts_ms: int) -> float:
     """How many half-lives `ts_ms` lies after the anchor (negative before it)."""
-    return (ts_ms - cfg.decay_anchor_ms) / (cfg.half_life_days * DAY_MS)
+    return (ts_ms - _anchor_ms(cfg.decay_anchor)) / (cfg.half_life_days * DAY_MS)
 
 
 def in_range(cfg: Config, ts_ms: int) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from app.config import Config
 from app.ids import user_keys
-from app.ingest import cleaning, decay, schema, writer
+from app.ingest import cleaning, decay, group, schema
 
 
 @dataclass
@@ -52,7 +52,7 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> 
     events = [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept]
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
-    report.accepted = writer.write_events(driver, cfg.neo4j_database, events, counts)
+    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts)
     report.duplicates += len(events) - report.accepted
     return report
 

@@ -5,6 +5,8 @@ import math
 import random
 from collections import Counter, defaultdict
 
+from neo4j.exceptions import ConstraintError
+
 from app import cypher
 
 STATS_SHARDS = 16
@@ -29,29 +31,57 @@ def aggregate(events: list[dict]) -> list[dict]:
     return rows
 
 
-def _write_tx(tx, events: list[dict], counts: dict) -> int:
-    """One transaction: claim event ids, add only the new ones to edges, bump counters.
+def _claimed(tx, ids: list[str]) -> set[str]:
+    """The ids among `ids` already stored as Event nodes (committed by any transaction)."""
+    return set(tx.run(cypher.INGEST_EXISTING_EVENTS, ids=ids).single()["existing"]) if ids else set()
 
-    Everything it does happens inside `tx`, so the driver may re-run it after a deadlock.
+
+def _write_tx(tx, parts: list[tuple[list[dict], dict]], locking: bool = False) -> list[int]:
+    """One transaction for several batches: claim unseen ids, add them to edges, bump counters.
+
+    The first batch (then the first event) holding an id wins it. Optimistic by default (check, then
+    CREATE); `locking` claims with MERGE instead, which waits for concurrent claimers and cannot fail.
+    Everything happens inside `tx`, so the driver may re-run it after a transient error.
     """
-    new_ids = set(tx.run(cypher.INGEST_MERGE_EVENTS, ids=[e["id"] for e in events]).single()["new"]) \
-        if events else set()
-    rows = aggregate([e for e in events if e["id"] in new_ids])
-    if rows:
-        tx.run(cypher.INGEST_UPSERT_EDGES, rows=rows, items=sorted({r["i"] for r in rows})).consume()
-    totals = {k: v for k, v in {**counts, "accepted": len(new_ids),
-                                "duplicates": counts.get("duplicates", 0) + len(events) - len(new_ids)}.items() if v}
-    if totals:
-        # Counters last: the shard lock is then held only while the transaction commits.
-        tx.run(cypher.INGEST_COUNT, shard=random.randrange(STATS_SHARDS), counts=totals).consume()
-    return len(new_ids)
+    ids = sorted({e["id"] for events, _ in parts for e in events})
+    if locking:
+        created = set(tx.run(cypher.INGEST_CLAIM_EVENTS, ids=ids).single()["new"]) if ids else set()
+        claimed = set(ids) - created
+    else:
+        claimed = _claimed(tx, ids)
+    new, accepted, totals = [], [], Counter()
+    for events, counts in parts:
+        mine = []
+        for e in events:
+            if e["id"] not in claimed:
+                claimed.add(e["id"])
+                mine.append(e)
+        new += mine
+        accepted.append(len(mine))
+        totals.update({**counts, "accepted": len(mine),
+                       "duplicates": counts.get("duplicates", 0) + len(events) - len(mine)})
+    totals = {k: v for k, v in totals.items() if v}
+    if new or totals:
+        rows = aggregate(new)
+        tx.run(cypher.INGEST_WRITE, new=[] if locking else sorted(e["id"] for e in new), rows=rows,
+               items=sorted({r["i"] for r in rows}), shard=random.randrange(STATS_SHARDS),
+               counts=totals).consume()
+    return accepted
+
+
+def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]]) -> list[int]:
+    """Commit several (events, counts) batches in one transaction; return how many of each were new."""
+    with driver.session(database=database) as session:
+        try:
+            return session.execute_write(_write_tx, parts)
+        except ConstraintError:
+            # A concurrent writer committed one of our ids after the check: claim under locks instead.
+            return session.execute_write(_write_tx, parts, True)
 
 
 def write_events(driver, database: str, events: list[dict], counts: dict) -> int:
-    """Commit events (sorted by id) and their counters; return how many were new."""
-    events = sorted(events, key=lambda e: e["id"])
-    with driver.session(database=database) as session:
-        return session.execute_write(_write_tx, events, counts)
+    """Commit events and their counters in their own transaction; return how many were new."""
+    return write_batches(driver, database, [(events, counts)])[0]
 
 
 def read_stats(driver, database: str) -> dict:
