@@ -77,7 +77,7 @@ class Config:
     refresh_interval: float = 1.0
     full_share: float = 0.5
     propagate_edges: int = 50_000
-    propagate_seconds: float = 0.25
+    propagate_seconds: float = 0.1
     refresh_margin_ms: int = 10_000
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0

@@ -35,14 +35,16 @@ from bench.bench_ingest import free_port, graph_counts, wait_ready, wipe
 
 DATA = ROOT.parent / "shared" / "data" / "gowalla"  # read in place, never copied
 DAY_MS = 86_400_000
-SETUP_USERS = "UNWIND $ids AS id CREATE (:User {id: id, changed_at: timestamp()})"
-SETUP_ITEMS = "UNWIND $ids AS id CREATE (:Item {id: id, changed_at: timestamp()})"
-# One `view` event per edge at `ts`, exactly as INGEST_UPSERT_EDGES would leave it.
+# The graph is history: written a day ago (`changed_at = $ts`), as if loaded then, so a run's change
+# query does not rescan the whole graph inside its commit-time margin right after the build.
+SETUP_USERS = "UNWIND $ids AS id CREATE (:User {id: id, changed_at: $ts})"
+SETUP_ITEMS = "UNWIND $ids AS id CREATE (:Item {id: id, changed_at: $ts})"
+# One `view` event per edge at `ts`, exactly as INGEST_WRITE would leave it then.
 SETUP_EDGES = """
 UNWIND $rows AS row
 MATCH (u:User {id: row[0]}) MATCH (i:Item {id: row[1]})
 CREATE (u)-[:INTERACTED {w: $w, qty: 0.0, first_ts: $ts, last_ts: $ts, n_view: 1,
-                         changed_at: timestamp(), rev: 1}]->(i)
+                         changed_at: $ts, rev: 1}]->(i)
 """
 # The sampled event's edge: its revision, the revision the stored state reflects, and whether the
 # user's items' side is still pending (their embeddings do not reflect the user's latest change).
@@ -86,7 +88,7 @@ def build(driver, cfg, pairs: list[tuple[str, str]], batch: int = 10_000) -> flo
     with driver.session(database=db) as s:
         for query, ids in ((SETUP_USERS, users), (SETUP_ITEMS, items)):
             for j in range(0, len(ids), batch):
-                s.execute_write(lambda tx, part=ids[j:j + batch]: tx.run(query, ids=part).consume())
+                s.execute_write(lambda tx, part=ids[j:j + batch]: tx.run(query, ids=part, ts=ts).consume())
         rows = [list(p) for p in pairs]
         for j in range(0, len(rows), batch):
             s.execute_write(lambda tx, part=rows[j:j + batch]: tx.run(SETUP_EDGES, rows=part, w=w, ts=ts).consume())

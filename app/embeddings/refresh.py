@@ -158,18 +158,17 @@ def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edge
             a[x] = np.zeros_like(u0)
             for uid, w, wi, h, hs in r["edges"]:
                 a[x] += w * vec(h) if uid in sides else wi * vec(hs)
-        done = set(scratch)
+        rebuilt = set(scratch)
         for r in sides.values():
             h = vec(r["h"])
             hs = h if r["hs"] is None else vec(r["hs"])
             for i, w, wi in r["edges"]:
-                if i in a and i not in done:
+                if i in a and i not in rebuilt:
                     a[i] += w * h - wi * hs
         ids = sorted(a)
         if ids:
             sums = np.stack([a[x] for x in ids])
-            d = np.array([float(state[x][1] or 0.0) for x in ids])
-            mean = np.where(d[:, None] > 0, sums / np.where(d > 0, d, 1.0)[:, None], 0.0)
+            mean = _mean(sums, np.array([float(state[x][1] or 0.0) for x in ids]))
             h_self = np.stack([arr(state[x][2]) for x in ids])
             with torch.no_grad():
                 h = lm.model.combine(L, ITEM, torch.from_numpy(h_self), torch.from_numpy(mean))
@@ -183,7 +182,7 @@ def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edge
             store.clear_pending(tx, chosen, [x["id"] for x in items])
         session.execute_write(write)
     chunk = {"users": len(chosen), "items": len(ids), "edges": total, "seconds": round(time.monotonic() - started, 4)}
-    log.info("items' side: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).3fs", chunk)
+    log.debug("items' side: %(users)d users, %(items)d items, %(edges)d edges in %(seconds).3fs", chunk)
     return chunk
 
 
@@ -424,7 +423,7 @@ class _Incremental:
                 continue
             sums = np.stack([a[t][x] for x in ids])
             d = np.array([deg[t][x] for x in ids], dtype=np.float64)
-            mean = np.where(d[:, None] > 0, sums / np.where(d > 0, d, 1.0)[:, None], 0.0)
+            mean = _mean(sums, d)
             h_self = np.stack([self.h(prev, t, x, True) for x in ids])
             with torch.no_grad():
                 h = model.combine(layer, t, torch.from_numpy(h_self), torch.from_numpy(mean))
@@ -443,6 +442,11 @@ class _Incremental:
                     self.new[layer][t][x] = result[n]
                 if layer == self.L - 1 and t == USER:
                     self.sent[x] = stored
+
+
+def _mean(sums: np.ndarray, deg: np.ndarray) -> np.ndarray:
+    """Weighted neighbour means, 0 where a node has no weight."""
+    return np.where(deg[:, None] > 0, sums / np.where(deg > 0, deg, 1.0)[:, None], 0.0)
 
 
 def _moved(new: np.ndarray, stored) -> bool:
