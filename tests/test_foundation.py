@@ -132,4 +132,4 @@ def test_metrics_endpoint(base_url):
     requests.get(f"{base_url}/healthz", timeout=5)
     body = requests.get(f"{base_url}/metrics", timeout=10).text
     assert 'ig_http_request_seconds_count{method="GET",route="/healthz",status="200"}' in body
-    assert "ig_refresh_lag_seconds" in body and "ig_nodes" in body
+    assert "ig_refresh_lag_seconds" in body and "ig_nodes" in body and "ig_items_side_pending" in body

@@ -123,11 +123,11 @@ def test_items_side_catches_up_after_several_users_side_runs(trained, exact_cfg,
                                              "type": "cart", "ts": now}])
         run = refresh(driver, exact_cfg, trained, budget_s=0)
         assert run["mode"] == "incremental" and run["items_side"]["chunks"] == 0
-    with driver.session(database=exact_cfg.neo4j_database) as s:
-        assert store.pending_count(s)["users"] >= 1
+    assert status(driver, exact_cfg)["items_side_pending"]["users"] >= 1
     assert max_error(driver, exact_cfg, trained) > 1e-5  # the items' side is still due
     while items_side(driver, exact_cfg, trained, None, 1):  # then one user per chunk
         pass
+    assert status(driver, exact_cfg)["items_side_pending"] == {"users": 0, "items": 0}
     assert max_error(driver, exact_cfg, trained) < 1e-5
 
 

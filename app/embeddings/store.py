@@ -109,7 +109,7 @@ def mark_pending(tx, users: list[dict], items: list[dict]) -> None:
 
 
 def pending(session, users: int, items: int) -> tuple[list[dict], list[dict]]:
-    """Up to `users` pending users ({id, degree}) and `items` pending items ({id, scratch}), by id."""
+    """Up to `users` pending users ({id, degree}) and `items` pending items ({id, scratch})."""
     return ([dict(r) for r in session.run(cypher.PENDING_USERS, limit=users)],
             [dict(r) for r in session.run(cypher.PENDING_ITEMS, limit=items)])
 
