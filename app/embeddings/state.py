@@ -43,7 +43,8 @@ def unpack(raw) -> np.ndarray | None:
     """A stored state vector as a writable float64 array (None if unset; float lists of earlier versions too)."""
     if raw is None:
         return None
-    return np.frombuffer(raw, dtype="<f8").copy() if isinstance(raw, bytes) else np.asarray(raw, dtype=np.float64)
+    return (np.frombuffer(raw, dtype="<f8").copy() if isinstance(raw, (bytes, bytearray))
+            else np.asarray(raw, dtype=np.float64))
 
 
 def node_props(out: dict, ntype: str, ids: list[str], layers: int) -> list[dict]:
