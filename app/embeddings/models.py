@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 import torch
 
@@ -21,6 +24,14 @@ class LoadedModel:
     mcfg: object
     ref_ms: int
     item_rows: dict[str, int]
+
+    @cached_property
+    def u0(self) -> np.ndarray:
+        """The users' shared layer-0 input (users have no parameters of their own)."""
+        with torch.no_grad():
+            u0 = self.model.user_input(1)[0].numpy().copy()
+        u0.flags.writeable = False  # shared by every run: never updated in place
+        return u0
 
     @property
     def buckets(self) -> tuple[int, int]:

@@ -130,8 +130,7 @@ def items_side(driver, cfg: Config, lm: LoadedModel, owner: str | None, max_edge
     started = time.monotonic()
     L, prev = lm.mcfg.layers, lm.mcfg.layers - 1
     hk = h_key(prev) if prev >= first_h(USER) else None  # users' h_0 is the shared input
-    with torch.no_grad():
-        u0 = lm.model.user_input(1)[0].numpy()
+    u0 = lm.u0
 
     def arr(v):
         return np.zeros_like(u0) if v is None else unpack(v)
@@ -198,8 +197,7 @@ class _Incremental:
         self.scratch = {USER: {u["id"] for u in users}, ITEM: {i["id"] for i in items}}
         self.seen = {USER: users, ITEM: items}
         self.changed_items = items
-        with torch.no_grad():
-            self.u0 = lm.model.user_input(1)[0].numpy()
+        self.u0 = lm.u0
         # old[l][t][id] = stored h_l; new[l][t][id] = recomputed h_l (the changed set D_l)
         self.old = [defaultdict(dict) for _ in range(self.L + 1)]
         self.new = [defaultdict(dict) for _ in range(self.L + 1)]
