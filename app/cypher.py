@@ -238,15 +238,10 @@ RETURN count(s) AS updated
 """
 
 # --- ingest -----------------------------------------------------------------
-# Which of the given event ids are already claimed (a plain index seek, no locks).
-INGEST_EXISTING_EVENTS = """
-UNWIND $ids AS id
-MATCH (ev:Event {id: id})
-RETURN collect(id) AS existing
-"""
-
-# The fallback after a lost race: MERGE locks each id, so a concurrent claimer waits, then matches.
-# `_new` marks the events this transaction created; it is removed before commit.
+# MERGE on the unique Event id locks the id, so a concurrent claimer waits, then matches.
+# `_new` marks the events this transaction created; it is removed before commit. (An optimistic
+# check-then-CREATE was ~25% cheaper but, under 8 racing writers, now and then hung for two minutes
+# before failing on the constraint; see docs/benchmarks.md.)
 INGEST_CLAIM_EVENTS = """
 UNWIND $ids AS id
 MERGE (ev:Event {id: id})
@@ -256,18 +251,12 @@ REMOVE ev._new
 RETURN collect(id) AS new
 """
 
-# One statement per transaction: claim the new event ids, add them to edges, bump a counter shard.
-# CREATE (not MERGE, ~25% cheaper) because the ids were just checked absent; a concurrent writer
-# that claimed one meanwhile makes the unique constraint fail the transaction, which is then re-run
-# with INGEST_CLAIM_EVENTS (and $new empty).
-# Locks are taken in one global order, events (sorted), items (sorted), users (rows sorted),
-# counter shard, so concurrent batches queue instead of deadlocking and backing off.
+# The rest of the transaction, one statement: add the new events to edges, bump a counter shard.
+# Locks are taken in one global order, events (sorted, by INGEST_CLAIM_EVENTS), items (sorted),
+# users (rows sorted), counter shard, so concurrent batches queue instead of deadlocking.
 # An Event keeps only its id: nothing that leads back to a user, and the cheapest node to write.
 # Rows are pre-aggregated per (user, item) in Python; min/max and sums keep it order independent.
 INGEST_WRITE = """
-UNWIND $new AS id
-CREATE (:Event {id: id})
-WITH count(*) AS claimed
 UNWIND $items AS id
 MERGE (i:Item {id: id}) ON CREATE SET i.changed_at = timestamp()
 SET i._lock = true

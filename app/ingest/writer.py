@@ -5,8 +5,6 @@ import math
 import random
 from collections import Counter, defaultdict
 
-from neo4j.exceptions import ConstraintError
-
 from app import cypher
 
 STATS_SHARDS = 16
@@ -31,24 +29,16 @@ def aggregate(events: list[dict]) -> list[dict]:
     return rows
 
 
-def _claimed(tx, ids: list[str]) -> set[str]:
-    """The ids among `ids` already stored as Event nodes (committed by any transaction)."""
-    return set(tx.run(cypher.INGEST_EXISTING_EVENTS, ids=ids).single()["existing"]) if ids else set()
-
-
-def _write_tx(tx, parts: list[tuple[list[dict], dict]], locking: bool = False) -> list[int]:
+def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
     """One transaction for several batches: claim unseen ids, add them to edges, bump counters.
 
-    The first batch (then the first event) holding an id wins it. Optimistic by default (check, then
-    CREATE); `locking` claims with MERGE instead, which waits for concurrent claimers and cannot fail.
-    Everything happens inside `tx`, so the driver may re-run it after a transient error.
+    The first batch (then the first event) holding an id wins it. Ids are claimed with MERGE, which
+    waits for a concurrent claimer and cannot fail. Everything happens inside `tx`, so the driver
+    may re-run it after a transient error.
     """
     ids = sorted({e["id"] for events, _ in parts for e in events})
-    if locking:
-        created = set(tx.run(cypher.INGEST_CLAIM_EVENTS, ids=ids).single()["new"]) if ids else set()
-        claimed = set(ids) - created
-    else:
-        claimed = _claimed(tx, ids)
+    created = set(tx.run(cypher.INGEST_CLAIM_EVENTS, ids=ids).single()["new"]) if ids else set()
+    claimed = set(ids) - created
     new, accepted, totals = [], [], Counter()
     for events, counts in parts:
         mine = []
@@ -63,8 +53,7 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]], locking: bool = False) -
     totals = {k: v for k, v in totals.items() if v}
     if new or totals:
         rows = aggregate(new)
-        tx.run(cypher.INGEST_WRITE, new=[] if locking else sorted(e["id"] for e in new), rows=rows,
-               items=sorted({r["i"] for r in rows}), shard=random.randrange(STATS_SHARDS),
+        tx.run(cypher.INGEST_WRITE, rows=rows, items=sorted({r["i"] for r in rows}), shard=random.randrange(STATS_SHARDS),
                counts=totals).consume()
     return accepted
 
@@ -72,11 +61,7 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]], locking: bool = False) -
 def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]]) -> list[int]:
     """Commit several (events, counts) batches in one transaction; return how many of each were new."""
     with driver.session(database=database) as session:
-        try:
-            return session.execute_write(_write_tx, parts)
-        except ConstraintError:
-            # A concurrent writer committed one of our ids after the check: claim under locks instead.
-            return session.execute_write(_write_tx, parts, True)
+        return session.execute_write(_write_tx, parts)
 
 
 def write_events(driver, database: str, events: list[dict], counts: dict) -> int:
