@@ -155,31 +155,35 @@ RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trai
 """
 
 # --- refresh: change detection and the L-hop pull ---------------------------
+# Each change query must seek its `changed_at` index: a scan makes every run O(graph). The planner
+# scans edges unless told (hint), and a second range-like predicate on the same property (`x <
+# n.changed_at`) makes it scan nodes and refuse the hint, hence the subtraction.
 CHANGED_EDGES = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item)
-WHERE r.changed_at >= $since AND coalesce(r.ig_rev, -1) < r.rev
+MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX r:INTERACTED(changed_at)
+WHERE r.changed_at >= $since AND r.rev - coalesce(r.ig_rev, -1) > 0
 RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev, r.ig_w AS ig_w, r.changed_at AS at, elementId(r) AS e
 """
 
 CHANGED_USERS = """
-MATCH (n:User) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+MATCH (n:User) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
 RETURN n.id AS id, n.changed_at AS at
 """
 
 CHANGED_ITEMS = """
-MATCH (n:Item) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+MATCH (n:Item) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
 RETURN n.id AS id, n.changed_at AS at, n.category AS category, n.price AS price, n.title AS title
 """
 
 OLDEST_PENDING = """
 CALL {
-  MATCH ()-[r:INTERACTED]->() WHERE r.changed_at >= $since AND coalesce(r.ig_rev, -1) < r.rev
+  MATCH ()-[r:INTERACTED]->() USING INDEX r:INTERACTED(changed_at)
+  WHERE r.changed_at >= $since AND r.rev - coalesce(r.ig_rev, -1) > 0
   RETURN min(r.changed_at) AS at
   UNION ALL
-  MATCH (n:User) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+  MATCH (n:User) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
   RETURN min(n.changed_at) AS at
   UNION ALL
-  MATCH (n:Item) WHERE n.changed_at >= $since AND coalesce(n.ig_seen, -1) < n.changed_at
+  MATCH (n:Item) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
   RETURN min(n.changed_at) AS at
 }
 RETURN min(at) AS oldest

@@ -17,6 +17,7 @@ from app.embeddings import models
 from app.embeddings.refresh import refresh
 from app.embeddings.store import LeaseLost
 from app.embeddings.training import train_and_publish
+from app.runtime import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Worker:
             scheduler.shutdown(wait=False)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        freeze_heap()
         log.info("worker %s started (interval %.1fs, retrain '%s')", self.owner,
                  self.cfg.refresh_interval, self.cfg.retrain_cron)
         try:

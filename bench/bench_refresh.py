@@ -54,6 +54,7 @@ MATCH (u:User {id: row.u})-[r:INTERACTED]->(:Item {id: row.i})
 RETURN row.k AS k, r.rev AS rev, r.ig_rev AS ig_rev, u:_Pending AS pending
 """
 RECENT_RUNS = "MATCH (s:_Refresh {key: 'main'}) RETURN s.recent AS recent"
+WORKER_ACTIVE = "OPTIONAL MATCH (s:_Refresh {key: 'main'}) RETURN coalesce(s.lease_until, 0) > timestamp() AS active"
 
 
 def gowalla_pairs() -> list[tuple[str, str]]:
@@ -163,6 +164,10 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
     source, samples, lock, done = test_pairs(), [], threading.Lock(), threading.Event()
     try:
         wait_ready(url)
+        with driver.session(database=cfg.neo4j_database) as s:  # steady state: the worker holds the lease
+            deadline = time.time() + 60
+            while not s.run(WORKER_ACTIVE).single()["active"] and time.time() < deadline:
+                time.sleep(0.1)
 
         def poll():
             with driver.session(database=cfg.neo4j_database) as s:

@@ -14,7 +14,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import jobs
+from app import cypher, jobs
 from app.config import load_config
 from app.embeddings import full, models, store
 from app.embeddings.refresh import items_side, refresh
@@ -143,6 +143,17 @@ def test_incremental_touches_only_the_affected_nodes(trained, exact_cfg, driver)
     assert has == trained.version  # the brand-new user is embedded without retraining
     assert run["nodes"] < total
     assert max_error(driver, exact_cfg, trained) < 1e-5
+
+
+@pytest.mark.parametrize("query", ["CHANGED_EDGES", "CHANGED_USERS", "CHANGED_ITEMS", "OLDEST_PENDING"])
+def test_change_queries_seek_the_changed_at_index(cfg, driver, query):
+    """A label or relationship scan here would make every run's cost grow with the graph."""
+    def leaves(op):
+        kids = op.get("children", [])
+        return [x for c in kids for x in leaves(c)] if kids else [op["operatorType"]]
+    with driver.session(database=cfg.neo4j_database) as s:
+        plan = s.run("EXPLAIN " + getattr(cypher, query), since=0).consume().plan
+    assert all("IndexSeek" in op for op in leaves(plan)), leaves(plan)
 
 
 def test_large_change_falls_back_to_full_with_reason(trained, cfg, driver):

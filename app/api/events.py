@@ -1,7 +1,6 @@
 """Ingest endpoints: events in, item metadata, user erasure, ingest counters."""
 from __future__ import annotations
 
-import gc
 import json
 
 from flask import Blueprint, request
@@ -11,6 +10,7 @@ from app.api import cfg, driver
 from app.errors import ApiError
 from app.ids import user_key
 from app.ingest import cleaning, decay, pipeline, schema, writer
+from app.runtime import freeze_heap
 
 bp = Blueprint("events", __name__)
 
@@ -24,11 +24,7 @@ def _check_config(state) -> None:
 @bp.record_once
 def _freeze_startup_objects(state) -> None:
     """Exempt the objects that exist once the app is built from garbage collection scans."""
-    # A 2,000-event request allocates tens of thousands of objects, which triggers full collections;
-    # each one walked the ~225,000 objects of the imported libraries (torch, dgl, pandas) and took
-    # about half the CPU of the ingest path. Frozen objects are skipped (they live as long as the app).
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
 
 
 def _batch() -> list:

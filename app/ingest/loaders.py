@@ -1,7 +1,6 @@
 """Bulk loaders: CSV files streamed in chunks through the same `pipeline.ingest` as the API."""
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 from collections import Counter
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from app.config import Config
 from app.ingest import pipeline, writer
+from app.runtime import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ def _ingest_batch(driver, cfg: Config, batch: Batch, upserted: dict) -> Counter:
 def load(driver, cfg: Config, batches: Iterable[Batch], workers: int = 2, label: str = "load") -> Counter:
     """Run batches through ingest with a few concurrent writers (results do not depend on order)."""
     totals, upserted = Counter(), {}
-    # A load allocates millions of short-lived objects; full collections would walk every object
-    # already imported (pandas, the driver) each time. Freezing those once halves the Python cost.
-    gc.collect()
-    gc.freeze()
+    freeze_heap()  # a load allocates millions of short-lived objects
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(unit=" rows", desc=label) as bar:
         pending = []
         for batch in batches:
