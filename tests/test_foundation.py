@@ -85,6 +85,16 @@ def test_password_generated_once_with_mode_0600(tmp_path, monkeypatch):
     assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
 
 
+def test_initial_password_may_start_with_a_dash(cfg, tmp_path):
+    """Generated passwords are URL-safe base64: one in 64 starts with '-', which neo4j-admin read as an option."""
+    local = load_config(neo4j_password="-x" + "a" * 10, home=tmp_path)
+    paths = {**neo4j_local._paths(local), "lib": neo4j_local._paths(cfg)["lib"]}  # the jars CI already has
+    paths["data"].mkdir(parents=True)
+    neo4j_local._write_conf(local, paths)
+    neo4j_local._set_initial_password(local, shutil.which("java"), paths)
+    assert (paths["data"] / "dbms" / "auth.ini").exists()
+
+
 def test_port_in_use_gives_clear_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

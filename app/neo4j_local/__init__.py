@@ -94,7 +94,7 @@ def _set_initial_password(cfg: Config, java: str, p: dict[str, Path]) -> None:
     if (p["data"] / "dbms" / "auth.ini").exists():
         return
     cmd = [java, "-cp", f"{p['lib']}/*", "org.neo4j.cli.AdminTool",
-           "dbms", "set-initial-password", cfg.neo4j_password]
+           "dbms", "set-initial-password", "--", cfg.neo4j_password]  # `--`: a generated password may start with '-'
     result = subprocess.run(cmd, env=_java_env(p), capture_output=True, text=True)
     if result.returncode != 0:
         raise Neo4jError(f"setting the initial password failed: {result.stderr[-1000:]}")
