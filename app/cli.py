@@ -70,7 +70,7 @@ def migrate(show_info: bool):
             for row in migrations.info(driver, cfg.neo4j_database):
                 click.echo(f"V{row['version']:03d}  {row['state']:8s} {row['file']}  {row['applied_at'] or ''}")
             return
-        applied = migrations.migrate(driver, cfg.neo4j_database, {"embed_dim": cfg.embed_dim})
+        applied = migrations.migrate(driver, cfg.neo4j_database, {"embed_dim": cfg.vector_dim})
     except migrations.MigrationError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - e.g. Neo4j down: one clear line
@@ -179,6 +179,10 @@ def train(epochs, if_missing):
     except ValueError as exc:
         _fail(str(exc))
     click.echo(json.dumps({k: v for k, v in result.items() if k != "embed"}, indent=2))
+    ours, pop = result["metrics"], result["popularity"]
+    if "recall@20" in ours:
+        click.echo(f"held-out Recall@20: {ours['recall@20']:.4f} (popularity {pop['recall@20']:.4f}) "
+                   f"on {ours['users']} users; TensorBoard logs: {result['runs']}")
 
 
 @main.command()
@@ -261,15 +265,38 @@ def evaluate():
 @click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
 def evaluate_gowalla(data_dir, epochs, out):
-    """Train on the LightGCN Gowalla split; full-ranking Recall@20/NDCG@20 vs popularity and ItemKNN."""
-    from graph_models import ModelConfig
+    """Train on the LightGCN Gowalla split; Recall/NDCG@20 of ours, tuned ItemKNN, GF-CF and popularity."""
     from graph_models.gowalla import run_evaluation
+    _evaluate(lambda mcfg, log_dir: run_evaluation(data_dir, mcfg, log_dir=log_dir), "gowalla", epochs, out)
+
+
+@evaluate.command("online-retail")
+@click.option("--path", default="../shared/data/online_retail/online_retail.csv.gz", show_default=True,
+              type=click.Path(exists=True, dir_okay=False))
+@click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+def evaluate_retail(path, epochs, out):
+    """Time-ordered split of UCI Online Retail (first 80% of time to train): ours against the baselines."""
+    from graph_models.retail import run_evaluation
+    _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out)
+
+
+def _evaluate(run, name: str, epochs: int | None, out: str | None) -> None:
+    """Run one evaluation with TensorBoard logs under IG_HOME/runs and print its table."""
+    from datetime import datetime, timezone
+
+    from graph_models import ModelConfig
     mcfg = ModelConfig()
     if epochs is not None:
         mcfg.epochs = epochs
-    report = run_evaluation(data_dir, mcfg)
-    summary = {k: v for k, v in report.items() if k != "history"}
-    click.echo(json.dumps(summary, indent=2))
+    log_dir = load_config().home / "runs" / f"eval-{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    click.echo(f"TensorBoard logs: {log_dir} (tensorboard --logdir {log_dir.parent})")
+    report = run(mcfg, str(log_dir))
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+    click.echo(f"\n{'model':<12} {'Recall@20':>10} {'NDCG@20':>10}")
+    for key in ("model", "gfcf", "itemknn", "popularity"):
+        if key in report:
+            click.echo(f"{key:<12} {report[key]['recall@20']:>10.4f} {report[key]['ndcg@20']:>10.4f}")
     if out:
         with open(out, "w") as fh:
             json.dump(report, fh, indent=2)

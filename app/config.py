@@ -59,8 +59,9 @@ class Config:
     neo4j_heap: str = "2g"
     neo4j_pagecache: str = "2g"
     # model
-    embed_dim: int = 64
-    layers: int = 2
+    embed_dim: int = 256
+    sharp_dim: int = 64
+    train_minutes: float = 5.0
     model_dir: Path | None = None
     # ingest
     batch_limit: int = 10_000
@@ -76,8 +77,6 @@ class Config:
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
-    propagate_edges: int = 50_000
-    propagate_seconds: float = 0.1
     refresh_margin_ms: int = 10_000
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
@@ -87,6 +86,11 @@ class Config:
         """The fixed decay anchor A as epoch milliseconds (edge weights are relative to it)."""
         from datetime import datetime
         return int(datetime.fromisoformat(self.decay_anchor.replace("Z", "+00:00")).timestamp() * 1000)
+
+    @property
+    def vector_dim(self) -> int:
+        """Length of stored embeddings: both spectral blocks plus the inner-product coordinate."""
+        return self.embed_dim + min(self.sharp_dim, self.embed_dim) + 1
 
     @property
     def models_path(self) -> Path:
@@ -113,7 +117,8 @@ def load_config(**overrides) -> Config:
         neo4j_heap=_env(env, "IG_NEO4J_HEAP", Config.neo4j_heap),
         neo4j_pagecache=_env(env, "IG_NEO4J_PAGECACHE", Config.neo4j_pagecache),
         embed_dim=_env(env, "IG_EMBED_DIM", Config.embed_dim, int),
-        layers=_env(env, "IG_LAYERS", Config.layers, int),
+        sharp_dim=_env(env, "IG_SHARP_DIM", Config.sharp_dim, int),
+        train_minutes=_env(env, "IG_TRAIN_MINUTES", Config.train_minutes, float),
         model_dir=_env(env, "IG_MODEL_DIR", None, Path),
         batch_limit=_env(env, "IG_BATCH_LIMIT", Config.batch_limit, int),
         half_life_days=_env(env, "IG_HALF_LIFE_DAYS", Config.half_life_days, float),
@@ -125,8 +130,6 @@ def load_config(**overrides) -> Config:
         id_hmac_key=_env(env, "IG_ID_HMAC_KEY"),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
-        propagate_edges=_env(env, "IG_PROPAGATE_EDGES", Config.propagate_edges, int),
-        propagate_seconds=_env(env, "IG_PROPAGATE_SECONDS", Config.propagate_seconds, float),
         refresh_margin_ms=_env(env, "IG_REFRESH_MARGIN_MS", Config.refresh_margin_ms, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),

@@ -45,102 +45,46 @@ MATCH (n:Item {id: row.id})
 SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = datetime()
 """
 
-# ig_w is the aggregation weight the stored state accounts for, ig_rev the edge revision it saw.
-# One row per user with a map item id -> [w, rev]: one expand per user instead of one per edge
-# (matching each edge by both ids re-scans a heavy user's edges for every one of them).
+# ig_rev is the edge revision the stored state accounts for. One row per user with a map item id ->
+# rev: one expand per user instead of one per edge (matching each edge by both ids re-scans a heavy
+# user's edges for every one of them).
 MARK_EDGES = """
 UNWIND $rows AS row
 MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item)
-WITH r, row.m[i.id] AS m WHERE m IS NOT NULL
-SET r.ig_w = m[0], r.ig_rev = m[1]
+WITH r, row.m[i.id] AS rev WHERE rev IS NOT NULL
+SET r.ig_rev = rev
 """
 
-# An incremental run changes only the user side of an edge's weight at once; `ig_wi`, the weight the
-# items' last-layer sums still account for, keeps its oldest value until those sums catch up.
 # Edges are found by the element id the change query returned (a run changes few edges of a user, so
 # expanding all of a heavy user's edges cost more), checked against both ids in case of reuse.
 MARK_EDGES_CHANGED = """
 UNWIND $rows AS row
 MATCH ()-[r:INTERACTED]->() WHERE elementId(r) = row.e
 WITH r, row WHERE startNode(r).id = row.u AND endNode(r).id = row.i
-SET r.ig_wi = coalesce(r.ig_wi, r.ig_w, 0.0)
-SET r.ig_w = row.w, r.ig_rev = row.rev
+SET r.ig_rev = row.rev
 """
 
-# `_Pending` users: their items' last-layer sums still hold `ig_hs` (their old layer-(L-1) vector,
-# kept at its oldest value) and the edges' `ig_wi`. `_Pending` items: their embedding is due.
-MARK_USERS_PENDING = """
-UNWIND $rows AS row
-MATCH (n:User {id: row.id})
-SET n:_Pending, n.ig_hs = coalesce(n.ig_hs, row.hs)
-"""
-
-MARK_ITEMS_PENDING = """
-UNWIND $rows AS row
-MATCH (n:Item {id: row.id})
-SET n:_Pending, n.ig_scratch = coalesce(n.ig_scratch, false) OR row.scratch
-"""
-
-# Pending users in label-scan order (stable, so a long backlog is worked through, not sampled; no
-# sort, so a chunk's cost does not grow with the backlog), with their degree.
-PENDING_USERS = """
-MATCH (u:User:_Pending)
-WITH u LIMIT $limit
-RETURN u.id AS id, COUNT { (u)-[:INTERACTED]->() } AS degree
-"""
-
-PENDING_ITEMS = """
-MATCH (i:Item:_Pending)
-WITH i LIMIT $limit
-RETURN i.id AS id, coalesce(i.ig_scratch, false) AS scratch
-"""
-
-# A user's edges with both sides' weights, its current layer-(L-1) vector and the one items hold.
-USER_SIDES = """
-UNWIND $ids AS id
-MATCH (u:User {id: id})
-RETURN id, u[$h] AS h, u.ig_hs AS hs,
-       [(u)-[r:INTERACTED]->(i:Item) | [i.id, coalesce(r.ig_w, 0.0), coalesce(r.ig_wi, r.ig_w, 0.0)]] AS edges
-"""
-
-# An item's edges with what its last-layer sum must hold from each user (rebuilt from scratch).
-ITEM_SIDES = """
+# An item's degree (sum of its positive raw edge weights), summed again over all its edges rather
+# than kept by differences, so weights that cancel leave exactly 0 and no float residue.
+ITEM_DEGREES = """
 UNWIND $ids AS id
 MATCH (i:Item {id: id})
-RETURN id, [(u:User)-[r:INTERACTED]->(i) |
-            [u.id, coalesce(r.ig_w, 0.0), coalesce(r.ig_wi, r.ig_w, 0.0), u[$h], coalesce(u.ig_hs, u[$h])]] AS edges
-"""
-
-CLEAR_USERS_PENDING = """
-UNWIND $ids AS id
-MATCH (u:User {id: id})
-REMOVE u:_Pending, u.ig_hs
-WITH u
-MATCH (u)-[r:INTERACTED]->() WHERE r.ig_wi IS NOT NULL
-REMOVE r.ig_wi
-"""
-
-CLEAR_ITEMS_PENDING = "UNWIND $ids AS id MATCH (i:Item {id: id}) REMOVE i:_Pending, i.ig_scratch"
-
-# After a full recompute nothing is pending: every sum was rebuilt from the same snapshot.
-CLEAR_ALL_PENDING = """
-MATCH (n:_Pending)
-OPTIONAL MATCH (n)-[r:INTERACTED]->() WHERE r.ig_wi IS NOT NULL
-REMOVE n:_Pending, n.ig_hs, n.ig_scratch, r.ig_wi
-"""
-
-PENDING_COUNT = """
-CALL { MATCH (u:User:_Pending) RETURN count(u) AS users }
-CALL { MATCH (i:Item:_Pending) RETURN count(i) AS items }
-RETURN users, items
+CALL {
+  WITH i
+  MATCH (i)<-[r:INTERACTED]-()
+  RETURN sum(CASE WHEN r.w > 0 THEN r.w ELSE 0.0 END) AS d
+}
+SET i.ig_deg = d
 """
 
 MARK_USERS_SEEN = "UNWIND $rows AS row MATCH (n:User {id: row.id}) SET n.ig_seen = row.at"
 MARK_ITEMS_SEEN = "UNWIND $rows AS row MATCH (n:Item {id: row.id}) SET n.ig_seen = row.at"
 
+# `scale` and `item_norm` are what Cypher needs to turn stored vectors back into scores (app/embeddings/state.py).
 MODEL_CREATE = """
 CREATE (m:Model {version: $version, trained_at: datetime($trained_at), metrics: $metrics,
-                 config: $config, path: $path, ref_ms: $ref_ms, current: false})
+                 config: $config, path: $path, ref_ms: $ref_ms, scale: $scale, item_norm: $item_norm,
+                 current: false})
 """
 
 MODEL_SET_CURRENT = """
@@ -151,7 +95,7 @@ SET m.current = (m.version = $version)
 MODEL_CURRENT = """
 MATCH (m:Model {current: true})
 RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trained_at) AS trained_at,
-       m.metrics AS metrics
+       m.metrics AS metrics, m.scale AS scale, m.item_norm AS item_norm
 """
 
 # --- refresh: change detection and the L-hop pull ---------------------------
@@ -189,18 +133,12 @@ CALL {
 RETURN min(at) AS oldest
 """
 
-# Edges incident to the given users or items, with the weight the stored state accounts for;
+# Edges of the given users with their raw weights;
 # one record per node (the driver's per-record cost dominated), coalesce keeps the lists aligned.
 USER_EDGES = """
 UNWIND $ids AS id
 MATCH (:User {id: id})-[r:INTERACTED]->(i:Item)
-RETURN id, collect(i.id) AS other, collect(coalesce(r.ig_w, 0.0)) AS ig_w
-"""
-
-ITEM_EDGES = """
-UNWIND $ids AS id
-MATCH (u:User)-[r:INTERACTED]->(:Item {id: id})
-RETURN id, collect(u.id) AS other, collect(coalesce(r.ig_w, 0.0)) AS ig_w
+RETURN id, collect(i.id) AS other, collect(coalesce(r.w, 0.0)) AS w
 """
 
 USER_STATE = """
@@ -367,34 +305,88 @@ SET j.state = 'queued', j.owner = null
 RETURN count(j) AS requeued
 """
 
-# --- serving: recommendations from the vector indexes -----------------------
-# Each query keeps only neighbours embedded by the same model version as the query vector,
-# so one answer never mixes two versions (a retrain re-embeds while serving goes on).
+# --- serving: InterestSAGE scores from the vector index and the live graph -------------------
+# score(u, j) = p_u . q_j + lin(u, j) (graph_models/model.py). The inner product comes back from the
+# stored unit vectors as (2 * cosine - 1) * |p_u| * M (app/embeddings/state.py; Neo4j's cosine is
+# (1 + cos) / 2). lin is GF-CF's normalised co-occurrence over the paths u-i-v-j of the live graph,
+# with the degrees of the last refresh; every weight is scaled by the version's `scale` so that
+# intermediate products stay near 1. Two candidate sets hold the exact top k between them: every item
+# the filter reaches, and the $n nearest by the index (all others score p_u . q_j <= the $n-th's,
+# returned as `floor` so the caller can widen $n when the k-th score falls below it). Only items
+# embedded by the user's model version are ranked, so an answer never mixes two versions.
 RECOMMEND_ITEMS = """
 MATCH (u:User {id: $user_id}) WHERE u.embedding IS NOT NULL
-WITH u, COUNT { (u)-[:INTERACTED]->() } AS seen
-CALL db.index.vector.queryNodes('item_embedding', $k * 3 + seen, u.embedding) YIELD node AS item, score
-WHERE item.embedding_version = u.embedding_version AND NOT EXISTS { (u)-[:INTERACTED]->(item) }
-RETURN item.id AS item_id, item.title AS title, item.category AS category, score,
-       u.embedding_version AS version
+MATCH (m:Model {version: u.embedding_version})
+CALL {
+  WITH u, m
+  MATCH (u)-[a:INTERACTED]->(i:Item)<-[b:INTERACTED]-(v:User)
+  WHERE a.w > 0 AND b.w > 0 AND i.ig_deg > 0 AND v.ig_deg > 0
+  WITH m, v, sum(a.w * m.scale * b.w * m.scale / sqrt(i.ig_deg * m.scale)) AS t
+  WITH m, v, t / (v.ig_deg * m.scale) AS z
+  MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0
+  WITH m, j, sum(z * c.w * m.scale) AS t
+  RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
+  UNION
+  WITH u
+  CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD node AS j
+  RETURN j, 0.0 AS lin
+}
+WITH u, m, j, sum(lin) AS lin
+WHERE j.embedding_version = u.embedding_version AND NOT EXISTS { (u)-[:INTERACTED]->(j) }
+WITH u, m, j, lin + (2 * vector.similarity.cosine(u.embedding, j.embedding) - 1) * u.ig_norm * m.item_norm AS score
 ORDER BY score DESC LIMIT $k
+WITH u, m, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
+CALL {
+  WITH u
+  CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD score
+  RETURN min(score) AS nearest
+}
+RETURN results, u.embedding_version AS version, (2 * nearest - 1) * u.ig_norm * m.item_norm AS floor
 """
 
+# Similar items: the same score for a shopper whose only item is i (one unit of weight), i.e.
+# "bought i, so also ...": x_i . q_j from the stored `ig_x`, plus lin over the paths i-v-j.
 SIMILAR_ITEMS = """
 MATCH (i:Item {id: $item_id}) WHERE i.embedding IS NOT NULL
-CALL db.index.vector.queryNodes('item_embedding', $k * 2 + 1, i.embedding) YIELD node AS item, score
-WHERE item <> i AND item.embedding_version = i.embedding_version
-RETURN item.id AS item_id, item.title AS title, item.category AS category, score,
-       i.embedding_version AS version
+MATCH (m:Model {version: i.embedding_version})
+CALL {
+  WITH i, m
+  MATCH (i)<-[b:INTERACTED]-(v:User)
+  WHERE b.w > 0 AND i.ig_deg > 0 AND v.ig_deg > 0
+  WITH m, v, b.w * m.scale / sqrt(i.ig_deg * m.scale) / (v.ig_deg * m.scale) AS z
+  MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0
+  WITH m, j, sum(z * c.w * m.scale) AS t
+  RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
+  UNION
+  WITH i
+  WITH i WHERE i.ig_x IS NOT NULL
+  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD node AS j
+  RETURN j, 0.0 AS lin
+}
+WITH i, m, j, sum(lin) AS lin
+WHERE j <> i AND j.embedding_version = i.embedding_version
+WITH i, m, j, lin + CASE WHEN i.ig_x IS NULL THEN 0.0
+     ELSE (2 * vector.similarity.cosine(i.ig_x, j.embedding) - 1) * i.ig_xnorm * m.item_norm END AS score
 ORDER BY score DESC LIMIT $k
+WITH i, m, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
+OPTIONAL CALL {
+  WITH i
+  WITH i WHERE i.ig_x IS NOT NULL
+  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD score
+  RETURN min(score) AS nearest
+}
+RETURN results, i.embedding_version AS version,
+       CASE WHEN nearest IS NULL THEN 0.0 ELSE (2 * nearest - 1) * i.ig_xnorm * m.item_norm END AS floor
 """
 
+# Audience (ad targeting): users by cos(p_u, q_j), i.e. p_u . q_j / |p_u|: how much of each user's
+# interest points at the item, so heavy shoppers do not crowd out the rest.
 ITEM_AUDIENCE = """
 MATCH (i:Item {id: $item_id}) WHERE i.embedding IS NOT NULL
 CALL db.index.vector.queryNodes('user_embedding', $k * 3, i.embedding) YIELD node AS user, score
 WHERE user.embedding_version = i.embedding_version
   AND ($include_known OR NOT EXISTS { (user)-[:INTERACTED]->(i) })
-RETURN user.id AS user_id, score, i.embedding_version AS version
+RETURN user.id AS user_id, 2 * score - 1 AS score, i.embedding_version AS version
 ORDER BY score DESC LIMIT $k
 """
 

@@ -35,11 +35,6 @@ class _PipelineCollector:
         for label, count in state["counts"].items():
             nodes.add_metric([label], count)
         yield nodes
-        pending = GaugeMetricFamily("ig_items_side_pending", "Users and items whose items' side of a refresh is due",
-                                    labels=["label"])
-        for label, count in state["items_side_pending"].items():
-            pending.add_metric([label], count)
-        yield pending
         yield GaugeMetricFamily("ig_worker_active", "1 while a worker holds the lease",
                                 value=1.0 if state["worker"]["active"] else 0.0)
 

@@ -15,7 +15,6 @@ def status(driver, cfg: Config) -> dict:
         counts = s.run(cypher.NODE_COUNT).single()
         since = (st["watermark"] or 0) - cfg.refresh_margin_ms
         oldest = store.oldest_pending(s, since) if st["watermark"] is not None else None
-        pending = store.pending_count(s)
     now = st["now"]
     model = models.current_info(driver, cfg)
     lease_live = bool(st["lease_owner"]) and (st["lease_until"] or 0) > now
@@ -27,7 +26,5 @@ def status(driver, cfg: Config) -> dict:
         "model": model and {"version": model["version"], "trained_at": model["trained_at"],
                             "metrics": model["metrics"]},
         "counts": {"users": counts["users"], "items": counts["items"]},
-        # users whose items' embeddings do not reflect them yet, and items whose embedding is due
-        "items_side_pending": pending,
         "worker": {"owner": st["lease_owner"] if lease_live else None, "active": lease_live},
     }

@@ -66,10 +66,7 @@ class Worker:
             lm = models.current(self.driver, self.cfg)
             if lm is None:
                 return None
-            # Keep working while changes keep coming (users' side of new events before every chunk of the
-            # items' side), for up to ten intervals: ending a tick early only adds an idle wait before the
-            # next one, and the bound lets queued admin jobs in.
-            return refresh(self.driver, self.cfg, lm, owner=self.owner, budget_s=10 * self.cfg.refresh_interval)
+            return refresh(self.driver, self.cfg, lm, owner=self.owner)
         except LeaseLost as exc:
             log.warning("%s", exc)
             self.active = False

@@ -10,18 +10,16 @@ from .model import InterestSAGE
 def save_checkpoint(path, model, cfg, meta):
     """Write state_dict, config and JSON-able `meta` (version, item_ids, metrics, ...) to `path`."""
     json.dumps(meta)  # fail now, not at load time, if meta is not plain data
-    torch.save({
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": cfg.to_dict(),
-        "num_items": model.num_items,
-        "meta": meta,
-    }, path)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": cfg.to_dict(), "meta": meta}, path)
 
 
 def load_checkpoint(path):
     """Return (model in eval mode, ModelConfig, meta) from a save_checkpoint file."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ModelConfig.from_dict(blob["config"])
-    model = InterestSAGE(blob["num_items"], cfg)
-    model.load_state_dict(blob["state_dict"])
+    state = blob["state_dict"]
+    deg = state["out_scale"] ** 2
+    model = InterestSAGE(state["basis"], state["s2"], deg, cfg)
+    model.load_state_dict(state)
     return model.eval(), cfg, blob["meta"]

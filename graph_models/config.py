@@ -1,28 +1,24 @@
 """Hyper-parameters of InterestSAGE and its training; defaults are the reported settings."""
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
 class ModelConfig:
     """Model shape and training settings (see docs/evaluation.md for the measured run)."""
 
-    dim: int = 64
-    layers: int = 2
-    category_buckets: int = 1024
-    token_buckets: int = 4096
-    use_features: bool = True
-    dropout: float = 0.0
-    lr: float = 5e-3
-    weight_decay: float = 0.0
-    epochs: int = 30
-    batch_size: int = 2048
-    fanouts: list = field(default_factory=lambda: [10, 20])
-    negatives: int = 1024
-    temperature: float = 0.1
-    patience: int = 2
-    # Wall-clock cap on training in minutes (None = none): training stops at the
-    # first batch past it, then validates. Runs it stops depend on machine speed.
-    max_minutes: float = 22.0
+    dim: int = 1024          # spectral components of the degree-normalised block (the ideal low-pass)
+    sharp_dim: int = 256     # components of the raw block (the sharpening term)
+    degree: int = 3          # polynomial degree of each block's response h(sigma^2)
+    alpha: float = 0.3       # initial weight of the low-pass block (GF-CF's value)
+    svd_iters: int = 4
+    lr: float = 0.05
+    epochs: int = 20
+    batch_size: int = 512
+    patience: int = 3
+    holdout: float = 0.1     # share of each user's items hidden as training targets
+    check_share: float = 0.2  # share of target users kept aside for early stopping
+    # Wall-clock cap on training in minutes (None = none): stops after the epoch that passes it.
+    max_minutes: float | None = 30.0
     seed: int = 0
     k: int = 20
 

@@ -50,9 +50,3 @@ def evaluate(score_fn, truth, exclude, k=20, batch_size=1024, progress=False):
         ndcg.append(ndcg_at_k(ids, t, k) * len(batch))
     n = max(len(users), 1)
     return {f"recall@{k}": sum(rec) / n, f"ndcg@{k}": sum(ndcg) / n, "users": int(len(users))}
-
-
-def embedding_scorer(user_emb, item_emb):
-    """Score function ranking items by dot product of (normalised) embeddings."""
-    user_emb, item_emb = torch.as_tensor(user_emb).float(), torch.as_tensor(item_emb).float()
-    return lambda users: user_emb[torch.as_tensor(users)] @ item_emb.T

@@ -15,6 +15,9 @@ os.environ.setdefault("IG_HOME", str(Path(__file__).resolve().parents[1] / "var"
 os.environ.setdefault("IG_NEO4J_HEAP", "1g")
 os.environ.setdefault("IG_NEO4J_PAGECACHE", "1g")
 os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")
+# Small embeddings keep the suite fast; the code paths are those of any size.
+os.environ.setdefault("IG_EMBED_DIM", "32")
+os.environ.setdefault("IG_SHARP_DIM", "8")
 
 from werkzeug.serving import make_server  # noqa: E402
 
@@ -28,7 +31,7 @@ def cfg():
     """The test Config, with the test server started and migrated."""
     config = load_config()
     neo4j_local.start(config)
-    migrate.migrate(get_driver(config), config.neo4j_database, {"embed_dim": config.embed_dim})
+    migrate.migrate(get_driver(config), config.neo4j_database, {"embed_dim": config.vector_dim})
     return config
 
 

@@ -34,7 +34,7 @@ def test_schema_has_constraints_and_vector_indexes(cfg, driver):
     assert {"user_id", "item_id", "event_id", "user_changed_at", "interacted_changed_at"} <= set(names)
     vector = names["item_embedding"]
     assert vector["type"] == "VECTOR"
-    assert vector["options"]["indexConfig"]["vector.dimensions"] == cfg.embed_dim
+    assert vector["options"]["indexConfig"]["vector.dimensions"] == cfg.vector_dim
 
 
 def test_unique_constraint_is_enforced(cfg, clean_db):
@@ -59,7 +59,7 @@ def test_edited_applied_migration_is_refused(cfg, driver, tmp_path):
     edited = tmp_path / "V001__initial_schema.cypher"
     edited.write_text(edited.read_text() + "\n// an innocent-looking edit\n")
     with pytest.raises(migrate.MigrationError, match="V001__initial_schema.cypher"):
-        migrate.migrate(driver, cfg.neo4j_database, {"embed_dim": cfg.embed_dim}, tmp_path)
+        migrate.migrate(driver, cfg.neo4j_database, {"embed_dim": cfg.vector_dim}, tmp_path)
 
 
 def test_pending_migration_is_listed(cfg, driver, tmp_path):
@@ -142,4 +142,4 @@ def test_metrics_endpoint(base_url):
     requests.get(f"{base_url}/healthz", timeout=5)
     body = requests.get(f"{base_url}/metrics", timeout=10).text
     assert 'ig_http_request_seconds_count{method="GET",route="/healthz",status="200"}' in body
-    assert "ig_refresh_lag_seconds" in body and "ig_nodes" in body and "ig_items_side_pending" in body
+    assert "ig_refresh_lag_seconds" in body and "ig_nodes" in body

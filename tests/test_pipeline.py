@@ -32,7 +32,8 @@ def demo(cfg, driver, tmp_path_factory):
         dst.writelines(itertools.islice(src, 15_000))
     cli("load", "online-retail", str(part))
     trained = cli("train", "--epochs", "1")
-    version = json.loads(trained[trained.index("{"):])["version"]
+    version = json.JSONDecoder().raw_decode(trained[trained.index("{"):])[0]["version"]
+    assert "held-out Recall@20" in trained and "popularity" in trained
     cli("embed", "--full")
     return version
 
@@ -41,10 +42,13 @@ def test_every_node_has_a_current_embedding(cfg, driver, demo):
     with driver.session(database=cfg.neo4j_database) as s:
         rows = s.run("MATCH (n) WHERE n:User OR n:Item RETURN labels(n)[0] AS label, "
                      "size(n.embedding) AS dim, n.embedding_version AS version, "
-                     "n.embedding_updated_at IS NOT NULL AS stamped").data()
+                     "n.embedding_updated_at IS NOT NULL AS stamped, n.ig_deg AS deg").data()
         model = s.run("MATCH (m:Model {current: true}) RETURN m.version AS v, m.metrics AS metrics").single()
     assert {r["label"] for r in rows} == {"User", "Item"} and len(rows) > 100
-    assert all(r["dim"] == cfg.embed_dim and r["version"] == demo and r["stamped"] for r in rows)
+    assert all(r["version"] == demo and r["stamped"] for r in rows)
+    # Every item has a vector; a user has one unless none of its weights is positive (only returns).
+    assert all(r["dim"] == cfg.vector_dim or (r["label"] == "User" and r["dim"] is None and r["deg"] == 0)
+               for r in rows)
     assert model["v"] == demo and "recall@20" in json.loads(model["metrics"])
 
 
@@ -71,6 +75,33 @@ def test_recommendations_over_http(cfg, driver, demo, base_url):
     assert answer["version"] == demo and len(items) == 10
     assert not set(items) & bought  # nothing the user already has
     assert [r["score"] for r in answer["results"]] == sorted((r["score"] for r in answer["results"]), reverse=True)
+
+
+def test_rest_ranking_equals_the_offline_evaluation(cfg, driver, demo, base_url):
+    """What is evaluated is what is served: the API's top k is the offline Scorer's top k."""
+    import numpy as np
+
+    from app.embeddings import models, store
+    from app.embeddings.training import weights
+    from graph_models.train import Scorer
+    lm = models.current(driver, cfg)
+    with driver.session(database=cfg.neo4j_database) as s:
+        snap = s.execute_read(lambda tx: store.export(tx))
+    assert [it["id"] for it in snap.items] == lm.meta["item_ids"]  # no item is new since training
+    graph = weights(snap, lm.meta)
+    scorer = Scorer(lm.model, graph)
+    active = np.flatnonzero(np.diff(graph.indptr))  # users with a positive weight have a vector
+    users = active[:: max(1, len(active) // 12)][:12].tolist()
+    scores = scorer(users).numpy()
+    for row, u in zip(scores, users):
+        row[graph[u].indices] = -np.inf  # the user's own items are never recommended
+        expected = np.argsort(-row, kind="stable")[:10]
+        got = requests.get(f"{base_url}/v1/users/{snap.user_ids[u]}/recommendations", params={"k": 10},
+                           timeout=30).json()["results"]
+        ids = [snap.items[j]["id"] for j in expected]
+        assert [r["item_id"] for r in got] == ids or np.allclose(  # equal, or a near-tie swapped
+            [r["score"] for r in got], row[expected], rtol=1e-4, atol=1e-6), (snap.user_ids[u], got, ids)
+        assert np.allclose([r["score"] for r in got], row[expected], rtol=1e-4, atol=1e-6)
 
 
 def test_similar_items_and_audience_over_http(cfg, driver, demo, base_url):

@@ -10,6 +10,7 @@ from app.ids import user_key
 
 bp = Blueprint("recs", __name__, url_prefix="/v1")
 MAX_K = 500
+MAX_CANDIDATES = 20_000  # widest index query when widening for an exact top k
 
 
 def _int_arg(name: str, default: int, low: int = 1, high: int = MAX_K) -> int:
@@ -39,19 +40,36 @@ def _answer(rows: list[dict], what: str, node_id: str, field: str) -> dict:
     return {"version": version, "results": rows}
 
 
+def _ranked(statement: str, k: int, what: str, node_id: str, field: str, **params) -> dict:
+    """The exact top k of a scoring query over its two candidate sets (see RECOMMEND_ITEMS).
+
+    The index's `n` nearest are widened until the k-th score is at least the n-th nearest's inner
+    product, so no item outside both sets could have made the list.
+    """
+    n = 2 * k + 50
+    while True:
+        rows = _query(statement, k=k, n=n, **params)
+        if not rows:
+            return _answer([], what, node_id, field)
+        results = rows[0]["results"]
+        if (len(results) >= k and results[-1]["score"] >= rows[0]["floor"]) or n >= MAX_CANDIDATES:
+            return {"version": rows[0]["version"], "results": results}
+        n = min(4 * n, MAX_CANDIDATES)
+
+
 @bp.get("/users/<user_id>/recommendations")
 def recommendations(user_id: str):
-    """Items for a user: nearest to the user's vector, excluding what they already have."""
+    """Items for a user: inner product of the embeddings plus the live graph filter, unseen items only."""
     key = user_key(cfg(), user_id)
-    rows = _query(cypher.RECOMMEND_ITEMS, user_id=key, k=_int_arg("k", 20))
-    return {"user_id": user_id, **_answer(rows, "User", key, "user_id")}
+    return {"user_id": user_id, **_ranked(cypher.RECOMMEND_ITEMS, _int_arg("k", 20), "User", key, "user_id",
+                                          user_id=key)}
 
 
 @bp.get("/items/<item_id>/similar")
 def similar(item_id: str):
-    """Items nearest to an item."""
-    rows = _query(cypher.SIMILAR_ITEMS, item_id=item_id, k=_int_arg("k", 20))
-    return {"item_id": item_id, **_answer(rows, "Item", item_id, "item_id")}
+    """Items a shopper who has only this item would be recommended."""
+    return {"item_id": item_id, **_ranked(cypher.SIMILAR_ITEMS, _int_arg("k", 20), "Item", item_id, "item_id",
+                                          item_id=item_id)}
 
 
 @bp.get("/items/<item_id>/audience")

@@ -10,29 +10,29 @@ from tqdm.auto import tqdm
 
 from app.config import Config
 from app.embeddings import store
-from app.embeddings.features import item_features, omega
+from app.embeddings import state
 from app.embeddings.models import LoadedModel
-from app.embeddings.state import node_props
 from graph_models import build_graph
 
 log = logging.getLogger(__name__)
 
 
-def compute(lm: LoadedModel, snap: store.Snapshot, cfg: Config) -> tuple[dict, dict, dict, np.ndarray]:
-    """Layer-wise inference over the snapshot; returns (out, user index, item index, edge weights)."""
+def compute(lm: LoadedModel, snap: store.Snapshot) -> dict:
+    """Every stored vector and degree of the snapshot: {user|item: (ids, rows of props)}."""
     uidx = {u: k for k, u in enumerate(snap.user_ids)}
-    iidx = {it["id"]: k for k, it in enumerate(snap.items)}
+    item_ids = [it["id"] for it in snap.items]
+    iidx = {x: k for k, x in enumerate(item_ids)}
     u = np.fromiter((uidx[x] for x in snap.edges_u), dtype=np.int64, count=len(snap.edges_u))
     i = np.fromiter((iidx[x] for x in snap.edges_i), dtype=np.int64, count=len(snap.edges_i))
-    om = omega(snap.w, lm.ref_ms, cfg) if len(snap.w) else np.zeros(0)
-    g = build_graph(u, i, np.zeros(len(u)), len(uidx), len(iidx))
-    # Exact float64 weights: the incremental path accumulates the same values in float64.
-    for etype in g.canonical_etypes:
-        g.edges[etype].data["w"] = torch.from_numpy(om.copy())
-    feats = item_features(snap.items, lm.buckets)
-    feats["rows"] = torch.tensor([lm.item_rows.get(it["id"], -1) for it in snap.items], dtype=torch.int64)
-    out = lm.model.inference(g, feats)
-    return out, uidx, iidx, om
+    raw = np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0)
+    rows = lm.rows(item_ids)
+    g = build_graph(u, i, raw * lm.scale, len(uidx), len(iidx))
+    with torch.no_grad():
+        p = lm.model.user_embedding(g, torch.from_numpy(rows)).numpy()
+    x, q = lm.tables
+    users = state.user_props(p, np.bincount(u, weights=raw, minlength=len(uidx)))
+    items = state.item_props(q[rows], x[rows], lm.item_norm, np.bincount(i, weights=raw, minlength=len(iidx)))
+    return {store.USER: (snap.user_ids, users), store.ITEM: (item_ids, items)}
 
 
 def _fenced(tx, owner, write, *args):
@@ -50,13 +50,10 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
         with tqdm(desc="export edges", unit="edge", disable=not progress) as bar:
             snap = session.execute_read(lambda tx: store.export(tx, bar))
     t_export = time.monotonic() - started
-    out, uidx, iidx, om = compute(lm, snap, cfg)
+    out = compute(lm, snap)
     t_infer = time.monotonic() - started - t_export
-    layers = lm.mcfg.layers
-    users = node_props(out, store.USER, snap.user_ids, layers)
-    items = node_props(out, store.ITEM, [it["id"] for it in snap.items], layers)
-    edges = [{"u": u, "i": i, "w": float(w), "rev": rev}
-             for u, i, w, rev in zip(snap.edges_u, snap.edges_i, om, snap.rev)]
+    users, items = ([{"id": x, "props": props} for x, props in zip(*out[t])] for t in (store.USER, store.ITEM))
+    edges = [{"u": u, "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
     with driver.session(database=cfg.neo4j_database) as session:
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
             for chunk in tqdm(list(store.chunks(rows)), desc=f"write {ntype}s", disable=not progress):
@@ -73,7 +70,6 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
         def finish(tx):
             store.mark_seen(tx, store.USER, seen)
             store.mark_seen(tx, store.ITEM, seen_items)
-            store.clear_all_pending(tx)
             store.advance(tx, snap.taken_at, run, owner)
         session.execute_write(finish)
     log.info("full recompute (%(reason)s): %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs",

@@ -7,36 +7,56 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-
 import torch
 
 from app import cypher
 from app.config import Config
 from graph_models.checkpoint import load_checkpoint
 
+DAY_MS = 86_400_000.0
+
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready for exact inference (float64, eval mode)."""
+    """A checkpoint ready for exact inference (float64, eval mode), with what its vectors depend on."""
 
     version: str
     model: torch.nn.Module
     mcfg: object
-    ref_ms: int
+    meta: dict
     item_rows: dict[str, int]
 
-    @cached_property
-    def u0(self) -> np.ndarray:
-        """The users' shared layer-0 input (users have no parameters of their own)."""
-        with torch.no_grad():
-            u0 = self.model.user_input(1)[0].numpy().copy()
-        u0.flags.writeable = False  # shared by every run: never updated in place
-        return u0
-
     @property
-    def buckets(self) -> tuple[int, int]:
-        """(category, token) hash bucket counts of the model's feature tables."""
-        return self.mcfg.category_buckets, self.mcfg.token_buckets
+    def scale(self) -> float:
+        """Aggregation weight per unit of stored edge weight: 2^-((R - A) / half-life) of the version.
+
+        Stored weights grow as 2^((t - A) / half-life) from the ingest anchor A; this brings those of the
+        version's reference time R near 1. Every score is linear in it, so rankings do not depend on it;
+        it is kept with the version (not read from the process's settings) so that every process
+        computes the same vectors for one version.
+        """
+        m = self.meta
+        return float(2.0 ** (-(m["ref_ms"] - m["decay_anchor_ms"]) / (m["half_life_days"] * DAY_MS)))
+
+    @cached_property
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, q) of every version row, plus a last zero row for items the version does not know."""
+        rows = torch.arange(self.model.num_items + 1)  # row num_items is outside the version: zero
+        with torch.no_grad():
+            x, q = self.model.item_input(rows).numpy(), self.model.item_embedding(rows).numpy()
+        x.flags.writeable = q.flags.writeable = False  # shared by every run: never updated in place
+        return x, q
+
+    @cached_property
+    def item_norm(self) -> float:
+        """M: the largest item embedding norm of the version (1 for a degenerate all-zero one)."""
+        q = self.tables[1]
+        return float(np.sqrt((q * q).sum(axis=1)).max()) or 1.0
+
+    def rows(self, item_ids) -> np.ndarray:
+        """Table rows of items (the zero row for items new since the version)."""
+        n = self.model.num_items
+        return np.fromiter((self.item_rows.get(i, n) for i in item_ids), dtype=np.int64)
 
 
 _cache: dict[str, LoadedModel] = {}
@@ -49,7 +69,7 @@ def load(path: str, version: str) -> LoadedModel:
         if version not in _cache:
             model, mcfg, meta = load_checkpoint(path)
             rows = {item_id: row for row, item_id in enumerate(meta["item_ids"])}
-            _cache[version] = LoadedModel(version, model.double().eval(), mcfg, int(meta["ref_ms"]), rows)
+            _cache[version] = LoadedModel(version, model.double().eval(), mcfg, meta, rows)
         return _cache[version]
 
 

@@ -1,13 +1,13 @@
-"""Names and packing of the per-node refresh state stored next to each embedding.
+"""What a node stores next to its embedding, as written by both the full and the incremental refresh.
 
-For an L-layer model a node keeps its layer inputs h_0..h_{L-1} (h_0 only for items: users share
-one learned input), its neighbour sums a_1..a_L (items no a_1 when L > 1: it is deg times that
-shared input) and its weight sum deg. With these, a change is
-applied as deltas to the sums instead of re-reading whole neighbourhoods.
-
-Vectors of the state are stored as little-endian float64 bytes, not as float lists: Neo4j reads a
-byte array 2-3x and writes it 5x faster than the same floats as a list (measured on 3,000 nodes with
-four 64-d vectors each), and nobody queries them. Only `embedding` (indexed) stays a float list.
+Serving ranks by inner product (`p_u . q_j`) but Neo4j's vector index ranks by cosine, so vectors are
+stored in the standard reduction of inner-product search to cosine search (Bachrach et al., RecSys 2014):
+- an item stores `[q_j, sqrt(M^2 - |q_j|^2)] / M`, M the largest item norm of the version: every item
+  vector has length 1, so cosine with a query is the inner product with it, divided by M;
+- a user stores `[p_u, 0] / |p_u|` and `ig_norm = |p_u|`, so `p_u . q_j = cos * ig_norm * M`, and
+  the index's cosine order is exactly the inner-product order.
+Items also store `ig_x = [x_i, 0] / |x_i|` and `ig_xnorm` (what item i adds to a user who has it), for
+"similar items". `ig_deg` is the node's sum of positive raw edge weights, which the graph filter reads.
 """
 from __future__ import annotations
 
@@ -16,43 +16,36 @@ import numpy as np
 USER, ITEM = "user", "item"
 
 
-def h_key(layer: int) -> str:
-    """Property holding the node's layer-`layer` vector."""
-    return f"ig_h{layer}"
+def unit_rows(vectors: np.ndarray) -> tuple[list, np.ndarray]:
+    """Rows as `[v, 0] / |v|` lists (None for a zero row) and their norms."""
+    v = np.asarray(vectors, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v)) if len(v) else np.zeros(0)
+    out = []
+    for row, n in zip(v, norms):
+        out.append(None if n == 0 else (np.append(row, 0.0) / n).tolist())
+    return out, norms
 
 
-def a_key(layer: int) -> str:
-    """Property holding the node's weighted neighbour sum at layer `layer`."""
-    return f"ig_a{layer}"
+def item_vectors(q: np.ndarray, m: float) -> list[list[float]]:
+    """Items' stored embeddings `[q, sqrt(M^2 - |q|^2)] / M` (unit length)."""
+    q = np.asarray(q, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", q, q) if len(q) else np.zeros(0)
+    extra = np.sqrt(np.maximum(m * m - sq, 0.0))
+    return (np.hstack([q, extra[:, None]]) / m).tolist() if len(q) else []
 
 
-DEG = "ig_deg"
+def user_props(p: np.ndarray, deg: np.ndarray) -> list[dict]:
+    """Stored properties of users from their embeddings p_u and degrees."""
+    vecs, norms = unit_rows(p)
+    return [{"embedding": v, "ig_norm": float(n), "ig_deg": float(d)} for v, n, d in zip(vecs, norms, deg)]
 
 
-def first_h(ntype: str) -> int:
-    """Lowest stored h layer: users' h_0 is the shared model input, not stored."""
-    return 0 if ntype == ITEM else 1
-
-
-def pack(vec) -> bytes:
-    """A state vector as stored: float64 bytes."""
-    return np.asarray(vec, dtype="<f8").tobytes()
-
-
-def unpack(raw) -> np.ndarray | None:
-    """A stored state vector as a writable float64 array (None if unset; float lists of earlier versions too)."""
-    if raw is None:
-        return None
-    return (np.frombuffer(raw, dtype="<f8").copy() if isinstance(raw, (bytes, bytearray))
-            else np.asarray(raw, dtype=np.float64))
-
-
-def node_props(out: dict, ntype: str, ids: list[str], layers: int) -> list[dict]:
-    """Rows `{id, props}` from a full inference result, for the write-back."""
-    cols = {h_key(l): [pack(v) for v in out["h"][l][ntype].numpy()] for l in range(first_h(ntype), layers)}
-    # Items keep no layer-1 sum in a deeper model: it is always deg * (the users' shared input).
-    first_a = 2 if ntype == ITEM and layers > 1 else 1
-    cols.update({a_key(l): [pack(v) for v in out["agg"][l][ntype].numpy()] for l in range(first_a, layers + 1)})
-    cols[DEG] = np.asarray(out["deg"][ntype].numpy(), dtype=np.float64).tolist()
-    cols["embedding"] = out["emb"][ntype].numpy().tolist()
-    return [{"id": node_id, "props": {k: v[n] for k, v in cols.items()}} for n, node_id in enumerate(ids)]
+def item_props(q: np.ndarray, x: np.ndarray, m: float, deg: np.ndarray | None) -> list[dict]:
+    """Stored properties of items from q_j, x_i, the version's M and (if known here) degrees."""
+    xs, xnorms = unit_rows(x)
+    rows = [{"embedding": e, "ig_x": xv, "ig_xnorm": float(xn)}
+            for e, xv, xn in zip(item_vectors(q, m), xs, xnorms)]
+    if deg is not None:
+        for row, d in zip(rows, deg):
+            row["ig_deg"] = float(d)
+    return rows

@@ -11,7 +11,6 @@ from app.embeddings.state import ITEM, USER
 BATCH = 2000
 _WRITE = {USER: cypher.WRITE_USERS, ITEM: cypher.WRITE_ITEMS}
 _SEEN = {USER: cypher.MARK_USERS_SEEN, ITEM: cypher.MARK_ITEMS_SEEN}
-_EDGES = {USER: cypher.USER_EDGES, ITEM: cypher.ITEM_EDGES}
 _STATE = {USER: cypher.USER_STATE, ITEM: cypher.ITEM_STATE}
 
 
@@ -85,64 +84,25 @@ def write_nodes(tx, ntype: str, rows: list[dict], version: str) -> None:
 
 
 def mark_edges(tx, rows: list[dict]) -> None:
-    """Record on each edge (`{u, i, w, rev}`) the weight and revision the stored state accounts for."""
+    """Record on each edge (`{u, i, rev}`) the revision the stored state accounts for."""
     by_user = defaultdict(dict)
     for r in rows:
-        by_user[r["u"]][r["i"]] = [r["w"], r["rev"]]
+        by_user[r["u"]][r["i"]] = r["rev"]
     users = [{"u": u, "m": m} for u, m in by_user.items()]
     for chunk in chunks(users, 1000):
         tx.run(cypher.MARK_EDGES, rows=chunk).consume()
 
 
 def mark_edges_changed(tx, rows: list[dict]) -> None:
-    """Like `mark_edges` for changed edges (`{e, u, i, w, rev}`), keeping in `ig_wi` the weight the
-    items' last-layer sums still hold."""
+    """Like `mark_edges` for changed edges found by element id (`{e, u, i, rev}`)."""
     for chunk in chunks(rows, 5000):
         tx.run(cypher.MARK_EDGES_CHANGED, rows=chunk).consume()
 
 
-def mark_pending(tx, users: list[dict], items: list[dict]) -> None:
-    """Flag users (`{id, hs}`) and items (`{id, scratch}`) whose items' side is still due."""
-    for query, rows in ((cypher.MARK_USERS_PENDING, users), (cypher.MARK_ITEMS_PENDING, items)):
-        for chunk in chunks(rows, 5000):
-            tx.run(query, rows=chunk).consume()
-
-
-def pending(session, users: int, items: int) -> tuple[list[dict], list[dict]]:
-    """Up to `users` pending users ({id, degree}) and `items` pending items ({id, scratch})."""
-    return ([dict(r) for r in session.run(cypher.PENDING_USERS, limit=users)],
-            [dict(r) for r in session.run(cypher.PENDING_ITEMS, limit=items)])
-
-
-def pending_count(session) -> dict:
-    """How many users and items still wait for the items' side of a refresh."""
-    return session.run(cypher.PENDING_COUNT).single().data()
-
-
-def sides(session, ntype: str, ids: list[str], h: str | None) -> dict[str, dict]:
-    """Per user (USER_SIDES) or item (ITEM_SIDES): both sides' edge weights and the layer vectors."""
-    query = cypher.USER_SIDES if ntype == USER else cypher.ITEM_SIDES
-    out = {}
-    for chunk in chunks(ids, 2000):
-        for r in session.run(query, ids=chunk, h=h):
-            out[r["id"]] = dict(r)
-    return out
-
-
-def clear_pending(tx, users: list[str], items: list[str]) -> None:
-    """The items' side of these users and these items' embeddings are now up to date.
-
-    Items, then users, each by id: the lock order of the ingest path.
-    """
-    for chunk in chunks(sorted(items), 5000):
-        tx.run(cypher.CLEAR_ITEMS_PENDING, ids=chunk).consume()
-    for chunk in chunks(sorted(users), 2000):
-        tx.run(cypher.CLEAR_USERS_PENDING, ids=chunk).consume()
-
-
-def clear_all_pending(tx) -> None:
-    """After a full recompute: nothing is pending."""
-    tx.run(cypher.CLEAR_ALL_PENDING).consume()
+def item_degrees(tx, ids: list[str]) -> None:
+    """Recompute the degree of items from all their edges (after their edges changed)."""
+    for chunk in chunks(sorted(ids), 2000):
+        tx.run(cypher.ITEM_DEGREES, ids=chunk).consume()
 
 
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
@@ -191,16 +151,12 @@ def oldest_pending(session, since: int) -> int | None:
     return session.run(cypher.OLDEST_PENDING, since=since).single()["oldest"]
 
 
-def incident_edges(session, ntype: str, ids: list[str]) -> list[dict]:
-    """All edges of the given users or items: dicts {u, i, ig_w}."""
-    out = []
-    for chunk in chunks(ids, 5000):
-        for r in session.run(_EDGES[ntype], ids=chunk):
-            own = r["id"]
-            if ntype == USER:
-                out.extend({"u": own, "i": x, "ig_w": w} for x, w in zip(r["other"], r["ig_w"]))
-            else:
-                out.extend({"u": x, "i": own, "ig_w": w} for x, w in zip(r["other"], r["ig_w"]))
+def user_edges(session, ids: list[str]) -> dict[str, tuple[list[str], list[float]]]:
+    """All edges of the given users: id -> (item ids, raw weights)."""
+    out = {x: ([], []) for x in ids}
+    for chunk in chunks(sorted(ids), 5000):
+        for r in session.run(cypher.USER_EDGES, ids=chunk):
+            out[r["id"]] = (r["other"], r["w"])
     return out
 
 
