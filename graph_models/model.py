@@ -1,6 +1,4 @@
 """InterestSAGE: a one-layer GraphSAGE over spectral item features, next to a linear graph filter."""
-import math
-
 import torch
 from torch import nn
 
@@ -36,8 +34,6 @@ class InterestSAGE(nn.Module):
         low[0] = cfg.alpha
         self.low = nn.Parameter(low)
         self.sharp = nn.Parameter(torch.zeros(cfg.degree + 1, dtype=torch.float64))
-        # How sharp the training softmax is; ranking ignores it.
-        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0), dtype=torch.float64))
 
     @property
     def num_items(self) -> int:
