@@ -399,29 +399,38 @@ ORDER BY score DESC LIMIT $k
 """
 
 # Churn risk: silence measured against the user's own rhythm (days since the last event over the
-# average gap between their events), for users with a history; drift is 1 - cosine between the
-# user's vector and the mean vector of what sold in the last 30 days of the data.
+# average gap between their events), for users with a history; drift is 1 - the cosine similarity
+# (Neo4j's, (1 + cos) / 2, so drift is in [0, 1]) between the user's vector and the mean vector of
+# what sold in the last 30 days of the data (the 200 items with most buyers, ties by id). Drift
+# uses only vectors of the current model version, so it never mixes two (null for a user not yet
+# embedded under it).
 CHURN_RISK = """
 CALL {
   MATCH ()-[r:INTERACTED]->() RETURN max(r.last_ts) AS now
 }
 CALL {
-  WITH now
-  MATCH (:User)-[r:INTERACTED]->(i:Item) WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL
-  WITH i, count(r) AS buyers ORDER BY buyers DESC LIMIT 200
+  OPTIONAL MATCH (m:Model {current: true}) RETURN m.version AS version
+}
+CALL {
+  WITH now, version
+  MATCH (:User)-[r:INTERACTED]->(i:Item)
+  WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL AND i.embedding_version = version
+  WITH i, count(r) AS buyers ORDER BY buyers DESC, i.id LIMIT 200
   RETURN collect(i.embedding) AS trending
 }
 MATCH (u:User)-[r:INTERACTED]->()
-WITH u, now, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
+WITH u, now, version, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
      sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events
 WHERE events >= $min_events
-WITH u, trending, (now - last) / 86400000.0 AS silent_days,
+WITH u, version, trending, (now - last) / 86400000.0 AS silent_days,
      ((last - first) / 86400000.0) / (events - 1) AS gap_days
-WITH u, trending, silent_days, gap_days, silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
+WITH u, version, trending, silent_days, gap_days,
+     silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
 ORDER BY risk DESC LIMIT $k
 RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_days,
        round(gap_days, 1) AS typical_gap_days,
-       CASE WHEN u.embedding IS NULL OR size(trending) = 0 THEN null
+       CASE WHEN u.embedding IS NULL OR size(trending) = 0 OR NOT coalesce(u.embedding_version = version, false)
+            THEN null
             ELSE round(1 - vector.similarity.cosine(u.embedding,
                  reduce(acc = [x IN range(1, size(u.embedding)) | 0.0], v IN trending |
                         [k IN range(0, size(v) - 1) | acc[k] + v[k]])), 4) END AS drift
