@@ -78,7 +78,7 @@ class Config:
     full_share: float = 0.5
     propagate_edges: int = 50_000
     propagate_seconds: float = 0.1
-    refresh_margin_ms: int = 10_000
+    full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
 
@@ -127,7 +127,7 @@ def load_config(**overrides) -> Config:
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
         propagate_edges=_env(env, "IG_PROPAGATE_EDGES", Config.propagate_edges, int),
         propagate_seconds=_env(env, "IG_PROPAGATE_SECONDS", Config.propagate_seconds, float),
-        refresh_margin_ms=_env(env, "IG_REFRESH_MARGIN_MS", Config.refresh_margin_ms, int),
+        full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
     )

@@ -23,7 +23,7 @@ import torch
 from app.config import Config
 from app.embeddings import store
 from app.embeddings.features import item_features, omega
-from app.embeddings.full import embed_full
+from app.embeddings.full import embed_full, interrupted
 from app.embeddings.models import LoadedModel
 from app.embeddings.state import DEG, ITEM, USER, a_key, first_h, h_key, pack, unpack
 
@@ -87,8 +87,7 @@ def _users_side(driver, cfg: Config, lm: LoadedModel, full: bool, progress: bool
         if reason is None:
             started = time.monotonic()
             now = store.server_time(session)
-            since = state["watermark"] - cfg.refresh_margin_ms
-            edges, users, items = session.execute_read(lambda tx: store.changes(tx, since))
+            edges, users, items = session.execute_read(store.changes)
             if not (edges or users or items):
                 return {"mode": "noop", "seconds": round(time.monotonic() - started, 4)}
             try:
@@ -99,19 +98,27 @@ def _users_side(driver, cfg: Config, lm: LoadedModel, full: bool, progress: bool
                 run.update(mode="incremental", version=lm.version, seconds=round(time.monotonic() - started, 4),
                            finished_at=int(time.time() * 1000))
                 writes = run.pop("writes")
+                # The revisions this run read: one committed since keeps its node flagged for the next.
+                writes["seen"] = {USER: [{"id": r["id"], "rev": r["rev"]} for r in users],
+                                  ITEM: [{"id": r["id"], "rev": r["rev"]} for r in items]}
                 session.execute_write(lambda tx: _write(tx, lm.version, writes, now, run, owner))
                 log.info("incremental refresh: %d edges, %d nodes in %.3fs (%.3fs with the write)", run["changed_edges"],
                          run["nodes"], run["seconds"], time.monotonic() - started)
                 return run
-    return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason)
+    publish = False
+    if state["full_pending"]:  # finish the interrupted run under the version it was writing
+        lm, publish = interrupted(driver, cfg, state, lm)
+    return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason, publish=publish)
 
 
 def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | None) -> None:
     """Everything one users'-side run changes, in its single transaction.
 
     Locks are taken in the ingest path's order (items by id, then users by id, then edges), so a run
-    and concurrent ingest queue instead of deadlocking (a deadlock costs a retry after ~1 s).
+    and concurrent ingest queue instead of deadlocking (a deadlock costs a retry after ~1 s); the
+    lease node before them all (the fence, as in every fenced transaction).
     """
+    store.check_lease(tx, owner)
     for ntype in (ITEM, USER):
         store.write_nodes(tx, ntype, writes["nodes"][ntype], version)
         store.mark_seen(tx, ntype, writes["seen"][ntype])

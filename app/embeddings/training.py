@@ -56,10 +56,9 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     version, path = _publish(driver, cfg, mcfg, model, snap, ref_ms, metrics, result["epochs"])
     log.info("trained %s in %.1fs: %s", version, result["seconds"], metrics)
+    # The switch to the new version commits with the full run's last write (fenced by the lease).
     embedded = embed_full(driver, cfg, models.load(str(path), version), progress=progress, owner=owner,
-                          reason=f"new model version {version}")
-    with driver.session(database=cfg.neo4j_database) as session:
-        session.execute_write(lambda tx: tx.run(cypher.MODEL_SET_CURRENT, version=version).consume())
+                          reason=f"new model version {version}", publish=True)
     return {"version": version, "metrics": metrics, "train_seconds": round(result["seconds"], 2),
             "epochs": result["epochs"], "embed": embedded, "seconds": round(time.monotonic() - started, 2),
             "users": len(snap.user_ids), "items": len(snap.items), "edges": len(snap.edges_u),
