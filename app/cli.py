@@ -163,24 +163,23 @@ def load_demo():
 
 
 # --- model and refresh ------------------------------------------------------
+# Every writer of embeddings holds the refresh lease: `train` and `embed` are jobs, like `retrain`
+# and `reindex`, run here as the lease holder when no worker is active, else by the worker.
 @main.command()
 @click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
 @click.option("--if-missing", is_flag=True, help="Do nothing when a current model exists.")
 def train(epochs, if_missing):
     """Train a new model version on the graph, re-embed everything with it and make it current."""
     from app.embeddings import models
-    from app.embeddings.training import train_and_publish
     cfg = load_config()
     if if_missing and models.current_info(get_driver(cfg), cfg):
         click.echo("a current model exists; not training (run `interest-graph retrain` to replace it)")
         return
-    try:
-        result = train_and_publish(get_driver(cfg), cfg, progress=True, epochs=epochs)
-    except ValueError as exc:
-        _fail(str(exc))
+    job = _finished_job("retrain", {"reason": "cli", "epochs": epochs})
+    result = job["result"]
     click.echo(json.dumps({k: v for k, v in result.items() if k != "embed"}, indent=2))
-    ours, pop = result["metrics"], result["popularity"]
-    if "recall@20" in ours:
+    ours, pop = result["metrics"], result.get("popularity") or {}
+    if "recall@20" in ours and "recall@20" in pop:
         click.echo(f"held-out Recall@20: {ours['recall@20']:.4f} (popularity {pop['recall@20']:.4f}) "
                    f"on {ours['users']} users; TensorBoard logs: {result['runs']}")
 
@@ -188,15 +187,12 @@ def train(epochs, if_missing):
 @main.command()
 @click.option("--full", is_flag=True, required=True, help="Recompute every embedding (the only mode here).")
 def embed(full):
-    """Recompute every embedding with the current model (`reindex` queues the same for the worker)."""
+    """Recompute every embedding with the current model (the same job as `reindex --full`)."""
     from app.embeddings import models
-    from app.embeddings.full import embed_full
     cfg = load_config()
-    driver = get_driver(cfg)
-    lm = models.current(driver, cfg)
-    if lm is None:
+    if models.current_info(get_driver(cfg), cfg) is None:
         _fail("no trained model yet: run `interest-graph train` first")
-    click.echo(json.dumps(embed_full(driver, cfg, lm, progress=True), indent=2))
+    click.echo(json.dumps(_finished_job("reindex", {"mode": "full"})["result"], indent=2))
 
 
 @main.command()
@@ -206,29 +202,54 @@ def worker():
     Worker(load_config()).run_forever()
 
 
-def _run_job(kind: str, params: dict, wait: bool) -> None:
-    """Queue a job; run it here when no worker is active, else wait for the worker."""
+def _queue_job(kind: str, params: dict) -> dict:
+    from app import jobs
+    cfg = load_config()
+    with get_driver(cfg).session(database=cfg.neo4j_database) as s:
+        job = jobs.create(s, kind, params)
+    click.echo(f"queued job {job['id']} ({kind})", err=True)
+    return job
+
+
+def _wait_job(job: dict) -> dict:
+    """Wait for a queued job to finish: run it here when no worker is active, else let the worker."""
     import time
 
     from app import jobs
     from app.worker import Worker
     cfg = load_config()
     driver = get_driver(cfg)
-    with driver.session(database=cfg.neo4j_database) as s:
-        job = jobs.create(s, kind, params)
-    click.echo(f"queued job {job['id']} ({kind})")
-    helper = Worker(cfg)
-    while wait:
+    helper = Worker(cfg, progress=True)
+    while True:
         with driver.session(database=cfg.neo4j_database) as s:
             job = jobs.get(s, job["id"])
         if job["state"] in ("succeeded", "failed"):
-            click.echo(json.dumps(job, indent=2, default=str))
-            sys.exit(0 if job["state"] == "succeeded" else 1)
+            return job
         if job["state"] == "queued" and helper.renew_lease():
-            helper.tick()  # no worker was active: this process does the work
+            # No worker was active: this process does the work as the lease holder, renewing the
+            # lease meanwhile so that a standby worker does not take over (and run the job again).
+            with helper.renewing():
+                helper.tick()
             helper.release()
         else:
             time.sleep(0.5)
+
+
+def _finished_job(kind: str, params: dict) -> dict:
+    """Queue a job and wait for it; exit 1 with its error unless it succeeds."""
+    job = _wait_job(_queue_job(kind, params))
+    if job["state"] != "succeeded":
+        _fail(f"job {job['id']} ({kind}) failed: {job.get('error')}")
+    return job
+
+
+def _run_job(kind: str, params: dict, wait: bool) -> None:
+    """Queue a job; unless `wait` is off, wait for it (see `_wait_job`) and print it."""
+    job = _queue_job(kind, params)
+    if wait:
+        job = _wait_job(job)
+        click.echo(json.dumps(job, indent=2, default=str))
+        sys.exit(0 if job["state"] == "succeeded" else 1)
 
 
 @main.command()

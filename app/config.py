@@ -77,7 +77,7 @@ class Config:
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
-    refresh_margin_ms: int = 10_000
+    full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
 
@@ -130,7 +130,7 @@ def load_config(**overrides) -> Config:
         id_hmac_key=_env(env, "IG_ID_HMAC_KEY"),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
-        refresh_margin_ms=_env(env, "IG_REFRESH_MARGIN_MS", Config.refresh_margin_ms, int),
+        full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
     )

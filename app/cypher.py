@@ -18,11 +18,12 @@ PING = "RETURN 1 AS ok"
 # --- embeddings: export, state write-back, models --------------------------
 SERVER_TIME = "RETURN timestamp() AS now"
 
-EXPORT_USERS = "MATCH (u:User) RETURN u.id AS id"
+# `rev`: the node revision the export reflects, recorded by the full run as what it has seen.
+EXPORT_USERS = "MATCH (u:User) RETURN u.id AS id, coalesce(u.rev, 0) AS rev"
 
 EXPORT_ITEMS = """
 MATCH (i:Item)
-RETURN i.id AS id, i.category AS category, i.price AS price, i.title AS title
+RETURN i.id AS id, i.category AS category, i.price AS price, i.title AS title, coalesce(i.rev, 0) AS rev
 """
 
 # Grouped by user; coalesce keeps the three lists aligned (collect skips nulls).
@@ -47,12 +48,15 @@ SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = dat
 
 # ig_rev is the edge revision the stored state accounts for. One row per user with a map item id ->
 # rev: one expand per user instead of one per edge (matching each edge by both ids re-scans a heavy
-# user's edges for every one of them).
+# user's edges for every one of them). `ig_unseen` (set by every writer) goes only if no newer
+# revision committed: the SET has locked the edge, so `r.rev` read after it is the latest.
 MARK_EDGES = """
 UNWIND $rows AS row
 MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item)
 WITH r, row.m[i.id] AS rev WHERE rev IS NOT NULL
 SET r.ig_rev = rev
+WITH r, rev WHERE r.rev = rev
+REMOVE r.ig_unseen
 """
 
 # Edges are found by the element id the change query returned (a run changes few edges of a user, so
@@ -62,6 +66,8 @@ UNWIND $rows AS row
 MATCH ()-[r:INTERACTED]->() WHERE elementId(r) = row.e
 WITH r, row WHERE startNode(r).id = row.u AND endNode(r).id = row.i
 SET r.ig_rev = row.rev
+WITH r, row WHERE r.rev = row.rev
+REMOVE r.ig_unseen
 """
 
 # An item's degree (sum of its positive raw edge weights), summed again over all its edges rather
@@ -77,8 +83,22 @@ CALL {
 SET i.ig_deg = d
 """
 
-MARK_USERS_SEEN = "UNWIND $rows AS row MATCH (n:User {id: row.id}) SET n.ig_seen = row.at"
-MARK_ITEMS_SEEN = "UNWIND $rows AS row MATCH (n:Item {id: row.id}) SET n.ig_seen = row.at"
+# `ig_rev`: the node revision the stored state accounts for; `ig_unseen` goes as in MARK_EDGES.
+MARK_USERS_SEEN = """
+UNWIND $rows AS row
+MATCH (n:User {id: row.id})
+SET n.ig_rev = row.rev
+WITH n, row WHERE coalesce(n.rev, 0) = row.rev
+REMOVE n.ig_unseen
+"""
+
+MARK_ITEMS_SEEN = """
+UNWIND $rows AS row
+MATCH (n:Item {id: row.id})
+SET n.ig_rev = row.rev
+WITH n, row WHERE coalesce(n.rev, 0) = row.rev
+REMOVE n.ig_unseen
+"""
 
 # `scale` and `item_norm` are what Cypher needs to turn stored vectors back into scores (app/embeddings/state.py).
 MODEL_CREATE = """
@@ -92,6 +112,8 @@ MATCH (m:Model)
 SET m.current = (m.version = $version)
 """
 
+MODEL_BY_VERSION = "MATCH (m:Model {version: $version}) RETURN m.path AS path"
+
 MODEL_CURRENT = """
 MATCH (m:Model {current: true})
 RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trained_at) AS trained_at,
@@ -99,35 +121,42 @@ RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trai
 """
 
 # --- refresh: change detection and the L-hop pull ---------------------------
-# Each change query must seek its `changed_at` index: a scan makes every run O(graph). The planner
-# scans edges unless told (hint), and a second range-like predicate on the same property (`x <
-# n.changed_at`) makes it scan nodes and refuse the hint, hence the subtraction.
+# Edges, users and items are tracked alike: every writer bumps `rev` and sets `ig_unseen`; the
+# refresh records the revision its stored state accounts for in `ig_rev` and removes `ig_unseen`
+# once nothing newer committed (MARK_*). A change is found however late it commits after its
+# `changed_at` (no clock, no margin). Each query must seek the `ig_unseen` index (V005), which holds
+# only what is not yet reflected: a scan makes every run O(graph). The planner scans edges unless
+# told, and may scan even this small index under an aggregation, hence the SEEK hints.
 CHANGED_EDGES = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX r:INTERACTED(changed_at)
-WHERE r.changed_at >= $since AND r.rev - coalesce(r.ig_rev, -1) > 0
-RETURN u.id AS u, i.id AS i, r.w AS w, r.rev AS rev, r.ig_w AS ig_w, r.changed_at AS at, elementId(r) AS e
+MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
+WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
+RETURN u.id AS u, i.id AS i, r.rev AS rev, elementId(r) AS e
 """
 
 CHANGED_USERS = """
-MATCH (n:User) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
-RETURN n.id AS id, n.changed_at AS at
+MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
+WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+RETURN n.id AS id, n.rev AS rev, n.changed_at AS at
 """
 
 CHANGED_ITEMS = """
-MATCH (n:Item) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
-RETURN n.id AS id, n.changed_at AS at, n.category AS category, n.price AS price, n.title AS title
+MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
+WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+RETURN n.id AS id, n.rev AS rev, n.changed_at AS at, n.category AS category, n.price AS price, n.title AS title
 """
 
 OLDEST_PENDING = """
 CALL {
-  MATCH ()-[r:INTERACTED]->() USING INDEX r:INTERACTED(changed_at)
-  WHERE r.changed_at >= $since AND r.rev - coalesce(r.ig_rev, -1) > 0
+  MATCH ()-[r:INTERACTED]->() USING INDEX SEEK r:INTERACTED(ig_unseen)
+  WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
   RETURN min(r.changed_at) AS at
   UNION ALL
-  MATCH (n:User) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
+  MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
+  WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
   RETURN min(n.changed_at) AS at
   UNION ALL
-  MATCH (n:Item) WHERE n.changed_at >= $since AND n.changed_at - coalesce(n.ig_seen, -1) > 0
+  MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
+  WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
   RETURN min(n.changed_at) AS at
 }
 RETURN min(at) AS oldest
@@ -160,21 +189,27 @@ RETURN users, items
 """
 
 # A read: before the first run there is no node, hence no watermark, hence a full recompute.
+# While `full_pending`, `full_version` is the model version the interrupted full run was writing
+# and `full_publish` whether it was to make that version current.
 REFRESH_STATE = """
 OPTIONAL MATCH (s:_Refresh {key: 'main'})
-RETURN s.watermark AS watermark, coalesce(s.full_pending, false) AS full_pending, s.last_run AS last_run
+RETURN s.watermark AS watermark, coalesce(s.full_pending, false) AS full_pending, s.last_run AS last_run,
+       s.full_version AS full_version, coalesce(s.full_publish, false) AS full_publish
 """
 
+# Written after LEASE_HELD in the same transaction (fenced). `full_run` names the run, so that only
+# that run's last transaction clears the flag.
 REFRESH_FULL_PENDING = """
-MERGE (s:_Refresh {key: 'main'})
-SET s.full_pending = $pending
+MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
+SET s.full_pending = true, s.full_run = $run_id, s.full_version = $version, s.full_publish = $publish
 """
 
 # Fenced by the lease: a worker that lost it cannot move the watermark (the transaction is rolled back).
+# Only the full run that raised `full_pending` ($full_run) lowers it; an incremental run passes null.
 REFRESH_ADVANCE = """
-MERGE (s:_Refresh {key: 'main'})
-WITH s WHERE $owner IS NULL OR s.lease_owner = $owner
-SET s.watermark = $watermark, s.last_run = $run, s.full_pending = false,
+MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
+SET s.watermark = $watermark, s.last_run = $run,
+    s.full_pending = CASE WHEN s.full_run = $full_run THEN false ELSE s.full_pending END,
     s.recent = ([$run] + coalesce(s.recent, []))[0..20]
 RETURN count(s) AS updated
 """
@@ -200,20 +235,21 @@ RETURN collect(id) AS new
 # Rows are pre-aggregated per (user, item) in Python; min/max and sums keep it order independent.
 INGEST_WRITE = """
 UNWIND $items AS id
-MERGE (i:Item {id: id}) ON CREATE SET i.changed_at = timestamp()
+MERGE (i:Item {id: id}) ON CREATE SET i.changed_at = timestamp(), i.rev = 1, i.ig_unseen = true
 SET i._lock = true
 REMOVE i._lock
 WITH count(*) AS locked
 UNWIND $rows AS row
 MATCH (i:Item {id: row.i})
-MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp()
+MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp(), u.rev = 1, u.ig_unseen = true
 MERGE (u)-[r:INTERACTED]->(i)
 SET r.w = coalesce(r.w, 0.0) + row.w,
     r.qty = coalesce(r.qty, 0.0) + row.qty,
     r.first_ts = CASE WHEN r.first_ts <= row.first THEN r.first_ts ELSE row.first END,
     r.last_ts = CASE WHEN r.last_ts >= row.last THEN r.last_ts ELSE row.last END,
     r.changed_at = timestamp(),
-    r.rev = coalesce(r.rev, 0) + 1
+    r.rev = coalesce(r.rev, 0) + 1,
+    r.ig_unseen = true
 FOREACH (k IN keys(row.n) | SET r[k] = coalesce(r[k], 0) + row.n[k])
 WITH count(*) AS edges
 MERGE (s:_IngestStats {shard: $shard})
@@ -223,7 +259,8 @@ FOREACH (k IN keys($counts) | SET s[k] = coalesce(s[k], 0) + $counts[k])
 # Counters live on a few shard nodes (INGEST_WRITE bumps one) so concurrent writers rarely wait.
 INGEST_STATS = "MATCH (s:_IngestStats) RETURN properties(s) AS counts"
 
-# Only properties whose value differs mark the item as changed for the refresh job.
+# Only properties whose value differs mark the item as changed for the refresh job (a new
+# revision). `SET i += ...` has locked the item, so the `rev` read after it is the latest.
 ITEM_UPSERT = """
 UNWIND $rows AS row
 MERGE (i:Item {id: row.id})
@@ -231,16 +268,18 @@ ON CREATE SET i.changed_at = timestamp(), i._new = true
 WITH i, row, i._new IS NOT NULL OR any(k IN keys(row.props) WHERE i[k] IS NULL OR i[k] <> row.props[k]) AS changed
 SET i += row.props
 REMOVE i._new
-FOREACH (_ IN CASE WHEN changed THEN [1] ELSE [] END | SET i.changed_at = timestamp())
+FOREACH (_ IN CASE WHEN changed THEN [1] ELSE [] END |
+  SET i.changed_at = timestamp() SET i.rev = coalesce(i.rev, 0) + 1, i.ig_unseen = true)
 RETURN count(CASE WHEN changed THEN 1 END) AS changed
 """
 
-# Erasure: every item the user touched loses an edge, so it is marked changed before the delete.
+# Erasure: every item the user touched loses an edge, so it gets a new revision before the delete
+# (the refresh rebuilds its sums from its remaining edges). The first SET locks the item.
 USER_DELETE = """
 MATCH (u:User {id: $id})
 OPTIONAL MATCH (u)--(i:Item)
 WITH u, collect(DISTINCT i) AS items
-FOREACH (i IN items | SET i.changed_at = timestamp())
+FOREACH (i IN items | SET i.changed_at = timestamp() SET i.rev = coalesce(i.rev, 0) + 1, i.ig_unseen = true)
 DETACH DELETE u
 RETURN size(items) AS items
 """
@@ -253,17 +292,28 @@ RETURN max(r.last_ts) AS latest
 """
 
 # --- worker: lease and jobs -------------------------------------------------
+# `lease_owner` is the fencing token every write of embeddings checks (LEASE_HELD). Whoever takes
+# the lease from someone else (or from nobody) writes the fresh token `$fresh`: a token never comes
+# back, so a run begun under an earlier tenure stays fenced out even when its process gets the lease
+# again. Our own token is kept while nobody else took the lease, lapsed or not. Each statement
+# locks the node before reading the lease (`_lock`), so a takeover and a fenced write are ordered.
 LEASE_ACQUIRE = """
 MERGE (s:_Refresh {key: 'main'})
+SET s._lock = true
+REMOVE s._lock
 WITH s, timestamp() AS now
 WHERE s.lease_owner IS NULL OR s.lease_owner = $owner OR s.lease_until < now
-SET s.lease_owner = $owner, s.lease_until = now + $ttl_ms
+SET s.lease_owner = CASE WHEN s.lease_owner = $owner THEN $owner ELSE $fresh END, s.lease_until = now + $ttl_ms
 RETURN s.lease_owner AS owner
 """
 
+# The first statement of every fenced transaction: it holds the lock until commit, so the lease
+# cannot change hands while the transaction's writes are pending.
 LEASE_HELD = """
-OPTIONAL MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
-RETURN s IS NOT NULL AS held
+MATCH (s:_Refresh {key: 'main'})
+SET s._lock = true
+REMOVE s._lock
+RETURN s.lease_owner = $owner AS held
 """
 
 LEASE_RELEASE = """
@@ -285,17 +335,29 @@ RETURN j {.*} AS job
 
 JOB_GET = "MATCH (j:Job {id: $id}) RETURN j {.*} AS job"
 
+# Only the lease holder claims or finishes jobs, and only the owner a job runs under finishes it:
+# a worker that lost the lease mid-job leaves the job to its successor (requeued or already done).
+# Both lock the lease node first, like LEASE_HELD.
 JOB_NEXT = """
+MATCH (s:_Refresh {key: 'main'})
+SET s._lock = true
+REMOVE s._lock
+WITH s WHERE s.lease_owner = $owner
 MATCH (j:Job {state: 'queued'})
 WITH j ORDER BY j.created_at LIMIT 1
-SET j.state = 'running', j.started_at = timestamp(), j.owner = $owner
+SET j.state = 'running', j.started_at = timestamp(), j.owner = $owner, j.attempts = coalesce(j.attempts, 0) + 1
 RETURN j {.*} AS job
 """
 
 JOB_FINISH = """
-MATCH (j:Job {id: $id})
+MATCH (s:_Refresh {key: 'main'})
+SET s._lock = true
+REMOVE s._lock
+WITH s WHERE s.lease_owner = $owner
+MATCH (j:Job {id: $id, state: 'running', owner: $owner})
 SET j.state = $state, j.finished_at = timestamp(), j.result = $result, j.error = $error,
     j.progress = CASE $state WHEN 'succeeded' THEN 1.0 ELSE j.progress END
+RETURN count(j) AS finished
 """
 
 # Jobs left running by a worker that died go back to the queue when a new worker takes the lease.
@@ -391,29 +453,38 @@ ORDER BY score DESC LIMIT $k
 """
 
 # Churn risk: silence measured against the user's own rhythm (days since the last event over the
-# average gap between their events), for users with a history; drift is 1 - cosine between the
-# user's vector and the mean vector of what sold in the last 30 days of the data.
+# average gap between their events), for users with a history; drift is 1 - the cosine similarity
+# (Neo4j's, (1 + cos) / 2, so drift is in [0, 1]) between the user's vector and the mean vector of
+# what sold in the last 30 days of the data (the 200 items with most buyers, ties by id). Drift
+# uses only vectors of the current model version, so it never mixes two (null for a user not yet
+# embedded under it).
 CHURN_RISK = """
 CALL {
   MATCH ()-[r:INTERACTED]->() RETURN max(r.last_ts) AS now
 }
 CALL {
-  WITH now
-  MATCH (:User)-[r:INTERACTED]->(i:Item) WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL
-  WITH i, count(r) AS buyers ORDER BY buyers DESC LIMIT 200
+  OPTIONAL MATCH (m:Model {current: true}) RETURN m.version AS version
+}
+CALL {
+  WITH now, version
+  MATCH (:User)-[r:INTERACTED]->(i:Item)
+  WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL AND i.embedding_version = version
+  WITH i, count(r) AS buyers ORDER BY buyers DESC, i.id LIMIT 200
   RETURN collect(i.embedding) AS trending
 }
 MATCH (u:User)-[r:INTERACTED]->()
-WITH u, now, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
+WITH u, now, version, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
      sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events
 WHERE events >= $min_events
-WITH u, trending, (now - last) / 86400000.0 AS silent_days,
+WITH u, version, trending, (now - last) / 86400000.0 AS silent_days,
      ((last - first) / 86400000.0) / (events - 1) AS gap_days
-WITH u, trending, silent_days, gap_days, silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
+WITH u, version, trending, silent_days, gap_days,
+     silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
 ORDER BY risk DESC LIMIT $k
 RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_days,
        round(gap_days, 1) AS typical_gap_days,
-       CASE WHEN u.embedding IS NULL OR size(trending) = 0 THEN null
+       CASE WHEN u.embedding IS NULL OR size(trending) = 0 OR NOT coalesce(u.embedding_version = version, false)
+            THEN null
             ELSE round(1 - vector.similarity.cosine(u.embedding,
                  reduce(acc = [x IN range(1, size(u.embedding)) | 0.0], v IN trending |
                         [k IN range(0, size(v) - 1) | acc[k] + v[k]])), 4) END AS drift

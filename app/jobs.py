@@ -31,16 +31,17 @@ def get(session, job_id: str) -> dict | None:
 
 
 def claim_next(session, owner: str) -> dict | None:
-    """Mark the oldest queued job running for `owner` and return it."""
+    """Mark the oldest queued job running for lease holder `owner` and return it."""
     record = session.execute_write(lambda tx: tx.run(cypher.JOB_NEXT, owner=owner).single())
     return _decode(record["job"]) if record else None
 
 
-def finish(session, job_id: str, state: str, result: dict | None = None, error: str | None = None) -> None:
-    """Record a job's outcome."""
-    session.execute_write(lambda tx: tx.run(
-        cypher.JOB_FINISH, id=job_id, state=state, result=json.dumps(result) if result else None,
-        error=error).consume())
+def finish(session, job_id: str, owner: str, state: str, result: dict | None = None,
+           error: str | None = None) -> bool:
+    """Record a job's outcome; False (nothing written) unless `owner` runs it and holds the lease."""
+    return session.execute_write(lambda tx: tx.run(
+        cypher.JOB_FINISH, id=job_id, owner=owner, state=state, result=json.dumps(result) if result else None,
+        error=error).single()["finished"]) > 0
 
 
 def requeue_orphans(session, owner: str) -> int:

@@ -13,8 +13,7 @@ def status(driver, cfg: Config) -> dict:
     with driver.session(database=cfg.neo4j_database) as s:
         st = s.execute_write(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
         counts = s.run(cypher.NODE_COUNT).single()
-        since = (st["watermark"] or 0) - cfg.refresh_margin_ms
-        oldest = store.oldest_pending(s, since) if st["watermark"] is not None else None
+        oldest = store.oldest_pending(s) if st["watermark"] is not None else None
     now = st["now"]
     model = models.current_info(driver, cfg)
     lease_live = bool(st["lease_owner"]) and (st["lease_until"] or 0) > now

@@ -5,7 +5,10 @@ import logging
 import os
 import signal
 import socket
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -13,7 +16,8 @@ from apscheduler.triggers.cron import CronTrigger
 from app import cypher, jobs
 from app.config import Config
 from app.db import get_driver
-from app.embeddings import models
+from app.embeddings import models, store
+from app.embeddings.full import embed_full, interrupted
 from app.embeddings.refresh import refresh
 from app.embeddings.store import LeaseLost
 from app.embeddings.training import train_and_publish
@@ -22,51 +26,99 @@ from app.runtime import freeze_heap
 log = logging.getLogger(__name__)
 
 
+def _token() -> str:
+    """A new lease owner token: host, pid (to find the process) and a random part (never reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
 class Worker:
     """Runs incremental refreshes, queued admin jobs and scheduled retraining under the lease."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, progress: bool = False):
         self.cfg = cfg
         self.driver = get_driver(cfg)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.active = False
+        self.progress = progress
+        self.owner = _token()  # replaced by a fresh token whenever the lease is taken anew
+        self.active = None  # unknown until the first renewal
 
     def _session(self):
         return self.driver.session(database=self.cfg.neo4j_database)
 
     def renew_lease(self) -> bool:
-        """Take or extend the lease; True while this worker is the active one."""
+        """Take or extend the lease; True while this worker is the active one.
+
+        Taking it from another worker (or a lapsed one) starts a new tenure under a fresh owner token,
+        so whatever this process began under an earlier tenure stays fenced out.
+        """
         ttl_ms = int(self.cfg.lease_seconds * 1000)
         try:
             with self._session() as s:
-                held = s.execute_write(lambda tx: tx.run(
-                    cypher.LEASE_ACQUIRE, owner=self.owner, ttl_ms=ttl_ms).single()) is not None
-                if held and not self.active:
+                record = s.execute_write(lambda tx: tx.run(
+                    cypher.LEASE_ACQUIRE, owner=self.owner, fresh=_token(), ttl_ms=ttl_ms).single())
+                held = record is not None
+                if held and (record["owner"] != self.owner or not self.active):
+                    self.owner = record["owner"]
                     log.info("worker %s is now active", self.owner)
                     requeued = jobs.requeue_orphans(s, self.owner)
                     if requeued:
                         log.info("requeued %d job(s) left running by a previous worker", requeued)
-                elif not held and self.active:
-                    log.warning("worker %s lost the lease; standing by", self.owner)
+                elif not held and self.active is not False:
+                    log.info("worker %s standing by: another worker holds the lease", self.owner)
         except Exception:  # noqa: BLE001 - Neo4j away: not active until it answers again
             log.exception("lease renewal failed")
             held = False
         self.active = held
         return held
 
+    @contextmanager
+    def renewing(self):
+        """Keep renewing the lease from a background thread while the block runs (the CLI's jobs;
+        `run_forever` has its own schedule), so a job longer than the lease keeps it."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(self._renew_every()):
+                self.renew_lease()
+        thread = threading.Thread(target=loop, name="lease-renewal", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+    @contextmanager
+    def holding(self, timeout: float = 60.0):
+        """Take the lease (waiting up to `timeout` s for another holder's to lapse), keep it renewed
+        while the block runs, then release it: for writers outside `run_forever` (benchmarks, tests)."""
+        deadline = time.monotonic() + timeout
+        while not self.renew_lease():
+            if time.monotonic() > deadline:
+                raise LeaseLost(f"the refresh lease stayed held by another worker for {timeout:.0f}s")
+            time.sleep(0.2)
+        try:
+            with self.renewing():
+                yield self
+        finally:
+            self.release()
+
+    def _renew_every(self) -> float:
+        return max(self.cfg.lease_seconds / 3, 0.5)
+
     def tick(self) -> dict | None:
         """One scheduler run: a queued job if any, else an incremental refresh."""
         if not self.renew_lease():
             return None
+        owner = self.owner  # this tenure's token: if the lease changes hands, everything below is fenced
         try:
             with self._session() as s:
-                job = jobs.claim_next(s, self.owner)
+                job = jobs.claim_next(s, owner)
             if job:
                 return self._run_job(job)
             lm = models.current(self.driver, self.cfg)
             if lm is None:
                 return None
-            return refresh(self.driver, self.cfg, lm, owner=self.owner)
+            return refresh(self.driver, self.cfg, lm, owner=owner)
         except LeaseLost as exc:
             log.warning("%s", exc)
             self.active = False
@@ -75,25 +127,40 @@ class Worker:
         return None
 
     def _run_job(self, job: dict) -> dict | None:
+        """Run a claimed job under the owner token it was claimed with, and record its outcome."""
+        owner = job["owner"]
         log.info("job %s (%s) started", job["id"], job["kind"])
         try:
-            if job["kind"] == "retrain":
-                result = train_and_publish(self.driver, self.cfg, progress=False, owner=self.owner)
-            else:
-                lm = models.current(self.driver, self.cfg)
-                if lm is None:
-                    raise RuntimeError("no trained model yet: run a retrain first")
-                full = job["params"].get("mode") == "full"
-                result = refresh(self.driver, self.cfg, lm, full=full, owner=self.owner)
+            result = self._job_result(job, owner)
         except Exception as exc:  # noqa: BLE001 - record the failure on the job
             log.exception("job %s failed", job["id"])
             with self._session() as s:
-                jobs.finish(s, job["id"], "failed", error=f"{type(exc).__name__}: {exc}")
+                if not jobs.finish(s, job["id"], owner, "failed", error=f"{type(exc).__name__}: {exc}"):
+                    log.warning("job %s is no longer ours: left to the lease holder", job["id"])
             return None
         with self._session() as s:
-            jobs.finish(s, job["id"], "succeeded", result=result)
+            if not jobs.finish(s, job["id"], owner, "succeeded", result=result):
+                log.warning("job %s is no longer ours: left to the lease holder", job["id"])
+                return None
         log.info("job %s succeeded", job["id"])
         return result
+
+    def _job_result(self, job: dict, owner: str) -> dict:
+        """Run a claimed job as lease holder `owner`."""
+        lm = models.current(self.driver, self.cfg)
+        if job["kind"] == "retrain":
+            with self._session() as s:
+                state = store.refresh_state(s)
+            target, publish = interrupted(self.driver, self.cfg, state, lm) if state["full_pending"] else (lm, False)
+            if publish:  # a retrain interrupted after training (this job, requeued): finish that version
+                return embed_full(self.driver, self.cfg, target, progress=self.progress, owner=owner,
+                                  reason=f"interrupted retrain to {target.version}", publish=True)
+            return train_and_publish(self.driver, self.cfg, progress=self.progress, owner=owner,
+                                     epochs=job["params"].get("epochs"))
+        if lm is None:
+            raise RuntimeError("no trained model yet: run a retrain first")
+        full = job["params"].get("mode") == "full"
+        return refresh(self.driver, self.cfg, lm, full=full, owner=owner, progress=self.progress)
 
     def enqueue_retrain(self) -> None:
         """Scheduled retraining: queue a job if this worker is the active one."""
@@ -112,7 +179,7 @@ class Worker:
         scheduler.add_job(self.tick, "interval", seconds=self.cfg.refresh_interval, id="refresh",
                           max_instances=1, coalesce=True)
         # Renewal runs on its own thread so a long job does not let the lease lapse.
-        scheduler.add_job(self.renew_lease, "interval", seconds=max(self.cfg.lease_seconds / 3, 0.5),
+        scheduler.add_job(self.renew_lease, "interval", seconds=self._renew_every(),
                           id="lease", max_instances=1, coalesce=True)
         scheduler.add_job(self.enqueue_retrain, CronTrigger.from_crontab(self.cfg.retrain_cron, timezone="UTC"),
                           id="retrain", max_instances=1, coalesce=True)

@@ -31,12 +31,13 @@ from app.embeddings.full import embed_full
 from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import decay, pipeline
+from app.worker import Worker
 from bench.bench_ingest import free_port, graph_counts, wait_ready, wipe
 
 DATA = ROOT.parent / "shared" / "data" / "gowalla"  # read in place, never copied
 DAY_MS = 86_400_000
-# The graph is history: written a day ago (`changed_at = $ts`), as if loaded then, so a run's change
-# query does not rescan the whole graph inside its commit-time margin right after the build.
+# The graph is history: written a day ago (`changed_at = $ts`), as if loaded then and already
+# refreshed (no `ig_unseen` flag: the first full run reflects it anyway).
 SETUP_USERS = "UNWIND $ids AS id CREATE (:User {id: id, changed_at: $ts})"
 SETUP_ITEMS = "UNWIND $ids AS id CREATE (:Item {id: id, changed_at: $ts})"
 # One `view` event per edge at `ts`, exactly as INGEST_WRITE would leave it then.
@@ -119,32 +120,33 @@ def ingest(driver, cfg, evs: list[dict], batch: int = 5000) -> None:
         pipeline.ingest(driver, cfg, evs[j:j + batch])
 
 
-def timed_refresh(driver, cfg, lm) -> dict:
+def timed_refresh(driver, cfg, lm, owner: str) -> dict:
     """One incremental run over the pending changes, timed (everything it reaches is then exact)."""
     started = time.perf_counter()
-    run = refresh(driver, cfg, lm)
+    run = refresh(driver, cfg, lm, owner=owner)
     run["wall"] = time.perf_counter() - started
     return run
 
 
-def measure_size(driver, cfg, pairs, rng) -> dict:
-    """Full recompute, refresh after 1% of users changed, refresh after 1,000 events, on one graph."""
+def measure_size(driver, cfg, pairs, rng, owner: str) -> dict:
+    """Full recompute, refresh after 1% of users changed, refresh after 1,000 events, on one graph;
+    as lease holder `owner`."""
     row = {"edges": len(pairs), "build_s": build(driver, cfg, pairs)}
     row.update(graph_counts(driver, cfg.neo4j_database))
-    published = train_and_publish(driver, cfg, progress=False, train_model=False)
+    published = train_and_publish(driver, cfg, progress=False, train_model=False, owner=owner)
     lm = models.load(published["checkpoint"], published["version"])
     started = time.perf_counter()
-    row["full"] = embed_full(driver, cfg, lm)
+    row["full"] = embed_full(driver, cfg, lm, owner=owner)
     row["full_s"] = time.perf_counter() - started
     users = sorted({u for u, _ in pairs})
     edge_items = [i for _, i in pairs]  # drawn in proportion to popularity
     ingest(driver, cfg, events(users[:1], 1, rng, edge_items))  # warm-up (first torch calls), not timed
-    refresh(driver, cfg, lm)
+    refresh(driver, cfg, lm, owner=owner)
     sample = rng.sample(users, max(1, round(0.01 * len(users))))
     ingest(driver, cfg, events(sample, len(sample), rng, edge_items))
-    row["pct"] = timed_refresh(driver, cfg, lm)
+    row["pct"] = timed_refresh(driver, cfg, lm, owner)
     ingest(driver, cfg, events([rng.choice(users) for _ in range(1000)], 1000, rng, edge_items))
-    row["k1000"] = timed_refresh(driver, cfg, lm)
+    row["k1000"] = timed_refresh(driver, cfg, lm, owner)
     return row
 
 
@@ -254,7 +256,8 @@ def main() -> None:
     pairs = gowalla_pairs()
     rows = []
     for size in (int(x) for x in args.sizes.split(",") if x):
-        rows.append(measure_size(driver, cfg, pairs[:size], rng))
+        with Worker(cfg).holding() as holder:  # every writer of embeddings holds the lease
+            rows.append(measure_size(driver, cfg, pairs[:size], rng, holder.owner))
         r = rows[-1]
         print(f"{r['edges']:,} edges: build {r['build_s']:.1f}s, full {r['full_s']:.2f}s {r['full']}, "
               f"1% {r['pct']}, 1000 {r['k1000']}", flush=True)
@@ -262,7 +265,8 @@ def main() -> None:
         report(rows)
     if args.stream_seconds > 0:
         build(driver, cfg, pairs[:args.stream_base])
-        train_and_publish(driver, cfg, progress=False, train_model=False)
+        with Worker(cfg).holding() as holder:  # released before the stream's worker starts
+            train_and_publish(driver, cfg, progress=False, train_model=False, owner=holder.owner)
         s = stream(driver, cfg, args.stream_seconds, args.rate, args.batch, args.interval, rng)
         print(f"stream {args.stream_seconds:.0f}s on {args.stream_base:,} edges: {s['rate']:,.0f} events/s sent, "
               f"{s['samples']} sampled; user's embedding p50 {s['user']['p50']:.2f}s p99 {s['user']['p99']:.2f}s "

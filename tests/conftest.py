@@ -55,6 +55,15 @@ def clean_db(cfg, driver):
     return driver
 
 
+@pytest.fixture
+def lease(cfg, driver):
+    """A worker in this process holding the refresh lease (renewed in the background) for the test:
+    every writer of embeddings needs it, as `owner=lease.owner`; `lease.tick()` runs queued jobs."""
+    from app.worker import Worker
+    with Worker(cfg).holding() as holder:
+        yield holder
+
+
 @pytest.fixture(scope="session")
 def app(cfg):
     """The Flask app on the test Config."""

@@ -36,7 +36,7 @@ def edges(driver, cfg):
     """Every INTERACTED edge's properties, without the per-transaction bookkeeping."""
     with driver.session(database=cfg.neo4j_database) as s:
         rows = s.run("MATCH (u:User)-[r:INTERACTED]->(i:Item) RETURN u.id AS u, i.id AS i, properties(r) AS p")
-        return {(r["u"], r["i"]): {k: v for k, v in r["p"].items() if k not in ("changed_at", "rev")}
+        return {(r["u"], r["i"]): {k: v for k, v in r["p"].items() if k not in ("changed_at", "rev", "ig_unseen")}
                 for r in rows}
 
 
@@ -188,7 +188,9 @@ def test_malformed_field_is_rejected_by_name(cfg, clean_db, base_url, change, fi
 
 
 def test_missing_field_is_rejected(cfg, clean_db, base_url):
-    body = post(base_url, [{k: v for k, v in ev(1).items() if k != "ts"}]).json()
+    reply = post(base_url, [{k: v for k, v in ev(1).items() if k != "ts"}])
+    body = reply.json()
+    assert reply.status_code == 422 and body["accepted"] == 0
     assert body["rejected"][0]["field"] == "ts" and "required" in body["rejected"][0]["error"]
     assert count(clean_db, cfg, "MATCH (n) WHERE NOT n:_Migration AND NOT n:_IngestStats RETURN count(n)") == 0
 
@@ -247,24 +249,27 @@ def test_item_upsert_stores_metadata_and_marks_only_real_changes(cfg, clean_db, 
     read = "MATCH (i:Item {id: 'i1'}) RETURN properties(i)"
     first = count(clean_db, cfg, read)
     assert (first["title"], first["price"], first["attr_color"], first["attr_size"]) == ("Mug", 3.5, "red", 2)
+    assert first["rev"] == 1 and first["ig_unseen"]  # a new revision for the refresh job to find
     assert put([{"item_id": "i1", "title": "Mug", "price": 3.5}]).json()["changed"] == 0
-    assert count(clean_db, cfg, read)["changed_at"] == first["changed_at"]
-    time.sleep(0.01)
+    same = count(clean_db, cfg, read)
+    assert (same["changed_at"], same["rev"]) == (first["changed_at"], 1)
     assert put([{"item_id": "i1", "price": 4.0}]).json()["changed"] == 1
-    assert count(clean_db, cfg, read)["changed_at"] > first["changed_at"]
+    changed = count(clean_db, cfg, read)
+    assert changed["rev"] == 2 and changed["changed_at"] >= first["changed_at"]
     bad = put([{"item_id": "i3", "attributes": {"nested": {"a": 1}}}, {"item_id": "i4", "price": "free"}])
     assert bad.status_code == 422 and [r["field"] for r in bad.json()["rejected"]] == ["attributes.nested", "price"]
 
 
 def test_user_deletion_is_idempotent_and_leaves_no_trace(cfg, clean_db, base_url):
     post(base_url, [ev(1, "alice", "i1"), ev(2, "alice", "i2"), ev(3, "bob", "i1")])
-    before = count(clean_db, cfg, "MATCH (i:Item {id: 'i2'}) RETURN i.changed_at")
-    time.sleep(0.01)
+    revs = "MATCH (i:Item) RETURN collect([i.id, i.rev]) AS revs"
+    before = dict(count(clean_db, cfg, revs))
     for _ in range(2):
         assert requests.delete(f"{base_url}/v1/users/alice", timeout=10).status_code == 204
     assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 0
     assert list(edges(clean_db, cfg)) == [("bob", "i1")]
-    assert count(clean_db, cfg, "MATCH (i:Item {id: 'i2'}) RETURN i.changed_at") > before
+    # Each item alice touched lost an edge: one new revision each, for the refresh to rebuild it.
+    assert dict(count(clean_db, cfg, revs)) == {item: rev + 1 for item, rev in before.items()}
     # Event nodes keep only their id: nothing that leads back to the user.
     assert count(clean_db, cfg, "MATCH (e:Event) UNWIND keys(e) AS k RETURN collect(DISTINCT k)") == ["id"]
     assert count(clean_db, cfg, "MATCH (e:Event)--() RETURN count(e)") == 0

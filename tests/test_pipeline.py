@@ -6,7 +6,9 @@ import itertools
 import json
 import subprocess
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 import requests
 
@@ -117,7 +119,71 @@ def test_similar_items_and_audience_over_http(cfg, driver, demo, base_url):
     assert unknown.status_code == 404
 
 
-def test_churn_risk_over_http(demo, base_url):
-    rows = requests.get(f"{base_url}/v1/users/churn-risk", params={"k": 5}, timeout=60).json()["results"]
+DAY_MS = 86_400_000
+
+
+def expected_drift(cfg, driver, users: list[str]) -> tuple[dict, list[str]]:
+    """Each user's drift as CHURN_RISK defines it, computed here from the raw graph: 1 - the cosine
+    similarity between the user's vector and the summed vectors of the 200 items with most edges in the data's
+    last 30 days (ties by id), all of the current model version (None if the user's is not); and the
+    ids of those items."""
+    with driver.session(database=cfg.neo4j_database) as s:
+        version = s.run("MATCH (m:Model {current: true}) RETURN m.version AS v").single()["v"]
+        edges = s.run("MATCH (:User)-[r:INTERACTED]->(i:Item) RETURN i.id AS i, r.last_ts AS ts").data()
+        items = {r["id"]: r for r in s.run("MATCH (i:Item) RETURN i.id AS id, i.embedding AS e, "
+                                           "i.embedding_version AS v").data()}
+        vecs = {r["id"]: r for r in s.run("MATCH (u:User) WHERE u.id IN $ids RETURN u.id AS id, "
+                                          "u.embedding AS e, u.embedding_version AS v", ids=users).data()}
+    now = max(e["ts"] for e in edges)
+    buyers = Counter(e["i"] for e in edges if e["ts"] >= now - 30 * DAY_MS
+                     and items[e["i"]]["e"] is not None and items[e["i"]]["v"] == version)
+    top = sorted(buyers, key=lambda i: (-buyers[i], i))[:200]
+    total = np.sum([items[i]["e"] for i in top], axis=0)
+    out = {}
+    for u in users:
+        e, v = vecs[u]["e"], vecs[u]["v"]
+        cos = np.dot(e, total) / (np.linalg.norm(e) * np.linalg.norm(total)) if e is not None else 0.0
+        # Neo4j's vector.similarity.cosine is (1 + cos) / 2, so drift is in [0, 1].
+        out[u] = None if e is None or v != version or not top else float(1 - (1 + cos) / 2)
+    return out, top
+
+
+def churn(base_url, k=5) -> list[dict]:
+    return requests.get(f"{base_url}/v1/users/churn-risk", params={"k": k}, timeout=60).json()["results"]
+
+
+def assert_drifts(rows: list[dict], expected: dict) -> None:
+    for r in rows:
+        want = expected[r["user_id"]]
+        assert (r["drift"] is None) == (want is None), (r, want)
+        assert want is None or abs(r["drift"] - want) <= 1e-4, (r, want)  # the API rounds to 4 places
+
+
+def test_churn_risk_over_http(cfg, driver, demo, base_url):
+    rows = churn(base_url)
     assert rows and rows == sorted(rows, key=lambda r: r["risk"], reverse=True)
     assert all(r["silent_days"] >= 0 and r["typical_gap_days"] >= 0 for r in rows)
+    expected, _ = expected_drift(cfg, driver, [r["user_id"] for r in rows])
+    assert all(v is not None for v in expected.values())  # every user is embedded by the current model
+    assert_drifts(rows, expected)
+
+
+def test_churn_risk_uses_only_the_current_model_version(cfg, driver, demo, base_url):
+    """Mid-retrain, some vectors are of another version: drift ignores them (and is null for a user
+    whose own vector is of another version), as every other serving query does."""
+    users = [r["user_id"] for r in churn(base_url)]
+    _, top = expected_drift(cfg, driver, users)
+    other = "SET n.embedding_version = 'another-version', n.embedding = [x IN n.embedding | -x]"
+    undo = "SET n.embedding_version = $v, n.embedding = [x IN n.embedding | -x]"
+    with driver.session(database=cfg.neo4j_database) as s:
+        s.run(f"MATCH (n:Item) WHERE n.id IN $ids {other}", ids=top[:3]).consume()
+        s.run(f"MATCH (n:User {{id: $id}}) {other}", id=users[0]).consume()
+    try:
+        rows = churn(base_url)
+        expected, _ = expected_drift(cfg, driver, users)
+        assert expected[users[0]] is None and sum(v is not None for v in expected.values()) == len(users) - 1
+        assert_drifts(rows, expected)
+    finally:
+        with driver.session(database=cfg.neo4j_database) as s:
+            s.run(f"MATCH (n:Item) WHERE n.id IN $ids {undo}", ids=top[:3], v=demo).consume()
+            s.run(f"MATCH (n:User {{id: $id}}) {undo}", id=users[0], v=demo).consume()

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from app import cypher
 from app.config import Config
-from app.embeddings import store
-from app.embeddings import state
+from app.embeddings import models, state, store
 from app.embeddings.models import LoadedModel
 from graph_models import build_graph
 
@@ -42,11 +43,17 @@ def _fenced(tx, owner, write, *args):
 
 
 def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, owner: str | None = None,
-               reason: str = "requested") -> dict:
-    """Recompute and write every node's embedding and refresh state under `lm.version`."""
+               reason: str = "requested", publish: bool = False) -> dict:
+    """Recompute and write every node's embedding and refresh state under `lm.version`, as lease
+    holder `owner`; with `publish`, make `lm.version` current in the same last transaction.
+
+    Batches commit one by one, so the run first raises `full_pending` (with its version): a crash
+    part-way leaves it raised and the next run finishes the job (`interrupted`), under that version.
+    """
     started = time.monotonic()
+    run_id = uuid.uuid4().hex
     with driver.session(database=cfg.neo4j_database) as session:
-        store.set_full_pending(session, True)
+        session.execute_write(lambda tx: store.set_full_pending(tx, owner, run_id, lm.version, publish))
         with tqdm(desc="export edges", unit="edge", disable=not progress) as bar:
             snap = session.execute_read(lambda tx: store.export(tx, bar))
     t_export = time.monotonic() - started
@@ -56,22 +63,41 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
     edges = [{"u": u, "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
     with driver.session(database=cfg.neo4j_database) as session:
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
-            for chunk in tqdm(list(store.chunks(rows)), desc=f"write {ntype}s", disable=not progress):
+            for chunk in tqdm(list(store.chunks(rows, cfg.full_batch)), desc=f"write {ntype}s", disable=not progress):
                 session.execute_write(lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
                                                                            lm.version))
-        for chunk in tqdm(list(store.chunks(edges, 20000)), desc="mark edges", disable=not progress):
+        for chunk in tqdm(list(store.chunks(edges, 10 * cfg.full_batch)), desc="mark edges", disable=not progress):
             session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
-        seen = [{"id": x, "at": snap.taken_at} for x in snap.user_ids]
-        seen_items = [{"id": it["id"], "at": snap.taken_at} for it in snap.items]
-        run = {"mode": "full", "reason": reason, "version": lm.version, "users": len(users), "items": len(items),
+        # The revisions the export read: a change committed after it keeps its node flagged.
+        seen = [{"id": x, "rev": rev} for x, rev in zip(snap.user_ids, snap.user_revs)]
+        seen_items = [{"id": it["id"], "rev": it["rev"]} for it in snap.items]
+        run = {"mode": "full", "reason": reason, "version": lm.version, "published": publish,
+               "users": len(users), "items": len(items),
                "edges": len(edges), "seconds": round(time.monotonic() - started, 3),
                "export_s": round(t_export, 3), "inference_s": round(t_infer, 3), "finished_at": int(time.time() * 1000)}
 
         def finish(tx):
+            store.check_lease(tx, owner)
             store.mark_seen(tx, store.USER, seen)
             store.mark_seen(tx, store.ITEM, seen_items)
-            store.advance(tx, snap.taken_at, run, owner)
+            store.advance(tx, snap.taken_at, run, owner, full_run=run_id)
+            if publish:  # with the last write: new-model vectors are never left under the old model
+                store.set_current_model(tx, lm.version)
         session.execute_write(finish)
     log.info("full recompute (%(reason)s): %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs",
              run)
     return run
+
+
+def interrupted(driver, cfg: Config, state: dict, lm: LoadedModel | None) -> tuple[LoadedModel | None, bool]:
+    """The model an interrupted full run (`state` from `store.refresh_state`) was writing, and whether
+    to publish it: a retrain's new version is finished and made current; else `lm` as it was."""
+    version = state.get("full_version")
+    if version and (lm is None or version != lm.version):
+        with driver.session(database=cfg.neo4j_database) as session:
+            record = session.execute_read(lambda tx: tx.run(cypher.MODEL_BY_VERSION, version=version).single())
+        if record is not None:
+            return models.load(record["path"], version), bool(state.get("full_publish"))
+        log.warning("interrupted full run was writing unknown model version %s; redoing it with %s",
+                    version, lm and lm.version)
+    return lm, False

@@ -19,7 +19,7 @@ import numpy as np
 
 from app.config import Config
 from app.embeddings import state, store
-from app.embeddings.full import embed_full
+from app.embeddings.full import embed_full, interrupted
 from app.embeddings.models import LoadedModel
 from app.embeddings.state import ITEM, USER
 
@@ -40,8 +40,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
         if reason is None:
             started = time.monotonic()
             now = store.server_time(session)
-            since = st["watermark"] - cfg.refresh_margin_ms
-            edges, users, items = session.execute_read(lambda tx: store.changes(tx, since))
+            edges, users, items = session.execute_read(store.changes)
             if not (edges or users or items):
                 return {"mode": "noop", "seconds": round(time.monotonic() - started, 4)}
             try:
@@ -55,7 +54,10 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
                 log.debug("incremental refresh: %d edges, %d users, %d items in %.3fs", run["changed_edges"],
                           run["users"], run["items"], time.monotonic() - started)
                 return run
-    return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason)
+    publish = False
+    if st["full_pending"]:  # finish the interrupted run under the version it was writing
+        lm, publish = interrupted(driver, cfg, st, lm)
+    return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason, publish=publish)
 
 
 def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users: list[dict],
@@ -84,8 +86,9 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     items_out = [{"id": i, "props": pr} for i, pr in zip(new, state.item_props(q[rows], x[rows], lm.item_norm, None))]
     writes = {"users": users_out, "items": items_out, "degrees": [i for i in item_ids if i in stored],
               "edges": [{"e": e["e"], "u": e["u"], "i": e["i"], "rev": e["rev"]} for e in edges],
-              "seen": {USER: [{"id": r["id"], "at": r["at"]} for r in users],
-                       ITEM: [{"id": r["id"], "at": r["at"]} for r in items]}}
+              # The revisions this run read: one committed since keeps its node flagged for the next.
+              "seen": {USER: [{"id": r["id"], "rev": r["rev"]} for r in users],
+                       ITEM: [{"id": r["id"], "rev": r["rev"]} for r in items]}}
     run = {"changed_edges": len(edges), "changed_nodes": len(users) + len(items),
            "users": len(users_out), "items": len(writes["degrees"]), "embeddings": len(users_out) + len(items_out)}
     return writes, run
@@ -95,7 +98,8 @@ def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | No
     """Everything one run changes, in its single transaction.
 
     Locks are taken in the ingest path's order (items by id, then users by id, then edges), so a run
-    and concurrent ingest queue instead of deadlocking (a deadlock costs a retry after ~1 s).
+    and concurrent ingest queue instead of deadlocking (a deadlock costs a retry after ~1 s); the
+    lease node before them all (the fence, as in every fenced transaction).
     """
     store.check_lease(tx, owner)
     store.write_nodes(tx, ITEM, writes["items"], version)

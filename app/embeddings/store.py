@@ -20,6 +20,7 @@ class Snapshot:
 
     user_ids: list[str]
     items: list[dict]
+    user_revs: list[int] = field(default_factory=list)  # parallel to user_ids; items carry their `rev`
     edges_u: list[str] = field(default_factory=list)
     edges_i: list[str] = field(default_factory=list)
     w: list[float] = field(default_factory=list)
@@ -66,7 +67,8 @@ def export(session, progress=None) -> Snapshot:
         snap.rev.extend(record["rev"])
         if progress is not None:
             progress.update(len(items))
-    snap.user_ids = [r["id"] for r in session.run(cypher.EXPORT_USERS)]
+    users = [(r["id"], r["rev"]) for r in session.run(cypher.EXPORT_USERS)]
+    snap.user_ids, snap.user_revs = [u for u, _ in users], [rev for _, rev in users]
     snap.items = [dict(r) for r in session.run(cypher.EXPORT_ITEMS)]
     users = set(snap.user_ids)
     if not users.issuperset(snap.edges_u):
@@ -106,49 +108,67 @@ def item_degrees(tx, ids: list[str]) -> None:
 
 
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
-    """Record that node changes up to `at` are reflected in the stored state."""
+    """Record that the stored state of each node (`{id, rev}`) reflects its revision `rev`."""
     for chunk in chunks(rows, 5000):
         tx.run(_SEEN[ntype], rows=chunk).consume()
 
 
 def refresh_state(session) -> dict:
-    """The refresh watermark (epoch ms, None before the first run), full_pending flag and last run."""
+    """The refresh watermark (epoch ms, None before the first run), last run, and whether a full run
+    is pending (`full_pending`, with the `full_version` it was writing and `full_publish`)."""
     return session.execute_read(lambda tx: dict(tx.run(cypher.REFRESH_STATE).single()))
 
 
-def set_full_pending(session, pending: bool) -> None:
-    """Flag a full recompute in progress, so a crash mid-way is finished by a new full run."""
-    session.execute_write(lambda tx: tx.run(cypher.REFRESH_FULL_PENDING, pending=pending).consume())
+def set_full_pending(tx, owner: str, run_id: str, version: str, publish: bool) -> None:
+    """Flag full run `run_id` in progress, so a crash mid-way is finished by another full run."""
+    check_lease(tx, owner)
+    tx.run(cypher.REFRESH_FULL_PENDING, owner=owner, run_id=run_id, version=version, publish=publish).consume()
+
+
+def set_current_model(tx, version: str) -> None:
+    """Make `version` the current model (inside a full run's last, fenced transaction)."""
+    tx.run(cypher.MODEL_SET_CURRENT, version=version).consume()
 
 
 class LeaseLost(RuntimeError):
-    """Another worker holds the lease: this run's writes must not land."""
+    """This writer does not hold the refresh lease: its writes must not land."""
 
 
 def check_lease(tx, owner: str | None) -> None:
-    """Raise LeaseLost unless `owner` (None: no worker, e.g. the CLI) holds the lease."""
-    if owner is not None and not tx.run(cypher.LEASE_HELD, owner=owner).single()["held"]:
+    """Raise LeaseLost unless `owner` holds the lease; from here to commit the lease cannot change hands.
+
+    Every writer of embeddings and refresh state calls this first in each transaction: the CLI, the
+    API's jobs and tests as much as the worker (they take the lease like a worker does).
+    """
+    if owner is None:
+        raise LeaseLost("writing embeddings needs the refresh lease (no owner given)")
+    record = tx.run(cypher.LEASE_HELD, owner=owner).single()
+    if record is None or not record["held"]:
         raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
 
 
-def advance(tx, mark: int, run: dict, owner: str | None = None) -> None:
-    """Move the watermark and record the run inside the run's transaction, fenced by the lease."""
-    record = tx.run(cypher.REFRESH_ADVANCE, watermark=mark, run=json.dumps(run), owner=owner).single()
+def advance(tx, mark: int, run: dict, owner: str | None, full_run: str | None = None) -> None:
+    """Move the watermark and record the run (with its owner) inside the run's transaction, fenced by
+    the lease; `full_run` (the full run's id) also lowers the `full_pending` that run raised."""
+    if owner is None:
+        raise LeaseLost("writing embeddings needs the refresh lease (no owner given)")
+    record = tx.run(cypher.REFRESH_ADVANCE, watermark=mark, run=json.dumps({**run, "owner": owner}),
+                    owner=owner, full_run=full_run).single()
     if record["updated"] == 0:
         raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
 
 
-def changes(session, since: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """Edges, users and items changed since `since` and not yet reflected."""
-    edges = [dict(r) for r in session.run(cypher.CHANGED_EDGES, since=since)]
-    users = [dict(r) for r in session.run(cypher.CHANGED_USERS, since=since)]
-    items = [dict(r) for r in session.run(cypher.CHANGED_ITEMS, since=since)]
+def changes(session) -> tuple[list[dict], list[dict], list[dict]]:
+    """Edges, users and items with a revision not yet reflected (users and items with their `rev`)."""
+    edges = [dict(r) for r in session.run(cypher.CHANGED_EDGES)]
+    users = [dict(r) for r in session.run(cypher.CHANGED_USERS)]
+    items = [dict(r) for r in session.run(cypher.CHANGED_ITEMS)]
     return edges, users, items
 
 
-def oldest_pending(session, since: int) -> int | None:
-    """Commit time (ms) of the oldest change not yet reflected, or None."""
-    return session.run(cypher.OLDEST_PENDING, since=since).single()["oldest"]
+def oldest_pending(session) -> int | None:
+    """Time stamp (ms) of the oldest change not yet reflected, or None."""
+    return session.run(cypher.OLDEST_PENDING).single()["oldest"]
 
 
 def user_edges(session, ids: list[str]) -> dict[str, tuple[list[str], list[float]]]:

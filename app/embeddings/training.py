@@ -70,9 +70,9 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     path = _publish(driver, cfg, mcfg, model, version, meta, metrics, result["epochs"])
     lm = models.load(str(path), version)
     log.info("trained %s in %.1fs: %s", version, result["seconds"], metrics)
-    embedded = embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=f"new model version {version}")
-    with driver.session(database=cfg.neo4j_database) as session:
-        session.execute_write(lambda tx: tx.run(cypher.MODEL_SET_CURRENT, version=version).consume())
+    # The switch to the new version commits with the full run's last write (fenced by the lease).
+    embedded = embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=f"new model version {version}",
+                          publish=True)
     return {"version": version, "metrics": metrics, "popularity": result["popularity"],
             "train_seconds": round(result["seconds"], 2),
             "epochs": result["epochs"], "embed": embedded, "seconds": round(time.monotonic() - started, 2),
