@@ -11,6 +11,7 @@ import torch
 from scipy.sparse.linalg import svds
 
 from .evaluation import evaluate
+from .spectral import degrees, inv_sqrt, normalised
 
 
 def popularity_scorer(train_csr):
@@ -126,21 +127,6 @@ def tune_itemknn(fit_csr, val, exclude=None, ks=(50, 100, 200, 400, 800),
             "user_selection": how, "seconds": time.time() - t0}
 
 
-def _inv_sqrt(deg):
-    """deg^-1/2 with 0 for zero degrees (an empty row or column stays empty)."""
-    out = np.zeros_like(deg, dtype=np.float64)
-    np.divide(1.0, np.sqrt(np.maximum(deg, 0)), out=out, where=deg > 0)
-    return out
-
-
-def normalised_interactions(train_csr):
-    """(R̃ = D_U^-1/2 R D_I^-1/2 as CSR, item degrees d_I) of an interaction matrix R."""
-    r = sp.csr_matrix(train_csr, dtype=np.float64)
-    d_u = np.asarray(r.sum(axis=1)).ravel()
-    d_i = np.asarray(r.sum(axis=0)).ravel()
-    return sp.diags(_inv_sqrt(d_u)) @ r @ sp.diags(_inv_sqrt(d_i)), d_i
-
-
 def top_right_singular_vectors(matrix, k, seed=0, solver="propack", niter=4):
     """Top-k right singular vectors (items x k, float32 tensor) of a sparse matrix, repeatably.
 
@@ -178,14 +164,13 @@ def gfcf_scorer(train_csr, alpha=0.3, k=256, seed=0, solver="propack"):
     (r_u R̃ᵀ) R̃ per batch of users, so no item x item matrix is ever formed.
     """
     r = sp.csr_matrix(train_csr, dtype=np.float32)
-    norm, d_i = normalised_interactions(r)
-    norm = norm.astype(np.float32).tocsr()
+    norm, d_i = normalised(r).astype(np.float32).tocsr(), degrees(r)[1]
     norm_t = norm.T.tocsr()
     ideal = alpha > 0 and k > 0
     if ideal:
         v = top_right_singular_vectors(norm, k, seed=seed, solver=solver).numpy()
         sqrt_d = np.sqrt(np.maximum(d_i, 0))[:, None]
-        left = (_inv_sqrt(d_i)[:, None] * v).astype(np.float32)  # D_I^-1/2 V_k
+        left = (inv_sqrt(d_i)[:, None] * v).astype(np.float32)  # D_I^-1/2 V_k
         right = torch.as_tensor((v * sqrt_d).T, dtype=torch.float32)  # V_kᵀ D_I^1/2
 
     def score(users):
@@ -198,36 +183,3 @@ def gfcf_scorer(train_csr, alpha=0.3, k=256, seed=0, solver="propack"):
         return out
 
     return score
-
-
-def _gowalla_report(data_dir, tune_users=10000):
-    """Tuned ItemKNN (on a 10% validation hold-out of train) and GF-CF on the Gowalla test split."""
-    from .gowalla import load_split
-    from .split import holdout
-
-    train_csr, test, _, _ = load_split(data_dir)
-    fit_csr, val = holdout(train_csr, 0.1, 0)
-    tuned = tune_itemknn(fit_csr, val, users=tune_users)
-    report = {"itemknn_tuning": tuned}
-    t0 = time.time()
-    scorer = itemknn_scorer(train_csr, k=tuned["k"], shrink=tuned["shrink"])
-    report["itemknn"] = {**evaluate(scorer, test, train_csr, 20), "k": tuned["k"],
-                         "shrink": tuned["shrink"], "seconds": time.time() - t0}
-    t0 = time.time()
-    scorer = gfcf_scorer(train_csr)
-    built = time.time() - t0
-    report["gfcf"] = {**evaluate(scorer, test, train_csr, 20), "build_seconds": built,
-                      "seconds": time.time() - t0}
-    return report
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=_gowalla_report.__doc__)
-    parser.add_argument("--data-dir", default="../shared/data/gowalla")
-    parser.add_argument("--tune-users", type=int, default=10000,
-                        help="seeded sample of validation users to tune on (0: all)")
-    args = parser.parse_args()
-    print(json.dumps(_gowalla_report(args.data_dir, args.tune_users or None), indent=1))

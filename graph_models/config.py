@@ -11,16 +11,16 @@ class ModelConfig:
     degree: int = 3          # polynomial degree of each block's response h(sigma^2)
     alpha: float = 0.3       # initial weight of the low-pass block (GF-CF's value)
     svd_iters: int = 4
-    step: float = 0.2        # first move of a coefficient in the coordinate search
+    step: float = 0.1        # first move of a coefficient in the coordinate search
     min_step: float = 0.02
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 1024
     patience: int = 2
-    sample_users: int = 2000  # target users scored per measure, for fitting and for early stopping each
+    sample_users: int = 3000  # target users scored per measure, for fitting and for early stopping each
     holdout: float = 0.1     # share of each user's items hidden as training targets
     check_share: float = 0.5  # share of target users kept aside for early stopping
     # Wall-clock cap on training in minutes (None = none): stops after the epoch that passes it.
-    max_minutes: float | None = 30.0
+    max_minutes: float | None = 20.0
     seed: int = 0
     k: int = 20
 

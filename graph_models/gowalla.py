@@ -63,10 +63,10 @@ def run_evaluation(data_dir, cfg=None, progress=True, log_dir=None):
     report["model"]["seconds"] = train_seconds
     fit_csr, val = holdout(train_csr, cfg.holdout, cfg.seed)
     t0 = time.time()
-    knn = tune_itemknn(fit_csr, val, k=k)
+    knn = tune_itemknn(fit_csr, val, k=k, users=10000)
     report["itemknn"] = evaluate(itemknn_scorer(train_csr, k=knn["k"], shrink=knn["shrink"]), test, train_csr, k)
     report["itemknn"].update(params={"k": knn["k"], "shrink": knn["shrink"]}, seconds=time.time() - t0,
-                             grid=knn["grid"])
+                             grid=knn["grid"], tuned_on=f"{knn['users']} validation users, {knn['user_selection']}")
     t0 = time.time()
     report["gfcf"] = evaluate(gfcf_scorer(train_csr, seed=cfg.seed), test, train_csr, k)
     report["gfcf"]["seconds"] = time.time() - t0
