@@ -299,15 +299,17 @@ def evaluate_gowalla(data_dir, epochs, out):
 def evaluate_retail(path, epochs, out):
     """Time-ordered split of UCI Online Retail (first 80% of time to train): ours against the baselines."""
     from graph_models.retail import run_evaluation
-    _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out)
+    cfg = load_config()  # the demo's sizes: what `make run` serves
+    _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out,
+              dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim)
 
 
-def _evaluate(run, name: str, epochs: int | None, out: str | None) -> None:
+def _evaluate(run, name: str, epochs: int | None, out: str | None, **sizes) -> None:
     """Run one evaluation with TensorBoard logs under IG_HOME/runs and print its table."""
     from datetime import datetime, timezone
 
     from graph_models import ModelConfig
-    mcfg = ModelConfig()
+    mcfg = ModelConfig(**sizes)
     if epochs is not None:
         mcfg.epochs = epochs
     log_dir = load_config().home / "runs" / f"eval-{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"

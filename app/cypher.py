@@ -243,7 +243,9 @@ UNWIND $rows AS row
 MATCH (i:Item {id: row.i})
 MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp(), u.rev = 1, u.ig_unseen = true
 MERGE (u)-[r:INTERACTED]->(i)
-SET r.w = coalesce(r.w, 0.0) + row.w,
+WITH r, row, coalesce(r.w, 0.0) AS w0
+// A sum that cancels to float rounding of its parts (a return of what was bought) is exactly 0.
+SET r.w = CASE WHEN abs(w0 + row.w) <= 1e-12 * (abs(w0) + abs(row.w)) THEN 0.0 ELSE w0 + row.w END,
     r.qty = coalesce(r.qty, 0.0) + row.qty,
     r.first_ts = CASE WHEN r.first_ts <= row.first THEN r.first_ts ELSE row.first END,
     r.last_ts = CASE WHEN r.last_ts >= row.last THEN r.last_ts ELSE row.last END,

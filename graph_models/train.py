@@ -173,10 +173,11 @@ def _log(writer, row, progress):
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
-def fit(train_csr, cfg, progress=True, log_dir=None):
-    """The whole recipe: hide `cfg.holdout` of each user's items, learn the responses on them with a
-    basis of the rest, then rebuild the basis on the whole graph with the learned responses."""
-    fit_csr, hidden = holdout(train_csr, cfg.holdout, cfg.seed)
+def fit(train_csr, cfg, progress=True, log_dir=None, split=None):
+    """The whole recipe: hide `cfg.holdout` of each user's items (or use `split`, a pair (graph
+    without the targets, targets), e.g. a time-ordered one), learn the responses on them with a basis
+    of the rest, then rebuild the basis on the whole graph with the learned responses."""
+    fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
     t0 = time.time()
     first = build(fit_csr, cfg)
     result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)

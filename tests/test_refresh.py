@@ -164,6 +164,17 @@ def test_weights_that_cancel_leave_exactly_zero(trained, exact_cfg, driver, leas
     assert max_error(driver, exact_cfg, trained) < TOLERANCE
 
 
+def test_vectors_depend_on_the_version_not_on_the_process_settings(trained, exact_cfg, driver, lease):
+    """A worker started with another half-life or decay anchor computes the same vectors for a version:
+    the weights' scale is the version's (kept in its checkpoint), not the process's."""
+    reset(driver, exact_cfg, trained, lease.owner)
+    other = load_config(full_share=10.0, half_life_days=3.0, decay_anchor="2020-01-01T00:00:00Z")
+    pipeline.ingest(driver, exact_cfg, events(random.Random(5), 40, 75, 50))
+    assert refresh(driver, other, trained, owner=lease.owner)["mode"] == "incremental"
+    assert trained.meta["half_life_days"] == exact_cfg.half_life_days != other.half_life_days
+    assert max_error(driver, exact_cfg, trained) < TOLERANCE
+
+
 def test_incremental_touches_only_the_affected_nodes(trained, exact_cfg, driver, lease):
     refresh(driver, exact_cfg, trained, owner=lease.owner)
     pipeline.ingest(driver, exact_cfg, [{"event_id": f"solo-{time.time()}", "user_id": "solo-user",
