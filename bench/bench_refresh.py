@@ -24,6 +24,7 @@ import time
 import numpy as np
 import requests
 
+from app import cypher
 from app.config import ROOT, load_config
 from app.db import get_driver
 from app.embeddings import models
@@ -147,6 +148,7 @@ def measure_size(driver, cfg, pairs, rng, owner: str) -> dict:
     row["pct"] = timed_refresh(driver, cfg, lm, owner)
     ingest(driver, cfg, events([rng.choice(users) for _ in range(1000)], 1000, rng, edge_items))
     row["k1000"] = timed_refresh(driver, cfg, lm, owner)
+    row["recommend"] = recommend_latency(driver, cfg, users, rng)
     return row
 
 
@@ -236,6 +238,9 @@ def report(rows: list[dict]) -> None:
     k = [r["k1000"]["wall"] for r in rows]
     print(f"1,000 events: largest / smallest graph = {k[-1] / k[0]:.2f}x "
           f"(full: {rows[-1]['full_s'] / rows[0]['full_s']:.1f}x)")
+    for r in rows:
+        print(f"recommendations (k=20, one Cypher query) on {r['edges']:,} edges: p50 {r['recommend']['p50']:.3f}s "
+              f"max {r['recommend']['max']:.3f}s")
 
 
 def main() -> None:
