@@ -42,6 +42,7 @@ bench: install
 	$(TEST_ENV) $(IG) migrate
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
+	$(TEST_ENV) $(PY) -m bench.bench_soak
 
 # Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores) and the Online Retail time split (~3 min);
 # see docs/evaluation.md.

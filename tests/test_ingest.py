@@ -404,3 +404,35 @@ def test_group_writer_reports_a_failed_transaction_to_its_callers(cfg, clean_db)
     with pytest.raises(Exception, match="(?i)database"):
         broken.write([weighed(1)], {})
     assert count(clean_db, cfg, "MATCH (n) WHERE NOT n:_Migration RETURN count(n)") == 0
+
+
+def test_ingest_racing_an_erasure_of_its_user_is_retried(cfg, clean_db):
+    """An erasure that commits while an ingest of the same user waits for its lock fails that ingest
+    with EntityNotFound (the driver does not retry it): the writer runs it again, so the event lands
+    once, on a new user node, and nothing answers 500."""
+    from app import cypher
+    from app.ingest import pipeline
+    now = int(time.time() * 1000)
+    ev = {"user_id": "victim", "type": "view", "ts": now}
+    pipeline.ingest(clean_db, cfg, [{**ev, "event_id": "race-0", "item_id": "i1"}])
+    out = {}
+    with clean_db.session(database=cfg.neo4j_database) as s:
+        tx = s.begin_transaction()
+        tx.run(cypher.USER_DELETE, id="victim").consume()  # holds the user's lock, uncommitted
+
+        def ingest():
+            try:
+                out["report"] = pipeline.ingest(clean_db, cfg, [{**ev, "event_id": "race-1", "item_id": "i2"}])
+            except Exception as exc:  # noqa: BLE001 - the assertion below names it
+                out["error"] = exc
+        thread = threading.Thread(target=ingest)
+        thread.start()
+        time.sleep(1.0)  # the ingest now waits for the erasure's lock
+        tx.commit()
+        thread.join(timeout=60)
+    assert "error" not in out, out
+    assert out["report"].accepted == 1
+    with clean_db.session(database=cfg.neo4j_database) as s:
+        items = s.run("MATCH (:User {id: 'victim'})-[:INTERACTED]->(i) RETURN collect(i.id) AS ids").single()["ids"]
+        events = s.run("MATCH (e:Event) WHERE e.id STARTS WITH 'race-' RETURN count(e) AS n").single()["n"]
+    assert items == ["i2"] and events == 2

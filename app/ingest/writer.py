@@ -5,6 +5,8 @@ import math
 import random
 from collections import Counter, defaultdict
 
+from neo4j.exceptions import ClientError
+
 from app import cypher
 
 STATS_SHARDS = 16
@@ -58,10 +60,23 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
     return accepted
 
 
+ENTITY_NOT_FOUND = "Neo.ClientError.Statement.EntityNotFound"
+
+
 def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]]) -> list[int]:
-    """Commit several (events, counts) batches in one transaction; return how many of each were new."""
-    with driver.session(database=database) as session:
-        return session.execute_write(_write_tx, parts)
+    """Commit several (events, counts) batches in one transaction; return how many of each were new.
+
+    A user erased while this transaction waited for its lock makes Neo4j fail it with EntityNotFound,
+    which the driver does not retry; the transaction is rolled back whole (event claims included),
+    so running it again is safe and writes every event once, to a new user node.
+    """
+    for attempt in range(3):
+        try:
+            with driver.session(database=database) as session:
+                return session.execute_write(_write_tx, parts)
+        except ClientError as exc:
+            if exc.code != ENTITY_NOT_FOUND or attempt == 2:
+                raise
 
 
 def write_events(driver, database: str, events: list[dict], counts: dict) -> int:
