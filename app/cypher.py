@@ -12,6 +12,26 @@ CREATE (:_Migration {version: $version, description: $description, checksum: $ch
                      file: $file, applied_at: datetime()})
 """
 
+# The vector indexes' size, and their rebuild at another one (V006's statements, with the old vectors).
+VECTOR_INDEX_SIZES = """
+SHOW VECTOR INDEXES YIELD name, options
+WHERE name IN ['user_embedding', 'item_embedding']
+RETURN name, options.indexConfig['vector.dimensions'] AS dim
+"""
+
+VECTOR_INDEX_REBUILD = [
+    "DROP INDEX user_embedding IF EXISTS",
+    "DROP INDEX item_embedding IF EXISTS",
+    "MATCH (n:User|Item) WHERE n.embedding IS NOT NULL "
+    "CALL { WITH n REMOVE n.embedding, n.embedding_version } IN TRANSACTIONS OF 10000 ROWS",
+    """CREATE VECTOR INDEX user_embedding IF NOT EXISTS FOR (u:User) ON (u.embedding)
+OPTIONS {indexConfig: {`vector.dimensions`: $embed_dim, `vector.similarity_function`: 'cosine',
+                       `vector.hnsw.m`: 16, `vector.hnsw.ef_construction`: 32}}""",
+    """CREATE VECTOR INDEX item_embedding IF NOT EXISTS FOR (i:Item) ON (i.embedding)
+OPTIONS {indexConfig: {`vector.dimensions`: $embed_dim, `vector.similarity_function`: 'cosine',
+                       `vector.hnsw.m`: 16, `vector.hnsw.ef_construction`: 32}}""",
+]
+
 # --- health -----------------------------------------------------------------
 PING = "RETURN 1 AS ok"
 

@@ -76,8 +76,24 @@ def validate(driver, database: str, directory: Path = MIGRATIONS_DIR) -> list[Mi
     return [m for m in discover(directory) if m.version in pending]
 
 
+def fit_vector_indexes(driver, database: str, dim: int) -> bool:
+    """Rebuild the vector indexes if their size is not `dim` (IG_EMBED_DIM or IG_SHARP_DIM changed).
+
+    Stored vectors of another size would be left out of the index without an error, so the old
+    vectors go with it; the next training re-embeds every node. True if anything was rebuilt.
+    """
+    with driver.session(database=database) as session:
+        sizes = {r["name"]: r["dim"] for r in session.run(cypher.VECTOR_INDEX_SIZES)}
+        if not sizes or all(size == dim for size in sizes.values()):
+            return False
+        for statement in cypher.VECTOR_INDEX_REBUILD:
+            session.run(statement, embed_dim=dim).consume()
+    return True
+
+
 def migrate(driver, database: str, params: dict, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Apply pending migrations in order (with config `params`); return those applied."""
+    """Apply pending migrations in order (with config `params`), then size the vector indexes to
+    `params["embed_dim"]`; return the migrations applied."""
     done = []
     for m in validate(driver, database, directory):
         with driver.session(database=database) as session:
@@ -90,4 +106,5 @@ def migrate(driver, database: str, params: dict, directory: Path = MIGRATIONS_DI
             session.run(cypher.MIGRATION_RECORD, version=m.version, description=m.description,
                         checksum=m.checksum, file=m.path.name).consume()
         done.append(m)
+    fit_vector_indexes(driver, database, params["embed_dim"])
     return done

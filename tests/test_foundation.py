@@ -10,7 +10,7 @@ import sys
 import pytest
 import requests
 
-from app import config as config_module
+from app import cypher, config as config_module
 from app import migrate, neo4j_local
 from app.config import load_config
 
@@ -35,6 +35,21 @@ def test_schema_has_constraints_and_vector_indexes(cfg, driver):
     vector = names["item_embedding"]
     assert vector["type"] == "VECTOR"
     assert vector["options"]["indexConfig"]["vector.dimensions"] == cfg.vector_dim
+
+
+def test_migrate_resizes_the_vector_indexes_to_the_embedding_size(cfg, driver):
+    """Changing IG_EMBED_DIM / IG_SHARP_DIM and migrating rebuilds the indexes at the new size
+    (vectors of another size would silently stay out of them)."""
+    def size():
+        with driver.session(database=cfg.neo4j_database) as s:
+            return {r["name"]: r["dim"] for r in s.run(cypher.VECTOR_INDEX_SIZES)}
+    try:
+        assert migrate.fit_vector_indexes(driver, cfg.neo4j_database, 17)
+        assert size() == {"user_embedding": 17, "item_embedding": 17}
+    finally:
+        migrate.fit_vector_indexes(driver, cfg.neo4j_database, cfg.vector_dim)
+    assert size() == {"user_embedding": cfg.vector_dim, "item_embedding": cfg.vector_dim}
+    assert not migrate.fit_vector_indexes(driver, cfg.neo4j_database, cfg.vector_dim)
 
 
 def test_unique_constraint_is_enforced(cfg, clean_db):
