@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
 from .evaluation import evaluate
+from .graph import graph_from_csr
 from .model import InterestSAGE
 from .spectral import degrees, item_basis, linear_filter, normalised
 from .split import holdout
@@ -30,11 +31,9 @@ class Scorer:
     """Scores of users over all items of a graph: p_u . q_j + lin(u, j), the ranking the service serves."""
 
     def __init__(self, model, graph_csr):
-        self.model, self.graph, self.rt = model, graph_csr.astype(np.float64).tocsr(), normalised(graph_csr)
-        with torch.no_grad():
-            x = model.item_input(torch.arange(model.num_items)).float().numpy()
-        self.q = model.item_embedding(torch.arange(model.num_items)).float()
-        self.p = torch.from_numpy(np.asarray(self.graph @ x, dtype=np.float32))
+        self.graph, self.rt = graph_csr.astype(np.float64).tocsr(), normalised(graph_csr)
+        out = model.inference(graph_from_csr(self.graph))  # the DGL path the service's full recompute takes
+        self.p, self.q = out["user"].float(), out["item"].float()
 
     def __call__(self, users):
         users = np.asarray(users)
