@@ -52,7 +52,8 @@ def _ranked(statement: str, k: int, what: str, node_id: str, field: str, **param
         if not rows:
             return _answer([], what, node_id, field)
         results = rows[0]["results"]
-        if (len(results) >= k and results[-1]["score"] >= rows[0]["floor"]) or n >= MAX_CANDIDATES:
+        floor = rows[0]["floor"]
+        if floor is None or (len(results) >= k and results[-1]["score"] >= floor) or n >= MAX_CANDIDATES:
             return {"version": rows[0]["version"], "results": results}
         n = min(4 * n, MAX_CANDIDATES)
 
