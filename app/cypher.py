@@ -91,7 +91,8 @@ REMOVE r.ig_unseen
 """
 
 # An item's degree (sum of its positive raw edge weights), summed again over all its edges rather
-# than kept by differences, so weights that cancel leave exactly 0 and no float residue.
+# than kept by differences, so weights that cancel leave exactly 0 and no float residue; returns the
+# items the version has not embedded yet (brand-new ones), which the same transaction then embeds.
 ITEM_DEGREES = """
 UNWIND $ids AS id
 MATCH (i:Item {id: id})
@@ -101,6 +102,8 @@ CALL {
   RETURN sum(CASE WHEN r.w > 0 THEN r.w ELSE 0.0 END) AS d
 }
 SET i.ig_deg = d
+WITH i WHERE coalesce(i.embedding_version, '') <> $version
+RETURN collect(i.id) AS unembedded
 """
 
 # `ig_rev`: the node revision the stored state accounts for; `ig_unseen` goes as in MARK_EDGES.
@@ -182,12 +185,13 @@ CALL {
 RETURN min(at) AS oldest
 """
 
-# Edges of the given users with their raw weights;
+# Edges of the given users with their raw weights (every existing user, erased ones not at all);
 # one record per node (the driver's per-record cost dominated), coalesce keeps the lists aligned.
 USER_EDGES = """
 UNWIND $ids AS id
-MATCH (:User {id: id})-[r:INTERACTED]->(i:Item)
-RETURN id, collect(i.id) AS other, collect(coalesce(r.w, 0.0)) AS w
+MATCH (u:User {id: id})
+OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
+RETURN id, collect(i.id) AS other, collect(CASE WHEN r IS NOT NULL THEN coalesce(r.w, 0.0) END) AS w
 """
 
 USER_STATE = """

@@ -16,6 +16,7 @@ import logging
 import time
 
 import numpy as np
+import scipy.sparse as sp
 
 from app.config import Config
 from app.embeddings import state, store
@@ -50,7 +51,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
             else:
                 run.update(mode="incremental", version=lm.version, seconds=round(time.monotonic() - started, 4),
                            finished_at=int(time.time() * 1000))
-                session.execute_write(lambda tx: _write(tx, lm.version, writes, now, run, owner))
+                session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner))
                 log.debug("incremental refresh: %d edges, %d users, %d items in %.3fs", run["changed_edges"],
                           run["users"], run["items"], time.monotonic() - started)
                 return run
@@ -68,33 +69,38 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     total = store.node_count(session)
     if len(user_ids) + len(item_ids) > cfg.full_share * max(total, 1):
         raise TooLarge(f"affected set {len(user_ids) + len(item_ids)} > {cfg.full_share:.0%} of {total} nodes")
-    x, q = lm.tables
-    edges_of = store.user_edges(session, user_ids)
-    ids = sorted(store.node_state(session, USER, user_ids, ["id"]))  # erased users are gone
-    p, deg = np.zeros((len(ids), x.shape[1])), np.zeros(len(ids))
-    for k, uid in enumerate(ids):
-        its, w = edges_of[uid]
-        raw = np.maximum(np.asarray(w, dtype=np.float64), 0.0)
-        if its:
-            p[k] = (raw * lm.scale) @ x[lm.rows(its)]
-        deg[k] = raw.sum()
-    users_out = [{"id": uid, "props": pr} for uid, pr in zip(ids, state.user_props(p, deg))]
-    # Items' embeddings are the version's: only items it has not embedded yet need one.
-    stored = store.node_state(session, ITEM, item_ids, ["embedding_version"])
-    new = [i for i in item_ids if i in stored and stored[i][0] != lm.version]
-    rows = lm.rows(new)
-    items_out = [{"id": i, "props": pr} for i, pr in zip(new, state.item_props(q[rows], x[rows], lm.item_norm, None))]
-    writes = {"users": users_out, "items": items_out, "degrees": [i for i in item_ids if i in stored],
+    edges_of = store.user_edges(session, user_ids)  # erased users are not there
+    ids = sorted(edges_of)
+    # All users at once: one sparse users x version-rows matrix of weights times the item inputs.
+    counts = [len(edges_of[u][0]) for u in ids]
+    raw = np.maximum(np.fromiter((w for u in ids for w in edges_of[u][1]), dtype=np.float64, count=sum(counts)), 0.0)
+    cols = lm.rows([i for u in ids for i in edges_of[u][0]])
+    row_of = np.repeat(np.arange(len(ids)), counts)
+    x = lm.tables[0]
+    weights = sp.csr_matrix((raw * lm.scale, (row_of, cols)), shape=(len(ids), x.shape[0]))
+    p = np.asarray(weights @ x) if len(ids) else np.zeros((0, x.shape[1]))
+    deg = np.bincount(row_of, weights=raw, minlength=len(ids))
+    writes = {"users": [{"id": uid, "props": pr} for uid, pr in zip(ids, state.user_props(p, deg))],
+              "items": item_ids,
               "edges": [{"e": e["e"], "u": e["u"], "i": e["i"], "rev": e["rev"]} for e in edges],
               # The revisions this run read: one committed since keeps its node flagged for the next.
               "seen": {USER: [{"id": r["id"], "rev": r["rev"]} for r in users],
                        ITEM: [{"id": r["id"], "rev": r["rev"]} for r in items]}}
     run = {"changed_edges": len(edges), "changed_nodes": len(users) + len(items),
-           "users": len(users_out), "items": len(writes["degrees"]), "embeddings": len(users_out) + len(items_out)}
+           "users": len(ids), "items": len(item_ids)}
     return writes, run
 
 
-def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | None) -> None:
+def _embed_new_items(tx, lm: LoadedModel, ids: list[str]) -> int:
+    """Embed, under `lm`, the items it has not embedded yet (brand-new ones get the version's zero row)."""
+    x, q = lm.tables
+    rows = lm.rows(ids)
+    store.write_nodes(tx, ITEM, [{"id": i, "props": pr} for i, pr in zip(ids, state.item_props(
+        q[rows], x[rows], lm.item_norm, None))], lm.version)
+    return len(ids)
+
+
+def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str | None) -> None:
     """Everything one run changes, in its single transaction.
 
     Locks are taken in the ingest path's order (items by id, then users by id, then edges), so a run
@@ -102,9 +108,9 @@ def _write(tx, version: str, writes: dict, mark: int, run: dict, owner: str | No
     lease node before them all (the fence, as in every fenced transaction).
     """
     store.check_lease(tx, owner)
-    store.write_nodes(tx, ITEM, writes["items"], version)
-    store.item_degrees(tx, writes["degrees"])
-    store.write_nodes(tx, USER, writes["users"], version)
+    run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, store.item_degrees(
+        tx, writes["items"], lm.version))
+    store.write_nodes(tx, USER, writes["users"], lm.version)
     for ntype in (ITEM, USER):
         store.mark_seen(tx, ntype, writes["seen"][ntype])
     store.mark_edges_changed(tx, writes["edges"])

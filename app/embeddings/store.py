@@ -101,10 +101,13 @@ def mark_edges_changed(tx, rows: list[dict]) -> None:
         tx.run(cypher.MARK_EDGES_CHANGED, rows=chunk).consume()
 
 
-def item_degrees(tx, ids: list[str]) -> None:
-    """Recompute the degree of items from all their edges (after their edges changed)."""
+def item_degrees(tx, ids: list[str], version: str) -> list[str]:
+    """Recompute the degree of items from all their edges (after their edges changed); return those
+    of them not embedded by `version`."""
+    out = []
     for chunk in chunks(sorted(ids), 2000):
-        tx.run(cypher.ITEM_DEGREES, ids=chunk).consume()
+        out.extend(tx.run(cypher.ITEM_DEGREES, ids=chunk, version=version).single()["unembedded"])
+    return out
 
 
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
@@ -172,8 +175,8 @@ def oldest_pending(session) -> int | None:
 
 
 def user_edges(session, ids: list[str]) -> dict[str, tuple[list[str], list[float]]]:
-    """All edges of the given users: id -> (item ids, raw weights)."""
-    out = {x: ([], []) for x in ids}
+    """All edges of the given users that exist: id -> (item ids, raw weights)."""
+    out = {}
     for chunk in chunks(sorted(ids), 5000):
         for r in session.run(cypher.USER_EDGES, ids=chunk):
             out[r["id"]] = (r["other"], r["w"])
