@@ -16,6 +16,17 @@ from graph_models.checkpoint import load_checkpoint
 DAY_MS = 86_400_000.0
 
 
+def weight_scale(meta: dict) -> float:
+    """2^-((R - A) / half-life) of a version's `meta`: per unit of stored edge weight, its aggregation weight.
+
+    Stored weights grow as 2^((t - A) / half-life) from the ingest anchor A; this brings those of the
+    version's reference time R near 1. Every score is linear in it, so rankings do not depend on it;
+    it is kept with the version (not read from the process's settings) so that every process
+    computes the same vectors for one version.
+    """
+    return float(2.0 ** (-(meta["ref_ms"] - meta["decay_anchor_ms"]) / (meta["half_life_days"] * DAY_MS)))
+
+
 @dataclass
 class LoadedModel:
     """A checkpoint ready for exact inference (float64, eval mode), with what its vectors depend on."""
@@ -28,15 +39,8 @@ class LoadedModel:
 
     @property
     def scale(self) -> float:
-        """Aggregation weight per unit of stored edge weight: 2^-((R - A) / half-life) of the version.
-
-        Stored weights grow as 2^((t - A) / half-life) from the ingest anchor A; this brings those of the
-        version's reference time R near 1. Every score is linear in it, so rankings do not depend on it;
-        it is kept with the version (not read from the process's settings) so that every process
-        computes the same vectors for one version.
-        """
-        m = self.meta
-        return float(2.0 ** (-(m["ref_ms"] - m["decay_anchor_ms"]) / (m["half_life_days"] * DAY_MS)))
+        """Aggregation weight per unit of stored edge weight (see `weight_scale`)."""
+        return weight_scale(self.meta)
 
     @cached_property
     def tables(self) -> tuple[np.ndarray, np.ndarray]:

@@ -36,8 +36,7 @@ def weights(snap: store.Snapshot, meta: dict) -> sp.csr_matrix:
     iidx = {it["id"]: k for k, it in enumerate(snap.items)}
     rows = np.fromiter((uidx[u] for u in snap.edges_u), dtype=np.int64, count=len(snap.edges_u))
     cols = np.fromiter((iidx[i] for i in snap.edges_i), dtype=np.int64, count=len(snap.edges_i))
-    scale = 2.0 ** (-(meta["ref_ms"] - meta["decay_anchor_ms"]) / (meta["half_life_days"] * models.DAY_MS))
-    w = np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0) * scale
+    w = np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0) * models.weight_scale(meta)
     csr = sp.csr_matrix((w, (rows, cols)), shape=(len(uidx), len(iidx)))
     csr.eliminate_zeros()
     return csr
