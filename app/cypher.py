@@ -186,24 +186,12 @@ RETURN min(at) AS oldest
 """
 
 # Edges of the given users with their raw weights (every existing user, erased ones not at all);
-# one record per node (the driver's per-record cost dominated), coalesce keeps the lists aligned.
+# one record per node (the driver's per-record cost dominated); the CASE keeps the lists aligned.
 USER_EDGES = """
 UNWIND $ids AS id
 MATCH (u:User {id: id})
 OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
 RETURN id, collect(i.id) AS other, collect(CASE WHEN r IS NOT NULL THEN coalesce(r.w, 0.0) END) AS w
-"""
-
-USER_STATE = """
-UNWIND $ids AS id
-MATCH (n:User {id: id})
-RETURN n.id AS id, [k IN $keys | n[k]] AS vals
-"""
-
-ITEM_STATE = """
-UNWIND $ids AS id
-MATCH (n:Item {id: id})
-RETURN n.id AS id, [k IN $keys | n[k]] AS vals
 """
 
 NODE_COUNT = """
@@ -399,12 +387,17 @@ RETURN count(j) AS requeued
 # (1 + cos) / 2). lin is GF-CF's normalised co-occurrence over the paths u-i-v-j of the live graph,
 # with the degrees of the last refresh; every weight is scaled by the version's `scale` so that
 # intermediate products stay near 1. Two candidate sets hold the exact top k between them: every item
-# the filter reaches, and the $n nearest by the index (all others score p_u . q_j <= the $n-th's,
-# returned as `floor` so the caller can widen $n when the k-th score falls below it). Only items
+# the filter reaches, and the $n nearest by the index, queried once (all others score p_u . q_j <=
+# the $n-th's, returned as `floor` so the caller can widen $n when the k-th score falls below it). Only items
 # embedded by the user's model version are ranked, so an answer never mixes two versions.
 RECOMMEND_ITEMS = """
 MATCH (u:User {id: $user_id}) WHERE u.embedding IS NOT NULL
 MATCH (m:Model {version: u.embedding_version})
+CALL {
+  WITH u
+  CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD node, score
+  RETURN collect(node) AS nearest, min(score) AS farthest
+}
 CALL {
   WITH u, m
   MATCH (u)-[a:INTERACTED]->(i:Item)<-[b:INTERACTED]-(v:User)
@@ -415,21 +408,17 @@ CALL {
   WITH m, j, sum(z * c.w * m.scale) AS t
   RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
   UNION
-  WITH u
-  CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD node AS j
+  WITH nearest
+  UNWIND nearest AS j
   RETURN j, 0.0 AS lin
 }
-WITH u, m, j, sum(lin) AS lin
+WITH u, m, farthest, j, sum(lin) AS lin
 WHERE j.embedding_version = u.embedding_version AND NOT EXISTS { (u)-[:INTERACTED]->(j) }
-WITH u, m, j, lin + (2 * vector.similarity.cosine(u.embedding, j.embedding) - 1) * u.ig_norm * m.item_norm AS score
+WITH u, m, farthest, j,
+     lin + (2 * vector.similarity.cosine(u.embedding, j.embedding) - 1) * u.ig_norm * m.item_norm AS score
 ORDER BY score DESC LIMIT $k
-WITH u, m, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
-CALL {
-  WITH u
-  CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD score
-  RETURN min(score) AS nearest
-}
-RETURN results, u.embedding_version AS version, (2 * nearest - 1) * u.ig_norm * m.item_norm AS floor
+WITH u, m, farthest, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
+RETURN results, u.embedding_version AS version, (2 * farthest - 1) * u.ig_norm * m.item_norm AS floor
 """
 
 # Similar items: the same score for a shopper whose only item is i (one unit of weight), i.e.
@@ -437,6 +426,12 @@ RETURN results, u.embedding_version AS version, (2 * nearest - 1) * u.ig_norm * 
 SIMILAR_ITEMS = """
 MATCH (i:Item {id: $item_id}) WHERE i.embedding IS NOT NULL
 MATCH (m:Model {version: i.embedding_version})
+CALL {
+  WITH i
+  WITH i WHERE i.ig_x IS NOT NULL
+  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD node, score
+  RETURN collect(node) AS nearest, min(score) AS farthest
+}
 CALL {
   WITH i, m
   MATCH (i)<-[b:INTERACTED]-(v:User)
@@ -446,25 +441,18 @@ CALL {
   WITH m, j, sum(z * c.w * m.scale) AS t
   RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
   UNION
-  WITH i
-  WITH i WHERE i.ig_x IS NOT NULL
-  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD node AS j
+  WITH nearest
+  UNWIND nearest AS j
   RETURN j, 0.0 AS lin
 }
-WITH i, m, j, sum(lin) AS lin
+WITH i, m, farthest, j, sum(lin) AS lin
 WHERE j <> i AND j.embedding_version = i.embedding_version
-WITH i, m, j, lin + CASE WHEN i.ig_x IS NULL THEN 0.0
+WITH i, m, farthest, j, lin + CASE WHEN i.ig_x IS NULL THEN 0.0
      ELSE (2 * vector.similarity.cosine(i.ig_x, j.embedding) - 1) * i.ig_xnorm * m.item_norm END AS score
 ORDER BY score DESC LIMIT $k
-WITH i, m, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
-OPTIONAL CALL {
-  WITH i
-  WITH i WHERE i.ig_x IS NOT NULL
-  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD score
-  RETURN min(score) AS nearest
-}
+WITH i, m, farthest, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
 RETURN results, i.embedding_version AS version,
-       CASE WHEN nearest IS NULL THEN 0.0 ELSE (2 * nearest - 1) * i.ig_xnorm * m.item_norm END AS floor
+       CASE WHEN farthest IS NULL THEN 0.0 ELSE (2 * farthest - 1) * i.ig_xnorm * m.item_norm END AS floor
 """
 
 # Audience (ad targeting): users by cos(p_u, q_j), i.e. p_u . q_j / |p_u|: how much of each user's

@@ -11,7 +11,6 @@ from app.embeddings.state import ITEM, USER
 BATCH = 2000
 _WRITE = {USER: cypher.WRITE_USERS, ITEM: cypher.WRITE_ITEMS}
 _SEEN = {USER: cypher.MARK_USERS_SEEN, ITEM: cypher.MARK_ITEMS_SEEN}
-_STATE = {USER: cypher.USER_STATE, ITEM: cypher.ITEM_STATE}
 
 
 @dataclass
@@ -180,15 +179,6 @@ def user_edges(session, ids: list[str]) -> dict[str, tuple[list[str], list[float
     for chunk in chunks(sorted(ids), 5000):
         for r in session.run(cypher.USER_EDGES, ids=chunk):
             out[r["id"]] = (r["other"], r["w"])
-    return out
-
-
-def node_state(session, ntype: str, ids: list[str], keys: list[str]) -> dict[str, list]:
-    """Stored properties `keys` of the given nodes: id -> values (None where unset)."""
-    out = {}
-    for chunk in chunks(ids, 5000):
-        for r in session.run(_STATE[ntype], ids=chunk, keys=keys):
-            out[r["id"]] = r["vals"]
     return out
 
 
