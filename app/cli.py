@@ -323,3 +323,7 @@ def _evaluate(run, name: str, epochs: int | None, out: str | None, **sizes) -> N
     if out:
         with open(out, "w") as fh:
             json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
