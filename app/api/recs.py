@@ -1,27 +1,25 @@
 """Serving: recommendations, similar items, audiences and churn risk from the vector indexes."""
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher
 from app.api import cfg, driver
+from app.api.schemas import (AudienceOut, AudienceQuery, ChurnQuery, ErrorOut, ItemPath, RecsOut, RecsQuery,
+                              SimilarOut, SimilarQuery, UserPath)
 from app.errors import ApiError
 from app.ids import user_key
 
-bp = Blueprint("recs", __name__, url_prefix="/v1")
-MAX_K = 500
+bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
+                  abp_responses={400: ErrorOut})
 MAX_CANDIDATES = 20_000  # widest index query when widening for an exact top k
 
 
-def _int_arg(name: str, default: int, low: int = 1, high: int = MAX_K) -> int:
-    raw = request.args.get(name, default)
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ApiError(400, f"{name} must be an integer", field=name) from None
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}", field=name)
-    return value
+def _k(k: int) -> int:
+    """k within the configured bound (the schema holds the default bound)."""
+    if k > cfg().max_k:
+        raise ApiError(400, f"k must be at most {cfg().max_k}", field="k")
+    return k
 
 
 def _query(statement: str, **params) -> list[dict]:
@@ -58,35 +56,33 @@ def _ranked(statement: str, k: int, what: str, node_id: str, field: str, **param
         n = min(4 * n, MAX_CANDIDATES)
 
 
-@bp.get("/users/<user_id>/recommendations")
-def recommendations(user_id: str):
+@bp.get("/users/<user_id>/recommendations", responses={200: RecsOut, 404: ErrorOut})
+def recommendations(path: UserPath, query: RecsQuery):
     """Items for a user: inner product of the embeddings plus the live graph filter, unseen items only."""
+    user_id = path.user_id
     key = user_key(cfg(), user_id)
-    return {"user_id": user_id, **_ranked(cypher.RECOMMEND_ITEMS, _int_arg("k", 20), "User", key, "user_id",
+    return {"user_id": user_id, **_ranked(cypher.RECOMMEND_ITEMS, _k(query.k), "User", key, "user_id",
                                           user_id=key)}
 
 
-@bp.get("/items/<item_id>/similar")
-def similar(item_id: str):
+@bp.get("/items/<item_id>/similar", responses={200: SimilarOut, 404: ErrorOut})
+def similar(path: ItemPath, query: SimilarQuery):
     """Items a shopper who has only this item would be recommended."""
-    return {"item_id": item_id, **_ranked(cypher.SIMILAR_ITEMS, _int_arg("k", 20), "Item", item_id, "item_id",
+    item_id = path.item_id
+    return {"item_id": item_id, **_ranked(cypher.SIMILAR_ITEMS, _k(query.k), "Item", item_id, "item_id",
                                           item_id=item_id)}
 
 
-@bp.get("/items/<item_id>/audience")
-def audience(item_id: str):
+@bp.get("/items/<item_id>/audience", responses={200: AudienceOut, 404: ErrorOut})
+def audience(path: ItemPath, query: AudienceQuery):
     """Users nearest to an item (ad targeting); `include_known=true` keeps those who have it."""
-    include = request.args.get("include_known", "false").lower()
-    if include not in ("true", "false"):
-        raise ApiError(400, "include_known must be true or false", field="include_known")
-    rows = _query(cypher.ITEM_AUDIENCE, item_id=item_id, k=_int_arg("k", 100, high=10_000),
-                  include_known=include == "true")
+    item_id = path.item_id
+    rows = _query(cypher.ITEM_AUDIENCE, item_id=item_id, k=query.k, include_known=query.include_known)
     return {"item_id": item_id, **_answer(rows, "Item", item_id, "item_id")}
 
 
 @bp.get("/users/churn-risk")
-def churn_risk():
+def churn_risk(query: ChurnQuery):
     """Users most overdue against their own purchase rhythm, with their drift from current demand."""
-    rows = _query(cypher.CHURN_RISK, k=_int_arg("k", 50, high=10_000),
-                  min_events=_int_arg("min_events", 3, low=2, high=1_000_000))
+    rows = _query(cypher.CHURN_RISK, k=query.k, min_events=query.min_events)
     return {"results": rows}
