@@ -54,10 +54,21 @@ RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, coll
 
 # `row.props` holds embedding and refresh state (ig_h*, ig_a*, ig_deg): keys are fixed by the model's
 # layer count, values are parameters, so the statement stays parameterised.
+# A user whose vector moved under the same version also records how far (cosine distance 1 - cos,
+# from Neo4j's (1 + cos) / 2) and when, in two parallel lists of at most $history entries (what
+# GET /v1/users/<id>/interests and the churn reasons show). Moves below Neo4j's float32 cosine
+# resolution (a full recompute of an unchanged user) are not recorded. History is extra data: it
+# never enters the embedding.
 WRITE_USERS = """
 UNWIND $rows AS row
 MATCH (n:User {id: row.id})
+WITH n, row, n.embedding AS old, n.embedding_version = $version AS same
 SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = datetime()
+WITH n, CASE WHEN same AND old IS NOT NULL AND n.embedding IS NOT NULL
+             THEN 2 * (1 - vector.similarity.cosine(old, n.embedding)) END AS drift
+WHERE $history > 0 AND drift > 1e-6
+SET n.ig_drift = (coalesce(n.ig_drift, []) + drift)[-$history..],
+    n.ig_drift_at = (coalesce(n.ig_drift_at, []) + timestamp())[-$history..]
 """
 
 WRITE_ITEMS = """
@@ -563,15 +574,20 @@ CALL {
 }
 MATCH (u:User)-[r:INTERACTED]->()
 WITH u, now, version, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
-     sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events
+     sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events,
+     // frequency trend: items active in the last 30 days of the data against the 30 days before
+     // (an edge is active over [first_ts, last_ts]; single events are not kept)
+     count(CASE WHEN r.last_ts >= now - 30 * 86400000 THEN 1 END) AS recent,
+     count(CASE WHEN r.first_ts < now - 30 * 86400000 AND r.last_ts >= now - 60 * 86400000 THEN 1 END) AS previous
 WHERE events >= $min_events
-WITH u, version, trending, (now - last) / 86400000.0 AS silent_days,
+WITH u, version, trending, recent, previous, (now - last) / 86400000.0 AS silent_days,
      ((last - first) / 86400000.0) / (events - 1) AS gap_days
-WITH u, version, trending, silent_days, gap_days,
+WITH u, version, trending, recent, previous, silent_days, gap_days,
      silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
 ORDER BY risk DESC LIMIT $k
 RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_days,
-       round(gap_days, 1) AS typical_gap_days,
+       round(gap_days, 1) AS typical_gap_days, recent AS recent_items, previous AS previous_items,
+       coalesce(u.ig_drift, []) AS moves,
        CASE WHEN u.embedding IS NULL OR size(trending) = 0 OR NOT coalesce(u.embedding_version = version, false)
             THEN null
             ELSE round(1 - vector.similarity.cosine(u.embedding,
@@ -579,5 +595,29 @@ RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_
                         [k IN range(0, size(v) - 1) | acc[k] + v[k]])), 4) END AS drift
 """
 
-USER_EMBEDDED = "MATCH (n:User {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"
 ITEM_EMBEDDED = "MATCH (n:Item {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"
+
+# What weighs in a user's interest now. With a vector, item i's share of p_u = sum_i w_ui s x_i is its
+# projection on p_u over |p_u|^2, w_ui s (x_i . p_u) / |p_u|^2 (the shares add up to 1; an item new
+# since the version has x_i = 0); without one, its share of the user's positive weight. With the
+# moves of the vector over its last refreshes (WRITE_USERS).
+USER_INTERESTS = """
+MATCH (u:User {id: $user_id})
+OPTIONAL MATCH (m:Model {version: u.embedding_version})
+WITH u, m, u.embedding IS NOT NULL AND m IS NOT NULL AS embedded
+CALL {
+  WITH u, m, embedded
+  OPTIONAL MATCH (u)-[a:INTERACTED]->(i:Item) WHERE a.w > 0
+  WITH u, m, embedded, i, a.w AS w
+  WITH embedded, sum(w) AS total, collect(CASE WHEN i IS NOT NULL THEN {
+         item_id: i.id, title: i.title, category: i.category,
+         part: CASE WHEN NOT embedded THEN w WHEN i.ig_x IS NULL THEN 0.0
+                    ELSE w * m.scale * (2 * vector.similarity.cosine(i.ig_x, u.embedding) - 1)
+                         * i.ig_xnorm / u.ig_norm END} END) AS parts
+  RETURN [p IN parts | p {.item_id, .title, .category,
+                          weight: CASE WHEN embedded THEN p.part ELSE p.part / total END}] AS items
+}
+RETURN items, CASE WHEN embedded THEN u.embedding_version END AS version,
+       CASE WHEN embedded THEN toString(u.embedding_updated_at) END AS refreshed_at,
+       coalesce(u.ig_drift, []) AS drift, coalesce(u.ig_drift_at, []) AS drift_at
+"""

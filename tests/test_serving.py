@@ -193,3 +193,64 @@ def test_audience_excludes_known_users_unless_asked(cfg, driver, served, base_ur
     with_known = get(base_url, "/v1/items/i7/audience", k=USERS, include_known="true").json()["results"]
     assert without and not {r["user_id"] for r in without} & known
     assert {r["user_id"] for r in with_known} & known
+
+
+def test_interests_shares_add_up_and_unknown_is_404(cfg, driver, served, offline, base_url):
+    user = offline["users"][5]
+    answer = get(base_url, f"/v1/users/{user}/interests", k=100).json()
+    assert answer["version"] == served and answer["refreshed_at"] and answer["history"] == []
+    weights = [r["weight"] for r in answer["items"]]
+    assert weights == sorted(weights, reverse=True) and sum(weights) == pytest.approx(1.0, abs=1e-5)
+    row = offline["users"].index(user)
+    assert {r["item_id"] for r in answer["items"]} == {offline["items"][j]["id"] for j in offline["seen"][row]}
+    by_category = {}
+    for r in answer["items"]:
+        by_category[r["category"]] = by_category.get(r["category"], 0.0) + r["weight"]
+    assert {c["category"]: c["weight"] for c in answer["categories"]} == pytest.approx(by_category)
+    top = get(base_url, f"/v1/users/{user}/interests", k=2).json()
+    assert top["items"] == answer["items"][:2] and len(top["categories"]) == 2
+    assert get(base_url, "/v1/users/nobody/interests").status_code == 404
+    plain = get(base_url, "/v1/users/returner/interests").json()  # no positive weight, no vector
+    assert plain["version"] is None and plain["items"] == [] and plain["history"] == []
+
+
+def _vector(driver, cfg, user):
+    with driver.session(database=cfg.neo4j_database) as s:
+        return np.asarray(s.run("MATCH (u:User {id: $id}) RETURN u.embedding AS e", id=user).single()["e"])
+
+
+def test_interest_history_records_each_move_bounded(cfg, driver, served, base_url):
+    """Each refresh that moves the vector appends its cosine distance; only the last few are kept.
+    (Changes the graph: keep this test and those after it last.)"""
+    from app.config import load_config
+    from app.embeddings.refresh import refresh
+    short = load_config(interest_history=2, full_share=10.0)
+    lm = models.current(driver, cfg)
+    rng = random.Random(5)
+    moves = []
+    for step in range(3):
+        before = _vector(driver, cfg, "u9")
+        pipeline.ingest(driver, cfg, [{"event_id": f"h{step}", "user_id": "u9", "item_id": f"i{rng.randrange(ITEMS)}",
+                                       "type": "purchase", "quantity": 3, "ts": NOW + step}])
+        with Worker(cfg).holding() as holder:
+            assert refresh(driver, short, lm, owner=holder.owner)["mode"] == "incremental"
+        after = _vector(driver, cfg, "u9")
+        moves.append(1 - float(before @ after / np.linalg.norm(before) / np.linalg.norm(after)))
+    history = get(base_url, "/v1/users/u9/interests").json()["history"]
+    assert len(history) == 2 and [h["drift"] for h in history] == pytest.approx(moves[1:], abs=1e-6)
+    stamps = [datetime.fromisoformat(h["at"]) for h in history]
+    assert stamps == sorted(stamps)
+
+
+def test_churn_risk_with_reasons(served, base_url):
+    answer = get(base_url, "/v1/users/churn-risk", k=USERS).json()["results"]
+    assert answer and [r["score"] for r in answer] == sorted((r["score"] for r in answer), reverse=True)
+    for r in answer:
+        why = r["reasons"]
+        assert why["overdue"] == r["score"] and why["silent_days"] >= 0 and why["typical_gap_days"] >= 0
+        assert why["frequency_trend"] == (None if not why["previous_items"] else
+                                          round((why["recent_items"] - why["previous_items"]) / why["previous_items"], 3))
+        assert 0 <= why["drift_from_demand"] <= 1
+    moved = next(r for r in answer if r["user_id"] == "u9")["reasons"]
+    assert moved["refreshes"] == 2 and moved["vector_moved"] > 0
+    assert get(base_url, "/v1/users/churn-risk", k=0).status_code == 400

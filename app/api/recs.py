@@ -6,10 +6,11 @@ from flask_openapi3 import APIBlueprint, Tag
 from app import cypher
 from app.api import cfg, driver
 from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRecsOut, ChurnOut, ChurnQuery,
-                              ErrorOut, ItemPath, RecsOut, RecsQuery, SimilarOut, SimilarQuery, UserPath)
+                              ErrorOut, InterestsOut, InterestsQuery, ItemPath, RecsOut, RecsQuery, SimilarOut,
+                              SimilarQuery, UserPath)
 from app.errors import ApiError
 from app.ids import user_key
-from app.serving import ranking
+from app.serving import profile, ranking
 from app.serving.ranking import Filters
 
 bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
@@ -70,9 +71,15 @@ def audience(path: ItemPath, query: AudienceQuery):
             "results": [{"user_id": r["user_id"], "score": r["score"]} for r in rows]}
 
 
+@bp.get("/users/<user_id>/interests", responses={200: InterestsOut, 404: ErrorOut})
+def interests(path: UserPath, query: InterestsQuery):
+    """The items and categories that weigh most in the user's interest now, and how the vector moved."""
+    with _session() as s:
+        return profile.interests(s, user_key(cfg(), path.user_id), path.user_id, query.k)
+
+
 @bp.get("/users/churn-risk", responses={200: ChurnOut})
 def churn_risk(query: ChurnQuery):
-    """Users most overdue against their own purchase rhythm, with their drift from current demand."""
+    """Users most overdue against their own rhythm, with the reasons: recency, frequency trend, drift."""
     with _session() as s:
-        rows = ranking.read(s, cypher.CHURN_RISK, k=query.k, min_events=query.min_events)
-    return {"results": rows}
+        return {"results": profile.churn_risk(s, query.k, query.min_events)}
