@@ -459,24 +459,31 @@ RECOMMEND_ITEMS_SCAN = _RECOMMEND % {"nearest": _ADMITTED}
 EXPLAIN_ITEMS = """
 MATCH (u:User {id: $user_id})
 MATCH (m:Model {version: u.embedding_version})
+MATCH (j:Item) WHERE j.id IN $item_ids
+WITH u, m, collect(j) AS targets
 MATCH (u)-[a:INTERACTED]->(i:Item) WHERE a.w > 0
-WITH m, collect({i: i, w: a.w * m.scale}) AS mine
-UNWIND $item_ids AS jid
-MATCH (j:Item {id: jid})
-UNWIND mine AS own
-WITH m, j, own.i AS i, own.w AS w
+WITH m, targets, collect({i: i, w: a.w * m.scale}) AS mine
 CALL {
-  WITH m, i, j
+  // lin's paths i-v-j, walked once from the user's items and grouped by the middle user v (separate
+  // clauses, so v may be u and j may be i, as in RECOMMEND_ITEMS)
+  WITH m, targets, mine
+  UNWIND mine AS own
+  WITH m, targets, own.i AS i, own.w AS w WHERE i.ig_deg > 0
   MATCH (i)<-[b:INTERACTED]-(v:User) WHERE b.w > 0 AND v.ig_deg > 0
-  MATCH (v)-[c:INTERACTED]->(j) WHERE c.w > 0  // a second clause: c may be b when j is i
-  RETURN sum(b.w * m.scale / (v.ig_deg * m.scale) * c.w * m.scale) AS t
+  WITH m, targets, v, collect({i: i, w: w, z: w / sqrt(i.ig_deg * m.scale) * b.w * m.scale / (v.ig_deg * m.scale)}) AS via
+  MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0 AND j IN targets
+  UNWIND via AS f
+  RETURN f.i AS i, f.w AS w, j, f.z * c.w * m.scale / sqrt(j.ig_deg * m.scale) AS part
+  UNION ALL
+  // the inner product's part, w_ui s (x_i . q_j), for every pair
+  WITH m, targets, mine
+  UNWIND mine AS own
+  UNWIND targets AS j
+  WITH m, own.i AS i, own.w AS w, j
+  RETURN i, w, j, CASE WHEN i.ig_x IS NULL THEN 0.0
+                       ELSE w * (2 * vector.similarity.cosine(i.ig_x, j.embedding) - 1) * i.ig_xnorm * m.item_norm END AS part
 }
-WITH j, i, w,
-     CASE WHEN i.ig_deg > 0 AND j.ig_deg > 0
-          THEN w / sqrt(i.ig_deg * m.scale) * t / sqrt(j.ig_deg * m.scale) ELSE 0.0 END
-     + CASE WHEN i.ig_x IS NULL THEN 0.0
-            ELSE w * (2 * vector.similarity.cosine(i.ig_x, j.embedding) - 1) * i.ig_xnorm * m.item_norm END
-       AS contribution
+WITH j, i, w, sum(part) AS contribution
 ORDER BY contribution DESC
 WITH j, collect({item_id: i.id, title: i.title, weight: w, contribution: contribution}) AS parts
 RETURN j.id AS item_id, parts[0..$top] AS because
