@@ -26,11 +26,12 @@ migrate: neo4j
 	$(IG) migrate
 
 # Demo: load the shipped Online Retail copy (once), train a first model (once, 3 epochs),
-# then the worker refreshes embeddings in the background while the API serves (Ctrl-C stops both).
+# then the worker refreshes embeddings in the background while the API serves (Ctrl-C stops both);
+# `where` prints the addresses once the API answers.
 run: migrate
 	$(IG) load demo
 	$(IG) train --if-missing --epochs 3
-	$(IG) worker & $(IG) serve
+	$(IG) worker & $(IG) serve & $(IG) where --wait 120; wait
 
 test: install
 	$(TEST_ENV) $(IG) neo4j start

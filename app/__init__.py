@@ -1,8 +1,6 @@
 """interest-graph: a real-time GraphSAGE interest graph on Neo4j."""
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from app.config import Config, load_config
@@ -13,9 +11,10 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config["IG"] = config or load_config()
     app.json.sort_keys = False
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from app import errors, metrics
+    from app import errors, logs, metrics
+    logs.setup(app.config["IG"])
+    logs.init_app(app)
     from app.api import health
 
     errors.register(app)

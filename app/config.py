@@ -32,6 +32,15 @@ def _env(env: dict, name: str, default=None, cast=str):
     return default if value in (None, "") else cast(value)
 
 
+def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A setting limited to `allowed` (case-insensitive), else a ValueError naming the variable."""
+    value = _env(env, name, default)
+    match = next((a for a in allowed if a.lower() == value.lower()), None)
+    if match is None:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return match
+
+
 def _pairs(text: str) -> dict[str, float]:
     """Parse `view:1,cart:3` into a dict."""
     out = {}
@@ -80,6 +89,9 @@ class Config:
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
+    # logs
+    log_level: str = "INFO"
+    log_format: str = "text"
 
     @property
     def decay_anchor_ms(self) -> int:
@@ -134,6 +146,8 @@ def load_config(**overrides) -> Config:
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
     )
+    values["log_level"] = _choice(env, "IG_LOG_LEVEL", Config.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    values["log_format"] = _choice(env, "IG_LOG_FORMAT", Config.log_format, ("text", "json"))
     weights = _env(env, "IG_TYPE_WEIGHTS")
     if weights:
         values["type_weights"] = {**Config().type_weights, **_pairs(weights)}
