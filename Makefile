@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # clone's server matches its own .env password): it never wipes `make run`'s data.
 TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDIR)/var/test
 
-.PHONY: install neo4j migrate run test bench stop evaluate clean
+.PHONY: install neo4j migrate run test bench stop evaluate clean browser
 
 install: $(STAMP)
 
@@ -33,7 +33,14 @@ run: migrate
 	$(IG) train --if-missing --epochs 3
 	$(IG) worker & $(IG) serve & $(IG) where --wait 120; wait
 
-test: install
+# The browser tests drive Debian's chromium (Playwright's own download cannot be used); install it
+# when missing and possible, else those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "note: chromium missing and not installable here: the browser tests will be skipped"; }
+
+test: install browser
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) $(IG) migrate
 	$(PY) -m pytest

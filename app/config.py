@@ -67,6 +67,7 @@ class Config:
     cache: Path = Path.home() / ".cache" / "interest-graph"
     neo4j_heap: str = "2g"
     neo4j_pagecache: str = "2g"
+    neo4j_telemetry: bool = False  # Browser's product-usage data and outgoing connections: opt-in
     # model
     embed_dim: int = 256
     sharp_dim: int = 64
@@ -128,6 +129,7 @@ def load_config(**overrides) -> Config:
         cache=_env(env, "IG_CACHE", Config.cache, Path),
         neo4j_heap=_env(env, "IG_NEO4J_HEAP", Config.neo4j_heap),
         neo4j_pagecache=_env(env, "IG_NEO4J_PAGECACHE", Config.neo4j_pagecache),
+        neo4j_telemetry=_choice(env, "IG_NEO4J_TELEMETRY", "false", ("true", "false")) == "true",
         embed_dim=_env(env, "IG_EMBED_DIM", Config.embed_dim, int),
         sharp_dim=_env(env, "IG_SHARP_DIM", Config.sharp_dim, int),
         train_minutes=_env(env, "IG_TRAIN_MINUTES", Config.train_minutes, float),

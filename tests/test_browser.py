@@ -1,0 +1,108 @@
+"""Real Chromium (Debian's package, driven by Playwright): Neo4j Browser runs the docs' recipe, /ui renders.
+
+One browser for the module and one small trained graph; screenshots go to var/test-output/.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import time
+
+import pytest
+
+from app.config import ROOT
+from app.embeddings.training import train_and_publish
+from app.ingest import pipeline, writer
+from app.worker import Worker
+from tests.conftest import wipe
+
+CHROMIUM = "/usr/bin/chromium"
+OUTPUT = ROOT / "var" / "test-output"
+SHOPPER = "shopper-1"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (the Makefile's `browser` step installs the package)."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing and could not be installed here (`apt-get install -y chromium` "
+                    "as root; `make test` does it): browser tests skipped")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the `test` extra")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        # --no-sandbox: the suite may run as root, where Chromium's sandbox refuses to start.
+        chrome = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chrome
+        chrome.close()
+
+
+@pytest.fixture(scope="module")
+def shop(cfg, driver):
+    """A small shop (titled items in four categories), trained and embedded; returns the model version."""
+    wipe(driver, cfg.neo4j_database)
+    rng = random.Random(15)
+    now = int(time.time() * 1000)
+    events = [{"event_id": f"b{n}", "user_id": f"shopper-{rng.randrange(40)}", "item_id": f"sku-{rng.randrange(30)}",
+               "type": rng.choice(["view", "cart", "purchase"]), "ts": now - rng.randrange(20 * 86_400_000)}
+              for n in range(500)]
+    pipeline.ingest(driver, cfg, events)
+    writer.upsert_items(driver, cfg.neo4j_database, [
+        {"id": f"sku-{k}", "props": {"title": f"{['mug', 'lamp', 'scarf', 'vase'][k % 4]} no. {k}",
+                                     "category": ["kitchen", "lighting", "fashion", "decor"][k % 4],
+                                     "price": 2.0 + k}} for k in range(30)])
+    with Worker(cfg).holding() as holder:
+        return train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1)["version"]
+
+
+def recipe() -> str:
+    """The first recommendation recipe of docs/cypher.md (else of the README), as one statement."""
+    for path in (ROOT / "docs" / "cypher.md", ROOT / "README.md"):
+        if not path.exists():
+            continue
+        for block in re.findall(r"```cypher\n(.*?)```", path.read_text(), flags=re.S):
+            for statement in block.split(";"):
+                if re.search(r"recommend", statement, flags=re.I) and "MATCH" in statement:
+                    return statement.strip()
+    raise AssertionError("no recommendation recipe in docs/cypher.md or README.md")
+
+
+def for_user(statement: str, user_id: str) -> str:
+    """The recipe for `user_id`: its literal user id replaced, comments dropped, on one line."""
+    statement = re.sub(r"(User\s*\{\s*id:\s*)'[^']*'", rf"\1'{user_id}'", statement)
+    statement = re.sub(r"\$(user_id|userId|user)\b", f"'{user_id}'", statement)
+    lines = [line.split("//")[0].rstrip() for line in statement.splitlines()]
+    return " ".join(line for line in lines if line.strip())
+
+
+def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser):
+    """Log into the real Neo4j Browser, run the recipe, see the rows the driver gets for it."""
+    query = for_user(recipe(), SHOPPER)
+    with driver.session(database=cfg.neo4j_database) as s:
+        expected = [r.values() for r in s.run(query)]
+    assert expected, "the recipe returns rows for the test shopper"
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"http://127.0.0.1:{cfg.neo4j_http_port}/browser/")
+        address = page.get_by_test_id("boltaddress")
+        address.wait_for(timeout=30_000)
+        assert address.input_value().endswith(cfg.neo4j_uri.rsplit(":", 1)[-1])  # advertised Bolt port
+        page.get_by_test_id("username").fill(cfg.neo4j_user)
+        page.get_by_test_id("password").fill(cfg.neo4j_password)
+        page.get_by_test_id("connect").click()
+        page.get_by_text("You are connected as user").first.wait_for(timeout=20_000)
+        editor = page.locator("#monaco-main-editor, .monaco-editor").first
+        editor.click()
+        page.keyboard.insert_text(query)  # no key events: the editor's auto-closing would double brackets
+        page.get_by_test_id("editor-Run").click()
+        done = page.get_by_text(re.compile(r"Started streaming \d+ records?"))
+        done.wait_for(timeout=30_000)
+        summary = done.inner_text()
+        cells = page.locator("td").all_inner_texts()
+        page.screenshot(path=str(OUTPUT / "neo4j-browser-recipe.png"))
+        body = page.inner_text("body").lower()
+    finally:
+        page.close()
+    assert f"Started streaming {len(expected)} record" in summary
+    assert [f'"{row[0]}"' for row in expected[:3]] == [c for c in cells if c.startswith('"')][:6:2]
+    assert "usage data" not in body and "product analytics" not in body  # telemetry banner is off
