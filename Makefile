@@ -10,7 +10,15 @@ TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDI
 
 .PHONY: install neo4j migrate run test bench stop evaluate clean browser
 
-install: $(STAMP)
+UI_STAMP := app/ui/node_modules/.package-lock.json
+
+install: $(STAMP) $(UI_STAMP)
+
+# The /ui page's graph-drawing library (Cytoscape.js), from the npm registry at build time; the app
+# serves it from app/ui/node_modules, so the page needs no network at run time.
+$(UI_STAMP): app/ui/package.json app/ui/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found (Node.js is needed once, to install the page's graph library)"; exit 1; }
+	npm ci --prefix app/ui --no-audit --no-fund --loglevel=error
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }

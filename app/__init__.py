@@ -25,4 +25,6 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(recs.bp)
     from app.api import events as events_api
     app.register_blueprint(events_api.bp)
+    from app import ui
+    app.register_blueprint(ui.bp)
     return app

@@ -10,6 +10,7 @@ import shutil
 import time
 
 import pytest
+import requests
 
 from app.config import ROOT
 from app.embeddings.training import train_and_publish
@@ -106,3 +107,32 @@ def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser
     assert f"Started streaming {len(expected)} record" in summary
     assert [f'"{row[0]}"' for row in expected[:3]] == [c for c in cells if c.startswith('"')][:6:2]
     assert "usage data" not in body and "product analytics" not in body  # telemetry banner is off
+
+
+def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, browser):
+    """/ui?user=... renders the recommendations the API gives, the picture, and the system's pulse."""
+    expected = requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations?k=10", timeout=30).json()["results"]
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    problems = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    try:
+        page.goto(f"{base_url}/ui?user={SHOPPER}")
+        page.locator("#recs li").first.wait_for(timeout=20_000)
+        page.wait_for_function("window.igGraph && window.igGraph.nodes().length > 1", timeout=20_000)
+        page.wait_for_function("document.querySelector('#model').textContent.length > 1 "
+                               "&& document.querySelector('#model').textContent !== '–'", timeout=20_000)
+        shown = page.locator("#recs li").evaluate_all("rows => rows.map(r => r.dataset.item)")
+        graph = page.evaluate("({nodes: igGraph.nodes().map(n => [n.id(), n.data('kind')]),"
+                              " edges: igGraph.edges().length,"
+                              " drawn: igGraph.nodes().every(n => n.renderedBoundingBox().w > 0)})")
+        canvas = page.locator("#graph canvas").count()
+        model = page.inner_text("#model")
+        page.screenshot(path=str(OUTPUT / "ui-shopper.png"), full_page=True)
+    finally:
+        page.close()
+    assert not problems, problems
+    assert shown == [r["item_id"] for r in expected]
+    kinds = dict(graph["nodes"])
+    assert kinds[f"u:{SHOPPER}"] == "user" and graph["edges"] >= len(shown[:8]) and graph["drawn"] and canvas
+    assert {f"i:{i}" for i in shown[:8]} <= set(kinds)
+    assert model == shop
