@@ -90,6 +90,10 @@ class Config:
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
+    # serving
+    max_k: int = 500  # largest k of any ranked answer
+    max_batch_users: int = 100  # users of one POST /v1/recommendations
+    interest_history: int = 20  # refreshes whose drift each user keeps
     # logs
     log_level: str = "INFO"
     log_format: str = "text"
@@ -147,6 +151,9 @@ def load_config(**overrides) -> Config:
         full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
+        max_k=_env(env, "IG_MAX_K", Config.max_k, int),
+        max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
+        interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
     )
     values["log_level"] = _choice(env, "IG_LOG_LEVEL", Config.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
     values["log_format"] = _choice(env, "IG_LOG_FORMAT", Config.log_format, ("text", "json"))

@@ -13,6 +13,8 @@ import pytest
 import requests
 
 from app.config import ROOT
+from app.embeddings import models
+from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
@@ -53,7 +55,13 @@ def shop(cfg, driver):
                                      "category": ["kitchen", "lighting", "fashion", "decor"][k % 4],
                                      "price": 2.0 + k}} for k in range(30)])
     with Worker(cfg).holding() as holder:
-        return train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1)["version"]
+        version = train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1)["version"]
+        lm = models.current(driver, cfg)
+        for step in range(3):  # three refreshes that move the shopper's interest: a drift history
+            pipeline.ingest(driver, cfg, [{"event_id": f"move{step}-{k}", "user_id": SHOPPER, "item_id": f"sku-{4 * k + step}",
+                                           "type": "purchase", "ts": now - k} for k in range(3)])
+            refresh(driver, cfg, lm, owner=holder.owner)
+    return version
 
 
 def recipe() -> str:
@@ -112,6 +120,7 @@ def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser
 def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, browser):
     """/ui?user=... renders the recommendations the API gives, the picture, and the system's pulse."""
     expected = requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations?k=10", timeout=30).json()["results"]
+    interests = requests.get(f"{base_url}/v1/users/{SHOPPER}/interests?k=8", timeout=30)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     problems = []
     page.on("pageerror", lambda exc: problems.append(str(exc)))
@@ -126,6 +135,8 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
                               " edges: igGraph.edges().length,"
                               " drawn: igGraph.nodes().every(n => n.renderedBoundingBox().w > 0)})")
         canvas = page.locator("#graph canvas").count()
+        drift_points = page.locator("#drift polyline").get_attribute("points") if interests.ok else None
+        reasons = page.locator("#recs .because").count()
         model = page.inner_text("#model")
         page.screenshot(path=str(OUTPUT / "ui-shopper.png"), full_page=True)
     finally:
@@ -136,3 +147,10 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
     assert kinds[f"u:{SHOPPER}"] == "user" and graph["edges"] >= len(shown[:8]) and graph["drawn"] and canvas
     assert {f"i:{i}" for i in shown[:8]} <= set(kinds)
     assert model == shop
+    if interests.ok:  # served by this API: the strongest items are drawn and the drift is charted
+        strongest = {f"i:{i['item_id']}" for i in interests.json()["items"]}
+        assert strongest and all(kinds[n] in ("strong", "rec") for n in strongest)
+        assert len(drift_points.split()) == len(interests.json()["history"]) >= 2
+    if any(r.get("because") for r in requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations?k=10&explain=true",
+                                                   timeout=30).json()["results"]):
+        assert reasons > 0

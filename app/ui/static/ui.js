@@ -116,7 +116,7 @@ function drawGraph(userId, strongest, recs) {
     if (!nodes.has(id)) nodes.set(id, {id, label: name(r), kind: "rec"});
     const because = (r.because || []).filter((b) => nodes.has(`i:${b.item_id}`) && `i:${b.item_id}` !== id);
     if (because.length) {
-      for (const b of because.slice(0, 3)) {
+      for (const b of because.slice(0, 2)) {  // the two main reasons keep the picture readable
         edges.push({source: `i:${b.item_id}`, target: id, width: 1 + 5 * Math.abs(b.contribution || 0) / cMax, kind: "why"});
       }
     } else {
@@ -146,9 +146,9 @@ function drawGraph(userId, strongest, recs) {
   window.igGraph = graph;  // for tests and the curious
 }
 
-function lineChart(box, values, labels = {}) {
+function lineChart(box, values, labels = {}, w = 600) {
   // A small SVG line chart: values newest last.
-  const w = 600, h = 120, pad = 24;
+  const h = 120, pad = 24;
   const svgNS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(svgNS, "svg");
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
@@ -173,6 +173,8 @@ function lineChart(box, values, labels = {}) {
   box.replaceChildren(svg);
 }
 
+const when = (iso) => (Number.isNaN(Date.parse(iso)) ? String(iso) : new Date(iso).toLocaleString());
+
 function renderDrift(historyRows) {
   const box = $("#drift");
   if (!Array.isArray(historyRows) || !historyRows.length) {
@@ -181,7 +183,7 @@ function renderDrift(historyRows) {
   }
   lineChart(box, historyRows.map((h) => h.drift || 0),
     {top: `drift ${fmt(Math.max(...historyRows.map((h) => h.drift || 0)))}`,
-     left: historyRows[0].at, right: historyRows[historyRows.length - 1].at});
+     left: when(historyRows[0].at), right: when(historyRows[historyRows.length - 1].at)});
 }
 
 function renderCategories(categories) {
@@ -227,7 +229,7 @@ async function pollSystem() {
   last = {t: now, accepted};
   $("#accepted").textContent = accepted.toLocaleString();
   $("#rate").textContent = rates.length ? rates[rates.length - 1].toFixed(1) : "–";
-  lineChart($("#rate-chart"), rates, {left: "3 min ago", right: "now", top: `${fmt(Math.max(0, ...rates), 1)} events/s`});
+  lineChart($("#rate-chart"), rates, {left: "3 min ago", right: "now", top: `${fmt(Math.max(0, ...rates), 1)} events/s`}, 1200);
   const p = stats.data.pipeline;
   if (!p) return;  // an older API: counts only
   $("#lag").textContent = `${fmt(p.lag_seconds, 1)} s`;
