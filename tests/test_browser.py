@@ -91,6 +91,9 @@ def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser
         expected = [r.values() for r in s.run(query)]
     assert expected, "the recipe returns rows for the test shopper"
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    local = ("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")
+    outside = []
+    page.on("request", lambda req: None if req.url.startswith(local) else outside.append(req.url))
     try:
         page.goto(f"http://127.0.0.1:{cfg.neo4j_http_port}/browser/")
         address = page.get_by_test_id("boltaddress")
@@ -110,11 +113,19 @@ def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser
         cells = page.locator("td").all_inner_texts()
         page.screenshot(path=str(OUTPUT / "neo4j-browser-recipe.png"))
         body = page.inner_text("body").lower()
+        page.locator("button[name='Settings']").click()
+        page.get_by_role("heading", name="Product Analytics").wait_for(timeout=10_000)
+        drawer = page.inner_text("body")
     finally:
         page.close()
+    (OUTPUT / "neo4j-browser-outside-requests.txt").write_text("\n".join(outside) + "\n")
     assert f"Started streaming {len(expected)} record" in summary
     assert [f'"{row[0]}"' for row in expected[:3]] == [c for c in cells if c.startswith('"')][:6:2]
-    assert "usage data" not in body and "product analytics" not in body  # telemetry banner is off
+    # Telemetry is off in neo4j.conf: no consent banner, no usage-statistics checkbox, no tracking calls.
+    # (Community's Browser still fetches its analytics and feedback scripts and web fonts: see README.)
+    assert "not configured to send product analytics data in neo4j.conf" in drawer
+    assert "Send anonymous usage statistics" not in drawer and "product analytics" not in body
+    assert not [url for url in outside if "api.segment.io" in url or "/api/v1/" in url], outside
 
 
 def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, browser):
@@ -122,8 +133,9 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
     expected = requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations?k=10", timeout=30).json()["results"]
     interests = requests.get(f"{base_url}/v1/users/{SHOPPER}/interests?k=8", timeout=30)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    problems = []
+    problems, outside = [], []
     page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("request", lambda req: None if req.url.startswith(base_url) else outside.append(req.url))
     try:
         page.goto(f"{base_url}/ui?user={SHOPPER}")
         page.locator("#recs li").first.wait_for(timeout=20_000)
@@ -142,6 +154,7 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
     finally:
         page.close()
     assert not problems, problems
+    assert not outside, outside  # everything the page needs is served by the app
     assert shown == [r["item_id"] for r in expected]
     kinds = dict(graph["nodes"])
     assert kinds[f"u:{SHOPPER}"] == "user" and graph["edges"] >= len(shown[:8]) and graph["drawn"] and canvas
