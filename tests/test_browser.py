@@ -19,6 +19,7 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
 from tests.conftest import wipe
+from tests.test_cypher_docs import BLOCK, DOC, PARAM, bind
 
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = ROOT / "var" / "test-output"
@@ -64,31 +65,22 @@ def shop(cfg, driver):
     return version
 
 
-def recipe() -> str:
-    """The first recommendation recipe of docs/cypher.md (else of the README), as one statement."""
-    for path in (ROOT / "docs" / "cypher.md", ROOT / "README.md"):
-        if not path.exists():
-            continue
-        for block in re.findall(r"```cypher\n(.*?)```", path.read_text(), flags=re.S):
-            for statement in block.split(";"):
-                if re.search(r"recommend", statement, flags=re.I) and "MATCH" in statement:
-                    return statement.strip()
-    raise AssertionError("no recommendation recipe in docs/cypher.md or README.md")
-
-
-def for_user(statement: str, user_id: str) -> str:
-    """The recipe for `user_id`: its literal user id replaced, comments dropped, on one line."""
-    statement = re.sub(r"(User\s*\{\s*id:\s*)'[^']*'", rf"\1'{user_id}'", statement)
-    statement = re.sub(r"\$(user_id|userId|user)\b", f"'{user_id}'", statement)
-    lines = [line.split("//")[0].rstrip() for line in statement.splitlines()]
-    return " ".join(line for line in lines if line.strip())
+def recommendation_block(user_id: str) -> str:
+    """The docs' recommendation recipe exactly as written (`:param` lines, then the query), for `user_id`."""
+    text = DOC.read_text()
+    for match in BLOCK.finditer(text):
+        if re.search("recommend", re.findall(r"^## (.+)$", text[:match.start()], re.M)[-1], re.I):
+            return re.sub(r"(:param user_id\s*=>\s*)'[^']*'", rf"\1'{user_id}'", match.group(1).strip())
+    raise AssertionError(f"no recommendation recipe in {DOC}")
 
 
 def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser):
     """Log into the real Neo4j Browser, run the recipe, see the rows the driver gets for it."""
-    query = for_user(recipe(), SHOPPER)
+    block = recommendation_block(SHOPPER)
+    params = [PARAM.match(line).groups() for line in block.splitlines() if line.startswith(":param")]
+    query = "\n".join(line for line in block.splitlines() if not line.startswith(":"))
     with driver.session(database=cfg.neo4j_database) as s:
-        expected = [r.values() for r in s.run(query)]
+        expected = [r.values() for r in s.run(query, **bind(s, params))]
     assert expected, "the recipe returns rows for the test shopper"
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     local = ("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")
@@ -104,8 +96,14 @@ def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser
         page.get_by_test_id("connect").click()
         page.get_by_text("You are connected as user").first.wait_for(timeout=20_000)
         editor = page.locator("#monaco-main-editor, .monaco-editor").first
+        # As the docs say: the `:param` lines, then the query alone (pasted: no key events, so no
+        # auto-closed brackets). Browser lists a block's statements but tables only a lone one.
         editor.click()
-        page.keyboard.insert_text(query)  # no key events: the editor's auto-closing would double brackets
+        page.keyboard.insert_text("\n".join(line for line in block.splitlines() if line.startswith(":param")))
+        page.get_by_test_id("editor-Run").click()
+        page.get_by_test_id("multi-statement-list-title").first.wait_for(timeout=20_000)
+        editor.click()
+        page.keyboard.insert_text(query)
         page.get_by_test_id("editor-Run").click()
         done = page.get_by_text(re.compile(r"Started streaming \d+ records?"))
         done.wait_for(timeout=30_000)

@@ -20,6 +20,10 @@ def test_openapi_document_lists_every_route(app, base_url):
     assert {p["name"] for p in recs["parameters"]} >= {"user_id", "k", "category", "max_price", "exclude_seen",
                                                         "explain"}
     assert recs["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    for path, ops in doc["paths"].items():  # every documented 400 is the one error object
+        for method, operation in ops.items():
+            bad = operation["responses"].get("400")
+            assert bad is None or bad["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut"), path
     events = doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert events["type"] == "array" and "event_id" in events["items"]["properties"]
 
