@@ -101,12 +101,18 @@ def test_neo4j_browser_runs_the_recommendation_recipe(cfg, driver, shop, browser
         editor.click()
         page.keyboard.insert_text("\n".join(line for line in block.splitlines() if line.startswith(":param")))
         page.get_by_test_id("editor-Run").click()
-        page.get_by_test_id("multi-statement-list-title").first.wait_for(timeout=20_000)
+        page.wait_for_function(  # every parameter set before the query runs
+            "n => document.querySelectorAll('[data-testid=multi-statement-list-icon][title=\"Status: success\"]')"
+            ".length >= n", arg=len(params), timeout=60_000)
         editor.click()
         page.keyboard.insert_text(query)
         page.get_by_test_id("editor-Run").click()
         done = page.get_by_text(re.compile(r"Started streaming \d+ records?"))
-        done.wait_for(timeout=30_000)
+        try:
+            done.wait_for(timeout=60_000)
+        except Exception:
+            page.screenshot(path=str(OUTPUT / "neo4j-browser-recipe-failed.png"))
+            raise
         summary = done.inner_text()
         cells = page.locator("td").all_inner_texts()
         page.screenshot(path=str(OUTPUT / "neo4j-browser-recipe.png"))
