@@ -8,9 +8,17 @@ STAMP := $(VENV)/.installed-stamp
 # clone's server matches its own .env password): it never wipes `make run`'s data.
 TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDIR)/var/test
 
-.PHONY: install neo4j migrate run test bench stop evaluate clean
+.PHONY: install neo4j migrate run test bench stop evaluate clean browser
 
-install: $(STAMP)
+UI_STAMP := app/ui/node_modules/.package-lock.json
+
+install: $(STAMP) $(UI_STAMP)
+
+# The /ui page's graph-drawing library (Cytoscape.js), from the npm registry at build time; the app
+# serves it from app/ui/node_modules, so the page needs no network at run time.
+$(UI_STAMP): app/ui/package.json app/ui/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found (Node.js is needed once, to install the page's graph library)"; exit 1; }
+	npm ci --prefix app/ui --no-audit --no-fund --loglevel=error
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -26,13 +34,21 @@ migrate: neo4j
 	$(IG) migrate
 
 # Demo: load the shipped Online Retail copy (once), train a first model (once, 3 epochs),
-# then the worker refreshes embeddings in the background while the API serves (Ctrl-C stops both).
+# then the worker refreshes embeddings in the background while the API serves (Ctrl-C stops both);
+# `where` prints the addresses once the API answers.
 run: migrate
 	$(IG) load demo
 	$(IG) train --if-missing --epochs 3
-	$(IG) worker & $(IG) serve
+	$(IG) worker & $(IG) serve & $(IG) where --wait 120; wait
 
-test: install
+# The browser tests drive Debian's chromium (Playwright's own download cannot be used); install it
+# when missing and possible, else those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "note: chromium missing and not installable here: the browser tests will be skipped"; }
+
+test: install browser
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) $(IG) migrate
 	$(PY) -m pytest

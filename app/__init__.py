@@ -1,8 +1,6 @@
 """interest-graph: a real-time GraphSAGE interest graph on Neo4j."""
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from app.api.docs import make_app, spec
@@ -15,9 +13,10 @@ def create_app(config: Config | None = None) -> Flask:
     app = make_app(__name__)
     app.config["IG"] = config or load_config()
     app.json.sort_keys = False
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from app import errors, metrics
+    from app import errors, logs, metrics
+    logs.setup(app.config["IG"])
+    logs.init_app(app)
     from app.api import health
 
     errors.register(app)
@@ -28,5 +27,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_api(recs.bp)
     from app.api import events as events_api
     app.register_api(events_api.bp)
+    from app import ui
+    app.register_blueprint(ui.bp)  # the page is not part of the API document
     spec(app)  # build the document once every route is registered
     return app

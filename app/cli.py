@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -11,6 +10,7 @@ import click
 
 from app import migrate as migrations
 from app import neo4j_local
+from app import config as config_module
 from app.config import load_config
 from app.db import get_driver
 
@@ -23,10 +23,11 @@ def _fail(message: str) -> None:
 @click.group()
 def main():
     """Real-time GraphSAGE interest graph on Neo4j."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # A tick still running when the next is due is skipped by design (max_instances=1): not news.
-    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
-    logging.getLogger("neo4j").setLevel(logging.WARNING)
+    from app import logs
+    try:
+        logs.setup(load_config())
+    except ValueError as exc:  # e.g. IG_LOG_LEVEL=LOUD
+        _fail(str(exc))
 
 
 @main.group()
@@ -89,9 +90,46 @@ def serve():
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # No gunicorn access log: the app logs each request (with its X-Request-ID) at IG_LOG_LEVEL=DEBUG.
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
                                "--workers", str(cfg.workers), "--threads", "8",
-                               "--access-logfile", "-", "app.wsgi:app"])
+                               "--log-level", "debug" if cfg.log_level == "DEBUG" else "warning",
+                               "app.wsgi:app"])
+
+
+@main.command()
+@click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for the API.")
+def where(wait_s: float):
+    """Print where to look: the API, its docs and page, Neo4j Browser, its user and password."""
+    import time
+
+    import requests
+    cfg = load_config()
+    api = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '') else cfg.host}:{cfg.port}"
+    deadline = time.monotonic() + wait_s
+    up = False
+    while True:
+        try:
+            up = requests.get(f"{api}/healthz", timeout=2).ok
+        except requests.RequestException:
+            up = False
+        if up or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    state = neo4j_local.status(cfg)
+    secret = "NEO4J_PASSWORD in the environment" if os.environ.get("NEO4J_PASSWORD") else \
+        f"NEO4J_PASSWORD in {config_module.ENV_FILE}"
+    lines = [f"API            {api}{'' if up else '  (not answering yet)'}",
+             f"API docs       {api}/docs",
+             f"Page           {api}/ui",
+             f"Metrics        {api}/metrics",
+             f"Neo4j Browser  {state['browser']}  (connect to bolt://{state['bolt']})",
+             f"Neo4j user     {cfg.neo4j_user}",
+             f"Neo4j password {secret}",
+             "Cypher recipes " + ("docs/cypher.md" if (config_module.ROOT / "docs" / "cypher.md").exists()
+                                  else "README.md, section Serving")]
+    width = max(map(len, lines))
+    click.echo("\n".join(["=" * width, *lines, "=" * width]))
 
 
 # --- ingest -----------------------------------------------------------------

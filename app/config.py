@@ -32,6 +32,15 @@ def _env(env: dict, name: str, default=None, cast=str):
     return default if value in (None, "") else cast(value)
 
 
+def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A setting limited to `allowed` (case-insensitive), else a ValueError naming the variable."""
+    value = _env(env, name, default)
+    match = next((a for a in allowed if a.lower() == value.lower()), None)
+    if match is None:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return match
+
+
 def _pairs(text: str) -> dict[str, float]:
     """Parse `view:1,cart:3` into a dict."""
     out = {}
@@ -58,6 +67,7 @@ class Config:
     cache: Path = Path.home() / ".cache" / "interest-graph"
     neo4j_heap: str = "2g"
     neo4j_pagecache: str = "2g"
+    neo4j_telemetry: bool = False  # Browser's product-usage data and outgoing connections: opt-in
     # model
     embed_dim: int = 256
     sharp_dim: int = 64
@@ -84,6 +94,9 @@ class Config:
     max_k: int = 500  # largest k of any ranked answer
     max_batch_users: int = 100  # users of one POST /v1/recommendations
     interest_history: int = 20  # refreshes whose drift each user keeps
+    # logs
+    log_level: str = "INFO"
+    log_format: str = "text"
 
     @property
     def decay_anchor_ms(self) -> int:
@@ -120,6 +133,7 @@ def load_config(**overrides) -> Config:
         cache=_env(env, "IG_CACHE", Config.cache, Path),
         neo4j_heap=_env(env, "IG_NEO4J_HEAP", Config.neo4j_heap),
         neo4j_pagecache=_env(env, "IG_NEO4J_PAGECACHE", Config.neo4j_pagecache),
+        neo4j_telemetry=_choice(env, "IG_NEO4J_TELEMETRY", "false", ("true", "false")) == "true",
         embed_dim=_env(env, "IG_EMBED_DIM", Config.embed_dim, int),
         sharp_dim=_env(env, "IG_SHARP_DIM", Config.sharp_dim, int),
         train_minutes=_env(env, "IG_TRAIN_MINUTES", Config.train_minutes, float),
@@ -141,6 +155,8 @@ def load_config(**overrides) -> Config:
         max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
         interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
     )
+    values["log_level"] = _choice(env, "IG_LOG_LEVEL", Config.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+    values["log_format"] = _choice(env, "IG_LOG_FORMAT", Config.log_format, ("text", "json"))
     weights = _env(env, "IG_TYPE_WEIGHTS")
     if weights:
         values["type_weights"] = {**Config().type_weights, **_pairs(weights)}

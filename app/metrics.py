@@ -31,6 +31,9 @@ class _PipelineCollector:
         last = (state["recent_runs"] or [{}])[0]
         yield GaugeMetricFamily("ig_refresh_last_run_seconds", "Duration of the last refresh run",
                                 value=last.get("seconds", 0.0))
+        if last.get("finished_at"):  # freshness: a stalled worker shows as a growing age
+            yield GaugeMetricFamily("ig_refresh_age_seconds", "Seconds since the last refresh run that did work",
+                                    value=max(0.0, time.time() - last["finished_at"] / 1000))
         nodes = GaugeMetricFamily("ig_nodes", "Nodes in the graph", labels=["label"])
         for label, count in state["counts"].items():
             nodes.add_metric([label], count)

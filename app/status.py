@@ -27,3 +27,15 @@ def status(driver, cfg: Config) -> dict:
         "counts": {"users": counts["users"], "items": counts["items"]},
         "worker": {"owner": st["lease_owner"] if lease_live else None, "active": lease_live},
     }
+
+
+RUN_FIELDS = ("mode", "reason", "version", "finished_at", "seconds", "changed_edges", "users", "items", "embeddings")
+
+
+def public(state: dict) -> dict:
+    """What anyone may see of `status()`: lag, freshness, model and runs, without worker identities."""
+    runs = [{k: r[k] for k in RUN_FIELDS if k in r} for r in state["recent_runs"]]
+    return {"lag_seconds": state["lag_seconds"],
+            "last_refresh_at": next((r["finished_at"] for r in runs if r.get("finished_at")), None),
+            "model": state["model"], "recent_runs": runs[:10], "counts": state["counts"],
+            "worker_active": state["worker"]["active"]}

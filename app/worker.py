@@ -129,11 +129,12 @@ class Worker:
     def _run_job(self, job: dict) -> dict | None:
         """Run a claimed job under the owner token it was claimed with, and record its outcome."""
         owner = job["owner"]
-        log.info("job %s (%s) started", job["id"], job["kind"])
+        log.debug("job %s (%s) started", job["id"], job["kind"])  # one INFO line per job: its outcome
+        started = time.monotonic()
         try:
             result = self._job_result(job, owner)
         except Exception as exc:  # noqa: BLE001 - record the failure on the job
-            log.exception("job %s failed", job["id"])
+            log.exception("job %s (%s) failed after %.1fs", job["id"], job["kind"], time.monotonic() - started)
             with self._session() as s:
                 if not jobs.finish(s, job["id"], owner, "failed", error=f"{type(exc).__name__}: {exc}"):
                     log.warning("job %s is no longer ours: left to the lease holder", job["id"])
@@ -142,7 +143,7 @@ class Worker:
             if not jobs.finish(s, job["id"], owner, "succeeded", result=result):
                 log.warning("job %s is no longer ours: left to the lease holder", job["id"])
                 return None
-        log.info("job %s succeeded", job["id"])
+        log.info("job %s (%s) succeeded in %.1fs", job["id"], job["kind"], time.monotonic() - started)
         return result
 
     def _job_result(self, job: dict, owner: str) -> dict:

@@ -84,7 +84,9 @@ def delete_user(path: UserPath):
 
 @bp.get("/v1/stats", responses={200: StatsOut})
 def stats():
-    """Accepted, duplicate, rejected and per-cleaning-reason counts since the graph was created."""
+    """Event counts since the graph was created, and the refresh pipeline's public state (lag, model, runs)."""
+    from app.status import public, status
     counts = writer.read_stats(driver(), cfg().neo4j_database)
     head = {k: counts.pop(k, 0) for k in ("accepted", "duplicates", "rejected")}
-    return {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts}}
+    return {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts},
+            "pipeline": public(status(driver(), cfg()))}

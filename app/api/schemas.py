@@ -214,11 +214,22 @@ class ItemsReport(BaseModel):
     rejected: list[dict]
 
 
+class PipelineOut(BaseModel):
+    """The refresh pipeline's public state (the /ui page's system panel); worker identities stay admin-only."""
+    lag_seconds: float
+    last_refresh_at: Optional[int] = None  # epoch ms of the last run that did work
+    model: Optional[dict] = None  # version, trained_at, metrics
+    recent_runs: list[dict]  # newest first: mode, finished_at, seconds, changed_edges, users, items
+    counts: dict[str, int]
+    worker_active: bool
+
+
 class StatsOut(BaseModel):
     accepted: int
     duplicates: int
     rejected: int
     dropped: dict[str, int]
+    pipeline: Optional[PipelineOut] = None
 
 
 class JobOut(BaseModel):

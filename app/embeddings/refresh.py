@@ -52,7 +52,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
                 run.update(mode="incremental", version=lm.version, seconds=round(time.monotonic() - started, 4),
                            finished_at=int(time.time() * 1000))
                 session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner, cfg.interest_history))
-                log.debug("incremental refresh: %d edges, %d users, %d items in %.3fs", run["changed_edges"],
+                log.info("incremental refresh: %d edges, %d users, %d items in %.3fs", run["changed_edges"],
                           run["users"], run["items"], time.monotonic() - started)
                 return run
     publish = False
