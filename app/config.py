@@ -80,6 +80,11 @@ class Config:
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
+    # streaming learning between retrains (off unless a schedule is set)
+    finetune_cron: str | None = None
+    finetune_recent_days: float = 7.0
+    finetune_check_days: float = 1.0
+    finetune_replay: float = 1.0
 
     @property
     def decay_anchor_ms(self) -> int:
@@ -133,6 +138,10 @@ def load_config(**overrides) -> Config:
         full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
+        finetune_cron=_env(env, "IG_FINETUNE_CRON"),
+        finetune_recent_days=_env(env, "IG_FINETUNE_RECENT_DAYS", Config.finetune_recent_days, float),
+        finetune_check_days=_env(env, "IG_FINETUNE_CHECK_DAYS", Config.finetune_check_days, float),
+        finetune_replay=_env(env, "IG_FINETUNE_REPLAY", Config.finetune_replay, float),
     )
     weights = _env(env, "IG_TYPE_WEIGHTS")
     if weights:

@@ -130,6 +130,15 @@ def train_at(stream: Stream, hi: int, cfg, val_fraction: float = 0.1, progress: 
     return model, before, val
 
 
+def served_scores(scorer: Scorer, users: np.ndarray) -> np.ndarray:
+    """The scorer's rows, with users whose vector is zero (every item of theirs newer than the version)
+    scoring nothing: the service has no vector to query for them and answers 404."""
+    with torch.no_grad():
+        out = scorer(users).numpy()
+        out[~(scorer.p[torch.as_tensor(users)] != 0).any(dim=1).numpy()] = 0.0
+    return out
+
+
 class Recommender:
     """A model under prequential test: `score` before a batch, `learn` after it, timed."""
 
@@ -189,8 +198,7 @@ class Static(Recommender):
         out = np.zeros((len(users), live.shape[1]), dtype=np.float32)
         known = users < self.shape[0]
         if known.any():
-            with torch.no_grad():
-                out[known, :self.shape[1]] = self.scorer(users[known]).numpy()
+            out[known, :self.shape[1]] = served_scores(self.scorer, users[known])
         return out
 
 
@@ -208,8 +216,7 @@ class Incremental(Recommender):
             self.scorer = Scorer(self.model, live.pos)
 
     def score(self, users, live):
-        with torch.no_grad():
-            return self.scorer(users).numpy()
+        return served_scores(self.scorer, users)
 
 
 class Retrained(Incremental):
@@ -249,7 +256,7 @@ class Streaming(Incremental):
             check_from = ts[self.bounds[batch + 1 - self.check][0]]
             new, report = fine_tune(self.model, live.edges(), recent_from, check_from, self.cfg,
                                     replay=self.replay, rounds=self.rounds)
-            if new is not None:
+            if report["accepted"]:
                 self.model = new
             self.updates.append({"batch": batch, "kind": "fine-tune", **report,
                                  "seconds": round(time.time() - started, 2)})
@@ -299,18 +306,18 @@ def run(stream: Stream, start: int, bounds: list, models: list, k: int = 20, pro
 def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 20, batch_size: int | None = None,
                     batch_minutes: float | None = None, retrain_every: int = 50, finetune_every: int = 10,
                     check_batches: int | None = None, replay: float = 1.0, models=None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, trained=None) -> dict:
     """The whole comparison on one stream: fit on the first `train_fraction`, replay the rest.
 
     Our model and ItemKNN are tuned on the last 10% (in time) of the first part, never on the stream.
     `models` restricts which of popularity, itemknn, static, incremental, incremental_retrain and
-    streaming run (all by default).
+    streaming run (all by default); `trained` is `train_at`'s result if already computed.
     """
     cfg.k = k
     start = start_of_test(stream, train_fraction)
     bounds = batch_bounds(stream, start, batch_size, batch_minutes)
     t0 = time.time()
-    model, fit_live, val = train_at(stream, start, cfg, progress=progress)
+    model, fit_live, val = trained or train_at(stream, start, cfg, progress=progress)
     train_seconds = time.time() - t0
     graph = Live(stream, start).pos
     wanted = set(models or ("popularity", "itemknn", "static", "incremental", "incremental_retrain", "streaming"))

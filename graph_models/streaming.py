@@ -8,7 +8,7 @@ row and are reached only through the live graph filter. Between full retrains:
   coordinate search on the recent edges mixed with a replay sample of older ones (so that the
   coefficients do not forget the past; replay as in continual learning for graph recommenders);
 - the result is kept only if it is not worse than the current model on the most recent held-out
-  edges, which neither the fold-in nor the search saw.
+  edges (Recall@k, then NDCG@k), which neither the fold-in nor the search saw.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _key(metrics: dict, k: int) -> tuple:
 
 
 def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, replay: float = 1.0,
-              rounds: int = 2, tune=None) -> tuple[InterestSAGE | None, dict]:
+              rounds: int = 2, tune=None) -> tuple[InterestSAGE, dict]:
     """One streaming update of a version: fold in new items and fine-tune the responses, then keep the
     result only if it is not worse than `model` on the check edges.
 
@@ -118,7 +118,8 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
     recent ones the responses are fitted on, with a replay sample of `replay` times as many older
     edges. The search starts from the current coefficients and runs at most `rounds` rounds with the
     smallest step of `cfg`. `tune(candidate, fit_csr, targets)` replaces the search (tests). Returns
-    (the new model folded over the whole graph, or None when refused, and a report).
+    the candidate folded over the whole graph and a report whose `accepted` says whether it may
+    replace `model`.
     """
     rng = np.random.default_rng(cfg.seed)
     before = edges.first < check_from
@@ -143,16 +144,14 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
             train(tuned, fit_csr, targets, tcfg, progress=False)
     scores = {"current": check(model, g_before, truth, cfg.k), "folded": check(folded, g_before, truth, cfg.k),
               "tuned": check(tuned, g_before, truth, cfg.k)}
-    best = max(("tuned", "folded"), key=lambda name: _key(scores[name], cfg.k))  # ties keep "tuned"
-    accepted = bool(truth) and _key(scores[best], cfg.k) >= _key(scores["current"], cfg.k)
-    report = {"accepted": accepted, "chosen": best if accepted else "current",
+    # The search keeps its own best round (the folded start included), so the tuned model is the one
+    # candidate; the folded one is scored to tell the two steps' shares apart.
+    accepted = bool(truth) and _key(scores["tuned"], cfg.k) >= _key(scores["current"], cfg.k)
+    report = {"accepted": accepted,
               "check": {name: {m: round(v, 6) if isinstance(v, float) else v for m, v in s.items()}
                         for name, s in scores.items()},
               "check_users": len(truth), "check_edges": int(np.count_nonzero(~before)),
               "recent_targets": int(sum(len(t) for t in targets.values())),
               "replay": replay, "rounds": rounds, "items_folded": int(edges.shape[1] - model.num_items),
               "low": tuned.low.tolist(), "sharp": tuned.sharp.tolist()}
-    if not accepted:
-        return None, report
-    chosen = tuned if best == "tuned" else folded
-    return with_coefficients(fold_in(model, edges.graph()), chosen), report
+    return with_coefficients(fold_in(model, edges.graph()), tuned), report
