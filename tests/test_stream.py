@@ -22,6 +22,7 @@ from graph_models import ModelConfig
 from graph_models import stream as prequential
 from graph_models.streaming import fold_in
 from graph_models.train import build
+from tests.conftest import wipe
 
 T0 = datetime(2011, 3, 1, tzinfo=timezone.utc)
 
@@ -174,3 +175,13 @@ def test_fine_tune_not_worse_becomes_current_with_its_lineage(cfg, clean_db, lea
     with clean_db.session(database=cfg.neo4j_database) as s:
         versions = s.run("MATCH (n:User|Item) RETURN collect(DISTINCT n.embedding_version) AS v").single()["v"]
     assert versions == [result["version"]]  # everything re-embedded under the new version
+
+
+def test_admin_queues_a_fine_tune(cfg, clean_db, base_url):
+    headers = {"Authorization": f"Bearer {cfg.admin_token}"}
+    queued = requests.post(f"{base_url}/admin/finetune", headers=headers, timeout=30)
+    assert queued.status_code == 202
+    job = requests.get(f"{base_url}/admin/jobs/{queued.json()['job_id']}", headers=headers, timeout=30).json()
+    assert job["kind"] == "finetune" and job["state"] == "queued"
+    assert requests.post(f"{base_url}/admin/finetune", timeout=30).status_code == 401
+    wipe(clean_db, cfg.neo4j_database)  # no worker of a later test should pick the job up

@@ -1,7 +1,6 @@
 """`interest-graph evaluate stream`: read an event file, replay it prequentially, compare the models."""
 from __future__ import annotations
 
-import logging
 import math
 
 from app.config import Config
@@ -9,7 +8,6 @@ from app.embeddings.training import model_config
 from app.evaluation import events
 from graph_models import stream as prequential
 
-log = logging.getLogger(__name__)
 MODELS = ("popularity", "itemknn", "static", "incremental", "incremental_retrain", "streaming")
 DEFAULT_BATCHES = 200
 
@@ -31,8 +29,8 @@ def evaluate(cfg: Config, path, fmt: str, columns: dict, k: int = 20, train_frac
              progress: bool = True) -> dict:
     """The stream comparison on an event file; with engine "neo4j", `incremental` is measured through
     the real ingest, refresh and recommendation path (on an empty graph) instead of in memory."""
-    log_ = events.read(cfg, events.batches(path, fmt, **columns), train_fraction)
-    stream = log_.stream
+    event_log = events.read(cfg, events.batches(path, fmt, **columns), train_fraction)
+    stream = event_log.stream
     start = prequential.start_of_test(stream, train_fraction)
     if start >= len(stream.ts):
         raise ValueError("no events after the training part: lower --train-fraction")
@@ -43,14 +41,14 @@ def evaluate(cfg: Config, path, fmt: str, columns: dict, k: int = 20, train_frac
     result = prequential.evaluate_stream(
         stream, mcfg, train_fraction, k, batch_size, batch_minutes, retrain_every, finetune_every,
         replay=replay, models=models, progress=progress, trained=trained)
-    result["protocol"].update(format=fmt, path=str(path), engine=engine, ingest=dict(log_.counts))
+    result["protocol"].update(format=fmt, path=str(path), engine=engine, ingest=dict(event_log.counts))
     if engine == "neo4j":
         from app.db import get_driver
         from app.evaluation import replay as neo4j_replay
         from app.worker import Worker
         bounds = prequential.batch_bounds(stream, start, batch_size, batch_minutes)
         with Worker(cfg).holding() as holder:
-            served = neo4j_replay.run(get_driver(cfg), cfg, log_, start, bounds, trained[0], mcfg, _served(cfg),
+            served = neo4j_replay.run(get_driver(cfg), cfg, event_log, start, bounds, trained[0], mcfg, _served(cfg),
                                       holder.owner, k=k, progress=progress)
         result["models"]["incremental"] = {key: served[key] for key in ("hr", "ndcg", "mrr", "seconds")}
         result["protocol"]["neo4j_events_scored"] = served["events_scored"]
