@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from app.config import Config
 from app.embeddings.training import model_config
@@ -37,11 +38,14 @@ def evaluate(cfg: Config, path, fmt: str, columns: dict, k: int = 20, train_frac
     if not batch_size and not batch_minutes:
         batch_size = max(1, math.ceil((len(stream.ts) - start) / DEFAULT_BATCHES))
     mcfg = model_config(cfg, k=k)
+    started = time.monotonic()
     trained = prequential.train_at(stream, start, mcfg, progress=progress)
+    train_seconds = round(time.monotonic() - started, 2)
     result = prequential.evaluate_stream(
         stream, mcfg, train_fraction, k, batch_size, batch_minutes, retrain_every, finetune_every,
         replay=replay, models=models, progress=progress, trained=trained)
-    result["protocol"].update(format=fmt, path=str(path), engine=engine, ingest=dict(event_log.counts))
+    result["protocol"].update(format=fmt, path=str(path), engine=engine, ingest=dict(event_log.counts),
+                              train_seconds=train_seconds)
     if engine == "neo4j":
         from app.db import get_driver
         from app.evaluation import replay as neo4j_replay
