@@ -61,11 +61,13 @@ bench: install
 	$(TEST_ENV) $(PY) -m bench.bench_soak
 	$(TEST_ENV) $(PY) -m bench.bench_serving
 
-# Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores) and the Online Retail time split (~3 min);
-# see docs/evaluation.md.
+# Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores), the Online Retail time split (~3 min) and
+# the prequential stream replay of Online Retail (~25-40 min); see docs/evaluation.md.
 evaluate: install
 	$(IG) evaluate gowalla --data-dir ../shared/data/gowalla
 	$(IG) evaluate online-retail
+	$(IG) evaluate stream --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail \
+		--batch-minutes 240 --retrain-every 30 --finetune-every 9 --out var/eval-stream
 
 stop:
 	-$(IG) neo4j stop

@@ -306,6 +306,13 @@ def retrain(no_wait):
 
 
 @main.command()
+@click.option("--no-wait", is_flag=True, help="Queue and return at once.")
+def finetune(no_wait):
+    """Streaming update: fold in new items, fine-tune the responses, publish only if not worse."""
+    _run_job("finetune", {"reason": "cli"}, not no_wait)
+
+
+@main.command()
 def status():
     """Watermark, lag, recent runs, model version and node counts."""
     from app.status import status as pipeline_status
@@ -340,6 +347,56 @@ def evaluate_retail(path, epochs, out):
     cfg = load_config()  # the demo's sizes: what `make run` serves
     _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out,
               dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim)
+
+
+@evaluate.command("stream")
+@click.option("--events", "path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Interaction file (CSV, optionally gzipped).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "online-retail"]), default="csv", show_default=True)
+@click.option("--user-col")
+@click.option("--item-col")
+@click.option("--ts-col", help="ISO 8601 text (no offset: UTC) or epoch numbers (see --ts-unit).")
+@click.option("--ts-unit", type=click.Choice(["s", "ms"]), default="s", show_default=True)
+@click.option("--weight-col", default=None, help="Explicit weight, e.g. a rating.")
+@click.option("--type-col", default=None, help="Event type (view, click, cart, purchase, return).")
+@click.option("--k", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--train-fraction", type=click.FloatRange(0.05, 0.95), default=0.8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Events per micro-batch.")
+@click.option("--batch-minutes", type=click.FloatRange(min=0.001), default=None, help="Minutes of time per micro-batch.")
+@click.option("--retrain-every", type=click.IntRange(1), default=50, show_default=True,
+              help="incremental_retrain: a full retrain every this many batches.")
+@click.option("--finetune-every", type=click.IntRange(2), default=10, show_default=True,
+              help="streaming: a streaming update every this many batches.")
+@click.option("--replay", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="streaming: older edges replayed per recent edge.")
+@click.option("--models", default=None, help="Comma-separated subset of the models (all by default).")
+@click.option("--engine", type=click.Choice(["memory", "neo4j"]), default="memory", show_default=True,
+              help="neo4j: `incremental` runs through ingest, refresh and the served query (empty graph needed).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json/md/png here.")
+def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, k, train_fraction,
+                    batch_size, batch_minutes, retrain_every, finetune_every, replay, models, engine, out):
+    """Prequential evaluation on any event log: score each micro-batch's new (user, item) events, then learn it."""
+    from app.evaluation import stream as stream_eval
+    if fmt == "csv" and not (user_col and item_col and ts_col):
+        _fail("--format csv needs --user-col, --item-col and --ts-col")
+    if batch_size and batch_minutes:
+        _fail("give --batch-size or --batch-minutes, not both")
+    chosen = [m.strip() for m in models.split(",")] if models else None
+    unknown = set(chosen or ()) - set(stream_eval.MODELS)
+    if unknown:
+        _fail(f"--models: unknown {', '.join(sorted(unknown))} (known: {', '.join(stream_eval.MODELS)})")
+    try:
+        result = stream_eval.evaluate(load_config(), path, fmt, dict(
+            user_col=user_col, item_col=item_col, ts_col=ts_col, ts_unit=ts_unit, weight_col=weight_col,
+            type_col=type_col), k=k, train_fraction=train_fraction, batch_size=batch_size,
+            batch_minutes=batch_minutes, retrain_every=retrain_every, finetune_every=finetune_every,
+            replay=replay, models=chosen, engine=engine)
+    except ValueError as exc:
+        _fail(str(exc))
+    from app.evaluation import report
+    click.echo(report.table(result))
+    if out:
+        click.echo(f"wrote {report.write(result, out)}/results.json, results.md, results.png")
 
 
 def _evaluate(run, name: str, epochs: int | None, out: str | None, **sizes) -> None:

@@ -97,6 +97,11 @@ class Config:
     # logs
     log_level: str = "INFO"
     log_format: str = "text"
+    # streaming learning between retrains (off unless a schedule is set)
+    finetune_cron: str | None = None
+    finetune_recent_days: float = 7.0
+    finetune_check_days: float = 1.0
+    finetune_replay: float = 1.0
 
     @property
     def decay_anchor_ms(self) -> int:
@@ -154,6 +159,10 @@ def load_config(**overrides) -> Config:
         max_k=_env(env, "IG_MAX_K", Config.max_k, int),
         max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
         interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
+        finetune_cron=_env(env, "IG_FINETUNE_CRON"),
+        finetune_recent_days=_env(env, "IG_FINETUNE_RECENT_DAYS", Config.finetune_recent_days, float),
+        finetune_check_days=_env(env, "IG_FINETUNE_CHECK_DAYS", Config.finetune_check_days, float),
+        finetune_replay=_env(env, "IG_FINETUNE_REPLAY", Config.finetune_replay, float),
     )
     values["log_level"] = _choice(env, "IG_LOG_LEVEL", Config.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
     values["log_format"] = _choice(env, "IG_LOG_FORMAT", Config.log_format, ("text", "json"))

@@ -135,10 +135,20 @@ REMOVE n.ig_unseen
 """
 
 # `scale` and `item_norm` are what Cypher needs to turn stored vectors back into scores (app/embeddings/state.py).
+# A fine-tuned version also records the version it was tuned from, on what (JSON) and its check (JSON);
+# null for a full training.
 MODEL_CREATE = """
 CREATE (m:Model {version: $version, trained_at: datetime($trained_at), metrics: $metrics,
                  config: $config, path: $path, ref_ms: $ref_ms, scale: $scale, item_norm: $item_norm,
-                 current: false})
+                 fine_tuned_from: $fine_tuned_from, tuned_on: $tuned_on, check: $check, current: false})
+"""
+
+# The latest fine-tunes, kept or refused (a refused one stays a non-current version with its check).
+MODEL_FINE_TUNES = """
+MATCH (m:Model) WHERE m.fine_tuned_from IS NOT NULL
+RETURN m.version AS version, m.fine_tuned_from AS fine_tuned_from, toString(m.trained_at) AS trained_at,
+       m.tuned_on AS tuned_on, m.check AS check, m.current AS current
+ORDER BY m.trained_at DESC LIMIT $limit
 """
 
 MODEL_SET_CURRENT = """
@@ -151,7 +161,14 @@ MODEL_BY_VERSION = "MATCH (m:Model {version: $version}) RETURN m.path AS path"
 MODEL_CURRENT = """
 MATCH (m:Model {current: true})
 RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trained_at) AS trained_at,
-       m.metrics AS metrics, m.scale AS scale, m.item_norm AS item_norm
+       m.metrics AS metrics, m.scale AS scale, m.item_norm AS item_norm, m.fine_tuned_from AS fine_tuned_from,
+       m.tuned_on AS tuned_on, m.check AS check
+"""
+
+# Edges with the time each was first seen (streaming learning's windows).
+EXPORT_EDGE_TIMES = """
+MATCH (u:User)-[r:INTERACTED]->(i:Item)
+RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.first_ts, 0)) AS first
 """
 
 # --- refresh: change detection and the L-hop pull ---------------------------

@@ -6,7 +6,7 @@ import uuid
 
 from app import cypher
 
-KINDS = {"reindex", "retrain"}
+KINDS = {"reindex", "retrain", "finetune"}
 
 
 def _decode(job: dict) -> dict:

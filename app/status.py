@@ -14,6 +14,7 @@ def status(driver, cfg: Config) -> dict:
         st = s.execute_write(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
         counts = s.run(cypher.NODE_COUNT).single()
         oldest = store.oldest_pending(s) if st["watermark"] is not None else None
+        tunes = s.execute_read(lambda tx: [dict(r) for r in tx.run(cypher.MODEL_FINE_TUNES, limit=5)])
     now = st["now"]
     model = models.current_info(driver, cfg)
     lease_live = bool(st["lease_owner"]) and (st["lease_until"] or 0) > now
@@ -23,7 +24,10 @@ def status(driver, cfg: Config) -> dict:
         "pending_since": oldest,
         "recent_runs": [json.loads(r) for r in (st["recent"] or [])],
         "model": model and {"version": model["version"], "trained_at": model["trained_at"],
-                            "metrics": model["metrics"]},
+                            "metrics": model["metrics"], "fine_tuned_from": model["fine_tuned_from"],
+                            "tuned_on": model["tuned_on"], "check": model["check"]},
+        "fine_tunes": [{**t, "tuned_on": json.loads(t["tuned_on"] or "null"), "check": json.loads(t["check"] or "null")}
+                       for t in tunes],
         "counts": {"users": counts["users"], "items": counts["items"]},
         "worker": {"owner": st["lease_owner"] if lease_live else None, "active": lease_live},
     }

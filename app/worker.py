@@ -17,6 +17,7 @@ from app import cypher, jobs
 from app.config import Config
 from app.db import get_driver
 from app.embeddings import models, store
+from app.embeddings.finetune import fine_tune_and_publish
 from app.embeddings.full import embed_full, interrupted
 from app.embeddings.refresh import refresh
 from app.embeddings.store import LeaseLost
@@ -160,6 +161,8 @@ class Worker:
                                      epochs=job["params"].get("epochs"))
         if lm is None:
             raise RuntimeError("no trained model yet: run a retrain first")
+        if job["kind"] == "finetune":
+            return fine_tune_and_publish(self.driver, self.cfg, owner, progress=self.progress)
         full = job["params"].get("mode") == "full"
         return refresh(self.driver, self.cfg, lm, full=full, owner=owner, progress=self.progress)
 
@@ -168,6 +171,12 @@ class Worker:
         if self.active:
             with self._session() as s:
                 jobs.create(s, "retrain", {"reason": "schedule"})
+
+    def enqueue_finetune(self) -> None:
+        """Scheduled streaming learning (IG_FINETUNE_CRON): queue a job if this worker is the active one."""
+        if self.active:
+            with self._session() as s:
+                jobs.create(s, "finetune", {"reason": "schedule"})
 
     def release(self) -> None:
         """Give the lease up at shutdown so a standby takes over at once."""
@@ -184,6 +193,10 @@ class Worker:
                           id="lease", max_instances=1, coalesce=True)
         scheduler.add_job(self.enqueue_retrain, CronTrigger.from_crontab(self.cfg.retrain_cron, timezone="UTC"),
                           id="retrain", max_instances=1, coalesce=True)
+
+        if self.cfg.finetune_cron:  # off by default
+            scheduler.add_job(self.enqueue_finetune, CronTrigger.from_crontab(self.cfg.finetune_cron, timezone="UTC"),
+                              id="finetune", max_instances=1, coalesce=True)
 
         def stop(*_):
             scheduler.shutdown(wait=False)

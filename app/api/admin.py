@@ -1,4 +1,4 @@
-"""Admin triggers: reindex, retrain, job state and pipeline status (bearer token required)."""
+"""Admin triggers: reindex, retrain, fine-tune, job state and pipeline status (bearer token required)."""
 from __future__ import annotations
 
 import hmac
@@ -60,6 +60,13 @@ def reindex():
 def retrain():
     """Queue a retraining followed by a full re-embed under the new version."""
     return _queue("retrain", {"reason": "admin"})
+
+
+@bp.post("/finetune", responses={202: JobOut})
+@require_token
+def finetune():
+    """Queue a streaming update: fold in new items, fine-tune, publish only if not worse on the check."""
+    return _queue("finetune", {"reason": "admin"})
 
 
 @bp.get("/jobs/<job_id>", responses={200: Anything, 404: ErrorOut})

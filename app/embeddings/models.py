@@ -85,6 +85,8 @@ def current_info(driver, cfg: Config) -> dict | None:
         return None
     info = dict(record)
     info["metrics"] = json.loads(info["metrics"] or "{}")
+    for key in ("tuned_on", "check"):
+        info[key] = json.loads(info[key]) if info.get(key) else None
     return info
 
 

@@ -59,7 +59,7 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
             "half_life_days": cfg.half_life_days, "item_ids": [it["id"] for it in snap.items]}
     mcfg = model_config(cfg, **overrides)
     graph = weights(snap, meta)
-    version = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    version = new_version()
     result = {"metrics": {}, "seconds": 0.0, "epochs": 0, "popularity": {}}
     if train_model:
         model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version))
@@ -79,9 +79,29 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
             "checkpoint": str(path), "runs": str(cfg.home / "runs" / version) if train_model else None}
 
 
+def new_version() -> str:
+    """A new model version name: UTC time and a random part."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def publish(driver, cfg: Config, mcfg: ModelConfig, model, meta: dict, owner: str | None, reason: str,
+            metrics: dict | None = None, lineage: dict | None = None, progress: bool = False) -> dict:
+    """Register a model as a new version and make it current with a full re-embed under it (the switch
+    commits with the re-embed's last write); `meta` holds item_ids in model-row order and ref_ms."""
+    version = new_version()
+    meta = {"decay_anchor_ms": cfg.decay_anchor_ms, "half_life_days": cfg.half_life_days, **meta}
+    path = _publish(driver, cfg, mcfg, model, version, meta, metrics or {}, 0, lineage)
+    lm = models.load(str(path), version)
+    embedded = embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=f"{reason} {version}",
+                          publish=True)
+    return {"version": version, "embed": embedded, "checkpoint": str(path)}
+
+
 def _publish(driver, cfg: Config, mcfg: ModelConfig, model, version: str, meta: dict, metrics: dict,
-             epochs: int):
-    """Save the checkpoint and create its (:Model) node (not yet current)."""
+             epochs: int, lineage: dict | None = None):
+    """Save the checkpoint and create its (:Model) node (not yet current); `lineage` records a
+    fine-tune: {"fine_tuned_from", "tuned_on", "check"}."""
+    lineage = lineage or {}
     trained_at = datetime.now(timezone.utc)
     cfg.models_path.mkdir(parents=True, exist_ok=True)
     path = cfg.models_path / f"{version}.pt"
@@ -92,5 +112,8 @@ def _publish(driver, cfg: Config, mcfg: ModelConfig, model, version: str, meta: 
         session.execute_write(lambda tx: tx.run(
             cypher.MODEL_CREATE, version=version, trained_at=trained_at.isoformat(),
             metrics=json.dumps(metrics), config=json.dumps(mcfg.to_dict()), path=str(path),
-            ref_ms=meta["ref_ms"], scale=lm.scale, item_norm=lm.item_norm).consume())
+            ref_ms=meta["ref_ms"], scale=lm.scale, item_norm=lm.item_norm,
+            fine_tuned_from=lineage.get("fine_tuned_from"),
+            tuned_on=json.dumps(lineage["tuned_on"]) if lineage.get("tuned_on") else None,
+            check=json.dumps(lineage["check"]) if lineage.get("check") else None).consume())
     return path
