@@ -35,13 +35,12 @@ def weigh(cfg: Config, ev, user: str) -> dict:
             "w": base * decay.factor(cfg, ev.ts), "qty": signed_qty}
 
 
-def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> Report:
-    """Validate, clean and commit a batch of raw event dicts; each event id counts once, ever."""
+def prepare(cfg: Config, raw: list) -> tuple[list[dict], Report]:
+    """Validate, drop in-batch duplicates (first wins), clean and weigh: the events a write may claim."""
     valid, rejected = schema.validate_events(raw, cfg)
     report = Report(rejected=rejected)
     seen, unique = set(), []
     for index, ev in valid:
-        # First occurrence wins inside a batch; later copies are plain duplicates.
         if ev.event_id in seen:
             report.duplicates += 1
         else:
@@ -49,7 +48,12 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> 
             unique.append((index, ev))
     kept, report.quarantined = cleaning.clean(cfg, unique, int(time.time() * 1000))
     keys = user_keys(cfg, (ev.user_id for _, ev in kept))
-    events = [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept]
+    return [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept], report
+
+
+def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> Report:
+    """Validate, clean and commit a batch of raw event dicts; each event id counts once, ever."""
+    events, report = prepare(cfg, raw)
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
     report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts)
