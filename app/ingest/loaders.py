@@ -108,39 +108,39 @@ def prepare(cfg: Config, batch: Batch) -> tuple[list[dict], pipeline.Report, lis
     return events, report, list(latest.values())
 
 
-def _ingest_batch(driver, cfg: Config, batch: Batch, upserted: dict) -> Counter:
-    """Ingest one batch, then upsert metadata of the items whose events were kept.
-
-    `upserted` holds the metadata this load already wrote per item: rows repeating it are skipped,
-    as Online Retail repeats an item's title and price on every line that sells it.
-    """
+def _ingest_batch(driver, cfg: Config, batch: Batch) -> tuple[Counter, list[dict]]:
+    """Ingest one batch; return its counts and the metadata of the items whose events were kept."""
     events, report, items = prepare(cfg, batch)
     counts = {k: v for k, v in report.counts().items() if k != "accepted"}
     report.accepted = group.write_events(driver, cfg.neo4j_database, events, {**counts, **batch.extra})
     report.duplicates += len(events) - report.accepted
-    fresh = [row for row in items if upserted.get(row["id"]) != row["props"]]
-    if fresh:
-        writer.upsert_items(driver, cfg.neo4j_database, fresh)
-        upserted.update((row["id"], row["props"]) for row in fresh)
-    return Counter({**report.counts(), **batch.extra, "rows": batch.rows})
+    return Counter({**report.counts(), **batch.extra, "rows": batch.rows}), items
 
 
 def load(driver, cfg: Config, batches: Iterable[Batch], workers: int = 2, label: str = "load") -> Counter:
-    """Run batches through ingest with a few concurrent writers (results do not depend on order)."""
+    """Run batches through ingest with a few concurrent writers (edges do not depend on their order);
+    item metadata is written in file order, so the last row of an item sets each of its properties."""
     totals, upserted = Counter(), {}
+
+    def finish(future) -> None:
+        done, items = future.result()
+        # Online Retail repeats an item's title and price on every line that sells it: skip repeats.
+        fresh = [row for row in items if upserted.get(row["id"]) != row["props"]]
+        if fresh:
+            writer.upsert_items(driver, cfg.neo4j_database, fresh)
+            upserted.update((row["id"], row["props"]) for row in fresh)
+        totals.update(done)
+        bar.update(done["rows"])
+
     freeze_heap()  # a load allocates millions of short-lived objects
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(unit=" rows", desc=label) as bar:
         pending = []
         for batch in batches:
-            pending.append(pool.submit(_ingest_batch, driver, cfg, batch, upserted))
+            pending.append(pool.submit(_ingest_batch, driver, cfg, batch))
             # Keep a bounded queue so a huge file never sits in memory at once.
             while len(pending) > 2 * workers:
-                done = pending.pop(0).result()
-                totals.update(done)
-                bar.update(done["rows"])
+                finish(pending.pop(0))
         for future in pending:
-            done = future.result()
-            totals.update(done)
-            bar.update(done["rows"])
+            finish(future)
     log.info("%s: %s", label, dict(totals))
     return totals
