@@ -102,7 +102,7 @@ def csv_batches(path, user_col: str, item_col: str, ts_col: str, type_col: str |
 def prepare(cfg: Config, batch: Batch) -> tuple[list[dict], pipeline.Report, list[dict]]:
     """A batch's events to write, its report, and the metadata of items whose events were kept
     (the latest row per item)."""
-    events, report = pipeline.prepare(cfg, batch.events)
+    report, events = pipeline.prepare(cfg, batch.events)
     dropped = {r["index"] for r in report.rejected} | {q["index"] for q in report.quarantined}
     latest = {row["id"]: row for k, row in enumerate(batch.items) if row and k not in dropped}
     return events, report, list(latest.values())

@@ -35,12 +35,14 @@ def weigh(cfg: Config, ev, user: str) -> dict:
             "w": base * decay.factor(cfg, ev.ts), "qty": signed_qty}
 
 
-def prepare(cfg: Config, raw: list) -> tuple[list[dict], Report]:
-    """Validate, drop in-batch duplicates (first wins), clean and weigh: the events a write may claim."""
+def prepare(cfg: Config, raw: list) -> tuple[Report, list[dict]]:
+    """Validate, dedupe within the batch, clean and weigh raw event dicts: the report so far and the
+    stored form of the kept events, nothing written (the stream evaluation replays exactly these)."""
     valid, rejected = schema.validate_events(raw, cfg)
     report = Report(rejected=rejected)
     seen, unique = set(), []
     for index, ev in valid:
+        # First occurrence wins inside a batch; later copies are plain duplicates.
         if ev.event_id in seen:
             report.duplicates += 1
         else:
@@ -48,12 +50,12 @@ def prepare(cfg: Config, raw: list) -> tuple[list[dict], Report]:
             unique.append((index, ev))
     kept, report.quarantined = cleaning.clean(cfg, unique, int(time.time() * 1000))
     keys = user_keys(cfg, (ev.user_id for _, ev in kept))
-    return [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept], report
+    return report, [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept]
 
 
 def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> Report:
     """Validate, clean and commit a batch of raw event dicts; each event id counts once, ever."""
-    events, report = prepare(cfg, raw)
+    report, events = prepare(cfg, raw)
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
     report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts)
