@@ -34,6 +34,14 @@ def _ms(series: pd.Series) -> list[int]:
     return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)).tolist()
 
 
+def _text_ms(series: pd.Series) -> list[int | None]:
+    """ISO 8601 text -> epoch ms (naive taken as UTC, as Online Retail's dates); None where not a date."""
+    stamps = pd.to_datetime(series.str.strip().where(~series.str.strip().str.lstrip("-").str.isdigit()),
+                            utc=True, errors="coerce", format="ISO8601")
+    ms = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
+    return [None if pd.isna(v) else int(v) for v in ms]
+
+
 ONLINE_RETAIL_TYPES = {"InvoiceNo": str, "StockCode": str, "Description": str, "CustomerID": str}
 
 
@@ -70,15 +78,19 @@ def online_retail_batches(path, chunk_size: int = 5000) -> Iterator[Batch]:
 def csv_batch(chunk: pd.DataFrame, user_col: str, item_col: str, ts_col: str, type_col: str | None = None,
               weight_col: str | None = None, event_id_col: str | None = None, default_type: str = "view",
               ts_unit: str = "ms", source: str = "") -> Batch:
-    """Text rows of any interaction table -> events; without an id column the id is a hash of the row."""
+    """Text rows of any interaction table -> events; without an id column the id is a hash of the row.
+
+    Timestamps are epoch numbers (`ts_unit`) or ISO 8601 text; text without an offset is taken as UTC."""
     for col in filter(None, (user_col, item_col, ts_col, type_col, weight_col, event_id_col)):
         if col not in chunk.columns:
             raise ValueError(f"column {col!r} not in {source} (columns: {', '.join(chunk.columns)})")
     events = []
-    for rec in chunk.to_dict("records"):
+    for rec, parsed in zip(chunk.to_dict("records"), _text_ms(chunk[ts_col])):
         ts = rec[ts_col].strip()
         if ts.lstrip("-").isdigit():
             ts = int(ts) * (1000 if ts_unit == "s" else 1)
+        elif parsed is not None:
+            ts = parsed
         ev = {"user_id": rec[user_col], "item_id": rec[item_col], "ts": ts,
               "type": rec[type_col].strip() if type_col else default_type}
         if weight_col and rec[weight_col].strip():
