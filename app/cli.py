@@ -188,6 +188,43 @@ def load_csv(path, user_col, item_col, ts_col, type_col, default_type, weight_co
                                   default_type, ts_unit, chunk_size), "csv")
 
 
+@load.command("spark")
+@click.option("--input", "path", required=True, help="A file or directory Spark can read.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
+@click.option("--source", type=click.Choice(["csv", "online-retail"]), default="csv", show_default=True,
+              help="Column rules: the csv loader's flags, or the Online Retail layout.")
+@click.option("--user-col")
+@click.option("--item-col")
+@click.option("--ts-col", help="RFC 3339 text or epoch numbers (see --ts-unit).")
+@click.option("--type-col", default=None)
+@click.option("--type", "default_type", default="view", show_default=True)
+@click.option("--weight-col", default=None)
+@click.option("--event-id-col", default=None)
+@click.option("--ts-unit", type=click.Choice(["ms", "s"]), default="ms", show_default=True)
+@click.option("--master", default="local[2]", show_default=True, help="local[N] or spark://host:port")
+@click.option("--chunk-size", default=5000, show_default=True, help="Rows per batch (as the Python loaders).")
+def load_spark(path, fmt, source, user_col, item_col, ts_col, type_col, default_type, weight_col, event_id_col,
+               ts_unit, master, chunk_size):
+    """Backfill with Apache Spark (PySpark): same rules as `load csv`; re-running it adds nothing."""
+    from app.ingest import decay, spark
+    cfg = load_config()
+    options = {}
+    if source == "csv":
+        if not (user_col and item_col and ts_col):
+            _fail("--user-col, --item-col and --ts-col are required with --source csv")
+        options = dict(user_col=user_col, item_col=item_col, ts_col=ts_col, type_col=type_col,
+                       weight_col=weight_col, event_id_col=event_id_col, default_type=default_type,
+                       ts_unit=ts_unit, source=path)
+    if not os.path.exists(path):
+        _fail(f"no such input: {path}")
+    try:
+        decay.check_config(cfg)
+        totals = spark.load(cfg, path, source, fmt, options, master, chunk_size)
+    except (decay.DecayRangeError, ValueError) as exc:
+        _fail(str(exc))
+    _load_report(totals)
+
+
 @load.command("demo")
 def load_demo():
     """Load the shipped Online Retail copy, only into a graph without interactions."""

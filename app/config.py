@@ -84,6 +84,10 @@ class Config:
     max_future_seconds: float = 86_400.0
     bot_events_per_minute: float = 600.0
     id_hmac_key: str | None = None
+    # Event ids are kept this long for deduplication: a duplicate older than the window is accepted again.
+    dedup_retention_days: float = 7.0
+    purge_interval: float = 60.0  # seconds between the worker's purges of expired event ids
+    purge_batch: int = 10_000     # event ids deleted per transaction (at most 100 transactions a purge)
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
@@ -151,6 +155,9 @@ def load_config(**overrides) -> Config:
         max_future_seconds=_env(env, "IG_MAX_FUTURE_SECONDS", Config.max_future_seconds, float),
         bot_events_per_minute=_env(env, "IG_BOT_EVENTS_PER_MINUTE", Config.bot_events_per_minute, float),
         id_hmac_key=_env(env, "IG_ID_HMAC_KEY"),
+        dedup_retention_days=_env(env, "IG_DEDUP_RETENTION_DAYS", Config.dedup_retention_days, float),
+        purge_interval=_env(env, "IG_PURGE_INTERVAL", Config.purge_interval, float),
+        purge_batch=_env(env, "IG_PURGE_BATCH", Config.purge_batch, int),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
         full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),

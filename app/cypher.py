@@ -262,7 +262,7 @@ RETURN count(s) AS updated
 INGEST_CLAIM_EVENTS = """
 UNWIND $ids AS id
 MERGE (ev:Event {id: id})
-ON CREATE SET ev._new = true
+ON CREATE SET ev._new = true, ev.at = timestamp()
 WITH id, ev WHERE ev._new
 REMOVE ev._new
 RETURN collect(id) AS new
@@ -271,7 +271,7 @@ RETURN collect(id) AS new
 # The rest of the transaction, one statement: add the new events to edges, bump a counter shard.
 # Locks are taken in one global order, events (sorted, by INGEST_CLAIM_EVENTS), items (sorted),
 # users (rows sorted), counter shard, so concurrent batches queue instead of deadlocking.
-# An Event keeps only its id: nothing that leads back to a user, and the cheapest node to write.
+# An Event keeps only its id and claim time: nothing that leads back to a user, and cheap to write.
 # Rows are pre-aggregated per (user, item) in Python; min/max and sums keep it order independent.
 INGEST_WRITE = """
 UNWIND $items AS id
@@ -297,6 +297,20 @@ WITH count(*) AS edges
 MERGE (s:_IngestStats {shard: $shard})
 FOREACH (k IN keys($counts) | SET s[k] = coalesce(s[k], 0) + $counts[k])
 """
+
+# Erasure records of a batch's users (keys hashed as in app/ids.py); their older events are dropped.
+ERASED_BEFORE = "UNWIND $keys AS k MATCH (x:_Erased {key: k}) RETURN k, x.at AS at"
+
+# Expired event ids, a bounded batch per transaction; an id older than the window is no longer
+# recognised as a duplicate (the documented contract of IG_DEDUP_RETENTION_DAYS).
+EVENT_PURGE = """
+MATCH (e:Event) WHERE e.at < timestamp() - $window_ms
+WITH e LIMIT $batch
+DELETE e
+RETURN count(*) AS deleted
+"""
+
+EVENT_ID_COUNT = "MATCH (e:Event) RETURN count(e) AS n"
 
 # Counters live on a few shard nodes (INGEST_WRITE bumps one) so concurrent writers rarely wait.
 INGEST_STATS = "MATCH (s:_IngestStats) RETURN properties(s) AS counts"
@@ -325,6 +339,9 @@ FOREACH (i IN items | SET i.changed_at = timestamp() SET i.rev = coalesce(i.rev,
 DETACH DELETE u
 RETURN size(items) AS items
 """
+
+# The erasure's record (same transaction): later events of the key from before now are dropped.
+USER_ERASED = "MERGE (x:_Erased {key: $key}) SET x.at = timestamp()"
 
 INTERACTED_EDGE_COUNT = "MATCH ()-[r:INTERACTED]->() RETURN count(r) AS n"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from neo4j import Driver, GraphDatabase
+from neo4j import READ_ACCESS, Driver, GraphDatabase, Session
 
 from app.config import Config
 
@@ -22,3 +22,8 @@ def get_driver(cfg: Config) -> Driver:
                 notifications_min_severity="OFF")
         return _drivers[key]
 
+
+
+def read_session(driver: Driver, cfg: Config) -> Session:
+    """A session whose auto-commit queries are reads (a cluster routes them to its readers)."""
+    return driver.session(database=cfg.neo4j_database, default_access_mode=READ_ACCESS)

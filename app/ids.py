@@ -17,3 +17,8 @@ def user_key(cfg: Config, raw_id: str) -> str:
 def user_keys(cfg: Config, raw_ids) -> dict[str, str]:
     """`user_key` for many ids at once (each distinct id hashed once)."""
     return {raw: user_key(cfg, raw) for raw in set(raw_ids)}
+
+
+def erasure_key(key: str) -> str:
+    """What an erasure keeps of a stored user key: its one-way SHA-256 hex."""
+    return hashlib.sha256(key.encode()).hexdigest()

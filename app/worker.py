@@ -22,6 +22,7 @@ from app.embeddings.full import embed_full, interrupted
 from app.embeddings.refresh import refresh
 from app.embeddings.store import LeaseLost
 from app.embeddings.training import train_and_publish
+from app.ingest import writer
 from app.runtime import freeze_heap
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,19 @@ class Worker:
         if self.active:
             with self._session() as s:
                 jobs.create(s, "finetune", {"reason": "schedule"})
+    def purge_event_ids(self) -> int:
+        """Delete expired event ids (bounded per run) if this worker is the active one."""
+        if not self.active:
+            return 0
+        try:
+            deleted = writer.purge_event_ids(self.driver, self.cfg.neo4j_database, self.cfg.dedup_retention_days,
+                                             self.cfg.purge_batch, max_batches=100)
+        except Exception:  # noqa: BLE001 - the next run retries
+            log.exception("event id purge failed")
+            return 0
+        if deleted:
+            log.info("purged %d event ids older than %g days", deleted, self.cfg.dedup_retention_days)
+        return deleted
 
     def release(self) -> None:
         """Give the lease up at shutdown so a standby takes over at once."""
@@ -193,6 +207,8 @@ class Worker:
                           id="lease", max_instances=1, coalesce=True)
         scheduler.add_job(self.enqueue_retrain, CronTrigger.from_crontab(self.cfg.retrain_cron, timezone="UTC"),
                           id="retrain", max_instances=1, coalesce=True)
+        scheduler.add_job(self.purge_event_ids, "interval", seconds=self.cfg.purge_interval,
+                          id="purge", max_instances=1, coalesce=True)
 
         if self.cfg.finetune_cron:  # off by default
             scheduler.add_job(self.enqueue_finetune, CronTrigger.from_crontab(self.cfg.finetune_cron, timezone="UTC"),

@@ -140,7 +140,7 @@ def recommend_latency(driver, cfg, users: list[str], rng, n: int = 30, k: int = 
     return {"p50": float(np.percentile(times, 50)), "max": max(times)}
 
 
-def measure_size(driver, cfg, pairs, rng, owner: str, build_s: float) -> dict:
+def measure_size(driver, cfg, pairs, rng, owner: str, build_s: float, recommend: bool = True) -> dict:
     """Full recompute, refresh after 1% of users changed, refresh after 1,000 events, on the graph of
     `pairs` (built, in `build_s`); as lease holder `owner`."""
     row = {"edges": len(pairs), "build_s": build_s}
@@ -159,7 +159,8 @@ def measure_size(driver, cfg, pairs, rng, owner: str, build_s: float) -> dict:
     row["pct"] = timed_refresh(driver, cfg, lm, owner)
     ingest(driver, cfg, events([rng.choice(users) for _ in range(1000)], 1000, rng, edge_items))
     row["k1000"] = timed_refresh(driver, cfg, lm, owner)
-    row["recommend"] = recommend_latency(driver, cfg, users, rng)
+    if recommend:
+        row["recommend"] = recommend_latency(driver, cfg, users, rng)
     return row
 
 

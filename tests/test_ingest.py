@@ -16,7 +16,7 @@ from werkzeug.serving import make_server
 from app import create_app
 from app.cli import main as cli
 from app.config import ROOT
-from app.ids import user_key
+from app.ids import erasure_key, user_key
 from app.ingest import decay, group, writer
 
 T0 = 1_600_000_000_000  # 2020-09-13, inside the decay range
@@ -270,11 +270,48 @@ def test_user_deletion_is_idempotent_and_leaves_no_trace(cfg, clean_db, base_url
     assert list(edges(clean_db, cfg)) == [("bob", "i1")]
     # Each item alice touched lost an edge: one new revision each, for the refresh to rebuild it.
     assert dict(count(clean_db, cfg, revs)) == {item: rev + 1 for item, rev in before.items()}
-    # Event nodes keep only their id: nothing that leads back to the user.
-    assert count(clean_db, cfg, "MATCH (e:Event) UNWIND keys(e) AS k RETURN collect(DISTINCT k)") == ["id"]
+    # Event nodes keep only their id and claim time: nothing that leads back to the user.
+    assert sorted(count(clean_db, cfg, "MATCH (e:Event) UNWIND keys(e) AS k RETURN collect(DISTINCT k)")) == [
+        "at", "id"]
     assert count(clean_db, cfg, "MATCH (e:Event)--() RETURN count(e)") == 0
     # A retried old event of the erased user does not bring them back.
     assert post(base_url, [ev(1, "alice", "i1")]).json()["duplicates"] == 1
+
+
+def _age_event_ids(driver, cfg, days):
+    """Pretend every event id was claimed `days` earlier."""
+    count(driver, cfg, "MATCH (e:Event) SET e.at = e.at - $ms RETURN count(e)", ms=int(days * 86_400_000))
+
+
+def test_event_ids_are_kept_for_the_retention_window_then_purged(cfg, clean_db, base_url):
+    post(base_url, [ev(1, "alice", "i1"), ev(2, "bob", "i1")])
+    purge = lambda: writer.purge_event_ids(clean_db, cfg.neo4j_database, 7, batch=1, max_batches=10)  # noqa: E731
+    assert purge() == 0 and post(base_url, [ev(1, "alice", "i1")]).json()["duplicates"] == 1
+    _age_event_ids(clean_db, cfg, 6.9)
+    assert purge() == 0  # still inside the window: still a duplicate
+    assert post(base_url, [ev(1, "alice", "i1")]).json()["duplicates"] == 1
+    _age_event_ids(clean_db, cfg, 0.2)
+    post(base_url, [ev(3, "carol", "i2")])  # a fresh id stays
+    assert purge() == 2 and count(clean_db, cfg, "MATCH (e:Event) RETURN collect(e.id)") == ["e3"]
+    # The contract: a duplicate older than the window is no longer recognised.
+    assert post(base_url, [ev(1, "alice", "i1")]).json()["accepted"] == 1
+    assert edges(clean_db, cfg)[("alice", "i1")]["n_purchase"] == 2
+
+
+def test_an_erased_user_never_comes_back_through_an_expired_event(cfg, clean_db, base_url):
+    post(base_url, [ev(1, "alice", "i1"), ev(2, "alice", "i2")])
+    writer.delete_user(clean_db, cfg.neo4j_database, "alice")  # what DELETE /v1/users/alice does
+    _age_event_ids(clean_db, cfg, 30)
+    assert writer.purge_event_ids(clean_db, cfg.neo4j_database, 7, batch=1000, max_batches=1) == 2
+    # Both ids expired, yet the events happened before the erasure: dropped, counted as duplicates.
+    body = post(base_url, [ev(1, "alice", "i1"), ev(2, "alice", "i2"), ev(3, "bob", "i1")]).json()
+    assert (body["accepted"], body["duplicates"]) == (1, 2)
+    assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 0
+    # The erasure keeps a one-way hash of the key only.
+    assert count(clean_db, cfg, "MATCH (x:_Erased) RETURN collect(x.key)") == [erasure_key("alice")]
+    # A shopper who comes back after the erasure is a new user.
+    assert post(base_url, [ev(4, "alice", "i3", ts=int(time.time() * 1000))]).json()["accepted"] == 1
+    assert set(edges(clean_db, cfg)) == {("alice", "i3"), ("bob", "i1")}
 
 
 def test_hmac_mode_stores_keyed_hashes_and_accepts_raw_ids(cfg, clean_db, serve):

@@ -11,6 +11,7 @@ import torch
 
 from app import cypher
 from app.config import Config
+from app.db import read_session
 from graph_models.checkpoint import load_checkpoint
 
 DAY_MS = 86_400_000.0
@@ -79,7 +80,7 @@ def load(path: str, version: str) -> LoadedModel:
 
 def current_info(driver, cfg: Config) -> dict | None:
     """The current (:Model) node as a dict, or None before the first training."""
-    with driver.session(database=cfg.neo4j_database) as s:
+    with read_session(driver, cfg) as s:
         record = s.run(cypher.MODEL_CURRENT).single()
     if record is None:
         return None

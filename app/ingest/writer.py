@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from neo4j.exceptions import ClientError
 
 from app import cypher
+from app.ids import erasure_key
 
 STATS_SHARDS = 16
 
@@ -31,6 +32,16 @@ def aggregate(events: list[dict]) -> list[dict]:
     return rows
 
 
+def _from_before_erasure(tx, parts: list[tuple[list[dict], dict]]) -> set[str]:
+    """Ids of events that happened before their user was erased: they count as seen, so a retried
+    old event never brings an erased user back, even after its id left the retention window."""
+    hashed = {e["u"]: erasure_key(e["u"]) for events, _ in parts for e in events}
+    if not hashed:
+        return set()
+    erased = {r["k"]: r["at"] for r in tx.run(cypher.ERASED_BEFORE, keys=sorted(set(hashed.values())))}
+    return {e["id"] for events, _ in parts for e in events if erased.get(hashed[e["u"]], -1) >= e["ts"]}
+
+
 def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
     """One transaction for several batches: claim unseen ids, add them to edges, bump counters.
 
@@ -38,9 +49,10 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
     waits for a concurrent claimer and cannot fail. Everything happens inside `tx`, so the driver
     may re-run it after a transient error.
     """
-    ids = sorted({e["id"] for events, _ in parts for e in events})
+    dropped = _from_before_erasure(tx, parts)
+    ids = sorted({e["id"] for events, _ in parts for e in events} - dropped)
     created = set(tx.run(cypher.INGEST_CLAIM_EVENTS, ids=ids).single()["new"]) if ids else set()
-    claimed = set(ids) - created
+    claimed = (set(ids) - created) | dropped
     new, accepted, totals = [], [], Counter()
     for events, counts in parts:
         mine = []
@@ -102,10 +114,27 @@ def upsert_items(driver, database: str, rows: list[dict]) -> int:
 
 
 def delete_user(driver, database: str, user_id: str) -> int:
-    """Erase a user and its edges; return how many items were marked changed."""
+    """Erase a user and its edges, keeping only the erasure's record; return how many items changed."""
+    def erase(tx):
+        record = tx.run(cypher.USER_DELETE, id=user_id).single()
+        tx.run(cypher.USER_ERASED, key=erasure_key(user_id)).consume()
+        return record["items"] if record else 0
     with driver.session(database=database) as session:
-        record = session.execute_write(lambda tx: tx.run(cypher.USER_DELETE, id=user_id).single())
-    return record["items"] if record else 0
+        return session.execute_write(erase)
+
+
+def purge_event_ids(driver, database: str, retention_days: float, batch: int, max_batches: int) -> int:
+    """Delete event ids claimed longer than `retention_days` ago, `batch` per transaction; return how many."""
+    window_ms = int(retention_days * 86_400_000)
+    deleted = 0
+    with driver.session(database=database) as session:
+        for _ in range(max_batches):
+            n = session.execute_write(
+                lambda tx: tx.run(cypher.EVENT_PURGE, window_ms=window_ms, batch=batch).single()["deleted"])
+            deleted += n
+            if n < batch:
+                break
+    return deleted
 
 
 def interacted_edges(driver, database: str) -> int:

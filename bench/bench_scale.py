@@ -1,0 +1,91 @@
+"""The refresh as the graph grows: 1,000 events on synthetic power-law graphs of 10k, 1M and 10M edges.
+
+A graph of N edges has N/10 users and N/50 items (at least 500); each edge's user is uniform and
+its item follows a power law (Pareto, shape 1.2), as a shop's popularity does. It is written by the
+bench-only statements of bench_refresh (no Event nodes), a first model version is published with
+its untrained responses (the refresh's cost does not depend on them), and then, as in bench_refresh:
+a full recompute, an incremental run after 1% of the users changed, and one after 1,000 events.
+The store size (after a restart, so the files hold every record) and the server's resident memory
+are read for each graph. Embeddings are 64 + 16 components (`make bench-scale` sets them) so a 10M
+graph fits the default page cache; the refresh's cost scales with the dimension alike at every size.
+
+`make bench-scale`; alone: `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
+IG_EMBED_DIM=64 IG_SHARP_DIM=16 .venv/bin/python -m bench.bench_scale`. It wipes that server's database.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+
+from app import migrate, neo4j_local
+from app.config import load_config
+from app.db import get_driver
+from app.worker import Worker
+from bench.bench_refresh import build, measure_size
+
+
+def power_law_pairs(m: int, seed: int) -> list[tuple[str, str]]:
+    """`m` distinct (user, item) pairs: uniform users, Pareto-distributed items."""
+    rng = np.random.default_rng(seed)
+    users, items = max(1, m // 10), max(500, m // 50)
+    keys = np.empty(0, dtype=np.int64)
+    while len(keys) < m:
+        n = int(1.3 * (m - len(keys))) + 1000
+        u = rng.integers(users, size=n, dtype=np.int64)
+        i = np.minimum((rng.pareto(1.2, size=n) * items / 20).astype(np.int64), items - 1)
+        keys = np.unique(np.concatenate([keys, u * items + i]))
+    keys = rng.permutation(keys)[:m]
+    return [(f"u{k // items}", f"i{k % items}") for k in keys.tolist()]
+
+
+def store_mb(cfg) -> float:
+    """MB of the database's store files, after a restart flushed every page."""
+    neo4j_local.stop(cfg)
+    neo4j_local.start(cfg)
+    root = Path(cfg.home) / "neo4j" / "data" / "databases" / cfg.neo4j_database
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
+
+
+def server_rss_mb(cfg) -> float:
+    """Resident memory of the local Neo4j server process, MB."""
+    for line in open(f"/proc/{neo4j_local.status(cfg)['pid']}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1e3
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,1000000,10000000")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    cfg = load_config(full_share=10.0)  # always the incremental path for the measured runs
+    driver, rng = get_driver(cfg), random.Random(args.seed)
+    migrate.migrate(driver, cfg.neo4j_database, {"embed_dim": cfg.vector_dim})
+    rows = []
+    for size in (int(x) for x in args.sizes.split(",") if x):
+        pairs = power_law_pairs(size, args.seed)
+        built = build(driver, cfg, pairs)
+        with Worker(cfg).holding() as holder:
+            row = measure_size(driver, cfg, pairs, rng, holder.owner, built, recommend=False)
+        row["rss_mb"] = server_rss_mb(cfg)
+        row["store_mb"] = store_mb(cfg)
+        rows.append(row)
+        print(f"{size:,} edges: build {built:.0f}s, full {row['full_s']:.1f}s, 1% users {row['pct']['wall']:.2f}s, "
+              f"1000 events {row['k1000']['wall']:.2f}s, store {row['store_mb']:.0f} MB, "
+              f"Neo4j RSS {row['rss_mb']:.0f} MB", flush=True)
+        del pairs
+    base = rows[0]
+    print(f"\n{'edges':>11} {'users':>9} {'items':>7} {'full s':>8} {'1000 ev s':>9} {'vs smallest':>11} "
+          f"{'full vs smallest':>16} {'store MB/M edges':>16}")
+    for r in rows:
+        print(f"{r['edges']:11,d} {r['users']:9,d} {r['items']:7,d} {r['full_s']:8.1f} {r['k1000']['wall']:9.2f} "
+              f"{r['k1000']['wall'] / base['k1000']['wall']:10.2f}x {r['full_s'] / base['full_s']:15.1f}x "
+              f"{r['store_mb'] / (r['edges'] / 1e6):16.0f}")
+
+
+if __name__ == "__main__":
+    main()
