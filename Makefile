@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # clone's server matches its own .env password): it never wipes `make run`'s data.
 TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDIR)/var/test
 
-.PHONY: install neo4j migrate run test bench stop evaluate clean browser
+.PHONY: install neo4j migrate run test bench bench-scale stop evaluate clean browser
 
 UI_STAMP := app/ui/node_modules/.package-lock.json
 
@@ -60,6 +60,16 @@ bench: install
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
 	$(TEST_ENV) $(PY) -m bench.bench_soak
 	$(TEST_ENV) $(PY) -m bench.bench_serving
+	$(TEST_ENV) $(PY) -m bench.bench_retention
+	$(TEST_ENV) $(PY) -m bench.bench_spark
+
+# The refresh on 10k / 1M / 10M-edge power-law graphs (about two hours on 2 cores; docs/scaling.md),
+# and the item basis on two DistDGL partitions of Gowalla.
+bench-scale: install
+	$(TEST_ENV) $(IG) neo4j start
+	$(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 $(IG) migrate
+	$(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 $(PY) -m bench.bench_scale
+	$(PY) -m bench.bench_partitions
 
 # Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores), the Online Retail time split (~3 min) and
 # the prequential stream replay of Online Retail (~25-40 min); see docs/evaluation.md.

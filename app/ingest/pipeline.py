@@ -54,7 +54,7 @@ def prepare(cfg: Config, raw: list) -> tuple[Report, list[dict]]:
 
 
 def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> Report:
-    """Validate, clean and commit a batch of raw event dicts; each event id counts once, ever."""
+    """Validate, clean and commit a batch of raw event dicts; each event id counts once (within the retention window)."""
     report, events = prepare(cfg, raw)
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
