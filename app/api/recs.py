@@ -25,6 +25,7 @@ def _k(k: int) -> int:
 
 
 def _session():
+    """One session per request (sessions are not thread-safe)."""
     return driver().session(database=cfg().neo4j_database)
 
 
