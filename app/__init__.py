@@ -20,6 +20,9 @@ def create_app(config: Config | None = None) -> Flask:
 
     errors.register(app)
     metrics.init_app(app)
+    from app.api import auth, guards
+    guards.init_app(app)
+    auth.init_app(app)
     app.register_blueprint(health.bp)
     from app.api import admin, recs
     app.register_blueprint(admin.bp)

@@ -5,6 +5,7 @@ from flask import Blueprint, jsonify
 
 from app import cypher, migrate
 from app.api import cfg, driver
+from app.errors import unavailable_reason
 
 bp = Blueprint("health", __name__)
 
@@ -23,7 +24,7 @@ def readyz():
             session.run(cypher.PING).consume()
         states = migrate.info(driver(), cfg().neo4j_database)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return _not_ready(f"neo4j unreachable: {type(exc).__name__}: {exc}")
+        return _not_ready(unavailable_reason(exc) or "neo4j query failed")
     waiting = [s["file"] for s in states if s["state"] != "applied"]
     if waiting:
         return _not_ready(f"migrations not current: {', '.join(waiting)}")
@@ -33,4 +34,5 @@ def readyz():
 def _not_ready(reason: str):
     response = jsonify({"status": "unavailable", "error": {"status": 503, "message": reason}})
     response.status_code = 503
+    response.headers["Retry-After"] = str(cfg().retry_after)
     return response

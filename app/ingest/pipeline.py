@@ -52,7 +52,8 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> 
     events = [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept]
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
-    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts)
+    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts, timeout=cfg.ingest_wait,
+                                         tx_timeout=cfg.tx_timeout)
     report.duplicates += len(events) - report.accepted
     return report
 
