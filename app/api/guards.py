@@ -35,5 +35,7 @@ def init_app(app: Flask) -> None:
     if cfg.rate_limit:
         # Per client address (behind a proxy, wrap the app in werkzeug's ProxyFix so it is the client's);
         # storage is per process unless IG_RATE_LIMIT_STORAGE names a shared one (e.g. redis://).
-        Limiter(get_remote_address, app=app, default_limits=[cfg.rate_limit], storage_uri=cfg.rate_limit_storage,
-                headers_enabled=True, default_limits_exempt_when=lambda: request.path.startswith(UNLIMITED))
+        # One budget per client across all endpoints (not one per endpoint).
+        Limiter(get_remote_address, app=app, application_limits=[cfg.rate_limit],
+                storage_uri=cfg.rate_limit_storage, headers_enabled=True,
+                application_limits_exempt_when=lambda: request.path.startswith(UNLIMITED))
