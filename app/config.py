@@ -69,7 +69,7 @@ class Config:
     rate_limit_storage: str = "memory://"
     neo4j_timeout: float = 2.0  # longest a request waits to reach Neo4j before a 503
     tx_timeout: float = 30.0  # longest any Neo4j transaction may run
-    ingest_wait: float = 30.0  # longest an ingest request waits for its group commit
+    ingest_wait: float = 10.0  # longest an ingest request waits for its group commit (then 503)
     retry_after: int = 1  # seconds a client is told to wait after a 503
     max_body_bytes: int = 8 * 1024 * 1024
     host: str = "127.0.0.1"

@@ -35,8 +35,11 @@ def weigh(cfg: Config, ev, user: str) -> dict:
             "w": base * decay.factor(cfg, ev.ts), "qty": signed_qty}
 
 
-def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> Report:
-    """Validate, clean and commit a batch of raw event dicts; each event id counts once, ever."""
+def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None, wait: float | None = None) -> Report:
+    """Validate, clean and commit a batch of raw event dicts; each event id counts once, ever.
+
+    `wait`: at most this many seconds for the commit (TimeoutError after; the API answers 503).
+    """
     valid, rejected = schema.validate_events(raw, cfg)
     report = Report(rejected=rejected)
     seen, unique = set(), []
@@ -52,7 +55,7 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> 
     events = [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept]
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
-    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts, timeout=cfg.ingest_wait,
+    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts, timeout=wait,
                                          tx_timeout=cfg.tx_timeout)
     report.duplicates += len(events) - report.accepted
     return report
