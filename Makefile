@@ -43,6 +43,7 @@ bench: install
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
 	$(TEST_ENV) $(PY) -m bench.bench_soak
+	$(TEST_ENV) $(PY) -m bench.bench_load
 
 # Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores) and the Online Retail time split (~3 min);
 # see docs/evaluation.md.

@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import threading
+import time
 from concurrent.futures import Future
 
 from neo4j.exceptions import DriverError, TransientError
@@ -19,6 +21,9 @@ MAX_GROUP_EVENTS = 20_000
 # Two, so one transaction runs in Neo4j while the other is packed or commits; their edge phases
 # still queue on the sorted item locks (more threads measured no better).
 WRITER_THREADS = 2
+# The driver gives up on transient errors after a quarter of IG_NEO4J_TIMEOUT (so that an outage is
+# reported fast); a deadlock with a refresh run is not an outage: try the group again a few times.
+TRANSIENT_RETRIES = 5
 
 
 def _shared_fault(exc: BaseException) -> bool:
@@ -62,8 +67,15 @@ class GroupWriter:
         """Write a group in one transaction; if a batch in it fails it, write each batch alone, so one
         client's bad batch fails only its own request."""
         try:
-            accepted = writer.write_batches(self.driver, self.database, [(e, c) for e, c, _ in group],
-                                            timeout=self.tx_timeout)
+            for attempt in range(TRANSIENT_RETRIES + 1):
+                try:
+                    accepted = writer.write_batches(self.driver, self.database, [(e, c) for e, c, _ in group],
+                                                    timeout=self.tx_timeout)
+                    break
+                except TransientError:
+                    if attempt == TRANSIENT_RETRIES:
+                        raise
+                    time.sleep(random.uniform(0.05, 0.2))  # the two writers must not collide again
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
             if len(group) > 1 and not _shared_fault(exc):
                 log.warning("group of %d batches failed (%s): writing them one by one", len(group),
