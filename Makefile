@@ -27,10 +27,11 @@ migrate: neo4j
 
 # Demo: load the shipped Online Retail copy (once), train a first model (once, 3 epochs),
 # then the worker refreshes embeddings in the background while the API serves (Ctrl-C stops both).
+# IG_AUTH=off: a local demo on 127.0.0.1 takes writes without tokens (refused on any other address).
 run: migrate
 	$(IG) load demo
 	$(IG) train --if-missing --epochs 3
-	$(IG) worker & $(IG) serve
+	IG_AUTH=off $(IG) worker & IG_AUTH=off $(IG) serve
 
 test: install
 	$(TEST_ENV) $(IG) neo4j start
@@ -43,6 +44,7 @@ bench: install
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
 	$(TEST_ENV) $(PY) -m bench.bench_soak
+	$(TEST_ENV) $(PY) -m bench.bench_serving
 	$(TEST_ENV) $(PY) -m bench.bench_load
 
 # Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores) and the Online Retail time split (~3 min);

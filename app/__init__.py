@@ -5,12 +5,14 @@ import logging
 
 from flask import Flask
 
+from app.api.docs import make_app, spec
+
 from app.config import Config, load_config
 
 
 def create_app(config: Config | None = None) -> Flask:
     """Build the Flask app; tests pass their own Config."""
-    app = Flask(__name__)
+    app = make_app(__name__)
     app.config["IG"] = config or load_config()
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -23,10 +25,12 @@ def create_app(config: Config | None = None) -> Flask:
     from app.api import auth, guards
     guards.init_app(app)
     auth.init_app(app)
-    app.register_blueprint(health.bp)
+    app.register_api(health.bp)
     from app.api import admin, recs
-    app.register_blueprint(admin.bp)
-    app.register_blueprint(recs.bp)
+    app.register_api(admin.bp)
+    app.register_api(recs.bp)
     from app.api import events as events_api
-    app.register_blueprint(events_api.bp)
+    app.register_api(events_api.bp)
+    spec(app)  # build the document once every route is registered
+    guards.describe(app.api_doc, app.config["IG"])
     return app

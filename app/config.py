@@ -101,6 +101,10 @@ class Config:
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
+    # serving
+    max_k: int = 500  # largest k of any ranked answer
+    max_batch_users: int = 100  # users of one POST /v1/recommendations
+    interest_history: int = 20  # refreshes whose drift each user keeps
 
     @property
     def decay_anchor_ms(self) -> int:
@@ -165,6 +169,9 @@ def load_config(**overrides) -> Config:
         full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
+        max_k=_env(env, "IG_MAX_K", Config.max_k, int),
+        max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
+        interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
     )
     weights = _env(env, "IG_TYPE_WEIGHTS")
     if weights:

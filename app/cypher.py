@@ -54,10 +54,21 @@ RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, coll
 
 # `row.props` holds embedding and refresh state (ig_h*, ig_a*, ig_deg): keys are fixed by the model's
 # layer count, values are parameters, so the statement stays parameterised.
+# A user whose vector moved under the same version also records how far (cosine distance 1 - cos,
+# from Neo4j's (1 + cos) / 2) and when, in two parallel lists of at most $history entries (what
+# GET /v1/users/<id>/interests and the churn reasons show). Moves below Neo4j's float32 cosine
+# resolution (a full recompute of an unchanged user) are not recorded. History is extra data: it
+# never enters the embedding.
 WRITE_USERS = """
 UNWIND $rows AS row
 MATCH (n:User {id: row.id})
+WITH n, row, n.embedding AS old, n.embedding_version = $version AS same
 SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = datetime()
+WITH n, CASE WHEN same AND old IS NOT NULL AND n.embedding IS NOT NULL
+             THEN 2 * (1 - vector.similarity.cosine(old, n.embedding)) END AS drift
+WHERE $history > 0 AND drift > 1e-6
+SET n.ig_drift = (coalesce(n.ig_drift, []) + drift)[-$history..],
+    n.ig_drift_at = (coalesce(n.ig_drift_at, []) + timestamp())[-$history..]
 """
 
 WRITE_ITEMS = """
@@ -389,20 +400,25 @@ RETURN count(j) AS requeued
 # with the degrees of the last refresh; every weight is scaled by the version's `scale` so that
 # intermediate products stay near 1. Two candidate sets hold the exact top k between them: every item
 # the filter reaches, and the $n nearest by the index, queried once (all others score p_u . q_j <=
-# the $n-th's, returned as `floor` so the caller can widen $n when the k-th score falls below it). Only items
-# embedded by the user's model version are ranked, so an answer never mixes two versions.
-RECOMMEND_ITEMS = """
+# the $n-th's, returned as `floor` so the caller can widen $n when the k-th score falls below it;
+# null once the index has returned every item). Only items embedded by the user's model version are
+# ranked, so an answer never mixes two versions. The item filters ($category, $max_price, null for
+# none) and $exclude_seen apply to both sets before the top k is cut; when widening would pass the
+# widest index query, the `_SCAN` variants take every item the filters admit as the second set (exact,
+# and cheap when the filters are selective: V007 indexes category and price).
+_RECOMMEND = """
 MATCH (u:User {id: $user_id}) WHERE u.embedding IS NOT NULL
 MATCH (m:Model {version: u.embedding_version})
 CALL {
   WITH u
-  CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD node, score
-  RETURN collect(node) AS nearest, min(score) AS farthest
+  %(nearest)s
 }
 CALL {
   WITH u, m
-  MATCH (u)-[a:INTERACTED]->(i:Item)<-[b:INTERACTED]-(v:User)
-  WHERE a.w > 0 AND b.w > 0 AND i.ig_deg > 0 AND v.ig_deg > 0
+  MATCH (u)-[a:INTERACTED]->(i:Item) WHERE a.w > 0 AND i.ig_deg > 0
+  // a second clause, so that v may be u itself (one pattern would keep b from being a): that path
+  // counts in lin for the user's own items, which `exclude_seen=false` ranks
+  MATCH (i)<-[b:INTERACTED]-(v:User) WHERE b.w > 0 AND v.ig_deg > 0
   WITH m, v, sum(a.w * m.scale * b.w * m.scale / sqrt(i.ig_deg * m.scale)) AS t
   WITH m, v, t / (v.ig_deg * m.scale) AS z
   MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0
@@ -414,24 +430,84 @@ CALL {
   RETURN j, 0.0 AS lin
 }
 WITH u, m, farthest, j, sum(lin) AS lin
-WHERE j.embedding_version = u.embedding_version AND NOT EXISTS { (u)-[:INTERACTED]->(j) }
+WHERE j.embedding_version = u.embedding_version
+  AND ($category IS NULL OR j.category = $category) AND ($max_price IS NULL OR j.price <= $max_price)
+  AND (NOT $exclude_seen OR NOT EXISTS { (u)-[:INTERACTED]->(j) })
 WITH u, m, farthest, j,
      lin + (2 * vector.similarity.cosine(u.embedding, j.embedding) - 1) * u.ig_norm * m.item_norm AS score
 ORDER BY score DESC LIMIT $k
-WITH u, m, farthest, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
-RETURN results, u.embedding_version AS version, (2 * farthest - 1) * u.ig_norm * m.item_norm AS floor
+WITH u, m, farthest, collect({item_id: j.id, score: score, title: j.title, category: j.category,
+                              price: j.price}) AS results
+RETURN results, u.embedding_version AS version, toString(u.embedding_updated_at) AS refreshed_at,
+       (2 * farthest - 1) * u.ig_norm * m.item_norm AS floor
+"""
+
+_BY_INDEX = """CALL db.index.vector.queryNodes('item_embedding', $n, u.embedding) YIELD node, score
+  RETURN collect(node) AS nearest, CASE WHEN count(node) < $n THEN null ELSE min(score) END AS farthest"""
+
+# Every item the filters admit (the planner seeks the category or price index).
+_ADMITTED = """MATCH (node:Item) WHERE ($category IS NULL OR node.category = $category)
+    AND ($max_price IS NULL OR node.price <= $max_price)
+  RETURN collect(node) AS nearest, null AS farthest"""
+
+RECOMMEND_ITEMS = _RECOMMEND % {"nearest": _BY_INDEX}
+RECOMMEND_ITEMS_SCAN = _RECOMMEND % {"nearest": _ADMITTED}
+
+# Why an item is recommended: score(u, j) is a sum over the user's items i (weight a_ui > 0) of
+# a_ui * s * (x_i . q_j) (p_u is that weighted sum of x_i) plus i's paths u-i-v-j of lin; each item's
+# part is its contribution, and the parts of all of u's items add up to the score. The $top largest
+# per recommended item, with the user's weight at the version's reference time (a_ui * s).
+EXPLAIN_ITEMS = """
+MATCH (u:User {id: $user_id})
+MATCH (m:Model {version: u.embedding_version})
+MATCH (u)-[a:INTERACTED]->(i:Item) WHERE a.w > 0
+WITH m, collect({i: i, w: a.w * m.scale}) AS mine
+UNWIND $item_ids AS jid
+MATCH (j:Item {id: jid})
+UNWIND mine AS own
+WITH m, j, own.i AS i, own.w AS w
+CALL {
+  WITH m, i, j
+  MATCH (i)<-[b:INTERACTED]-(v:User) WHERE b.w > 0 AND v.ig_deg > 0
+  MATCH (v)-[c:INTERACTED]->(j) WHERE c.w > 0  // a second clause: c may be b when j is i
+  RETURN sum(b.w * m.scale / (v.ig_deg * m.scale) * c.w * m.scale) AS t
+}
+WITH j, i, w,
+     CASE WHEN i.ig_deg > 0 AND j.ig_deg > 0
+          THEN w / sqrt(i.ig_deg * m.scale) * t / sqrt(j.ig_deg * m.scale) ELSE 0.0 END
+     + CASE WHEN i.ig_x IS NULL THEN 0.0
+            ELSE w * (2 * vector.similarity.cosine(i.ig_x, j.embedding) - 1) * i.ig_xnorm * m.item_norm END
+       AS contribution
+ORDER BY contribution DESC
+WITH j, collect({item_id: i.id, title: i.title, weight: w, contribution: contribution}) AS parts
+RETURN j.id AS item_id, parts[0..$top] AS because
+"""
+
+# Trending (cold start): items by time-decayed popularity. An item's degree `ig_deg` (kept by the
+# refresh) sums its edges' positive weights, each stored relative to one fixed anchor, so decaying
+# them all to any reference time multiplies every item by the same factor: the degree order is the
+# decayed-popularity order at any time. The score is the share of the most popular item's.
+TRENDING_ITEMS = """
+CALL {
+  MATCH (top:Item) WHERE top.ig_deg > 0
+  RETURN top.ig_deg AS most ORDER BY most DESC LIMIT 1
+}
+MATCH (j:Item) WHERE j.ig_deg > 0
+  AND ($category IS NULL OR j.category = $category) AND ($max_price IS NULL OR j.price <= $max_price)
+  AND (NOT $exclude_seen OR NOT EXISTS { (:User {id: $user_id})-[:INTERACTED]->(j) })
+WITH j, most ORDER BY j.ig_deg DESC LIMIT $k
+RETURN j.id AS item_id, j.ig_deg / most AS score, j.title AS title, j.category AS category, j.price AS price
 """
 
 # Similar items: the same score for a shopper whose only item is i (one unit of weight), i.e.
-# "bought i, so also ...": x_i . q_j from the stored `ig_x`, plus lin over the paths i-v-j.
-SIMILAR_ITEMS = """
+# "bought i, so also ...": x_i . q_j from the stored `ig_x`, plus lin over the paths i-v-j; the same
+# candidate sets, filters and widening as recommendations.
+_SIMILAR = """
 MATCH (i:Item {id: $item_id}) WHERE i.embedding IS NOT NULL
 MATCH (m:Model {version: i.embedding_version})
 CALL {
   WITH i
-  WITH i WHERE i.ig_x IS NOT NULL
-  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD node, score
-  RETURN collect(node) AS nearest, min(score) AS farthest
+  %(nearest)s
 }
 CALL {
   WITH i, m
@@ -448,13 +524,23 @@ CALL {
 }
 WITH i, m, farthest, j, sum(lin) AS lin
 WHERE j <> i AND j.embedding_version = i.embedding_version
+  AND ($category IS NULL OR j.category = $category) AND ($max_price IS NULL OR j.price <= $max_price)
 WITH i, m, farthest, j, lin + CASE WHEN i.ig_x IS NULL THEN 0.0
      ELSE (2 * vector.similarity.cosine(i.ig_x, j.embedding) - 1) * i.ig_xnorm * m.item_norm END AS score
 ORDER BY score DESC LIMIT $k
-WITH i, m, farthest, collect({item_id: j.id, title: j.title, category: j.category, score: score}) AS results
+WITH i, m, farthest, collect({item_id: j.id, score: score, title: j.title, category: j.category,
+                              price: j.price}) AS results
 RETURN results, i.embedding_version AS version,
-       CASE WHEN farthest IS NULL THEN 0.0 ELSE (2 * farthest - 1) * i.ig_xnorm * m.item_norm END AS floor
+       CASE WHEN i.ig_x IS NULL THEN 0.0 WHEN farthest IS NULL THEN null
+            ELSE (2 * farthest - 1) * i.ig_xnorm * m.item_norm END AS floor
 """
+
+_SIMILAR_BY_INDEX = """WITH i WHERE i.ig_x IS NOT NULL
+  CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD node, score
+  RETURN collect(node) AS nearest, CASE WHEN count(node) < $n THEN null ELSE min(score) END AS farthest"""
+
+SIMILAR_ITEMS = _SIMILAR % {"nearest": _SIMILAR_BY_INDEX}
+SIMILAR_ITEMS_SCAN = _SIMILAR % {"nearest": _ADMITTED}
 
 # Audience (ad targeting): users by cos(p_u, q_j), i.e. p_u . q_j / |p_u|: how much of each user's
 # interest points at the item, so heavy shoppers do not crowd out the rest.
@@ -489,15 +575,20 @@ CALL {
 }
 MATCH (u:User)-[r:INTERACTED]->()
 WITH u, now, version, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
-     sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events
+     sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events,
+     // frequency trend: items active in the last 30 days of the data against the 30 days before
+     // (an edge is active over [first_ts, last_ts]; single events are not kept)
+     count(CASE WHEN r.last_ts >= now - 30 * 86400000 THEN 1 END) AS recent,
+     count(CASE WHEN r.first_ts < now - 30 * 86400000 AND r.last_ts >= now - 60 * 86400000 THEN 1 END) AS previous
 WHERE events >= $min_events
-WITH u, version, trending, (now - last) / 86400000.0 AS silent_days,
+WITH u, version, trending, recent, previous, (now - last) / 86400000.0 AS silent_days,
      ((last - first) / 86400000.0) / (events - 1) AS gap_days
-WITH u, version, trending, silent_days, gap_days,
+WITH u, version, trending, recent, previous, silent_days, gap_days,
      silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
 ORDER BY risk DESC LIMIT $k
 RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_days,
-       round(gap_days, 1) AS typical_gap_days,
+       round(gap_days, 1) AS typical_gap_days, recent AS recent_items, previous AS previous_items,
+       coalesce(u.ig_drift, []) AS moves,
        CASE WHEN u.embedding IS NULL OR size(trending) = 0 OR NOT coalesce(u.embedding_version = version, false)
             THEN null
             ELSE round(1 - vector.similarity.cosine(u.embedding,
@@ -505,5 +596,29 @@ RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_
                         [k IN range(0, size(v) - 1) | acc[k] + v[k]])), 4) END AS drift
 """
 
-USER_EMBEDDED = "MATCH (n:User {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"
 ITEM_EMBEDDED = "MATCH (n:Item {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"
+
+# What weighs in a user's interest now. With a vector, item i's share of p_u = sum_i w_ui s x_i is its
+# projection on p_u over |p_u|^2, w_ui s (x_i . p_u) / |p_u|^2 (the shares add up to 1; an item new
+# since the version has x_i = 0); without one, its share of the user's positive weight. With the
+# moves of the vector over its last refreshes (WRITE_USERS).
+USER_INTERESTS = """
+MATCH (u:User {id: $user_id})
+OPTIONAL MATCH (m:Model {version: u.embedding_version})
+WITH u, m, u.embedding IS NOT NULL AND m IS NOT NULL AS embedded
+CALL {
+  WITH u, m, embedded
+  OPTIONAL MATCH (u)-[a:INTERACTED]->(i:Item) WHERE a.w > 0
+  WITH u, m, embedded, i, a.w AS w
+  WITH embedded, sum(w) AS total, collect(CASE WHEN i IS NOT NULL THEN {
+         item_id: i.id, title: i.title, category: i.category,
+         part: CASE WHEN NOT embedded THEN w WHEN i.ig_x IS NULL THEN 0.0
+                    ELSE w * m.scale * (2 * vector.similarity.cosine(i.ig_x, u.embedding) - 1)
+                         * i.ig_xnorm / u.ig_norm END} END) AS parts
+  RETURN [p IN parts | p {.item_id, .title, .category,
+                          weight: CASE WHEN embedded THEN p.part ELSE p.part / total END}] AS items
+}
+RETURN items, CASE WHEN embedded THEN u.embedding_version END AS version,
+       CASE WHEN embedded THEN toString(u.embedding_updated_at) END AS refreshed_at,
+       coalesce(u.ig_drift, []) AS drift, coalesce(u.ig_drift_at, []) AS drift_at
+"""

@@ -56,7 +56,8 @@ def init_app(app: Flask) -> None:
 
     pipeline = _PipelineCollector(app)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"description": "Prometheus text exposition",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics():
         """Prometheus text exposition."""
         registry = CollectorRegistry()

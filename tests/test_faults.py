@@ -252,3 +252,67 @@ def test_neo4j_crash_inside_the_refresh_transaction_writes_nothing_then_catches_
         run = refresh(fdriver, fcfg, lm, owner=holder.owner)
     assert run["mode"] == "incremental" and run["users"] > 0
     assert max_error(fdriver, fcfg, lm) < 1e-9
+
+
+def _serve(port: int) -> subprocess.Popen:
+    env = {**os.environ, **FAULT_ENV, "IG_PORT": str(port), "IG_WORKERS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("the API did not come up")
+
+
+def test_api_killed_under_load_loses_no_accepted_event(fcfg, fdriver):
+    """The API process killed (SIGKILL) while clients post, then started again: clients resend what got
+    no answer, and every event ends in the graph exactly once."""
+    from bench.bench_ingest import free_port
+    wipe(fdriver, fcfg.neo4j_database)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = _serve(port)
+    try:
+        _ready(url)
+        traffic = Traffic(url, clients=3, batches=30, size=20)
+        traffic.threads = traffic.threads[:3]  # ingest only
+
+        def client(c: int) -> None:  # as Traffic._client, also resending after a dropped connection
+            with requests.Session() as http:
+                for batch in traffic.batches[c]:
+                    while True:
+                        try:
+                            reply = http.post(url + "/v1/events", json=batch, headers=SERVICE, timeout=30)
+                        except requests.RequestException:
+                            time.sleep(0.2)
+                            continue
+                        if reply.status_code == 200:
+                            break
+                        assert reply.status_code == 503, reply.text
+                        time.sleep(0.2)
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        os.killpg(api.pid, signal.SIGKILL)  # gunicorn's master and its worker at once
+        api.wait()
+        api = _serve(port)
+        for t in threads:
+            t.join(180)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        os.killpg(api.pid, signal.SIGKILL)
+        api.wait()
+    sent = {e["event_id"] for client in traffic.batches for batch in client for e in batch}
+    with fdriver.session(database=fcfg.neo4j_database) as s:
+        stored = s.run("MATCH (e:Event) RETURN collect(e.id) AS ids").single()["ids"]
+        views = s.run("MATCH (:User)-[r:INTERACTED]->(:Item) RETURN sum(r.n_view) AS n").single()["n"]
+    assert set(stored) == sent and len(stored) == len(sent) and views == len(sent)

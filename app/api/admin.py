@@ -4,14 +4,17 @@ from __future__ import annotations
 import hmac
 from functools import wraps
 
-from flask import Blueprint, request
+from flask import request
+from flask_openapi3 import APIBlueprint, Tag
 
 from app import jobs
 from app.api import cfg, driver
+from app.api.schemas import Anything, ErrorOut, JobOut, JobPath
 from app.errors import ApiError
 from app.status import status as pipeline_status
 
-bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp = APIBlueprint("admin", __name__, url_prefix="/admin", abp_tags=[Tag(name="admin")],
+                  abp_security=[{"bearer": []}], abp_responses={401: ErrorOut, 403: ErrorOut})
 MODES = ("incremental", "full")
 
 
@@ -39,7 +42,7 @@ def _queue(kind: str, params: dict):
     return {"job_id": job["id"], "state": job["state"]}, 202
 
 
-@bp.post("/reindex")
+@bp.post("/reindex", responses={202: JobOut, 400: ErrorOut})
 @require_token
 def reindex():
     """Queue a refresh: incremental (default) or full."""
@@ -52,17 +55,18 @@ def reindex():
     return _queue("reindex", {"mode": mode})
 
 
-@bp.post("/retrain")
+@bp.post("/retrain", responses={202: JobOut})
 @require_token
 def retrain():
     """Queue a retraining followed by a full re-embed under the new version."""
     return _queue("retrain", {"reason": "admin"})
 
 
-@bp.get("/jobs/<job_id>")
+@bp.get("/jobs/<job_id>", responses={200: Anything, 404: ErrorOut})
 @require_token
-def job(job_id: str):
+def job(path: JobPath):
     """State, progress and result of a job."""
+    job_id = path.job_id
     with driver().session(database=cfg().neo4j_database) as s:
         found = jobs.get(s, job_id)
     if found is None:
@@ -70,7 +74,7 @@ def job(job_id: str):
     return found
 
 
-@bp.get("/status")
+@bp.get("/status", responses={200: Anything})
 @require_token
 def status():
     """Watermark, lag, recent runs, model version, node counts, active worker."""

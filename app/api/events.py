@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, request
+from flask import request
+from flask_openapi3 import APIBlueprint, Tag
 
 from app import metrics
 from app.api import cfg, driver
+from app.api.schemas import ErrorOut, IngestReport, ItemsReport, StatsOut, UserPath
 from app.errors import ApiError
 from app.ids import user_key
 from app.ingest import cleaning, decay, pipeline, schema, writer
 from app.runtime import freeze_heap
 
-bp = Blueprint("events", __name__)
+bp = APIBlueprint("events", __name__, abp_tags=[Tag(name="ingest")])
+BATCH_ERRORS = {400: ErrorOut, 413: ErrorOut}
 
 
 @bp.record_once
@@ -54,7 +57,7 @@ def _partial(body: dict, rejected: list[dict]):
     return {"error": {"status": 422, "message": message, "field": first["field"]}, **body}, 422
 
 
-@bp.post("/v1/events")
+@bp.post("/v1/events", responses={200: IngestReport, 422: IngestReport, **BATCH_ERRORS})
 def post_events():
     """Validate, clean and commit a batch of events; each event_id counts once."""
     report = pipeline.ingest(driver(), cfg(), _batch(), wait=cfg().ingest_wait)
@@ -63,7 +66,7 @@ def post_events():
                      "rejected": report.rejected, "quarantined": report.quarantined}, report.rejected)
 
 
-@bp.put("/v1/items")
+@bp.put("/v1/items", responses={200: ItemsReport, 422: ItemsReport, **BATCH_ERRORS})
 def put_items():
     """Upsert item metadata; attributes become `attr_<name>` properties."""
     items, rejected = schema.validate_items(_batch())
@@ -71,14 +74,15 @@ def put_items():
     return _partial({"upserted": len(items), "changed": changed, "rejected": rejected}, rejected)
 
 
-@bp.delete("/v1/users/<user_id>")
-def delete_user(user_id: str):
+@bp.delete("/v1/users/<user_id>", responses={204: None})
+def delete_user(path: UserPath):
     """Erase a user, its edges and derived properties; idempotent."""
+    user_id = path.user_id
     writer.delete_user(driver(), cfg().neo4j_database, user_key(cfg(), user_id))
     return "", 204
 
 
-@bp.get("/v1/stats")
+@bp.get("/v1/stats", responses={200: StatsOut})
 def stats():
     """Accepted, duplicate, rejected and per-cleaning-reason counts since the graph was created."""
     counts = writer.read_stats(driver(), cfg().neo4j_database)

@@ -1,22 +1,24 @@
 """Liveness and readiness probes."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import jsonify
+from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher, migrate
 from app.api import cfg, driver
+from app.api.schemas import Anything
 from app.errors import unavailable_reason
 
-bp = Blueprint("health", __name__)
+bp = APIBlueprint("health", __name__, abp_tags=[Tag(name="health")])
 
 
-@bp.get("/healthz")
+@bp.get("/healthz", responses={200: Anything})
 def healthz():
     """The process is up."""
     return {"status": "ok"}
 
 
-@bp.get("/readyz")
+@bp.get("/readyz", responses={200: Anything, 503: Anything})
 def readyz():
     """Neo4j answers and every migration is applied, else 503 with the reason."""
     try:

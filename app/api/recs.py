@@ -1,92 +1,85 @@
-"""Serving: recommendations, similar items, audiences and churn risk from the vector indexes."""
+"""Serving endpoints: recommendations, similar items, audiences, interests and churn risk."""
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher
 from app.api import cfg, driver
+from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRecsOut, ChurnOut, ChurnQuery,
+                              ErrorOut, InterestsOut, InterestsQuery, ItemPath, RecsOut, RecsQuery, SimilarOut,
+                              SimilarQuery, UserPath)
 from app.errors import ApiError
 from app.ids import user_key
+from app.serving import profile, ranking
+from app.serving.ranking import Filters
 
-bp = Blueprint("recs", __name__, url_prefix="/v1")
-MAX_K = 500
-MAX_CANDIDATES = 20_000  # widest index query when widening for an exact top k
-
-
-def _int_arg(name: str, default: int, low: int = 1, high: int = MAX_K) -> int:
-    raw = request.args.get(name, default)
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ApiError(400, f"{name} must be an integer", field=name) from None
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}", field=name)
-    return value
+bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
+                  abp_responses={400: ErrorOut})
 
 
-def _query(statement: str, **params) -> list[dict]:
-    with driver().session(database=cfg().neo4j_database) as s:
-        return s.execute_read(lambda tx: [dict(r) for r in tx.run(statement, **params)])
+def _k(k: int) -> int:
+    """k within the configured bound (the schema holds the default bound)."""
+    if k > cfg().max_k:
+        raise ApiError(400, f"k must be at most {cfg().max_k}", field="k")
+    return k
 
 
-def _answer(rows: list[dict], what: str, node_id: str, field: str) -> dict:
-    embedded = cypher.USER_EMBEDDED if what == "User" else cypher.ITEM_EMBEDDED
-    if not rows and not _query(embedded, id=node_id):
-        raise ApiError(404, f"no embedded {what.lower()} {node_id!r} (unknown, or not embedded yet)",
-                       field=field)
-    version = rows[0].pop("version") if rows else None
-    for row in rows[1:]:
-        row.pop("version")
-    return {"version": version, "results": rows}
+def _session():
+    return driver().session(database=cfg().neo4j_database)
 
 
-def _ranked(statement: str, k: int, what: str, node_id: str, field: str, **params) -> dict:
-    """The exact top k of a scoring query over its two candidate sets (see RECOMMEND_ITEMS).
-
-    The index's `n` nearest are widened until the k-th score is at least the n-th nearest's inner
-    product, so no item outside both sets could have made the list.
-    """
-    n = 2 * k + 50
-    while True:
-        rows = _query(statement, k=k, n=n, **params)
-        if not rows:
-            return _answer([], what, node_id, field)
-        results = rows[0]["results"]
-        floor = rows[0]["floor"]
-        if floor is None or (len(results) >= k and results[-1]["score"] >= floor) or n >= MAX_CANDIDATES:
-            return {"version": rows[0]["version"], "results": results}
-        n = min(4 * n, MAX_CANDIDATES)
+@bp.get("/users/<user_id>/recommendations", responses={200: RecsOut})
+def recommendations(path: UserPath, query: RecsQuery):
+    """Items for a user (personal), or trending items for a user unknown or not embedded yet."""
+    filters = Filters(query.category, query.max_price, query.exclude_seen)
+    with _session() as s:
+        answer = ranking.recommend(s, user_key(cfg(), path.user_id), _k(query.k), filters, query.explain)
+    return {"user_id": path.user_id, **answer}
 
 
-@bp.get("/users/<user_id>/recommendations")
-def recommendations(user_id: str):
-    """Items for a user: inner product of the embeddings plus the live graph filter, unseen items only."""
-    key = user_key(cfg(), user_id)
-    return {"user_id": user_id, **_ranked(cypher.RECOMMEND_ITEMS, _int_arg("k", 20), "User", key, "user_id",
-                                          user_id=key)}
+@bp.post("/recommendations", responses={200: BatchRecsOut})
+def batch_recommendations(body: BatchRecsBody):
+    """The single-user answer for each of a bounded list of users, in one call."""
+    if len(body.user_ids) > cfg().max_batch_users:
+        raise ApiError(400, f"user_ids: at most {cfg().max_batch_users} users a call", field="user_ids")
+    filters = Filters(body.category, body.max_price, body.exclude_seen)
+    k = _k(body.k)
+    with _session() as s:
+        return {"results": {u: ranking.recommend(s, user_key(cfg(), u), k, filters, body.explain)
+                            for u in dict.fromkeys(body.user_ids)}}
 
 
-@bp.get("/items/<item_id>/similar")
-def similar(item_id: str):
-    """Items a shopper who has only this item would be recommended."""
-    return {"item_id": item_id, **_ranked(cypher.SIMILAR_ITEMS, _int_arg("k", 20), "Item", item_id, "item_id",
-                                          item_id=item_id)}
+@bp.get("/items/<item_id>/similar", responses={200: SimilarOut, 404: ErrorOut})
+def similar(path: ItemPath, query: SimilarQuery):
+    """Items a shopper who has only this item would be recommended, within the filters."""
+    with _session() as s:
+        answer = ranking.similar(s, path.item_id, _k(query.k), Filters(query.category, query.max_price))
+    return {"item_id": path.item_id, **answer}
 
 
-@bp.get("/items/<item_id>/audience")
-def audience(item_id: str):
+@bp.get("/items/<item_id>/audience", responses={200: AudienceOut, 404: ErrorOut})
+def audience(path: ItemPath, query: AudienceQuery):
     """Users nearest to an item (ad targeting); `include_known=true` keeps those who have it."""
-    include = request.args.get("include_known", "false").lower()
-    if include not in ("true", "false"):
-        raise ApiError(400, "include_known must be true or false", field="include_known")
-    rows = _query(cypher.ITEM_AUDIENCE, item_id=item_id, k=_int_arg("k", 100, high=10_000),
-                  include_known=include == "true")
-    return {"item_id": item_id, **_answer(rows, "Item", item_id, "item_id")}
+    item_id = path.item_id
+    with _session() as s:
+        rows = ranking.read(s, cypher.ITEM_AUDIENCE, item_id=item_id, k=query.k,
+                            include_known=query.include_known)
+        if not rows and not ranking.read(s, cypher.ITEM_EMBEDDED, id=item_id):
+            raise ApiError(404, f"no embedded item {item_id!r} (unknown, or not embedded yet)", field="item_id")
+    version = rows[0]["version"] if rows else None
+    return {"item_id": item_id, "version": version,
+            "results": [{"user_id": r["user_id"], "score": r["score"]} for r in rows]}
 
 
-@bp.get("/users/churn-risk")
-def churn_risk():
-    """Users most overdue against their own purchase rhythm, with their drift from current demand."""
-    rows = _query(cypher.CHURN_RISK, k=_int_arg("k", 50, high=10_000),
-                  min_events=_int_arg("min_events", 3, low=2, high=1_000_000))
-    return {"results": rows}
+@bp.get("/users/<user_id>/interests", responses={200: InterestsOut, 404: ErrorOut})
+def interests(path: UserPath, query: InterestsQuery):
+    """The items and categories that weigh most in the user's interest now, and how the vector moved."""
+    with _session() as s:
+        return profile.interests(s, user_key(cfg(), path.user_id), path.user_id, query.k)
+
+
+@bp.get("/users/churn-risk", responses={200: ChurnOut})
+def churn_risk(query: ChurnQuery):
+    """Users most overdue against their own rhythm, with the reasons: recency, frequency trend, drift."""
+    with _session() as s:
+        return {"results": profile.churn_risk(s, query.k, query.min_events)}

@@ -65,7 +65,7 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
             for chunk in tqdm(list(store.chunks(rows, cfg.full_batch)), desc=f"write {ntype}s", disable=not progress):
                 session.execute_write(lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
-                                                                           lm.version))
+                                                                           lm.version, cfg.interest_history))
         for chunk in tqdm(list(store.chunks(edges, 10 * cfg.full_batch)), desc="mark edges", disable=not progress):
             session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         # The revisions the export read: a change committed after it keeps its node flagged.

@@ -51,7 +51,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
             else:
                 run.update(mode="incremental", version=lm.version, seconds=round(time.monotonic() - started, 4),
                            finished_at=int(time.time() * 1000))
-                session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner))
+                session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner, cfg.interest_history))
                 log.debug("incremental refresh: %d edges, %d users, %d items in %.3fs", run["changed_edges"],
                           run["users"], run["items"], time.monotonic() - started)
                 return run
@@ -100,7 +100,7 @@ def _embed_new_items(tx, lm: LoadedModel, ids: list[str]) -> int:
     return len(ids)
 
 
-def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str | None) -> None:
+def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str | None, history: int) -> None:
     """Everything one run changes, in its single transaction.
 
     Locks are taken in the ingest path's order (items by id, then users by id, then edges), so a run
@@ -110,7 +110,7 @@ def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str |
     store.check_lease(tx, owner)
     run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, store.item_degrees(
         tx, writes["items"], lm.version))
-    store.write_nodes(tx, USER, writes["users"], lm.version)
+    store.write_nodes(tx, USER, writes["users"], lm.version, history)
     for ntype in (ITEM, USER):
         store.mark_seen(tx, ntype, writes["seen"][ntype])
     store.mark_edges_changed(tx, writes["edges"])

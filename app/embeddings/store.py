@@ -78,10 +78,11 @@ def export(session, progress=None) -> Snapshot:
     return snap
 
 
-def write_nodes(tx, ntype: str, rows: list[dict], version: str) -> None:
-    """Write `{id, props}` rows (embedding and refresh state) under model `version`."""
+def write_nodes(tx, ntype: str, rows: list[dict], version: str, history: int = 0) -> None:
+    """Write `{id, props}` rows (embedding and refresh state) under model `version`; users also keep
+    the last `history` moves of their vector (see WRITE_USERS)."""
     for chunk in chunks(rows):
-        tx.run(_WRITE[ntype], rows=chunk, version=version).consume()
+        tx.run(_WRITE[ntype], rows=chunk, version=version, history=history).consume()
 
 
 def mark_edges(tx, rows: list[dict]) -> None:
