@@ -123,8 +123,8 @@ class Soak:
         if not hasattr(self.local, "http"):
             self.local.http = requests.Session()
         try:
-            reply = self.local.http.request(method, self.url + path, timeout=60,
-                                            headers=PRIVACY if method == "DELETE" else SERVICE, **kwargs)
+            headers = {**(PRIVACY if method == "DELETE" else SERVICE), **kwargs.pop("headers", {})}
+            reply = self.local.http.request(method, self.url + path, timeout=60, headers=headers, **kwargs)
         except requests.RequestException as exc:
             self._fail(f"{method} {path}: {type(exc).__name__}: {exc}")
             return None
