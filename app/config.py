@@ -33,6 +33,10 @@ def _env(env: dict, name: str, default=None, cast=str):
     return default if value in (None, "") else cast(value)
 
 
+class ConfigError(ValueError):
+    """A setting that cannot be used as given."""
+
+
 def _switch(text: str) -> bool:
     """`on`/`off` (also true/false, 1/0) -> bool."""
     value = text.strip().lower()
@@ -178,6 +182,6 @@ def load_config(**overrides) -> Config:
         values["type_weights"] = {**Config().type_weights, **_pairs(weights)}
     values.update(overrides)
     if not values.get("auth", True) and values["host"] not in LOOPBACK:
-        raise ValueError(f"IG_AUTH=off is for local runs only, but IG_HOST={values['host']} is not a loopback "
+        raise ConfigError(f"IG_AUTH=off is for local runs only, but IG_HOST={values['host']} is not a loopback "
                          "address: set the tokens (IG_SERVICE_TOKEN, IG_PRIVACY_TOKEN) instead")
     return Config(**values)

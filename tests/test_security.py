@@ -13,11 +13,13 @@ from urllib.parse import quote, urlparse
 import psutil
 import pytest
 import requests
+from click.testing import CliRunner
 from neo4j import GraphDatabase
 from neo4j.exceptions import AuthError
 from werkzeug.serving import make_server
 
 from app import create_app, neo4j_local
+from app.cli import main as cli
 from app.config import load_config
 from app.ingest import group, schema
 from tests.conftest import PRIVACY, SERVICE
@@ -97,6 +99,8 @@ def test_auth_off_only_on_loopback(cfg, clean_db, serve, monkeypatch):
     monkeypatch.setenv("IG_HOST", "0.0.0.0")
     with pytest.raises(ValueError, match="local runs only"):
         load_config()
+    refused = CliRunner().invoke(cli, ["neo4j", "status"])
+    assert refused.exit_code == 1 and "local runs only" in refused.output
     monkeypatch.setenv("IG_HOST", "127.0.0.1")
     local = load_config()
     assert local.auth is False
