@@ -21,6 +21,9 @@ def create_app(config: Config | None = None) -> Flask:
 
     errors.register(app)
     metrics.init_app(app)
+    from app.api import auth, guards
+    guards.init_app(app)
+    auth.init_app(app)
     app.register_api(health.bp)
     from app.api import admin, recs
     app.register_api(admin.bp)
@@ -30,4 +33,5 @@ def create_app(config: Config | None = None) -> Flask:
     from app import ui
     app.register_blueprint(ui.bp)  # the page is not part of the API document
     spec(app)  # build the document once every route is registered
+    guards.describe(app.api_doc, app.config["IG"])
     return app

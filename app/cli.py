@@ -20,7 +20,18 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-@click.group()
+class _Main(click.Group):
+    """Settings that cannot be used are one line and exit code 1, whichever command reads them."""
+
+    def invoke(self, ctx):
+        from app.config import ConfigError
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Main)
 def main():
     """Real-time GraphSAGE interest graph on Neo4j."""
     from app import logs

@@ -13,6 +13,7 @@ ENV_FILE = ROOT / ".env"
 MIGRATIONS_DIR = ROOT / "migrations"
 NEO4J_VERSION = "5.26.30"
 NEO4J_BROWSER_VERSION = "5.24.0"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _ensure_password() -> str:
@@ -39,6 +40,16 @@ def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str
     if match is None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     return match
+class ConfigError(ValueError):
+    """A setting that cannot be used as given."""
+
+
+def _switch(text: str) -> bool:
+    """`on`/`off` (also true/false, 1/0) -> bool."""
+    value = text.strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError(f"expected on or off, got {text!r}")
+    return value in ("on", "true", "1")
 
 
 def _pairs(text: str) -> dict[str, float]:
@@ -60,6 +71,18 @@ class Config:
     neo4j_database: str = "neo4j"
     neo4j_http_port: int = 7474
     admin_token: str | None = None
+    # reliability and security (bounds and credentials; see docs/reliability.md)
+    auth: bool = True  # IG_AUTH=off opens writes and reads: local runs only (loopback IG_HOST)
+    service_token: str | None = None  # ingest and item updates
+    privacy_token: str | None = None  # erasure (the admin token works too)
+    read_token: str | None = None  # reads and /metrics; unset: reads are open
+    rate_limit: str | None = None  # flask-limiter syntax, e.g. "50/second;2000/minute"; unset: off
+    rate_limit_storage: str = "memory://"
+    neo4j_timeout: float = 2.0  # longest a request waits to reach Neo4j before a 503
+    tx_timeout: float = 30.0  # longest any Neo4j transaction may run
+    ingest_wait: float = 10.0  # longest an ingest request waits for its group commit (then 503)
+    retry_after: int = 1  # seconds a client is told to wait after a 503
+    max_body_bytes: int = 8 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
@@ -135,6 +158,17 @@ def load_config(**overrides) -> Config:
         neo4j_database=_env(env, "NEO4J_DATABASE", Config.neo4j_database),
         neo4j_http_port=_env(env, "NEO4J_HTTP_PORT", Config.neo4j_http_port, int),
         admin_token=_env(env, "IG_ADMIN_TOKEN"),
+        auth=_env(env, "IG_AUTH", True, _switch),
+        service_token=_env(env, "IG_SERVICE_TOKEN"),
+        privacy_token=_env(env, "IG_PRIVACY_TOKEN"),
+        read_token=_env(env, "IG_READ_TOKEN"),
+        rate_limit=_env(env, "IG_RATE_LIMIT"),
+        rate_limit_storage=_env(env, "IG_RATE_LIMIT_STORAGE", Config.rate_limit_storage),
+        neo4j_timeout=_env(env, "IG_NEO4J_TIMEOUT", Config.neo4j_timeout, float),
+        tx_timeout=_env(env, "IG_TX_TIMEOUT", Config.tx_timeout, float),
+        ingest_wait=_env(env, "IG_INGEST_WAIT", Config.ingest_wait, float),
+        retry_after=_env(env, "IG_RETRY_AFTER", Config.retry_after, int),
+        max_body_bytes=_env(env, "IG_MAX_BODY_BYTES", Config.max_body_bytes, int),
         host=_env(env, "IG_HOST", Config.host),
         port=_env(env, "IG_PORT", Config.port, int),
         workers=_env(env, "IG_WORKERS", Config.workers, int),
@@ -177,4 +211,7 @@ def load_config(**overrides) -> Config:
     if weights:
         values["type_weights"] = {**Config().type_weights, **_pairs(weights)}
     values.update(overrides)
+    if not values.get("auth", True) and values["host"] not in LOOPBACK:
+        raise ConfigError(f"IG_AUTH=off is for local runs only, but IG_HOST={values['host']} is not a loopback "
+                         "address: set the tokens (IG_SERVICE_TOKEN, IG_PRIVACY_TOKEN) instead")
     return Config(**values)

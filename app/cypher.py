@@ -380,8 +380,9 @@ MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
 SET s.lease_until = 0
 """
 
+# A read (it runs on every /metrics scrape): before the first run every field is null.
 REFRESH_STATUS = """
-MERGE (s:_Refresh {key: 'main'})
+OPTIONAL MATCH (s:_Refresh {key: 'main'})
 RETURN s.watermark AS watermark, s.recent AS recent, s.lease_owner AS lease_owner,
        s.lease_until AS lease_until, timestamp() AS now
 """

@@ -1,7 +1,10 @@
 """One JSON error shape for every failure: {"error": {"status", "message", ...details}}."""
 from __future__ import annotations
 
-from flask import Flask, jsonify
+from concurrent.futures import TimeoutError as WaitTimeout
+
+from flask import Flask, current_app, jsonify
+from neo4j.exceptions import AuthError, DriverError, Neo4jError, TransientError
 from werkzeug.exceptions import HTTPException
 
 
@@ -20,6 +23,28 @@ def error_response(status: int, message: str, **details):
     return response
 
 
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why Neo4j could not serve a request, in words fit for a client (never the exception's text),
+    or None when `exc` is not about Neo4j's availability."""
+    if isinstance(exc, AuthError):
+        return "neo4j refused the configured credentials"
+    if isinstance(exc, WaitTimeout):
+        return "neo4j did not answer in time"
+    if isinstance(exc, DriverError):  # unreachable, connection lost, pool exhausted, commit unknown
+        return "neo4j unreachable"
+    code = getattr(exc, "code", None) or ""
+    if isinstance(exc, TransientError) or "TransactionTimedOut" in code or "Terminated" in code:
+        return "neo4j busy or timed out"
+    return None
+
+
+def unavailable(reason: str):
+    """503 with Retry-After: the client should send the same request again (event ids make it safe)."""
+    response = error_response(503, reason)
+    response.headers["Retry-After"] = str(current_app.config["IG"].retry_after)
+    return response
+
+
 def register(app: Flask) -> None:
     """Route every error through error_response."""
 
@@ -30,6 +55,16 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         return error_response(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(DriverError)
+    @app.errorhandler(Neo4jError)
+    @app.errorhandler(WaitTimeout)
+    def _neo4j(exc: Exception):
+        reason = unavailable_reason(exc)
+        if reason is None:
+            return _unexpected(exc)
+        app.logger.warning("503 %s: %s", reason, type(exc).__name__)
+        return unavailable(reason)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

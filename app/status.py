@@ -11,8 +11,8 @@ from app.embeddings import models, store
 def status(driver, cfg: Config) -> dict:
     """One snapshot of the pipeline's state, for `GET /admin/status` and `interest-graph status`."""
     with driver.session(database=cfg.neo4j_database) as s:
-        st = s.execute_write(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
-        counts = s.run(cypher.NODE_COUNT).single()
+        st = s.execute_read(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
+        counts = s.execute_read(lambda tx: tx.run(cypher.NODE_COUNT).single())
         oldest = store.oldest_pending(s) if st["watermark"] is not None else None
         tunes = s.execute_read(lambda tx: [dict(r) for r in tx.run(cypher.MODEL_FINE_TUNES, limit=5)])
     now = st["now"]

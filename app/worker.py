@@ -26,6 +26,9 @@ from app.ingest import writer
 from app.runtime import freeze_heap
 
 log = logging.getLogger(__name__)
+# On SIGTERM the worker exits within this many seconds whatever Neo4j's state; a run still going
+# is one transaction, which Neo4j rolls back when the connection closes.
+STOP_GRACE = 3.0
 
 
 def _token() -> str:
@@ -224,5 +227,27 @@ class Worker:
         try:
             scheduler.start()
         finally:
-            if self.active:
-                self.release()
+            self._stop(time.monotonic() + STOP_GRACE)
+
+    def _stop(self, deadline: float) -> None:
+        """Give the lease up if Neo4j answers in time, let a run in progress finish until `deadline`,
+        then exit even if one still waits on Neo4j (its transaction is rolled back)."""
+        if self.active:
+            releaser = threading.Thread(target=self._release_quietly, name="lease-release", daemon=True)
+            releaser.start()
+            releaser.join(max(deadline - time.monotonic(), 0))
+        busy = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+        for thread in busy:
+            thread.join(max(deadline - time.monotonic(), 0))
+        if any(t.is_alive() for t in busy):
+            log.warning("worker %s stopping with a run in progress: Neo4j rolls it back", self.owner)
+            logging.shutdown()
+            os._exit(0)
+        log.info("worker %s stopped", self.owner)
+
+    def _release_quietly(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - Neo4j away: the lease lapses by itself
+            log.warning("could not release the lease (Neo4j unreachable); it lapses in %.0fs",
+                        self.cfg.lease_seconds)

@@ -18,6 +18,7 @@ from app.cli import main as cli
 from app.config import ROOT
 from app.ids import erasure_key, user_key
 from app.ingest import decay, group, writer
+from tests.conftest import PRIVACY, SERVICE
 
 T0 = 1_600_000_000_000  # 2020-09-13, inside the decay range
 
@@ -29,7 +30,7 @@ def ev(k, user=None, item=None, type="purchase", ts=None, **extra):
 
 
 def post(base_url, events):
-    return requests.post(f"{base_url}/v1/events", json=events, timeout=60)
+    return requests.post(f"{base_url}/v1/events", json=events, headers=SERVICE, timeout=60)
 
 
 def edges(driver, cfg):
@@ -95,7 +96,7 @@ def test_eight_concurrent_clients_with_overlapping_batches(cfg, clean_db, base_u
         rng = random.Random(seed)
         mine = rng.sample(events, 450)  # each client sends 3/4 of the events, in its own order
         with requests.Session() as session:
-            return [session.post(f"{base_url}/v1/events", json=mine[j:j + 150], timeout=60).json()
+            return [session.post(f"{base_url}/v1/events", json=mine[j:j + 150], headers=SERVICE, timeout=60).json()
                     for j in range(0, len(mine), 150)]
 
     with ThreadPoolExecutor(8) as pool:
@@ -199,7 +200,7 @@ def test_missing_field_is_rejected(cfg, clean_db, base_url):
     ("not json", 400, "not valid JSON"), ('{"event_id": "x"}', 400, "JSON array"), ("[]", 400, "empty batch"),
     ("null", 400, "JSON array"), ("[1, 2", 400, "not valid JSON")])
 def test_bad_body_writes_nothing(cfg, clean_db, base_url, data, status, words):
-    reply = requests.post(f"{base_url}/v1/events", data=data, headers={"Content-Type": "application/json"})
+    reply = requests.post(f"{base_url}/v1/events", data=data, headers={"Content-Type": "application/json", **SERVICE})
     assert reply.status_code == status and words in reply.json()["error"]["message"]
     assert count(clean_db, cfg, "MATCH (n) WHERE NOT n:_Migration RETURN count(n)") == 0
 
@@ -243,7 +244,7 @@ def test_extra_type_from_config(cfg, clean_db, serve):
 # --- items, erasure, pseudonymisation --------------------------------------------
 
 def test_item_upsert_stores_metadata_and_marks_only_real_changes(cfg, clean_db, base_url):
-    put = lambda items: requests.put(f"{base_url}/v1/items", json=items, timeout=10)  # noqa: E731
+    put = lambda items: requests.put(f"{base_url}/v1/items", json=items, headers=SERVICE, timeout=10)  # noqa: E731
     assert put([{"item_id": "i1", "title": "Mug", "price": 3.5, "attributes": {"color": "red", "size": 2}},
                 {"item_id": "i2", "category": "toys"}]).json() == {"upserted": 2, "changed": 2, "rejected": []}
     read = "MATCH (i:Item {id: 'i1'}) RETURN properties(i)"
@@ -265,7 +266,7 @@ def test_user_deletion_is_idempotent_and_leaves_no_trace(cfg, clean_db, base_url
     revs = "MATCH (i:Item) RETURN collect([i.id, i.rev]) AS revs"
     before = dict(count(clean_db, cfg, revs))
     for _ in range(2):
-        assert requests.delete(f"{base_url}/v1/users/alice", timeout=10).status_code == 204
+        assert requests.delete(f"{base_url}/v1/users/alice", headers=PRIVACY, timeout=10).status_code == 204
     assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 0
     assert list(edges(clean_db, cfg)) == [("bob", "i1")]
     # Each item alice touched lost an edge: one new revision each, for the refresh to rebuild it.
@@ -321,7 +322,7 @@ def test_hmac_mode_stores_keyed_hashes_and_accepts_raw_ids(cfg, clean_db, serve)
     stored = count(clean_db, cfg, "MATCH (u:User) RETURN collect(u.id)")
     assert stored == [user_key(keyed, "alice")] and len(stored[0]) == 64 and "alice" not in stored[0]
     assert user_key(cfg, "alice") == "alice"
-    assert requests.delete(f"{url}/v1/users/alice", timeout=10).status_code == 204
+    assert requests.delete(f"{url}/v1/users/alice", headers=PRIVACY, timeout=10).status_code == 204
     assert count(clean_db, cfg, "MATCH (u:User) RETURN count(u)") == 0
 
 

@@ -24,7 +24,7 @@ from app.embeddings import models, store
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
-from tests.conftest import wipe
+from tests.conftest import PRIVACY, SERVICE, wipe
 from tests.test_refresh import TYPES, _owner, _wait, events, max_error
 
 TOLERANCE = 1e-9
@@ -123,7 +123,8 @@ class Soak:
         if not hasattr(self.local, "http"):
             self.local.http = requests.Session()
         try:
-            reply = self.local.http.request(method, self.url + path, timeout=60, **kwargs)
+            headers = {**(PRIVACY if method == "DELETE" else SERVICE), **kwargs.pop("headers", {})}
+            reply = self.local.http.request(method, self.url + path, timeout=60, headers=headers, **kwargs)
         except requests.RequestException as exc:
             self._fail(f"{method} {path}: {type(exc).__name__}: {exc}")
             return None

@@ -60,7 +60,7 @@ def _partial(body: dict, rejected: list[dict]):
 @bp.post("/v1/events", responses={200: IngestReport, 422: IngestReport, **BATCH_ERRORS})
 def post_events():
     """Validate, clean and commit a batch of events; each event_id counts once."""
-    report = pipeline.ingest(driver(), cfg(), _batch())
+    report = pipeline.ingest(driver(), cfg(), _batch(), wait=cfg().ingest_wait)
     metrics.count_events(report)
     return _partial({"accepted": report.accepted, "duplicates": report.duplicates,
                      "rejected": report.rejected, "quarantined": report.quarantined}, report.rejected)

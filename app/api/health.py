@@ -7,6 +7,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from app import cypher, migrate
 from app.api import cfg, driver
 from app.api.schemas import Anything
+from app.errors import unavailable_reason
 
 bp = APIBlueprint("health", __name__, abp_tags=[Tag(name="health")])
 
@@ -25,7 +26,7 @@ def readyz():
             session.run(cypher.PING).consume()
         states = migrate.info(driver(), cfg().neo4j_database)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return _not_ready(f"neo4j unreachable: {type(exc).__name__}: {exc}")
+        return _not_ready(unavailable_reason(exc) or "neo4j query failed")
     waiting = [s["file"] for s in states if s["state"] != "applied"]
     if waiting:
         return _not_ready(f"migrations not current: {', '.join(waiting)}")
@@ -35,4 +36,5 @@ def readyz():
 def _not_ready(reason: str):
     response = jsonify({"status": "unavailable", "error": {"status": 503, "message": reason}})
     response.status_code = 503
+    response.headers["Retry-After"] = str(cfg().retry_after)
     return response

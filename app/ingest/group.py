@@ -1,12 +1,19 @@
 """Group commit: concurrent ingest calls in one process share a transaction, each keeping its own counts."""
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import random
 import threading
+import time
 from concurrent.futures import Future
 
+from neo4j.exceptions import DriverError, TransientError
+
 from app.ingest import writer
+
+log = logging.getLogger(__name__)
 
 # Enough to amortise a commit and the lock rounds, small enough to keep a transaction short
 # (the refresh job's watermark margin assumes commits land within seconds of timestamp()).
@@ -14,6 +21,14 @@ MAX_GROUP_EVENTS = 20_000
 # Two, so one transaction runs in Neo4j while the other is packed or commits; their edge phases
 # still queue on the sorted item locks (more threads measured no better).
 WRITER_THREADS = 2
+# The driver gives up on transient errors after a quarter of IG_NEO4J_TIMEOUT (so that an outage is
+# reported fast); a deadlock with a refresh run is not an outage: try the group again a few times.
+TRANSIENT_RETRIES = 5
+
+
+def _shared_fault(exc: BaseException) -> bool:
+    """True when a failure is Neo4j's state (unreachable, busy), not something in one batch."""
+    return isinstance(exc, (DriverError, TransientError))
 
 
 class GroupWriter:
@@ -23,17 +38,18 @@ class GroupWriter:
     waiting for Python, and concurrent requests no longer queue on each other's item locks.
     """
 
-    def __init__(self, driver, database: str):
-        self.driver, self.database = driver, database
+    def __init__(self, driver, database: str, tx_timeout: float | None = None):
+        self.driver, self.database, self.tx_timeout = driver, database, tx_timeout
         self.pending: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(WRITER_THREADS):
             threading.Thread(target=self._run, name="ingest-group-writer", daemon=True).start()
 
-    def write(self, events: list[dict], counts: dict) -> int:
-        """Queue a batch, wait for its transaction to commit, return how many of its events were new."""
+    def write(self, events: list[dict], counts: dict, timeout: float | None = None) -> int:
+        """Queue a batch, wait up to `timeout` s for its transaction to commit, return how many of its
+        events were new. On TimeoutError the batch may still commit later: a resend is then a duplicate."""
         done: Future = Future()
         self.pending.put((events, counts, done))
-        return done.result()
+        return done.result(timeout)
 
     def _run(self) -> None:
         while True:
@@ -45,24 +61,45 @@ class GroupWriter:
                 except queue.Empty:
                     break
                 size += len(group[-1][0])
-            try:
-                accepted = writer.write_batches(self.driver, self.database, [(e, c) for e, c, _ in group])
-            except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
-                for _, _, done in group:
-                    done.set_exception(exc)
-            else:
-                for (_, _, done), n in zip(group, accepted):
-                    done.set_result(n)
+            self._commit(group)
+
+    def _commit(self, group: list) -> None:
+        """Write a group in one transaction; if a batch in it fails it, write each batch alone, so one
+        client's bad batch fails only its own request."""
+        try:
+            for attempt in range(TRANSIENT_RETRIES + 1):
+                try:
+                    accepted = writer.write_batches(self.driver, self.database, [(e, c) for e, c, _ in group],
+                                                    timeout=self.tx_timeout)
+                    break
+                except TransientError:
+                    if attempt == TRANSIENT_RETRIES:
+                        raise
+                    time.sleep(random.uniform(0.05, 0.2))  # the two writers must not collide again
+        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
+            if len(group) > 1 and not _shared_fault(exc):
+                log.warning("group of %d batches failed (%s): writing them one by one", len(group),
+                            type(exc).__name__)
+                for part in group:
+                    self._commit([part])
+                return
+            for _, _, done in group:
+                done.set_exception(exc)
+        else:
+            for (_, _, done), n in zip(group, accepted):
+                done.set_result(n)
 
 
 _lock = threading.Lock()
 _writers: dict[tuple, GroupWriter] = {}
 
 
-def write_events(driver, database: str, events: list[dict], counts: dict) -> int:
-    """`writer.write_events` through this process's group writer (created lazily, again after a fork)."""
+def write_events(driver, database: str, events: list[dict], counts: dict, timeout: float | None = None,
+                 tx_timeout: float | None = None) -> int:
+    """`writer.write_events` through this process's group writer (created lazily, again after a fork);
+    waits at most `timeout` s; each transaction runs at most `tx_timeout` s in Neo4j."""
     key = (os.getpid(), id(driver), database)
     with _lock:
         if key not in _writers:
-            _writers[key] = GroupWriter(driver, database)
-    return _writers[key].write(events, counts)
+            _writers[key] = GroupWriter(driver, database, tx_timeout)
+    return _writers[key].write(events, counts, timeout)

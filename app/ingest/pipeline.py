@@ -53,12 +53,15 @@ def prepare(cfg: Config, raw: list) -> tuple[Report, list[dict]]:
     return report, [weigh(cfg, ev, keys[ev.user_id]) for _, ev in kept]
 
 
-def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None) -> Report:
-    """Validate, clean and commit a batch of raw event dicts; each event id counts once (within the retention window)."""
+def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None, wait: float | None = None) -> Report:
+    """Validate, clean and commit a batch of raw event dicts; each event id counts once (within the
+    retention window). `wait`: at most this many seconds for the commit (TimeoutError after; the API
+    answers 503)."""
     report, events = prepare(cfg, raw)
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
-    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts)
+    report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts, timeout=wait,
+                                         tx_timeout=cfg.tx_timeout)
     report.duplicates += len(events) - report.accepted
     return report
 

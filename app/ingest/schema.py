@@ -5,23 +5,49 @@ import re
 from datetime import datetime
 from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, \
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, \
     ValidationInfo, field_validator
 
 from app.ingest import decay
 
-Id = Annotated[Union[StrictStr, StrictInt], Field()]
+# Bounds on every value (docs/reliability.md lists them): beyond one, the element is rejected (422).
+MAX_ID = 256  # characters of an event, user or item id
+MAX_TITLE = 1_000  # characters of an item title
+MAX_CATEGORY = 256
+MAX_ATTRIBUTES = 64  # attributes of one item
+MAX_ATTR_TEXT = 1_000  # characters of a text attribute
+# |weight|: times the largest decay factor (2^900) and summed over a batch it stays far below float64's
+# 1.8e308, so no event can make an edge weight (and its transaction, shared with other clients) overflow.
+MAX_WEIGHT = 1_000_000.0
+MAX_INT = 2**63 - 1  # Neo4j integers are 64-bit
+
+
+def _encodable(value: str) -> str:
+    """Refuse lone surrogates: JSON allows them, UTF-8 (and so Neo4j) does not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+def _text(limit: int):
+    return Annotated[StrictStr, Field(max_length=limit), AfterValidator(_encodable)]
+
+
+Id = Annotated[Union[StrictStr, Annotated[StrictInt, Field(ge=-MAX_INT, le=MAX_INT)]], Field()]
 Number = Annotated[float, Field(allow_inf_nan=False)]
-Scalar = Union[StrictStr, StrictInt, Annotated[float, Field(allow_inf_nan=False, strict=True)], bool]
+Scalar = Union[_text(MAX_ATTR_TEXT), Annotated[StrictInt, Field(ge=-MAX_INT, le=MAX_INT)],
+               Annotated[float, Field(allow_inf_nan=False, strict=True)], bool]
 _ATTR_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 def _id(value) -> str:
-    text = str(value).strip()
+    text = _encodable(str(value).strip())
     if not text:
         raise ValueError("must not be empty")
-    if len(text) > 256:
-        raise ValueError("must be at most 256 characters")
+    if len(text) > MAX_ID:
+        raise ValueError(f"must be at most {MAX_ID} characters")
     return text
 
 
@@ -50,7 +76,7 @@ class EventIn(BaseModel):
     ts: int
     quantity: Number | None = None
     price: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    weight: Number | None = None
+    weight: Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)] | None = None
 
     _ids = field_validator("event_id", "user_id", "item_id")(lambda cls, v: _id(v))
 
@@ -73,10 +99,10 @@ class ItemIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     item_id: Id
-    title: StrictStr | None = None
-    category: StrictStr | None = None
+    title: _text(MAX_TITLE) | None = None
+    category: _text(MAX_CATEGORY) | None = None
     price: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    attributes: dict[str, Scalar] | None = None
+    attributes: Annotated[dict[str, Scalar], Field(max_length=MAX_ATTRIBUTES)] | None = None
 
     _ids = field_validator("item_id")(lambda cls, v: _id(v))
 

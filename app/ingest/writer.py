@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from neo4j.exceptions import ClientError
 
 from app import cypher
+from app.db import timed
 from app.ids import erasure_key
 
 STATS_SHARDS = 16
@@ -75,8 +76,10 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
 ENTITY_NOT_FOUND = "Neo.ClientError.Statement.EntityNotFound"
 
 
-def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]]) -> list[int]:
-    """Commit several (events, counts) batches in one transaction; return how many of each were new.
+def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]],
+                  timeout: float | None = None) -> list[int]:
+    """Commit several (events, counts) batches in one transaction (aborted by Neo4j after `timeout` s);
+    return how many of each were new.
 
     A user erased while this transaction waited for its lock makes Neo4j fail it with EntityNotFound,
     which the driver does not retry; the transaction is rolled back whole (event claims included),
@@ -85,7 +88,7 @@ def write_batches(driver, database: str, parts: list[tuple[list[dict], dict]]) -
     for attempt in range(3):
         try:
             with driver.session(database=database) as session:
-                return session.execute_write(_write_tx, parts)
+                return session.execute_write(timed(_write_tx, timeout) if timeout else _write_tx, parts)
         except ClientError as exc:
             if exc.code != ENTITY_NOT_FOUND or attempt == 2:
                 raise

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from app.config import NEO4J_BROWSER_VERSION, NEO4J_VERSION, Config
+from app.config import LOOPBACK, NEO4J_BROWSER_VERSION, NEO4J_VERSION, Config
 
 POM = Path(__file__).with_name("pom.xml")
 
@@ -83,6 +83,8 @@ def _write_conf(cfg: Config, p: dict[str, Path]) -> None:
         f"server.directories.logs={p['logs']}",
         f"server.memory.pagecache.size={cfg.neo4j_pagecache}",
         "dbms.security.auth_enabled=true",
+        # A cap on every transaction, whoever runs it (the API's own are shorter).
+        f"db.transaction.timeout={cfg.tx_timeout:g}s",
         "db.tx_log.rotation.retention_policy=2 files",
         # Shopper data stays here: neither Browser (product-usage data) nor the server (usage report)
         # sends anything unless the operator opts in with IG_NEO4J_TELEMETRY=true. (Community 5.26
@@ -94,16 +96,36 @@ def _write_conf(cfg: Config, p: dict[str, Path]) -> None:
 
 
 def _java_env(p: dict[str, Path]) -> dict[str, str]:
-    return {**os.environ, "NEO4J_HOME": str(p["home"]), "NEO4J_CONF": str(p["conf"])}
+    # Secrets stay out of the server's environment: it needs none of them.
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PASSWORD", "_TOKEN", "_KEY"))}
+    return {**env, "NEO4J_HOME": str(p["home"]), "NEO4J_CONF": str(p["conf"])}
+
+
+def _quoted(arg: str) -> str:
+    """One argument as a java @argfile token (double-quoted, backslashes and quotes escaped)."""
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def set_password_command(cfg: Config, java: str, p: dict[str, Path], argfile: Path) -> list[str]:
+    """The `set-initial-password` command line: the password goes into a private @argfile that the
+    java launcher expands, so it never shows in a process list."""
+    args = ["org.neo4j.cli.AdminTool", "dbms", "set-initial-password",
+            "--", cfg.neo4j_password]  # `--`: a generated password may start with '-'
+    with open(os.open(argfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write("\n".join(_quoted(a) for a in args) + "\n")
+    return [java, "-cp", f"{p['lib']}/*", f"@{argfile}"]
 
 
 def _set_initial_password(cfg: Config, java: str, p: dict[str, Path]) -> None:
     """Set the password before the very first start, as neo4j-admin does."""
     if (p["data"] / "dbms" / "auth.ini").exists():
         return
-    cmd = [java, "-cp", f"{p['lib']}/*", "org.neo4j.cli.AdminTool",
-           "dbms", "set-initial-password", "--", cfg.neo4j_password]  # `--`: a generated password may start with '-'
-    result = subprocess.run(cmd, env=_java_env(p), capture_output=True, text=True)
+    argfile = p["home"] / ".set-password.args"
+    try:
+        cmd = set_password_command(cfg, java, p, argfile)
+        result = subprocess.run(cmd, env=_java_env(p), capture_output=True, text=True)
+    finally:
+        argfile.unlink(missing_ok=True)
     if result.returncode != 0:
         raise Neo4jError(f"setting the initial password failed: {result.stderr[-1000:]}")
 
@@ -154,6 +176,8 @@ def start(cfg: Config, timeout: float = 180.0) -> dict:
     """Start the server in the background (idempotent); return once Bolt answers."""
     p = _paths(cfg)
     host, port = _bolt_address(cfg)
+    if host not in LOOPBACK:
+        raise Neo4jError(f"the local server listens on loopback only; NEO4J_URI names {host}")
     if _pid(p):
         _wait_for_bolt(cfg, _pid(p), p, timeout)
         return status(cfg)

@@ -1,0 +1,302 @@
+"""Credentials, secrets, rate limits, body and value bounds, hostile input: over real HTTP and Neo4j."""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import logging
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+import psutil
+import pytest
+import requests
+from click.testing import CliRunner
+from neo4j import GraphDatabase
+from neo4j.exceptions import AuthError
+from werkzeug.serving import make_server
+
+from app import create_app, neo4j_local
+from app.cli import main as cli
+from app.config import load_config
+from app.ingest import group, schema
+from tests.conftest import PRIVACY, SERVICE
+from tests.test_ingest import count, ev, post
+
+ADMIN = {"Authorization": f"Bearer {os.environ['IG_ADMIN_TOKEN']}"}
+WRONG = {"Authorization": "Bearer not-a-token"}
+
+
+@pytest.fixture
+def serve():
+    """Extra live servers on other configs (a read token, a rate limit, auth off)."""
+    servers = []
+
+    def start(config):
+        server = make_server("127.0.0.1", 0, create_app(config), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _variant(cfg, **changes):
+    return type(cfg)(**{**cfg.__dict__, **changes})
+
+
+# --- credentials --------------------------------------------------------------
+def test_each_write_needs_its_token(cfg, clean_db, base_url):
+    url = f"{base_url}/v1/events"
+    missing = requests.post(url, json=[ev(1)], timeout=10)
+    assert missing.status_code == 401 and missing.json()["error"]["field"] == "Authorization"
+    assert requests.post(url, json=[ev(1)], headers=WRONG, timeout=10).status_code == 403
+    assert requests.post(url, json=[ev(1)], headers=PRIVACY, timeout=10).status_code == 403
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN count(e)") == 0  # nothing written by refused calls
+    assert requests.post(url, json=[ev(1, user="alice")], headers=SERVICE, timeout=10).status_code == 200
+
+    items = f"{base_url}/v1/items"
+    assert requests.put(items, json=[{"item_id": "i1"}], timeout=10).status_code == 401
+    assert requests.put(items, json=[{"item_id": "i1"}], headers=ADMIN, timeout=10).status_code == 403
+    assert requests.put(items, json=[{"item_id": "i1"}], headers=SERVICE, timeout=10).status_code == 200
+
+    erase = f"{base_url}/v1/users/alice"
+    assert requests.delete(erase, timeout=10).status_code == 401
+    assert requests.delete(erase, headers=SERVICE, timeout=10).status_code == 403
+    assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 1
+    assert requests.delete(erase, headers=PRIVACY, timeout=10).status_code == 204
+    assert requests.delete(erase, headers=ADMIN, timeout=10).status_code == 204
+    assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 0
+    # Reads are open while no read token is configured.
+    assert requests.get(f"{base_url}/v1/stats", timeout=10).status_code == 200
+
+
+def test_read_token_guards_reads_and_metrics_but_not_probes(cfg, clean_db, serve):
+    url = serve(_variant(cfg, read_token="test-read-token"))
+    read = {"Authorization": "Bearer test-read-token"}
+    for path in ("/v1/stats", "/v1/users/alice/recommendations", "/metrics"):
+        assert requests.get(url + path, timeout=10).status_code == 401, path
+        assert requests.get(url + path, headers=SERVICE, timeout=10).status_code == 403, path
+        assert requests.get(url + path, headers=read, timeout=10).status_code in (200, 404), path
+    assert requests.get(url + "/v1/stats", headers=ADMIN, timeout=10).status_code == 200
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    assert requests.get(url + "/readyz", timeout=10).status_code == 200
+    # The read token opens no write.
+    assert requests.post(url + "/v1/events", json=[ev(1)], headers=read, timeout=10).status_code == 403
+
+
+def test_unset_token_disables_its_endpoints(cfg, clean_db, serve):
+    url = serve(_variant(cfg, service_token=None))
+    reply = requests.post(url + "/v1/events", json=[ev(1)], headers=SERVICE, timeout=10)
+    assert reply.status_code == 403 and "no service token is configured" in reply.json()["error"]["message"]
+
+
+def test_auth_off_only_on_loopback(cfg, clean_db, serve, monkeypatch):
+    monkeypatch.setenv("IG_AUTH", "off")
+    monkeypatch.setenv("IG_HOST", "0.0.0.0")
+    with pytest.raises(ValueError, match="local runs only"):
+        load_config()
+    refused = CliRunner().invoke(cli, ["neo4j", "status"])
+    assert refused.exit_code == 1 and "local runs only" in refused.output
+    monkeypatch.setenv("IG_HOST", "127.0.0.1")
+    local = load_config()
+    assert local.auth is False
+    url = serve(_variant(cfg, auth=False))
+    assert requests.post(url + "/v1/events", json=[ev(1)], timeout=10).status_code == 200
+    assert requests.post(url + "/admin/reindex", timeout=10).status_code == 401  # admin stays closed
+
+
+def test_admin_token_checked(base_url):
+    assert requests.get(f"{base_url}/admin/status", timeout=10).status_code == 401
+    assert requests.get(f"{base_url}/admin/status", headers=SERVICE, timeout=10).status_code == 403
+    assert requests.get(f"{base_url}/admin/status", headers=ADMIN, timeout=10).status_code == 200
+
+
+def test_secrets_stay_out_of_logs_bodies_metrics_and_process_list(cfg, clean_db, base_url, caplog):
+    secrets = [cfg.neo4j_password, cfg.admin_token, cfg.service_token, cfg.privacy_token, "not-a-token"]
+    caplog.set_level(logging.DEBUG)
+    bodies = []
+    for headers in (WRONG, SERVICE, PRIVACY, ADMIN):
+        bodies.append(requests.post(f"{base_url}/v1/events", data=b"{", headers=headers, timeout=10).text)
+        bodies.append(requests.delete(f"{base_url}/v1/users/x", headers=headers, timeout=10).text)
+        bodies.append(requests.post(f"{base_url}/admin/reindex", json={"mode": "x"}, headers=headers, timeout=10).text)
+        bodies.append(requests.get(f"{base_url}/admin/jobs/nope", headers=headers, timeout=10).text)
+    bodies.append(requests.get(f"{base_url}/metrics", timeout=10).text)
+    bodies.append(requests.get(f"{base_url}/readyz", timeout=10).text)
+    cmdlines = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdlines.append(" ".join(proc.info["cmdline"] or []))
+    for secret in secrets:
+        assert not any(secret in b for b in bodies), "a secret in a response body"
+        assert secret not in caplog.text, "a secret in the logs"
+        assert not any(secret in c for c in cmdlines), "a secret on a command line"
+
+
+def test_initial_password_goes_through_a_private_argfile(cfg, tmp_path):
+    argfile = tmp_path / "args"
+    p = {"lib": Path("/lib")}
+    cmd = neo4j_local.set_password_command(_variant(cfg, neo4j_password='-p"w\\d'), "java", p, argfile)
+    assert not any('-p"w' in part for part in cmd) and cmd[-1] == f"@{argfile}"
+    assert '"-p\\"w\\\\d"' in argfile.read_text() and argfile.stat().st_mode & 0o077 == 0
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_local_neo4j_listens_on_loopback_only_with_auth_on(cfg):
+    pid = neo4j_local.status(cfg)["pid"]
+    listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(_loopback(addr.ip) for addr in listening), listening
+    http_api = requests.post(f"http://127.0.0.1:{cfg.neo4j_http_port}/db/neo4j/query/v2",
+                             json={"statement": "RETURN 1"}, timeout=10)
+    assert http_api.status_code == 401
+    with GraphDatabase.driver(cfg.neo4j_uri, auth=(cfg.neo4j_user, "wrong-password")) as drv:
+        with pytest.raises(AuthError):
+            drv.verify_connectivity()
+    with pytest.raises(neo4j_local.Neo4jError, match="loopback only"):
+        neo4j_local.start(_variant(cfg, neo4j_uri="bolt://0.0.0.0:7699"))
+
+
+# --- rate limits ----------------------------------------------------------------
+def test_rate_limit_answers_429_with_retry_after(cfg, clean_db, serve):
+    url = serve(_variant(cfg, rate_limit="3/minute"))
+    codes = [requests.get(url + "/v1/stats", timeout=10).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    limited = requests.post(url + "/v1/events", json=[ev(1)], headers=SERVICE, timeout=10)
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+    assert limited.json()["error"]["status"] == 429
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN count(e)") == 0
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200  # probes are not limited
+
+
+def test_no_rate_limit_by_default(cfg, base_url):
+    assert cfg.rate_limit is None
+    assert all(requests.get(f"{base_url}/healthz", timeout=10).status_code == 200 for _ in range(3))
+    assert all(requests.get(f"{base_url}/v1/stats", timeout=10).status_code == 200 for _ in range(30))
+
+
+# --- body size: 413 from the header alone ---------------------------------------
+@pytest.mark.parametrize("method,path", [("POST", "/v1/events"), ("PUT", "/v1/items"),
+                                         ("DELETE", "/v1/users/alice"), ("POST", "/admin/reindex"),
+                                         ("GET", "/v1/stats"), ("GET", "/healthz")])
+def test_body_over_the_limit_is_413_before_it_is_read(cfg, base_url, method, path):
+    """The request announces a body of 1 GB and sends none: the answer comes without waiting for it."""
+    host = urlparse(base_url)
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=5)
+    conn.putrequest(method, path)
+    for name, value in {"Content-Type": "application/json", "Content-Length": str(10**9), **ADMIN}.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    reply = conn.getresponse()
+    body = reply.read()
+    conn.close()
+    assert reply.status == 413 and b'"limit"' in body
+
+
+def test_body_just_under_the_limit_is_parsed(cfg, clean_db, serve):
+    url = serve(_variant(cfg, max_body_bytes=2_000))
+    small = requests.post(url + "/v1/events", json=[ev(1)], headers=SERVICE, timeout=10)
+    assert small.status_code == 200
+    big = requests.post(url + "/v1/events", json=[ev(k) for k in range(40)], headers=SERVICE, timeout=10)
+    assert big.status_code == 413
+    # Chunked, with no Content-Length: stopped while reading at the same bound.
+    chunks = (b"x" * 500 for _ in range(10))
+    chunked = requests.post(url + "/v1/events", data=chunks, headers=SERVICE, timeout=10)
+    assert chunked.status_code in (400, 413)
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN count(e)") == 1
+
+
+# --- hostile values ---------------------------------------------------------------
+HOSTILE = [
+    "x'}) MATCH (n) DETACH DELETE n //",
+    '"; DROP CONSTRAINT event_id; "',
+    "`backtick` $param {map: 1}",
+    "\\u0027 \\\\ \\\"",
+    "ünïcødé 漢字 🛒 \u202e rtl",
+    "ctrl \x00\x01\x07\x1b\x7f\n\t end",
+    " padded ",
+]
+
+
+def test_hostile_ids_are_stored_and_returned_as_plain_data(cfg, clean_db, base_url):
+    events = [ev(k, user=f"u{v}", item=f"i{v}") | {"event_id": f"e{v}"} for k, v in enumerate(HOSTILE)]
+    reply = post(base_url, events)
+    assert reply.status_code == 200 and reply.json()["accepted"] == len(HOSTILE)
+    users = count(clean_db, cfg, "MATCH (u:User) RETURN collect(u.id)")
+    assert sorted(users) == sorted(f"u{v}".strip() for v in HOSTILE)  # ids are trimmed, nothing else
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN count(e)") == len(HOSTILE)
+    for v in HOSTILE:
+        user = ("u" + v).strip()
+        if "/" in user:  # a path segment cannot hold one: such an id is reachable by POST only
+            continue
+        reply = requests.get(f"{base_url}/v1/users/{quote(user, safe='')}/recommendations", timeout=10)
+        assert reply.status_code in (200, 404), reply.text  # not embedded yet: a fallback or 404
+        assert reply.json().get("user_id", user) == user
+    items = [{"item_id": f"i{v}", "title": v * 10, "category": v, "attributes": {"note": v}} for v in HOSTILE]
+    reply = requests.put(f"{base_url}/v1/items", json=items, headers=SERVICE, timeout=10)
+    assert reply.status_code == 200, reply.text
+    stored = count(clean_db, cfg, "MATCH (i:Item {id: $id}) RETURN i {.title, .category, .attr_note}",
+                   id=f"i{HOSTILE[0]}")
+    assert stored == {"title": HOSTILE[0] * 10, "category": HOSTILE[0], "attr_note": HOSTILE[0]}
+    # Erasing a user named like an injection erases that user only.
+    victim = quote(f"u{HOSTILE[1]}", safe="")
+    assert requests.delete(f"{base_url}/v1/users/{victim}", headers=PRIVACY, timeout=10).status_code == 204
+    assert count(clean_db, cfg, "MATCH (u:User) RETURN count(u)") == len(HOSTILE) - 1
+
+
+TEN_KB = "é" * 10_240
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"user_id": TEN_KB}, "user_id"), ({"item_id": TEN_KB}, "item_id"), ({"event_id": TEN_KB}, "event_id"),
+    ({"user_id": "bad \ud800 surrogate"}, "user_id"), ({"weight": 1e300}, "weight"), ({"weight": -1e7}, "weight"),
+    ({"user_id": 2**70}, "user_id"), ({"ts": 10**30}, "ts"), ({"quantity": "1e400"}, "quantity"),
+])
+def test_values_beyond_their_bound_are_rejected_by_name(cfg, clean_db, base_url, change, field):
+    reply = post(base_url, [ev(1) | change, ev(2)])
+    assert reply.status_code == 422, reply.text
+    body = reply.json()
+    assert body["error"]["field"] == field and body["rejected"][0]["index"] == 0 and body["accepted"] == 1
+
+
+@pytest.mark.parametrize("item,field", [
+    ({"title": TEN_KB}, "title"), ({"category": "c" * 257}, "category"),
+    ({"attributes": {f"a{k}": k for k in range(schema.MAX_ATTRIBUTES + 1)}}, "attributes"),
+    ({"attributes": {"note": TEN_KB}}, "attributes.note"), ({"title": "\udfff"}, "title"),
+])
+def test_item_values_beyond_their_bound_are_rejected_by_name(cfg, clean_db, base_url, item, field):
+    reply = requests.put(f"{base_url}/v1/items", json=[{"item_id": "i1", **item}], headers=SERVICE, timeout=10)
+    assert reply.status_code == 422 and reply.json()["error"]["field"] == field, reply.text
+    assert count(clean_db, cfg, "MATCH (i:Item) RETURN count(i)") == 0
+
+
+def test_ids_in_the_path_are_bounded(base_url):
+    reply = requests.get(f"{base_url}/v1/users/{'u' * 300}/recommendations", timeout=10)
+    assert reply.status_code == 400 and reply.json()["error"]["field"] == "user_id"
+    reply = requests.delete(f"{base_url}/v1/users/{'u' * 300}", headers=PRIVACY, timeout=10)
+    assert reply.status_code == 400
+
+
+def test_one_batch_that_fails_its_transaction_fails_only_its_own_request(cfg, clean_db, driver):
+    """Two batches sharing a group commit, one of which cannot be written (two weights whose sum
+    overflows): the other still commits, and each request hears only of its own outcome."""
+    good = [{"id": "g1", "u": "u1", "i": "i1", "ts": 1, "type": "view", "w": 1.0, "qty": 0.0}]
+    bad = [{"id": f"b{k}", "u": "u2", "i": "i2", "ts": 1, "type": "view", "w": 1e308, "qty": 0.0} for k in (1, 2)]
+    writer = group.GroupWriter(driver, cfg.neo4j_database)
+    parts = [(bad, {}, Future()), (good, {}, Future())]
+    writer._commit(parts)
+    assert parts[1][2].result(timeout=10) == 1
+    with pytest.raises(OverflowError):
+        parts[0][2].result(timeout=10)
+    assert count(clean_db, cfg, "MATCH (e:Event) RETURN collect(e.id)") == ["g1"]
+
+
+def test_metrics_scrape_writes_nothing(cfg, clean_db, base_url):
+    assert count(clean_db, cfg, "MATCH (s:_Refresh) RETURN count(s)") == 0
+    assert "ig_nodes" in requests.get(f"{base_url}/metrics", timeout=10).text
+    assert count(clean_db, cfg, "MATCH (s:_Refresh) RETURN count(s)") == 0
