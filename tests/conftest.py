@@ -84,3 +84,18 @@ def base_url(app):
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+
+
+@pytest.fixture
+def serve():
+    """Start extra live servers on other configs (e.g. a small batch limit, HMAC ids, a read token)."""
+    servers = []
+
+    def start(config):
+        server = make_server("127.0.0.1", 0, create_app(config), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -11,6 +11,7 @@ import yaml
 
 from app.config import ROOT
 from app.embeddings import store
+from tests.conftest import SERVICE
 
 DOCKER = ROOT / "docker"
 SCHEMAS = ROOT / "tests" / "schemas"
@@ -76,7 +77,8 @@ def test_dashboard_is_valid_and_reads_only_metrics_the_api_exports(cfg, base_url
     assert {"Ingest rate", "Refresh lag", "Freshness", "Request latency"} <= titles
     # Make every series exist: one event, one request, one recorded refresh run.
     requests.post(f"{base_url}/v1/events", json=[{"event_id": "dash-1", "user_id": "u", "item_id": "i",
-                                                  "type": "view", "ts": 1_767_225_600_000}], timeout=30)
+                                                  "type": "view", "ts": 1_767_225_600_000}],
+                  headers=SERVICE, timeout=30).raise_for_status()
     with clean_db.session(database=cfg.neo4j_database) as s:
         s.execute_write(lambda tx: store.advance(tx, 1, {"mode": "incremental", "seconds": 0.1,
                                                          "finished_at": 1_767_225_600_000}, lease.owner))

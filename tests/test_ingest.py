@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from click.testing import CliRunner
-from werkzeug.serving import make_server
 
 from app import create_app
 from app.cli import main as cli
@@ -48,21 +47,6 @@ def count(driver, cfg, query, **params):
 
 def stats(base_url):
     return requests.get(f"{base_url}/v1/stats", timeout=10).json()
-
-
-@pytest.fixture
-def serve():
-    """Start extra live servers on other configs (e.g. a small batch limit, HMAC ids)."""
-    servers = []
-
-    def start(config):
-        server = make_server("127.0.0.1", 0, create_app(config), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 # --- idempotency ----------------------------------------------------------------

@@ -5,7 +5,6 @@ import http.client
 import ipaddress
 import logging
 import os
-import threading
 from concurrent.futures import Future
 from pathlib import Path
 from urllib.parse import quote, urlparse
@@ -16,9 +15,8 @@ import requests
 from click.testing import CliRunner
 from neo4j import GraphDatabase
 from neo4j.exceptions import AuthError
-from werkzeug.serving import make_server
 
-from app import create_app, neo4j_local
+from app import neo4j_local
 from app.cli import main as cli
 from app.config import load_config
 from app.ingest import group, schema
@@ -27,21 +25,6 @@ from tests.test_ingest import count, ev, post
 
 ADMIN = {"Authorization": f"Bearer {os.environ['IG_ADMIN_TOKEN']}"}
 WRONG = {"Authorization": "Bearer not-a-token"}
-
-
-@pytest.fixture
-def serve():
-    """Extra live servers on other configs (a read token, a rate limit, auth off)."""
-    servers = []
-
-    def start(config):
-        server = make_server("127.0.0.1", 0, create_app(config), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def _variant(cfg, **changes):

@@ -50,8 +50,9 @@ def _write_tx(tx, parts: list[tuple[list[dict], dict]]) -> list[int]:
     waits for a concurrent claimer and cannot fail. Everything happens inside `tx`, so the driver
     may re-run it after a transient error.
     """
+    # Events from before their user's erasure are claimed (a retry is a plain duplicate) but add nothing.
     dropped = _from_before_erasure(tx, parts)
-    ids = sorted({e["id"] for events, _ in parts for e in events} - dropped)
+    ids = sorted({e["id"] for events, _ in parts for e in events})
     created = set(tx.run(cypher.INGEST_CLAIM_EVENTS, ids=ids).single()["new"]) if ids else set()
     claimed = (set(ids) - created) | dropped
     new, accepted, totals = [], [], Counter()
