@@ -132,12 +132,17 @@ def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict, flo
     try:
         wait_ready(url)
         batches = [events[j:j + batch] for j in range(0, len(events), batch)]
-        totals = {"accepted": 0, "duplicates": 0}
+        totals = {"accepted": 0, "duplicates": 0, "resent": 0}
 
         def worker(share):
             with requests.Session() as session:
                 for part in share:
-                    reply = session.post(f"{url}/v1/events", json=part, headers=SERVICE, timeout=300)
+                    # A 503 (the commit did not land within the API's wait) is resent, as the API
+                    # asks; ids make the resend safe, so its events may come back as duplicates.
+                    while (reply := session.post(f"{url}/v1/events", json=part, headers=SERVICE,
+                                                 timeout=300)).status_code == 503:
+                        totals["resent"] += 1
+                        time.sleep(float(reply.headers.get("Retry-After", 1)))
                     reply.raise_for_status()
                     body = reply.json()
                     totals["accepted"] += body["accepted"]

@@ -135,7 +135,8 @@ def recommend_latency(driver, cfg, users: list[str], rng, n: int = 30, k: int = 
     with driver.session(database=cfg.neo4j_database) as s:
         for user in rng.sample(users, min(n, len(users))):
             started = time.perf_counter()
-            s.run(cypher.RECOMMEND_ITEMS, user_id=user, k=k, n=2 * k + 50).consume()
+            s.run(cypher.RECOMMEND_ITEMS, user_id=user, k=k, n=2 * k + 50, category=None, max_price=None,
+                  exclude_seen=True).consume()
             times.append(time.perf_counter() - started)
     return {"p50": float(np.percentile(times, 50)), "max": max(times)}
 

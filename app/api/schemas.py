@@ -110,12 +110,15 @@ class Because(BaseModel):
     contribution: float = Field(description="This item's share of the recommended item's score.")
 
 
-class RecItem(BaseModel):
+class SimilarItem(BaseModel):
     item_id: str
     score: float
     title: Optional[str] = None
     category: Optional[str] = None
     price: Optional[float] = None
+
+
+class RecItem(SimilarItem):
     because: Optional[list[Because]] = Field(None, description="Only with explain=true.")
 
 
@@ -132,14 +135,6 @@ class RecsOut(RecsAnswer):
 
 class BatchRecsOut(BaseModel):
     results: dict[str, RecsAnswer]
-
-
-class SimilarItem(BaseModel):
-    item_id: str
-    score: float
-    title: Optional[str] = None
-    category: Optional[str] = None
-    price: Optional[float] = None
 
 
 class SimilarOut(BaseModel):

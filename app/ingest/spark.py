@@ -74,8 +74,6 @@ def session(master: str):
     from pyspark.sql import SparkSession
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers otherwise run `python3` on PATH
     return (SparkSession.builder.master(master).appName("interest-graph load")
-            .config("spark.pyspark.python", sys.executable)
-            .config("spark.pyspark.driver.python", sys.executable)
             .config("spark.ui.enabled", "false")
             .config("spark.sql.session.timeZone", "UTC")
             .getOrCreate())
