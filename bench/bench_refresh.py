@@ -33,7 +33,7 @@ from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import decay, pipeline
 from app.worker import Worker
-from bench.bench_ingest import free_port, graph_counts, wait_ready, wipe
+from bench.bench_ingest import SERVICE, free_port, graph_counts, wait_ready, wipe
 
 DATA = ROOT.parent / "shared" / "data" / "gowalla"  # read in place, never copied
 DAY_MS = 86_400_000
@@ -211,7 +211,7 @@ def stream(driver, cfg, seconds: float, rate: int, batch: int, interval: float, 
                 if delay > 0:
                     time.sleep(delay)
                 part = events(source, batch, rng)
-                reply = http.post(f"{url}/v1/events", json=part, timeout=60)
+                reply = http.post(f"{url}/v1/events", json=part, headers=SERVICE, timeout=60)
                 reply.raise_for_status()
                 committed = time.time()
                 sent += len(part)
