@@ -254,6 +254,66 @@ SET s.watermark = $watermark, s.last_run = $run,
 RETURN count(s) AS updated
 """
 
+# --- the serving log: what each run changed, for the API's in-process graph (app/serving/graph.py) --
+# Every run also numbers itself (`seq`, under an `epoch` drawn once per graph, so a wiped graph never
+# reuses a number) and records the users and items it recomputed, in the same fenced transaction:
+# a process that has applied run n knows exactly which rows to re-read to reach run n + 1. A full
+# run records `full` (re-read everything). Only the last $keep entries stay.
+APPLIED_LOG = """
+MATCH (s:_Refresh {key: 'main'})
+SET s.seq = coalesce(s.seq, 0) + 1, s.epoch = coalesce(s.epoch, randomUUID())
+CREATE (a:_Applied {seq: s.seq, full: $full, users: $users, items: $items, at: timestamp()})
+WITH s
+MATCH (old:_Applied) WHERE old.seq <= s.seq - $keep
+DELETE old
+"""
+
+SERVING_STATE = """
+OPTIONAL MATCH (s:_Refresh {key: 'main'})
+RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq
+"""
+
+APPLIED_SINCE = """
+MATCH (a:_Applied) WHERE a.seq > $seq
+RETURN a.seq AS seq, a.full AS full, a.users AS users, a.items AS items ORDER BY seq
+"""
+
+# Positive edges only (the graph filter's), one record per user.
+SERVING_EDGES = """
+MATCH (u:User)-[r:INTERACTED]->(i:Item) WHERE r.w > 0
+RETURN u.id AS u, collect(i.id) AS items, collect(r.w) AS w
+"""
+
+SERVING_USER_EDGES = """
+UNWIND $ids AS id
+OPTIONAL MATCH (u:User {id: id})-[r:INTERACTED]->(i:Item) WHERE r.w > 0
+RETURN id AS u, collect(i.id) AS items, collect(r.w) AS w
+"""
+
+_SERVING_ITEM = """RETURN i.id AS id, i.title AS title, i.category AS category, i.price AS price,
+       i.embedding_version AS version"""
+SERVING_ITEMS = "MATCH (i:Item)\n" + _SERVING_ITEM
+SERVING_ITEMS_BY_ID = "UNWIND $ids AS id MATCH (i:Item {id: id})\n" + _SERVING_ITEM
+
+# Erasures are found by time (a few a day): `since` is given with a margin beyond the longest
+# transaction, and the caller skips the ones it applied.
+ERASED_SINCE = "MATCH (x:_Erased) WHERE x.at >= $since RETURN x.key AS key, x.at AS at"
+
+# One request's live part: the user's vector and every edge of theirs (the seen items, and the row
+# the graph filter multiplies), with the log position the answer must at least reflect.
+SERVING_REQUEST = """
+OPTIONAL MATCH (s:_Refresh {key: 'main'})
+OPTIONAL MATCH (u:User {id: $user_id})
+CALL {
+  WITH u
+  OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
+  RETURN collect(i.id) AS items, collect(r.w) AS w
+}
+RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq, u IS NOT NULL AS known, u.embedding AS embedding,
+       u.ig_norm AS norm, u.embedding_version AS version, toString(u.embedding_updated_at) AS refreshed_at,
+       items, w
+"""
+
 # --- ingest -----------------------------------------------------------------
 # MERGE on the unique Event id locks the id, so a concurrent claimer waits, then matches.
 # `_new` marks the events this transaction created; it is removed before commit. (An optimistic

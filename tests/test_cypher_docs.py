@@ -91,4 +91,5 @@ def test_scoring_recipes_give_the_apis_answer(cfg, driver, demo_ids, base_url, h
         rows = s.run(query, **values).data()
     api = requests.get(f"{base_url}{path}", params={"k": values["k"]}, timeout=30).json()["results"]
     assert [r["item_id"] for r in rows] == [r["item_id"] for r in api]
-    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in api], rel=1e-9)
+    # The API scores in float64 on its copy of the graph; Neo4j's cosine works in float32.
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in api], rel=1e-5)

@@ -10,7 +10,7 @@ from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRec
                               SimilarQuery, UserPath)
 from app.errors import ApiError
 from app.ids import user_key
-from app.serving import profile, ranking
+from app.serving import graph, profile, ranking
 from app.serving.ranking import Filters
 
 bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
@@ -24,6 +24,11 @@ def _k(k: int) -> int:
     return k
 
 
+def _copy():
+    """This process's copy of the graph that recommendations are scored on."""
+    return graph.copy_of(driver(), cfg().neo4j_database)
+
+
 def _session():
     """One session per request (sessions are not thread-safe)."""
     return driver().session(database=cfg().neo4j_database)
@@ -34,7 +39,7 @@ def recommendations(path: UserPath, query: RecsQuery):
     """Items for a user (personal), or trending items for a user unknown or not embedded yet."""
     filters = Filters(query.category, query.max_price, query.exclude_seen)
     with _session() as s:
-        answer = ranking.recommend(s, user_key(cfg(), path.user_id), _k(query.k), filters, query.explain)
+        answer = ranking.recommend(s, _copy(), user_key(cfg(), path.user_id), _k(query.k), filters, query.explain)
     return {"user_id": path.user_id, **answer}
 
 
@@ -46,7 +51,7 @@ def batch_recommendations(body: BatchRecsBody):
     filters = Filters(body.category, body.max_price, body.exclude_seen)
     k = _k(body.k)
     with _session() as s:
-        return {"results": {u: ranking.recommend(s, user_key(cfg(), u), k, filters, body.explain)
+        return {"results": {u: ranking.recommend(s, _copy(), user_key(cfg(), u), k, filters, body.explain)
                             for u in dict.fromkeys(body.user_ids)}}
 
 
@@ -54,7 +59,7 @@ def batch_recommendations(body: BatchRecsBody):
 def similar(path: ItemPath, query: SimilarQuery):
     """Items a shopper who has only this item would be recommended, within the filters."""
     with _session() as s:
-        answer = ranking.similar(s, path.item_id, _k(query.k), Filters(query.category, query.max_price))
+        answer = ranking.similar(s, _copy(), path.item_id, _k(query.k), Filters(query.category, query.max_price))
     return {"item_id": path.item_id, **answer}
 
 

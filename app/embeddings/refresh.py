@@ -82,6 +82,7 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     deg = np.bincount(row_of, weights=raw, minlength=len(ids))
     writes = {"users": [{"id": uid, "props": pr} for uid, pr in zip(ids, state.user_props(p, deg))],
               "items": item_ids,
+              "affected": user_ids,  # erased ones included: the serving log drops their rows
               "edges": [{"e": e["e"], "u": e["u"], "i": e["i"], "rev": e["rev"]} for e in edges],
               # The revisions this run read: one committed since keeps its node flagged for the next.
               "seen": {USER: [{"id": r["id"], "rev": r["rev"]} for r in users],
@@ -114,4 +115,4 @@ def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str |
     for ntype in (ITEM, USER):
         store.mark_seen(tx, ntype, writes["seen"][ntype])
     store.mark_edges_changed(tx, writes["edges"])
-    store.advance(tx, mark, run, owner)
+    store.advance(tx, mark, run, owner, users=writes["affected"], items=writes["items"])

@@ -9,6 +9,7 @@ from app import cypher
 from app.embeddings.state import ITEM, USER
 
 BATCH = 2000
+APPLIED_KEEP = 1000  # serving log entries kept (a process further behind reloads everything)
 _WRITE = {USER: cypher.WRITE_USERS, ITEM: cypher.WRITE_ITEMS}
 _SEEN = {USER: cypher.MARK_USERS_SEEN, ITEM: cypher.MARK_ITEMS_SEEN}
 
@@ -150,15 +151,20 @@ def check_lease(tx, owner: str | None) -> None:
         raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
 
 
-def advance(tx, mark: int, run: dict, owner: str | None, full_run: str | None = None) -> None:
+def advance(tx, mark: int, run: dict, owner: str | None, full_run: str | None = None,
+            users: list[str] | None = None, items: list[str] | None = None) -> None:
     """Move the watermark and record the run (with its owner) inside the run's transaction, fenced by
-    the lease; `full_run` (the full run's id) also lowers the `full_pending` that run raised."""
+    the lease; `full_run` (the full run's id) also lowers the `full_pending` that run raised. The
+    serving log gets the `users` and `items` an incremental run recomputed (None: a full run)."""
     if owner is None:
         raise LeaseLost("writing embeddings needs the refresh lease (no owner given)")
     record = tx.run(cypher.REFRESH_ADVANCE, watermark=mark, run=json.dumps({**run, "owner": owner}),
                     owner=owner, full_run=full_run).single()
     if record["updated"] == 0:
         raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
+    full = users is None
+    tx.run(cypher.APPLIED_LOG, full=full, users=Rows([] if full else users), items=Rows([] if full else items),
+           keep=APPLIED_KEEP).consume()
 
 
 def changes(session) -> tuple[list[dict], list[dict], list[dict]]:

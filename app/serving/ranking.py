@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from app import cypher
 from app.errors import ApiError
+from app.serving import graph
 
 MAX_CANDIDATES = 20_000  # widest index query before the filtered scan takes over
 EXPLAIN_TOP = 3  # the user's items shown per recommended item
@@ -49,8 +52,59 @@ def ranked(session, statements: tuple[str, str], k: int, **params) -> dict | Non
         n = 4 * n if 4 * n <= MAX_CANDIDATES else MAX_CANDIDATES + 1
 
 
-def recommend(session, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
-    """A user's answer without the id: personal when the user has a vector, else trending."""
+def recommend(session, copy: graph.Copy, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
+    """A user's answer without the id: personal when the user has a vector, else trending.
+
+    Scored on the process's copy of the graph (app/serving/graph.py) with the user's live edges;
+    in Cypher only while the user's vector is under another version than the copy's (a full run
+    under a new model is part-way written).
+    """
+    req = session.execute_read(lambda tx: tx.run(cypher.SERVING_REQUEST, user_id=user_key).single())
+    st = copy.at(req["epoch"], req["seq"])
+    if st is None or (req["embedding"] is not None and req["version"] != st.lm.version):
+        return _recommend_cypher(session, user_key, k, filters, explain)
+    seen = req["items"] if filters.exclude_seen else None
+    if req["embedding"] is None:
+        ok = st.mask(filters.category, filters.max_price, seen, embedded=False) & (st.di > 0)
+        results = st.top(st.di / st.di.max() if st.di.size and st.di.max() > 0 else st.di, ok, k)
+        return {"source": "trending", "version": None, "refreshed_at": None, "results": results}
+    cols, a = st.own(req["items"], req["w"])
+    p = np.asarray(req["embedding"][:-1], dtype=np.float64) * req["norm"]
+    scores = st.scores(p, cols, a)
+    results = st.top(scores, st.mask(filters.category, filters.max_price, seen), k)
+    if explain and results:
+        _explain(st, cols, a, results)
+    return {"source": "personal", "version": st.lm.version, "refreshed_at": req["refreshed_at"],
+            "results": results}
+
+
+def _explain(st, cols, a, results: list[dict]) -> None:
+    """Each result's `because`: the user's own items with the largest parts of its score (EXPLAIN_ITEMS)."""
+    targets = np.asarray([st.items.index[r["item_id"]] for r in results], dtype=np.int64)
+    parts = st.parts(cols, a, targets)
+    for j, r in enumerate(results):
+        order = np.argsort(-parts[:, j], kind="stable")[:EXPLAIN_TOP]
+        r["because"] = [{"item_id": st.items.ids[cols[i]], "title": st.items.title[cols[i]],
+                         "weight": float(a[i] * st.lm.scale), "contribution": float(parts[i, j])} for i in order]
+
+
+def similar(session, copy: graph.Copy, item_id: str, k: int, filters: Filters) -> dict:
+    """Items a shopper who has only this item would be recommended; 404 for an item not embedded."""
+    head = session.execute_read(lambda tx: tx.run(cypher.SERVING_STATE).single())
+    st = copy.at(head["epoch"], head["seq"])
+    j = None if st is None else st.items.index.get(item_id)
+    if st is None or j is None or j >= st.n_items or not st.items.embedded[j]:
+        return _similar_cypher(session, item_id, k, filters)
+    x = st.lm.tables[0][st.items.rows[j]]
+    # one unit of aggregated weight on i: raw weight 1 / scale
+    scores = st.scores(x, np.asarray([j]), np.asarray([1.0 / st.lm.scale]))
+    ok = st.mask(filters.category, filters.max_price)
+    ok[j] = False
+    return {"version": st.lm.version, "results": st.top(scores, ok, k)}
+
+
+def _recommend_cypher(session, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
+    """`recommend` in Cypher alone (the live graph; docs/cypher.md's recipe)."""
     params = {"user_id": user_key, **filters.params()}
     row = ranked(session, (cypher.RECOMMEND_ITEMS, cypher.RECOMMEND_ITEMS_SCAN), k, **params)
     if row is None:
@@ -67,8 +121,8 @@ def recommend(session, user_key: str, k: int, filters: Filters, explain: bool = 
             "results": results}
 
 
-def similar(session, item_id: str, k: int, filters: Filters) -> dict:
-    """Items a shopper who has only this item would be recommended; 404 for an item not embedded."""
+def _similar_cypher(session, item_id: str, k: int, filters: Filters) -> dict:
+    """`similar` in Cypher alone; 404 for an item not embedded."""
     row = ranked(session, (cypher.SIMILAR_ITEMS, cypher.SIMILAR_ITEMS_SCAN), k, item_id=item_id,
                  **{**filters.params(), "exclude_seen": False})
     if row is None:

@@ -1,0 +1,125 @@
+"""The API's in-process graph copy: moved run by run through the serving log, it equals a copy read
+whole, through new users and items, returns, erasures, item updates and compactions."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import requests
+
+from app import cypher
+from app.embeddings import models
+from app.embeddings.refresh import refresh
+from app.embeddings.training import train_and_publish
+from app.ingest import pipeline, writer
+from app.serving import graph
+from app.worker import Worker
+from tests.conftest import wipe
+
+NOW = 1_767_225_600_000  # 2026-01-01
+
+
+def _events(rng, n, users, items, prefix):
+    return [{"event_id": f"{prefix}{k}", "user_id": f"u{rng.randrange(users)}", "item_id": f"i{rng.randrange(items)}",
+             "type": rng.choice(["view", "cart", "purchase", "purchase", "return"]), "quantity": 1,
+             "ts": NOW - rng.randrange(30 * 86_400_000)} for k in range(n)]
+
+
+def _head(driver, cfg):
+    with driver.session(database=cfg.neo4j_database) as s:
+        r = s.run(cypher.SERVING_STATE).single()
+    return r["epoch"], r["seq"]
+
+
+def _run_refresh(driver, cfg):
+    with Worker(cfg).holding() as holder:
+        return refresh(driver, cfg, models.current(driver, cfg), owner=holder.owner)
+
+
+def _edges(st: graph.State) -> dict:
+    """{(user, item): weight} of a state's current rows, by id."""
+    users = {row: u for u, row in st.users.items() if row < st.n_users}
+    kept = (st.base_csr.multiply(st.keep[:, None].astype(float)) + st.over_csr).tocoo()
+    return {(users[r], st.items.ids[c]): w for r, c, w in zip(kept.row, kept.col, kept.data) if w != 0}
+
+
+def _by_id(st: graph.State, values) -> dict:
+    return {i: v for i, v in zip(st.items.ids[:st.n_items], values)}
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, driver):
+    wipe(driver, cfg.neo4j_database)
+    pipeline.ingest(driver, cfg, _events(random.Random(3), 1200, 200, 40, "a"))
+    with Worker(cfg).holding() as holder:
+        train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1)
+    return models.current(driver, cfg)
+
+
+def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url):
+    monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
+    copy = graph.Copy(driver, cfg.neo4j_database)
+    copy.at(*_head(driver, cfg))
+    loads = []
+    monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
+    rng = random.Random(7)
+    overlay_sizes = []
+    for step in range(6):
+        events = _events(rng, 8, 210, 43, f"s{step}-")  # new users and items among them
+        pipeline.ingest(driver, cfg, events)
+        if step == 2:
+            writer.delete_user(driver, cfg.neo4j_database, "u4")
+        if step == 4:
+            writer.upsert_items(driver, cfg.neo4j_database, [{"id": "i1", "props": {"category": "new", "price": 3.5}}])
+        assert _run_refresh(driver, cfg)["mode"] == "incremental"
+        moved = copy.at(*_head(driver, cfg))
+        assert not loads  # applied from the log, not read whole
+        overlay_sizes.append(len(moved.overlay))
+        whole = graph.Copy(driver, cfg.neo4j_database).at(*_head(driver, cfg))
+        loads.clear()
+        assert moved.seq == whole.seq and moved.lm.version == whole.lm.version
+        assert _edges(moved) == pytest.approx(_edges(whole), rel=1e-15)
+        for name in ("di", "price"):
+            a = {k: v for k, v in _by_id(moved, getattr(moved, name) if name == "di" else moved.items.price).items()}
+            b = _by_id(whole, getattr(whole, name) if name == "di" else whole.items.price)
+            assert set(a) >= set(b)
+            assert all(np.isclose(a[k], b[k], rtol=1e-12, atol=0) or (np.isnan(a[k]) and np.isnan(b[k])) for k in b)
+        assert _by_id(moved, moved.items.embedded) == _by_id(whole, whole.items.embedded)
+        # Same scores, item by item, for every user of the whole copy.
+        for u in list(whole.users)[::5]:
+            if u not in moved.users:
+                continue
+            rw = whole.base_csr[whole.users[u]]
+            own = ([whole.items.ids[c] for c in rw.indices], list(rw.data))
+            p = np.random.default_rng(1).normal(size=trained.tables[1].shape[1])
+            a_cols, a_w = whole.own(*own)
+            b_cols, b_w = moved.own(*own)
+            sa, sb = _by_id(whole, whole.scores(p, a_cols, a_w)), _by_id(moved, moved.scores(p, b_cols, b_w))
+            assert all(np.isclose(sb[k], v, rtol=1e-10, atol=1e-12) for k, v in sa.items())
+    assert any(b < a for a, b in zip(overlay_sizes, overlay_sizes[1:])), overlay_sizes  # a compaction ran
+    assert ("u4", "i0") not in _edges(moved) and not any(u == "u4" for u, _ in _edges(moved))
+    assert _by_id(moved, moved.items.category)["i1"] == "new"
+    # The API answers on its own copy, at the latest run: the top of the copy read whole.
+    user = next(u for u in whole.users if whole.du[whole.users[u]] > 0)
+    answer = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
+    with driver.session(database=cfg.neo4j_database) as s:
+        req = s.run(cypher.SERVING_REQUEST, user_id=user).single()
+    p = np.asarray(req["embedding"][:-1]) * req["norm"]
+    scores = whole.scores(p, *whole.own(req["items"], req["w"]))
+    top = whole.top(scores, whole.mask(None, None, req["items"]), 5)
+    assert [r["item_id"] for r in answer["results"]] == [r["item_id"] for r in top]
+    assert [r["score"] for r in answer["results"]] == pytest.approx([r["score"] for r in top], rel=1e-12)
+
+
+def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):
+    copy = graph.Copy(driver, cfg.neo4j_database)
+    before = copy.at(*_head(driver, cfg))
+    with Worker(cfg).holding() as holder:
+        refresh(driver, cfg, trained, full=True, owner=holder.owner)
+    loads = []
+    monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
+    after = copy.at(*_head(driver, cfg))
+    assert loads and after.seq == before.seq + 1
+    wipe(driver, cfg.neo4j_database)
+    assert copy.at(*_head(driver, cfg)) is None  # no model left: the API falls back to Cypher
