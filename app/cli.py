@@ -101,6 +101,10 @@ def serve():
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # A request's matrix products are small: one BLAS thread each, or 8 request threads per worker
+    # oversubscribe the cores.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     # No gunicorn access log: the app logs each request (with its X-Request-ID) at IG_LOG_LEVEL=DEBUG.
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
                                "--workers", str(cfg.workers), "--threads", "8",

@@ -5,6 +5,7 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher
 from app.api import cfg, driver
+from app.db import read_session
 from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRecsOut, ChurnOut, ChurnQuery,
                               ErrorOut, InterestsOut, InterestsQuery, ItemPath, RecsOut, RecsQuery, SimilarOut,
                               SimilarQuery, UserPath)
@@ -30,8 +31,8 @@ def _copy():
 
 
 def _session():
-    """One session per request (sessions are not thread-safe)."""
-    return driver().session(database=cfg().neo4j_database)
+    """One read session per request (sessions are not thread-safe; a cluster routes it to a reader)."""
+    return read_session(driver(), cfg())
 
 
 @bp.get("/users/<user_id>/recommendations", responses={200: RecsOut})

@@ -75,7 +75,14 @@ class State:
         """The graph filter of a row with raw weights `a` on item columns `cols`: a D_I^-1/2 R^T D_U^-1 R D_I^-1/2."""
         ok = self.di[cols] > 0
         cols, y = cols[ok], a[ok] / np.sqrt(self.di[cols[ok]])
-        z = _col_product(self.base_csc, cols, y) * self.keep + _col_product(self.over_csc, cols, y)
+        base = self.base_csc
+        if np.diff(base.indptr)[cols].sum() > DENSE_SHARE * base.nnz:  # one full product beats slicing
+            dense = np.zeros(self.n_items)
+            np.add.at(dense, cols, y)
+            z = self.base_csr @ dense
+        else:
+            z = _col_product(base, cols, y)
+        z = z * self.keep + _col_product(self.over_csc, cols, y)
         w = np.divide(z, self.du, out=np.zeros_like(z), where=self.du > 0)
         nz = np.flatnonzero(w)
         wk = w * self.keep
@@ -128,10 +135,9 @@ class State:
         if max_price is not None:
             with np.errstate(invalid="ignore"):
                 ok &= items.price <= max_price
-        for i in seen or ():
-            j = items.index.get(i)
-            if j is not None and j < self.n_items:
-                ok[j] = False
+        if seen:
+            n = self.n_items
+            ok[[j for j in map(items.index.get, seen) if j is not None and j < n]] = False
         return ok
 
     def top(self, scores: np.ndarray, ok: np.ndarray, k: int) -> list[dict]:

@@ -59,7 +59,7 @@ def recommend(session, copy: graph.Copy, user_key: str, k: int, filters: Filters
     in Cypher only while the user's vector is under another version than the copy's (a full run
     under a new model is part-way written).
     """
-    req = session.execute_read(lambda tx: tx.run(cypher.SERVING_REQUEST, user_id=user_key).single())
+    req = session.run(cypher.SERVING_REQUEST, user_id=user_key).single()  # auto-commit: one round trip
     st = copy.at(req["epoch"], req["seq"])
     if st is None or (req["embedding"] is not None and req["version"] != st.lm.version):
         return _recommend_cypher(session, user_key, k, filters, explain)
@@ -90,7 +90,7 @@ def _explain(st, cols, a, results: list[dict]) -> None:
 
 def similar(session, copy: graph.Copy, item_id: str, k: int, filters: Filters) -> dict:
     """Items a shopper who has only this item would be recommended; 404 for an item not embedded."""
-    head = session.execute_read(lambda tx: tx.run(cypher.SERVING_STATE).single())
+    head = session.run(cypher.SERVING_STATE).single()
     st = copy.at(head["epoch"], head["seq"])
     j = None if st is None else st.items.index.get(item_id)
     if st is None or j is None or j >= st.n_items or not st.items.embedded[j]:
