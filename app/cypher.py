@@ -299,8 +299,9 @@ SERVING_ITEMS_BY_ID = "UNWIND $ids AS id MATCH (i:Item {id: id})\n" + _SERVING_I
 # transaction, and the caller skips the ones it applied.
 ERASED_SINCE = "MATCH (x:_Erased) WHERE x.at >= $since RETURN x.key AS key, x.at AS at"
 
-# One request's live part: the user's vector and every edge of theirs (the seen items, and the row
-# the graph filter multiplies), with the log position the answer must at least reflect.
+# One request's live part: every edge of the user's (the seen items, the row the graph filter
+# multiplies and the vector sums) and when their stored vector was written, with the log position
+# the answer must at least reflect.
 SERVING_REQUEST = """
 OPTIONAL MATCH (s:_Refresh {key: 'main'})
 OPTIONAL MATCH (u:User {id: $user_id})
@@ -309,9 +310,7 @@ CALL {
   OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
   RETURN collect(i.id) AS items, collect(r.w) AS w
 }
-RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq, u IS NOT NULL AS known, u.embedding AS embedding,
-       u.ig_norm AS norm, u.embedding_version AS version, toString(u.embedding_updated_at) AS refreshed_at,
-       items, w
+RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq, toString(u.embedding_updated_at) AS refreshed_at, items, w
 """
 
 # --- ingest -----------------------------------------------------------------

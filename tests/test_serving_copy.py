@@ -105,11 +105,33 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
     answer = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
     with driver.session(database=cfg.neo4j_database) as s:
         req = s.run(cypher.SERVING_REQUEST, user_id=user).single()
-    p = np.asarray(req["embedding"][:-1]) * req["norm"]
+    with driver.session(database=cfg.neo4j_database) as s:
+        stored = s.run("MATCH (u:User {id: $id}) RETURN u.embedding AS e, u.ig_norm AS n", id=user).single()
+    p = np.asarray(stored["e"][:-1]) * stored["n"]  # the stored vector: the live sum equals it
+    assert np.allclose(whole.vector(req["items"], req["w"]), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
     scores = whole.scores(p, *whole.own(req["items"], req["w"]))
     top = whole.top(scores, whole.mask(None, None, req["items"]), 5)
     assert [r["item_id"] for r in answer["results"]] == [r["item_id"] for r in top]
     assert [r["score"] for r in answer["results"]] == pytest.approx([r["score"] for r in top], rel=1e-12)
+
+
+def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driver, trained, base_url):
+    pipeline.ingest(driver, cfg, [{"event_id": "first-1", "user_id": "newcomer", "item_id": "i3", "type": "purchase",
+                                   "ts": NOW}])
+    before = requests.get(f"{base_url}/v1/users/newcomer/recommendations", params={"k": 5}, timeout=30).json()
+    assert before["source"] == "personal" and before["refreshed_at"] is None and before["version"] == trained.version
+    assert "i3" not in [r["item_id"] for r in before["results"]] and len(before["results"]) == 5
+    _run_refresh(driver, cfg)
+    after = requests.get(f"{base_url}/v1/users/newcomer/recommendations", params={"k": 5}, timeout=30).json()
+    assert after["source"] == "personal" and after["refreshed_at"] is not None
+    # The vector summed from the live edges is the one the run stored.
+    copy = graph.Copy(driver, cfg.neo4j_database)
+    st = copy.at(*_head(driver, cfg))
+    with driver.session(database=cfg.neo4j_database) as s:
+        req = s.run(cypher.SERVING_REQUEST, user_id="newcomer").single()
+        stored = s.run("MATCH (u:User {id: 'newcomer'}) RETURN u.embedding AS e, u.ig_norm AS n").single()
+    p = np.asarray(stored["e"][:-1]) * stored["n"]
+    assert np.allclose(st.vector(req["items"], req["w"]), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
 
 
 def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):
@@ -123,3 +145,4 @@ def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeyp
     assert loads and after.seq == before.seq + 1
     wipe(driver, cfg.neo4j_database)
     assert copy.at(*_head(driver, cfg)) is None  # no model left: the API falls back to Cypher
+

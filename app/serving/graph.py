@@ -93,6 +93,12 @@ class State:
         t = t + self.over_csr.T @ w
         return np.divide(t, np.sqrt(self.di), out=np.zeros_like(t), where=self.di > 0)
 
+    def vector(self, items: list, weights: list) -> np.ndarray:
+        """p_u of a live row: the sum of max(w, 0) * scale * x_i the refresh stores (app/embeddings/refresh.py)."""
+        x = self.lm.tables[0]
+        w = np.maximum(np.asarray([0.0 if v is None else v for v in weights], dtype=np.float64), 0.0)
+        return (w * self.lm.scale) @ x[self.lm.rows(items)] if len(items) else np.zeros(x.shape[1])
+
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`."""
         q = self.lm.tables[1]

@@ -55,21 +55,21 @@ def ranked(session, statements: tuple[str, str], k: int, **params) -> dict | Non
 def recommend(session, copy: graph.Copy, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
     """A user's answer without the id: personal when the user has a vector, else trending.
 
-    Scored on the process's copy of the graph (app/serving/graph.py) with the user's live edges;
-    in Cypher only while the user's vector is under another version than the copy's (a full run
-    under a new model is part-way written).
+    Scored on the process's copy of the graph (app/serving/graph.py) with the user's live edges, from
+    which the vector is summed too: exactly what the next refresh run stores, so a shopper's first
+    event personalises the very next answer. Cypher answers only while there is no model.
     """
     req = session.run(cypher.SERVING_REQUEST, user_id=user_key).single()  # auto-commit: one round trip
     st = copy.at(req["epoch"], req["seq"])
-    if st is None or (req["embedding"] is not None and req["version"] != st.lm.version):
+    if st is None:
         return _recommend_cypher(session, user_key, k, filters, explain)
     seen = req["items"] if filters.exclude_seen else None
-    if req["embedding"] is None:
+    p = st.vector(req["items"], req["w"])
+    if not p.any():  # no positive edge to an item the version knows: no vector
         ok = st.mask(filters.category, filters.max_price, seen, embedded=False) & (st.di > 0)
         results = st.top(st.di / st.di.max() if st.di.size and st.di.max() > 0 else st.di, ok, k)
         return {"source": "trending", "version": None, "refreshed_at": None, "results": results}
     cols, a = st.own(req["items"], req["w"])
-    p = np.asarray(req["embedding"][:-1], dtype=np.float64) * req["norm"]
     scores = st.scores(p, cols, a)
     results = st.top(scores, st.mask(filters.category, filters.max_price, seen), k)
     if explain and results:
