@@ -108,6 +108,9 @@ def serve():
     # No gunicorn access log: the app logs each request (with its X-Request-ID) at IG_LOG_LEVEL=DEBUG.
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
                                "--workers", str(cfg.workers), "--threads", "8",
+                               # idle keep-alive connections stay open a minute, as clients and proxies
+                               # expect: at gunicorn's 2 s a client reusing one races the close
+                               "--keep-alive", "75",
                                "--log-level", "debug" if cfg.log_level == "DEBUG" else "warning",
                                "app.wsgi:app"])
 

@@ -120,6 +120,9 @@ class Config:
     # serving
     max_k: int = 500  # largest k of any ranked answer
     max_batch_users: int = 100  # users of one POST /v1/recommendations
+    # Longest a request waits for the API's copy of the graph to reach the last refresh run before
+    # answering from the copy as it is (the user's own edges are always read live).
+    serving_sync_wait: float = 0.25
     interest_history: int = 20  # refreshes whose drift each user keeps
     # logs
     log_level: str = "INFO"
@@ -199,6 +202,7 @@ def load_config(**overrides) -> Config:
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
         max_k=_env(env, "IG_MAX_K", Config.max_k, int),
         max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
+        serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
         interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
         finetune_cron=_env(env, "IG_FINETUNE_CRON"),
         finetune_recent_days=_env(env, "IG_FINETUNE_RECENT_DAYS", Config.finetune_recent_days, float),

@@ -3,6 +3,7 @@ whole, through new users and items, returns, erasures, item updates and compacti
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -132,6 +133,20 @@ def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driv
         stored = s.run("MATCH (u:User {id: 'newcomer'}) RETURN u.embedding AS e, u.ig_norm AS n").single()
     p = np.asarray(stored["e"][:-1]) * stored["n"]
     assert np.allclose(st.vector(req["items"], req["w"]), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
+
+
+def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_up(cfg, driver, trained):
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=0.0)
+    first = copy.at(*_head(driver, cfg))
+    pipeline.ingest(driver, cfg, [{"event_id": "bound-1", "user_id": "u7", "item_id": "i9", "type": "cart",
+                                   "ts": NOW}])
+    _run_refresh(driver, cfg)
+    epoch, seq = _head(driver, cfg)
+    assert copy.at(epoch, seq).seq in (first.seq, seq)  # no wait: as it was, or already synced
+    deadline = time.monotonic() + 30
+    while copy.state.seq < seq and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert copy.state.seq == seq
 
 
 def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):

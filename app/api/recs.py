@@ -27,7 +27,7 @@ def _k(k: int) -> int:
 
 def _copy():
     """This process's copy of the graph that recommendations are scored on."""
-    return graph.copy_of(driver(), cfg().neo4j_database)
+    return graph.copy_of(driver(), cfg().neo4j_database, cfg().serving_sync_wait)
 
 
 def _session():

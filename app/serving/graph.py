@@ -212,30 +212,58 @@ def _item_arrays(rows: list[dict], lm, index: dict, ids: list, old: Items | None
 
 
 class Copy:
-    """A process's copy of one database's graph: the current State and how to move it."""
+    """A process's copy of one database's graph: the current State and how to move it.
 
-    def __init__(self, driver, database: str):
-        self.driver, self.database = driver, database
+    A request behind the last run waits up to `wait` seconds for one background sync to bring the
+    copy there, then answers from the copy as it is: only other users' edges since the last sync can
+    be missing (the user's own edges are read with the request). A first load, or a new epoch (a
+    wiped graph), is waited for.
+    """
+
+    def __init__(self, driver, database: str, wait: float = 0.25):
+        self.driver, self.database, self.wait = driver, database, wait
         self.state: State | None = None
-        self.loaded = False  # False: never tried, or the last try found no model
-        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._syncing = False
 
     def at(self, epoch: str | None, seq: int) -> State | None:
-        """The copy brought to at least run `seq` of `epoch` (None: no current model to score with)."""
+        """The copy at run `seq` of `epoch` or after, or as near as `wait` allows (None: no model yet)."""
         st = self.state
         if st is not None and st.epoch == epoch and st.seq >= seq:
             return st
-        with self._lock:
-            st = self.state
-            if st is not None and st.epoch == epoch and st.seq >= seq:
-                return st
-            started = time.monotonic()
-            with self.driver.session(database=self.database) as session:
-                nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq))
-            self.state = nxt
-            if nxt is not None:
-                log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
-            return nxt
+        if st is None or st.epoch != epoch:
+            with self._load_lock:
+                st = self.state
+                if st is None or st.epoch != epoch or st.seq < seq:
+                    self.state = self._read(None, epoch, seq)
+                return self.state
+        with self._cond:
+            if not self._syncing:
+                self._syncing = True
+                threading.Thread(target=self._sync, args=(epoch, seq), daemon=True).start()
+            self._cond.wait_for(lambda: self.state.seq >= seq or not self._syncing, timeout=self.wait)
+            return self.state
+
+    def _sync(self, epoch, seq) -> None:
+        """Bring the copy to the latest run (one at a time, off the request threads)."""
+        try:
+            with self._load_lock:
+                self.state = self._read(self.state, epoch, seq) or self.state
+        except Exception:  # Neo4j away or the like: requests go on with the copy they have
+            log.exception("serving copy: sync failed")
+        finally:
+            with self._cond:
+                self._syncing = False
+                self._cond.notify_all()
+
+    def _read(self, st: State | None, epoch, seq) -> State | None:
+        started = time.monotonic()
+        with self.driver.session(database=self.database) as session:
+            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq))
+        if nxt is not None:
+            log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
+        return nxt
 
 
 def _advance(tx, st: State | None, epoch, seq) -> State | None:
@@ -342,10 +370,11 @@ _copies: dict[tuple, Copy] = {}
 _copies_lock = threading.Lock()
 
 
-def copy_of(driver, database: str) -> Copy:
-    """This process's copy of `database` behind `driver`."""
+def copy_of(driver, database: str, wait: float = 0.25) -> Copy:
+    """This process's copy of `database` behind `driver`; requests wait up to `wait` s for a sync."""
     key = (id(driver), database)
     with _copies_lock:
         if key not in _copies:
-            _copies[key] = Copy(driver, database)
+            _copies[key] = Copy(driver, database, wait)
+        _copies[key].wait = wait
         return _copies[key]
