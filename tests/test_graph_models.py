@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from graph_models import InterestSAGE, ModelConfig, build_graph
+from graph_models import ModelConfig, build_graph
 from graph_models.baselines import itemknn_scorer, popularity_scorer
 from graph_models.checkpoint import load_checkpoint, save_checkpoint
 from graph_models.evaluation import evaluate, ndcg_at_k, recall_at_k
