@@ -427,9 +427,18 @@ def evaluate_retail(path, epochs, out):
 @click.option("--models", default=None, help="Comma-separated subset of the models (all by default).")
 @click.option("--engine", type=click.Choice(["memory", "neo4j"]), default="memory", show_default=True,
               help="neo4j: `incremental` runs through ingest, refresh and the served query (empty graph needed).")
+@click.option("--lin-weights", type=click.Choice(["raw", "log1p", "binary"]), default="raw", show_default=True,
+              help="Our models' linear filter reads the weights as stored, as log(1 + w), or 1 per edge.")
+@click.option("--lin-user-weights", type=click.Choice(["raw", "log1p", "binary"]), default=None,
+              help="The same for the scored shopper's own row (default: as --lin-weights).")
+@click.option("--lin-topk", type=click.IntRange(0), default=0, show_default=True,
+              help="If > 0, the linear filter keeps only each item's this many nearest items.")
+@click.option("--alpha", type=float, default=None,
+              help="Starting weight of our models' spectral part (default 0.3, GF-CF's); training may move it.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json/md/png here.")
 def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, k, train_fraction,
-                    batch_size, batch_minutes, retrain_every, finetune_every, replay, models, engine, out):
+                    batch_size, batch_minutes, retrain_every, finetune_every, replay, models, engine, lin_weights,
+                    lin_user_weights, lin_topk, alpha, out):
     """Prequential evaluation on any event log: score each micro-batch's new (user, item) events, then learn it."""
     from app.evaluation import stream as stream_eval
     if fmt == "csv" and not (user_col and item_col and ts_col):
@@ -445,7 +454,8 @@ def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, 
             user_col=user_col, item_col=item_col, ts_col=ts_col, ts_unit=ts_unit, weight_col=weight_col,
             type_col=type_col), k=k, train_fraction=train_fraction, batch_size=batch_size,
             batch_minutes=batch_minutes, retrain_every=retrain_every, finetune_every=finetune_every,
-            replay=replay, models=chosen, engine=engine)
+            replay=replay, models=chosen, engine=engine, lin_weights=lin_weights, lin_topk=lin_topk,
+            alpha=alpha, lin_user_weights=lin_user_weights)
     except ValueError as exc:
         _fail(str(exc))
     from app.evaluation import report

@@ -22,6 +22,13 @@ class ModelConfig:
     # Wall-clock cap on training in minutes (None = none): stops after the epoch that passes it.
     max_minutes: float | None = 20.0
     seed: int = 0
+    # The linear filter lin (spectral.LinearFilter): the weights it reads in the graph ("raw" as stored,
+    # "log1p" or "binary"), in the scored user's row (None: the same) and, if > 0, how many nearest items
+    # of each item its item-item matrix keeps. The defaults are GF-CF's filter on the stored weights (the
+    # Gowalla settings); chosen per data set on validation.
+    lin_weights: str = "raw"
+    lin_user_weights: str | None = None
+    lin_topk: int = 0
     k: int = 20
 
     def to_dict(self):

@@ -38,6 +38,72 @@ def item_basis(csr, k, seed=0, niter=4):
     return v[:, order].numpy(), (s[order] ** 2).numpy()
 
 
+LIN_WEIGHTS = ("raw", "log1p", "binary")
+
+
+def lin_weights(csr, how="raw"):
+    """The weights the linear filter reads: as given ("raw"), log(1 + w) ("log1p"), or 1 per edge
+    ("binary"); zero stays zero (the filter reads positive weights only)."""
+    if how == "raw":
+        return csr
+    if how not in LIN_WEIGHTS:
+        raise ValueError(f"unknown lin weights {how!r} (known: {', '.join(LIN_WEIGHTS)})")
+    out = sp.csr_matrix(csr, dtype=np.float64, copy=True)
+    out.data = np.log1p(out.data) if how == "log1p" else (out.data != 0).astype(np.float64)
+    out.eliminate_zeros()
+    return out
+
+
+def top_k_columns(sim, k):
+    """Item x item `sim` keeping, in each column j, the k largest entries off the diagonal (ties, in
+    float32, to the lower row): j's k nearest neighbours i, so that sum_i r_ui sim(i, j) reads only those."""
+    csc = sp.csc_matrix(sim, dtype=np.float64)
+    csc.sort_indices()
+    cols = np.repeat(np.arange(csc.shape[1], dtype=np.int64), np.diff(csc.indptr))
+    keep = (csc.indices != cols) & (csc.data > 0)
+    rows, cols, vals = csc.indices[keep], cols[keep], csc.data[keep]
+    # One int64 key: column, then falling value (a positive float32's bits order like its value); a
+    # stable sort keeps the lower row first among equal values (entries come by column, then row).
+    key = (cols << 32) | (0x7FFFFFFF - vals.astype(np.float32).view(np.int32)).astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    del key
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(cols, np.arange(csc.shape[1]))
+    keep = (np.arange(len(cols)) - starts[cols]) < k
+    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=csc.shape)
+
+
+class LinearFilter:
+    """lin(u, j) of a graph under a model's settings: GF-CF's r_u R~^T R~ by default.
+
+    `weights` replaces every weight w of the graph (so its degrees too) by log(1 + w) or 1 before the
+    filter, and `user_weights` (default: `weights`) those of the scored user's own row; `topk` > 0
+    keeps of the item-item matrix R~^T R~ only each item j's `topk` most similar items i (off the
+    diagonal), as a neighbourhood model does:
+    lin(u, j) = sum over u's items i among j's neighbours of f_user(r_ui) (R~^T R~)_ij.
+    """
+
+    def __init__(self, graph, weights="raw", topk=0, user_weights=None):
+        self.weights, self.topk = weights, int(topk or 0)
+        self.user_weights = user_weights or weights
+        lin_weights(graph[:0], self.user_weights)  # an unknown name fails here
+        self.rt = normalised(lin_weights(graph, weights))
+        self.sim = top_k_columns(self.rt.T @ self.rt, self.topk) if self.topk else None
+
+    @classmethod
+    def of(cls, graph, cfg):
+        """The filter of model settings `cfg` (a ModelConfig) on `graph`."""
+        return cls(graph, getattr(cfg, "lin_weights", "raw"), getattr(cfg, "lin_topk", 0),
+                   getattr(cfg, "lin_user_weights", None))
+
+    def __call__(self, rows):
+        """lin of the users whose (stored) weights are `rows`, a users x items CSR: dense users x items."""
+        rows = lin_weights(rows, self.user_weights)
+        if self.sim is None:
+            return linear_filter(rows, self.rt)
+        return np.asarray((sp.csr_matrix(rows, dtype=np.float64) @ self.sim).todense())
+
+
 def linear_filter(rows, rt):
     """r_u R~^T R~ for users' rows `rows` (users x items CSR), with `rt = normalised(graph)`.
 

@@ -347,6 +347,7 @@ def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 2
         "retrain_every": retrain_every, "finetune_every": finetune_every, "replay": replay,
         "train_seconds": round(train_seconds, 2), "itemknn": knn and {"k": knn["k"], "shrink": knn["shrink"]},
         "model": {"dim": cfg.dim, "sharp_dim": cfg.sharp_dim, "low": model.low.tolist(),
-                  "sharp": model.sharp.tolist()},
+                  "sharp": model.sharp.tolist(), "alpha": cfg.alpha, "lin_weights": cfg.lin_weights,
+                  "lin_user_weights": cfg.lin_user_weights, "lin_topk": cfg.lin_topk},
     }
     return result

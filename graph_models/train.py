@@ -10,7 +10,7 @@ from .baselines import popularity_scorer
 from .evaluation import evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
-from .spectral import degrees, item_basis, linear_filter, normalised
+from .spectral import LinearFilter, degrees, item_basis
 from .split import holdout
 
 
@@ -31,13 +31,14 @@ class Scorer:
     """Scores of users over all items of a graph: p_u . q_j + lin(u, j), the ranking the service serves."""
 
     def __init__(self, model, graph_csr):
-        self.graph, self.rt = graph_csr.astype(np.float64).tocsr(), normalised(graph_csr)
+        self.graph = graph_csr.astype(np.float64).tocsr()
+        self.lin = LinearFilter.of(graph_csr, model.cfg)  # normalised from the graph as given, as before
         out = model.inference(graph_from_csr(self.graph))  # the DGL path the service's full recompute takes
         self.p, self.q = out["user"].float(), out["item"].float()
 
     def __call__(self, users):
         users = np.asarray(users)
-        lin = torch.from_numpy(linear_filter(self.graph[users], self.rt).astype(np.float32))
+        lin = torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
         return self.p[torch.as_tensor(users)] @ self.q.T + lin
 
 
@@ -52,7 +53,7 @@ class _Responses:
     def __init__(self, model, fit_csr):
         m, x = model, fit_csr.astype(np.float64).tocsr()
         v = m.basis.numpy()
-        self.model, self.x, self.rt, self.ks = m, x, normalised(x), m.sharp_dim
+        self.model, self.x, self.lin, self.ks = m, x, LinearFilter.of(x, m.cfg), m.sharp_dim
         self.p_low = torch.from_numpy(np.asarray(x @ (v * m.in_scale.numpy()[:, None]), dtype=np.float32))
         self.p_sharp = torch.from_numpy(np.asarray(x @ v[:, :self.ks], dtype=np.float32))
         self.q_low = (m.basis * m.out_scale.unsqueeze(-1)).float()
@@ -63,7 +64,7 @@ class _Responses:
     def _parts(self, users):
         """[lin, A_0.., B_0..] of `users`: the matrices every score is a combination of."""
         u = torch.as_tensor(users)
-        lin = torch.from_numpy(linear_filter(self.x[users], self.rt).astype(np.float32))
+        lin = torch.from_numpy(self.lin(self.x[users]).astype(np.float32))
         low = [(self.p_low[u] * self.s2 ** p) @ self.q_low.T for p in range(len(self.model.low))]
         sharp = [(self.p_sharp[u] * self.s2[:self.ks] ** p) @ self.q_sharp.T for p in range(len(self.model.sharp))]
         return [lin, *low, *sharp]

@@ -11,7 +11,7 @@ from graph_models.baselines import itemknn_scorer, popularity_scorer
 from graph_models.checkpoint import load_checkpoint, save_checkpoint
 from graph_models.evaluation import evaluate, ndcg_at_k, recall_at_k
 from graph_models.graph import graph_from_csr
-from graph_models.spectral import inv_sqrt, item_basis, linear_filter, normalised
+from graph_models.spectral import LinearFilter, inv_sqrt, item_basis, linear_filter, normalised
 from graph_models.train import Scorer, build, fit, train
 
 torch.set_num_threads(2)
@@ -82,6 +82,53 @@ def test_untrained_model_scores_like_gf_cf_truncated():
     dis = inv_sqrt(d)
     expected = r @ rt.T @ rt + 0.3 * r @ np.diag(dis) @ v @ v.T @ np.diag(np.sqrt(d))
     assert np.allclose(Scorer(model, csr)([0, 1, 2, 3]).numpy(), expected, atol=1e-5)
+
+
+def _pruned(s, k):
+    """Each column j of `s` keeping its k largest entries off the diagonal (ties to the lower row)."""
+    out = np.zeros_like(s)
+    for j in range(s.shape[1]):
+        col = s[:, j].copy()
+        col[j] = 0.0
+        for i in sorted(range(len(col)), key=lambda i: (-col[i], i))[:k]:
+            out[i, j] = col[i]
+    return out
+
+
+@pytest.mark.parametrize("how", ["raw", "log1p", "binary"])
+@pytest.mark.parametrize("topk", [0, 1, 2])
+def test_linear_filter_options_match_the_dense_formula(how, topk):
+    """lin reads f(w) for the user's row and the graph (degrees included); topk keeps j's nearest items."""
+    csr, r = matrix()
+    rf = {"raw": r, "log1p": np.log1p(r), "binary": (r > 0).astype(float)}[how]
+    rt = np.diag(inv_sqrt(rf.sum(1))) @ rf @ np.diag(inv_sqrt(rf.sum(0)))
+    sim = rt.T @ rt if not topk else _pruned(rt.T @ rt, topk)
+    got = LinearFilter(csr, how, topk)(csr[[0, 2, 3]])
+    assert np.allclose(got, rf[[0, 2, 3]] @ sim)
+    if how == "raw" and not topk:  # the default is GF-CF's filter, bit for bit
+        assert np.array_equal(got, linear_filter(csr[[0, 2, 3]], normalised(csr)))
+    # the user's own row may read other weights than the graph: 1 per edge here
+    binary_rows = LinearFilter(csr, how, topk, user_weights="binary")(csr[[0, 2, 3]])
+    assert np.allclose(binary_rows, (r[[0, 2, 3]] > 0) @ sim)
+
+
+def test_scorer_serves_the_models_linear_filter_and_the_default_is_unchanged():
+    model, csr, r = small_model(alpha=0.3)
+    assert (model.cfg.lin_weights, model.cfg.lin_topk) == ("raw", 0)  # the Gowalla settings
+    users = [0, 1, 2, 3]
+    with torch.no_grad():
+        out = model.inference(graph_from_csr(csr))
+        spectral = (out["user"] @ out["item"].T).numpy()
+    default = Scorer(model, csr)(users).numpy()
+    assert np.allclose(default, spectral + linear_filter(csr, normalised(csr)), atol=1e-5)
+    tuned, _, _ = small_model(alpha=0.3, lin_weights="binary", lin_topk=2)
+    b = (r > 0).astype(float)
+    rt = np.diag(inv_sqrt(b.sum(1))) @ b @ np.diag(inv_sqrt(b.sum(0)))
+    assert np.allclose(Scorer(tuned, csr)(users).numpy(), spectral + b @ _pruned(rt.T @ rt, 2), atol=1e-5)
+    with pytest.raises(ValueError):
+        LinearFilter(csr, "square")
+    with pytest.raises(ValueError):
+        LinearFilter(csr, user_weights="square")
 
 
 def test_small_graphs_keep_the_embedding_size():

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 import requests
+import torch
 from click.testing import CliRunner
 
 from app.cli import main
@@ -65,6 +66,36 @@ def test_incremental_beats_static_when_interests_shift_and_files_have_the_docume
     assert all(f"| {name} |" in table for name in report.ORDER)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [u["kind"] for u in result["updates"]["streaming"]] == ["fine-tune"] * 3
+
+
+def test_the_linear_filter_option_reaches_the_stream_models_and_the_default_is_unchanged():
+    """`lin_weights`, `lin_user_weights` and `lin_topk` are what the stream's models score with; the
+    defaults give the figures of the plain GF-CF filter."""
+    from graph_models.spectral import LinearFilter
+    rows = shifting(1500)
+    stream = prequential.encode([r[0] for r in rows], [r[1] for r in rows],
+                                [int(r[2].timestamp() * 1000) for r in rows], [float(r[3]) for r in rows])
+    run = dict(train_fraction=0.5, k=10, batch_size=100, models=("static", "incremental"), progress=False)
+    plain = prequential.evaluate_stream(stream, small_cfg(), **run)
+    default = prequential.evaluate_stream(stream, small_cfg(lin_weights="raw", lin_topk=0), **run)
+    assert default["models"]["incremental"]["hr"] == plain["models"]["incremental"]["hr"]
+    cfg = small_cfg(alpha=0.01, lin_weights="log1p", lin_user_weights="binary", lin_topk=5)
+    tuned = prequential.evaluate_stream(stream, cfg, **run)
+    assert {k: tuned["protocol"]["model"][k] for k in ("alpha", "lin_weights", "lin_topk")} == \
+        {"alpha": 0.01, "lin_weights": "log1p", "lin_topk": 5}
+    assert tuned["models"]["incremental"]["hr"] > tuned["models"]["static"]["hr"]
+    start = prequential.start_of_test(stream, 0.5)
+    model, _, _ = prequential.train_at(stream, start, cfg)
+    inc = prequential.Incremental(model)
+    live = prequential.Live(stream, start)
+    inc.learn(live, -1)
+    lin = inc.scorer.lin
+    assert (lin.weights, lin.user_weights, lin.topk) == ("log1p", "binary", 5)
+    users = np.arange(5)
+    expected = LinearFilter(live.pos, "log1p", 5, "binary")(live.pos[users])
+    with torch.no_grad():
+        spectral = (inc.scorer.p[torch.as_tensor(users)] @ inc.scorer.q.T).numpy()
+    assert np.allclose(inc.score(users, live), spectral + expected, atol=1e-4)
 
 
 def test_fold_in_places_a_new_item_next_to_the_items_its_shoppers_have():
