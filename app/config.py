@@ -28,6 +28,9 @@ def _ensure_password() -> str:
     return password
 
 
+LIN_WEIGHTS = ("raw", "log1p", "binary")  # graph_models.spectral.LIN_WEIGHTS
+
+
 def _env(env: dict, name: str, default=None, cast=str):
     value = env.get(name)
     return default if value in (None, "") else cast(value)
@@ -40,6 +43,8 @@ def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str
     if match is None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     return match
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used as given."""
 
@@ -95,6 +100,12 @@ class Config:
     embed_dim: int = 256
     sharp_dim: int = 64
     train_minutes: float = 5.0
+    # The graph filter's weights (graph_models ModelConfig.lin_weights: raw, log1p, binary), those of the
+    # scored shopper's row (unset: the same), and the spectral part's starting weight; recorded with
+    # each version. Raw / 0.3 are GF-CF's; Online Retail's stream evaluation chose log1p / binary / 0.001.
+    lin_weights: str = "raw"
+    lin_user_weights: str | None = None
+    model_alpha: float = 0.3
     model_dir: Path | None = None
     # ingest
     batch_limit: int = 10_000
@@ -183,6 +194,9 @@ def load_config(**overrides) -> Config:
         embed_dim=_env(env, "IG_EMBED_DIM", Config.embed_dim, int),
         sharp_dim=_env(env, "IG_SHARP_DIM", Config.sharp_dim, int),
         train_minutes=_env(env, "IG_TRAIN_MINUTES", Config.train_minutes, float),
+        lin_weights=_choice(env, "IG_LIN_WEIGHTS", Config.lin_weights, LIN_WEIGHTS),
+        lin_user_weights=_choice(env, "IG_LIN_USER_WEIGHTS", "raw", LIN_WEIGHTS) if env.get("IG_LIN_USER_WEIGHTS") else None,
+        model_alpha=_env(env, "IG_MODEL_ALPHA", Config.model_alpha, float),
         model_dir=_env(env, "IG_MODEL_DIR", None, Path),
         batch_limit=_env(env, "IG_BATCH_LIMIT", Config.batch_limit, int),
         half_life_days=_env(env, "IG_HALF_LIFE_DAYS", Config.half_life_days, float),

@@ -149,6 +149,37 @@ def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_
     assert copy.state.seq == seq
 
 
+def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url):
+    """A version trained with the filter Online Retail's stream chose (log(1 + w) graph, binary user row)."""
+    from app.embeddings import store
+    from app.embeddings.training import weights
+    from graph_models.train import Scorer
+    with Worker(cfg).holding() as holder:
+        train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1, lin_weights="log1p",
+                          lin_user_weights="binary", alpha=0.001)
+    lm = models.current(driver, cfg)
+    assert lm.mcfg.lin_weights == "log1p" and lm.mcfg.lin_user_weights == "binary"
+    with driver.session(database=cfg.neo4j_database) as s:
+        snap = s.execute_read(lambda tx: store.export(tx))
+    graph_csr = weights(snap, lm.meta)
+    rows = [k for k in range(len(snap.user_ids)) if graph_csr[k].nnz][::15]
+    scores = Scorer(lm.model, graph_csr)(rows).numpy().astype(np.float64)
+    for row, user in zip(scores, rows):
+        seen = set(graph_csr[user].indices) | {j for j, it in enumerate(snap.items)
+                                               if it["id"] in _all_items(driver, cfg, snap.user_ids[user])}
+        order = [j for j in np.argsort(-row, kind="stable") if j not in seen][:5]
+        answer = requests.get(f"{base_url}/v1/users/{snap.user_ids[user]}/recommendations", params={"k": 5},
+                              timeout=30).json()
+        assert answer["version"] == lm.version
+        got = [r["score"] for r in answer["results"]]
+        assert got == pytest.approx(list(row[order]), rel=1e-4, abs=1e-3 * abs(row[order][0]))
+
+
+def _all_items(driver, cfg, user):
+    with driver.session(database=cfg.neo4j_database) as s:
+        return {r["i"] for r in s.run("MATCH (:User {id: $u})-->(i:Item) RETURN i.id AS i", u=user)}
+
+
 def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):
     copy = graph.Copy(driver, cfg.neo4j_database)
     before = copy.at(*_head(driver, cfg))

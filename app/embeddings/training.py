@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def model_config(cfg: Config, **overrides) -> ModelConfig:
     """The model hyper-parameters for this deployment (sizes and training budget from Config)."""
-    mcfg = ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, max_minutes=cfg.train_minutes)
+    mcfg = ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, max_minutes=cfg.train_minutes,
+                       lin_weights=cfg.lin_weights, lin_user_weights=cfg.lin_user_weights, alpha=cfg.model_alpha)
     for key, value in overrides.items():
         if value is not None:
             setattr(mcfg, key, value)

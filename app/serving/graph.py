@@ -33,6 +33,19 @@ COMPACT_MIN, COMPACT_SHARE = 256, 0.05  # overlay rows past which it is folded i
 DENSE_SHARE = 0.25  # past this share of users on a walk, one full product beats selecting rows
 
 
+# The weights the graph filter reads (graph_models.spectral.lin_weights), applied to stored weight x scale.
+_WEIGHTS = {"raw": lambda w: w, "log1p": np.log1p, "binary": lambda w: (w != 0).astype(np.float64)}
+
+
+def filter_weights(lm) -> tuple:
+    """The version's weight functions for the graph and for the scored user's own row."""
+    mcfg = lm.mcfg
+    if getattr(mcfg, "lin_topk", 0):
+        raise ValueError("a filter pruned to top-k neighbours is not served (evaluation only)")
+    graph_w = getattr(mcfg, "lin_weights", "raw")
+    return _WEIGHTS[graph_w], _WEIGHTS[getattr(mcfg, "lin_user_weights", None) or graph_w]
+
+
 @dataclass(frozen=True)
 class Items:
     """Item ids (append-only, shared), and per-item arrays of this state."""
@@ -72,9 +85,10 @@ class State:
         return len(self.items.embedded)
 
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """The graph filter of a row with raw weights `a` on item columns `cols`: a D_I^-1/2 R^T D_U^-1 R D_I^-1/2."""
+        """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
+        R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
         ok = self.di[cols] > 0
-        cols, y = cols[ok], a[ok] / np.sqrt(self.di[cols[ok]])
+        cols, y = cols[ok], filter_weights(self.lm)[1](a[ok] * self.lm.scale) / np.sqrt(self.di[cols[ok]])
         base = self.base_csc
         if np.diff(base.indptr)[cols].sum() > DENSE_SHARE * base.nnz:  # one full product beats slicing
             dense = np.zeros(self.n_items)
@@ -102,7 +116,7 @@ class State:
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`."""
         q = self.lm.tables[1]
-        return (q @ p)[self.items.rows] + self.lm.scale * self.lin(cols, a)
+        return (q @ p)[self.items.rows] + self.lin(cols, a)
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS."""
@@ -113,9 +127,10 @@ class State:
         inv_du = np.divide(1.0, self.du, out=np.zeros_like(self.du), where=self.du > 0)
         co = (ci.T @ sp.diags(inv_du) @ cj).toarray()
         di, dj = self.di[cols], self.di[targets]
-        scale_i = np.divide(a, np.sqrt(di), out=np.zeros_like(a), where=di > 0)
+        fa = filter_weights(self.lm)[1](a * s)
+        scale_i = np.divide(fa, np.sqrt(di), out=np.zeros_like(fa), where=di > 0)
         scale_j = np.divide(1.0, np.sqrt(dj), out=np.zeros_like(dj), where=dj > 0)
-        return inner + s * scale_i[:, None] * co * scale_j[None, :]
+        return inner + scale_i[:, None] * co * scale_j[None, :]
 
     def _columns(self, cols: np.ndarray) -> sp.csc_matrix:
         """The current columns `cols` of R (users x len(cols))."""
@@ -307,8 +322,9 @@ def _load(tx) -> State | None:
     for i, j in item_index.items():
         item_ids[j] = i
     n_u, n_i = len(users), len(item_ids)
-    base = sp.csr_matrix((np.asarray(w, dtype=np.float64), (np.asarray(r, dtype=np.int64), np.asarray(c, dtype=np.int64))),
-                         shape=(n_u, n_i))
+    f = filter_weights(lm)[0]
+    base = sp.csr_matrix((f(np.asarray(w, dtype=np.float64) * lm.scale),
+                          (np.asarray(r, dtype=np.int64), np.asarray(c, dtype=np.int64))), shape=(n_u, n_i))
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_csc = _overlay_matrices({}, n_u, n_i)
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, base, base.tocsc(), np.ones(n_u, dtype=bool),
@@ -339,13 +355,14 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     du[:st.n_users] = st.du
     overlay = dict(st.overlay)
     base_csr, base_csc = _pad(st.base_csr, n_u, n_i), _pad(st.base_csc, n_u, n_i)
+    f = filter_weights(st.lm)[0]
     touched = [np.zeros(0, dtype=np.int64)]  # items whose column changes: the rows' old and new items
     for u in user_ids:
         row = users[u]
         old = overlay[row][0] if row in overlay else base_csr.indices[base_csr.indptr[row]:base_csr.indptr[row + 1]]
         its, w = rows.get(u, ([], []))
         cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
-        overlay[row] = (cols, np.asarray(w, dtype=np.float64))
+        overlay[row] = (cols, f(np.asarray(w, dtype=np.float64) * st.lm.scale))
         keep[row] = False
         du[row] = overlay[row][1].sum()
         touched += [old, cols]
