@@ -80,7 +80,7 @@ evaluate: install
 	$(IG) evaluate online-retail
 	$(IG) evaluate stream --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail \
 		--batch-minutes 240 --retrain-every 30 --finetune-every 9 \
-		--lin-weights log1p --lin-user-weights binary --lin-topk 400 --alpha 0.001 --out var/eval-stream
+		--lin-weights log1p --lin-user-weights binary --alpha 0.001 --out var/eval-stream
 
 stop:
 	-$(IG) neo4j stop
