@@ -109,6 +109,38 @@ def settle(url: str, user: str, limit_ms: float = 20.0, timeout: float = 60.0) -
         time.sleep(1.0)
 
 
+def open_loop(url: str, users: list[str], query: str, rate: int, seconds: int) -> dict:
+    """The same offered load from plain threads (one keep-alive connection and a random phase each,
+    rate / 2 of them at 2 requests/s): the server's latency without the load generator's own."""
+    import threading
+    per_user, latencies, failures, lock = 2.0, [], [0], threading.Lock()
+    end = time.monotonic() + seconds
+
+    def shopper(seed: int) -> None:
+        rng = random.Random(seed)
+        with requests.Session() as http:
+            time.sleep(rng.random() / per_user)
+            while time.monotonic() < end:
+                started = time.monotonic()
+                try:
+                    ok = http.get(f"{url}/v1/users/{rng.choice(users)}/recommendations?k=20{query}",
+                                  timeout=60).ok
+                except requests.RequestException:
+                    ok = False
+                took = time.monotonic() - started
+                with lock:
+                    latencies.append(took)
+                    failures[0] += not ok
+                time.sleep(max(0.0, 1 / per_user - took))
+    threads = [threading.Thread(target=shopper, args=(k,)) for k in range(max(1, int(rate / per_user)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    p50, p99 = percentiles(latencies) if latencies else (float("inf"), float("inf"))
+    return {"p50": p50, "p99": p99, "rps": len(latencies) / seconds, "failures": failures[0]}
+
+
 def locust(url: str, users_file: str, query: str, rate: int, seconds: int, workdir: str) -> dict:
     """One headless locust run at `rate` requests/s: p50, p99 (ms), achieved rate, failures."""
     per_user = 2.0
@@ -190,7 +222,25 @@ def main() -> None:
                     r = locust(url, users_file, query, rate, args.seconds, workdir)
                     print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
                           f"{r['failures']:6d}", flush=True)
-            print(f"\nhighest rate held with p99 <= 50 ms: {held or 'none of the ladder'} requests/s")
+            print("\nthe same load from plain threads (no load generator's own latency)")
+            for variant, query in VARIANTS.items():
+                for rate in map(int, args.rates.split(",")):
+                    settle(url, users[0])
+                    r = open_loop(url, users, query, rate, args.seconds)
+                    print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
+                          f"{r['failures']:6d}", flush=True)
+            held_threads = None
+            for rate in map(int, args.ladder.split(",")):
+                settle(url, users[0])
+                r = open_loop(url, users, "", rate, args.seconds)
+                ok = r["rps"] >= 0.95 * rate and r["failures"] == 0 and r["p99"] <= 50
+                print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
+                      f"{r['failures']:6d}  {'held' if ok else 'not held'}", flush=True)
+                if not ok:
+                    break
+                held_threads = rate
+            print(f"\nhighest rate held with p99 <= 50 ms: locust {held or 'none of the ladder'}, "
+                  f"threads {held_threads or 'none of the ladder'} requests/s")
     finally:
         server.terminate()
         try:
