@@ -24,9 +24,11 @@ from app.ingest import loaders
 
 CEILING = ("UNWIND $rows AS r MERGE (u:User {id:r.u}) MERGE (i:Item {id:r.i}) "
            "MERGE (u)-[e:INTERACTED]->(i) SET e.w = coalesce(e.w,0) + r.w")
-# One bounded transaction a round: a statement deleting everything outlives the server's transaction
-# timeout on a graph the soak leaves.
-WIPE = "MATCH (n) WHERE NOT n:_Migration WITH n LIMIT 1000 DETACH DELETE n RETURN count(*) AS n"
+# Bounded transactions, edges first: one statement deleting everything outlives the server's
+# transaction timeout on the graph the soak leaves, and a thousand heavy nodes with their edges its
+# transaction memory.
+WIPE = ("MATCH ()-[r]->() WITH r LIMIT 20000 DELETE r RETURN count(*) AS n",
+        "MATCH (n) WHERE NOT n:_Migration WITH n LIMIT 20000 DELETE n RETURN count(*) AS n")
 GRAPH = ("MATCH (u:User) WITH count(u) AS users MATCH (i:Item) WITH users, count(i) AS items "
          "MATCH ()-[r:INTERACTED]->() RETURN users, items, count(r) AS edges")
 T0 = 1_600_000_000_000
@@ -81,8 +83,9 @@ def per_event(neo: float, py: float, events: int) -> str:
 def wipe(driver, database: str) -> None:
     """Delete every node but the migration records."""
     with driver.session(database=database) as s:
-        while s.execute_write(lambda tx: tx.run(WIPE).single()["n"]):
-            pass
+        for statement in WIPE:
+            while s.execute_write(lambda tx: tx.run(statement).single()["n"]):
+                pass
 
 
 def graph_counts(driver, database: str) -> dict:
