@@ -159,6 +159,21 @@ def locust(url: str, users_file: str, query: str, rate: int, seconds: int, workd
             "failures": int(row["Failure Count"]), "requests": int(row["Request Count"])}
 
 
+def ladder(url: str, probe_user: str, run, rates: str) -> int | None:
+    """The highest of `rates` (ascending) held: achieved >= 95% of offered, no failures, p99 <= 50 ms."""
+    held = None
+    for rate in map(int, rates.split(",")):
+        settle(url, probe_user)
+        r = run(rate)
+        ok = r["rps"] >= 0.95 * rate and r["failures"] == 0 and r["p99"] <= 50
+        print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
+              f"{r['failures']:6d}  {'held' if ok else 'not held'}", flush=True)
+        if not ok:
+            break
+        held = rate
+    return held
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="100,200,400", help="offered requests/s, comma-separated")
@@ -204,43 +219,23 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             users_file = os.path.join(workdir, "users.json")
             Path(users_file).write_text(json.dumps(users))
-            print("\nunder load (locust, loopback, k = 20)")
-            print(f"  {'variant':12s} {'offered':>8s} {'achieved':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'failed':>6s}")
-            held = None
-            for rate in map(int, args.ladder.split(",")):
-                settle(url, users[0])
-                r = locust(url, users_file, "", rate, args.seconds, workdir)
-                ok = r["rps"] >= 0.95 * rate and r["failures"] == 0 and r["p99"] <= 50
-                print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
-                      f"{r['failures']:6d}  {'held' if ok else 'not held'}", flush=True)
-                if not ok:
-                    break
-                held = rate
-            for variant, query in VARIANTS.items():
-                for rate in map(int, args.rates.split(",")):
-                    settle(url, users[0])
-                    r = locust(url, users_file, query, rate, args.seconds, workdir)
-                    print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
-                          f"{r['failures']:6d}", flush=True)
-            print("\nthe same load from plain threads (no load generator's own latency)")
-            for variant, query in VARIANTS.items():
-                for rate in map(int, args.rates.split(",")):
-                    settle(url, users[0])
-                    r = open_loop(url, users, query, rate, args.seconds)
-                    print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
-                          f"{r['failures']:6d}", flush=True)
-            held_threads = None
-            for rate in map(int, args.ladder.split(",")):
-                settle(url, users[0])
-                r = open_loop(url, users, "", rate, args.seconds)
-                ok = r["rps"] >= 0.95 * rate and r["failures"] == 0 and r["p99"] <= 50
-                print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
-                      f"{r['failures']:6d}  {'held' if ok else 'not held'}", flush=True)
-                if not ok:
-                    break
-                held_threads = rate
-            print(f"\nhighest rate held with p99 <= 50 ms: locust {held or 'none of the ladder'}, "
-                  f"threads {held_threads or 'none of the ladder'} requests/s")
+            generators = {
+                "locust": lambda query, rate: locust(url, users_file, query, rate, args.seconds, workdir),
+                "plain threads (no load generator's own latency)":
+                    lambda query, rate: open_loop(url, users, query, rate, args.seconds)}
+            held = {}
+            for name, run in generators.items():
+                print(f"\nunder load from {name}, loopback, k = 20")
+                print(f"  {'variant':12s} {'offered':>8s} {'achieved':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'failed':>6s}")
+                held[name] = ladder(url, users[0], lambda rate: run("", rate), args.ladder)
+                for variant, query in VARIANTS.items():
+                    for rate in map(int, args.rates.split(",")):
+                        settle(url, users[0])
+                        r = run(query, rate)
+                        print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
+                              f"{r['failures']:6d}", flush=True)
+            print("\nhighest rate held with p99 <= 50 ms: " + ", ".join(
+                f"{name.split(' (')[0]} {rate or 'none of the ladder'}" for name, rate in held.items()) + " requests/s")
     finally:
         server.terminate()
         try:
