@@ -270,7 +270,7 @@ DELETE old
 
 SERVING_STATE = """
 OPTIONAL MATCH (s:_Refresh {key: 'main'})
-RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq
+RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq, timestamp() AS now
 """
 
 APPLIED_SINCE = """

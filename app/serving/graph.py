@@ -290,7 +290,7 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
         return _load(tx)  # a full run, or entries no longer logged
     users = {u for e in entries for u in e["users"]}
     items = {i for e in entries for i in e["items"]}
-    now = tx.run("RETURN timestamp() AS now").single()["now"]
+    now = tx.run(cypher.SERVER_TIME).single()["now"]
     erased = {(r["key"], r["at"]) for r in tx.run(cypher.ERASED_SINCE, since=st.server_ms - ERASURE_MARGIN_MS)}
     fresh = erased - st.erasures
     if fresh:
@@ -302,7 +302,7 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
 def _load(tx) -> State | None:
     """Everything read again, at the run Neo4j is at now (None without a current model)."""
     head = tx.run(cypher.SERVING_STATE).single()
-    now = tx.run("RETURN timestamp() AS now").single()["now"]
+    now = head["now"]
     info = tx.run(cypher.MODEL_CURRENT).single()
     if info is None:
         return None
