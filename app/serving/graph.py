@@ -283,9 +283,11 @@ class Copy:
 
 def _advance(tx, st: State | None, epoch, seq) -> State | None:
     """The next state: the logged runs after `st` applied, or everything read again."""
-    if st is None or st.epoch != epoch or seq < st.seq:
+    if st is None or st.epoch != epoch:
         return _load(tx)
     entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
+    if not entries and seq <= st.seq:
+        return st  # already there (another sync got there first)
     if not entries or entries[0]["seq"] != st.seq + 1 or any(e["full"] for e in entries):
         return _load(tx)  # a full run, or entries no longer logged
     users = {u for e in entries for u in e["users"]}
