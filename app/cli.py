@@ -423,7 +423,9 @@ def evaluate_retail(path, epochs, out):
 @click.option("--finetune-every", type=click.IntRange(2), default=10, show_default=True,
               help="streaming: a streaming update every this many batches.")
 @click.option("--replay", type=click.FloatRange(0), default=1.0, show_default=True,
-              help="streaming: older edges replayed per recent edge.")
+              help="streaming: older edges replayed per recent edge (drawn mostly from just before the window).")
+@click.option("--finetune-rounds", type=click.IntRange(0), default=2, show_default=True,
+              help="streaming: rounds of the response search per update (0: biases only).")
 @click.option("--models", default=None, help="Comma-separated subset of the models (all by default).")
 @click.option("--engine", type=click.Choice(["memory", "neo4j"]), default="memory", show_default=True,
               help="neo4j: `incremental` runs through ingest, refresh and the served query (empty graph needed).")
@@ -435,10 +437,12 @@ def evaluate_retail(path, epochs, out):
               help="If > 0, the linear filter keeps only each item's this many nearest items.")
 @click.option("--alpha", type=float, default=None,
               help="Starting weight of our models' spectral part (default 0.3, GF-CF's); training may move it.")
+@click.option("--item-bias", type=click.FloatRange(0), default=None,
+              help="Temperature of our models' learned item biases (0: none, the default; see docs/evaluation.md).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json/md/png here.")
 def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, k, train_fraction,
-                    batch_size, batch_minutes, retrain_every, finetune_every, replay, models, engine, lin_weights,
-                    lin_user_weights, lin_topk, alpha, out):
+                    batch_size, batch_minutes, retrain_every, finetune_every, replay, finetune_rounds, models, engine,
+                    lin_weights, lin_user_weights, lin_topk, alpha, item_bias, out):
     """Prequential evaluation on any event log: score each micro-batch's new (user, item) events, then learn it."""
     from app.evaluation import stream as stream_eval
     if fmt == "csv" and not (user_col and item_col and ts_col):
@@ -454,8 +458,8 @@ def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, 
             user_col=user_col, item_col=item_col, ts_col=ts_col, ts_unit=ts_unit, weight_col=weight_col,
             type_col=type_col), k=k, train_fraction=train_fraction, batch_size=batch_size,
             batch_minutes=batch_minutes, retrain_every=retrain_every, finetune_every=finetune_every,
-            replay=replay, models=chosen, engine=engine, lin_weights=lin_weights, lin_topk=lin_topk,
-            alpha=alpha, lin_user_weights=lin_user_weights)
+            replay=replay, finetune_rounds=finetune_rounds, models=chosen, engine=engine, lin_weights=lin_weights,
+            lin_topk=lin_topk, alpha=alpha, lin_user_weights=lin_user_weights, item_bias=item_bias)
     except ValueError as exc:
         _fail(str(exc))
     from app.evaluation import report

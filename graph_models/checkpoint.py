@@ -21,5 +21,6 @@ def load_checkpoint(path):
     state = blob["state_dict"]
     deg = state["out_scale"] ** 2
     model = InterestSAGE(state["basis"], state["s2"], deg, cfg)
+    state.setdefault("bias", model.bias)  # checkpoints from before item biases
     model.load_state_dict(state)
     return model.eval(), cfg, blob["meta"]

@@ -29,6 +29,14 @@ class ModelConfig:
     lin_weights: str = "raw"
     lin_user_weights: str | None = None
     lin_topk: int = 0
+    # Item biases (graph_models.bias): with a temperature > 0, a shopper's scores are divided by their
+    # largest and each item adds a learned bias, fitted by `bias_steps` gradient steps of size `bias_lr`
+    # on a softmax over the unseen items at that temperature (L2 `bias_l2`); 0 = no biases (Gowalla).
+    bias_temperature: float = 0.0
+    bias_steps: int = 200
+    bias_lr: float = 1.0
+    bias_l2: float = 1e-3
+    bias_finetune_steps: int = 20  # steps of a streaming update (graph_models.streaming.fine_tune)
     k: int = 20
 
     def to_dict(self):

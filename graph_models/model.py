@@ -18,6 +18,7 @@ class InterestSAGE(nn.Module):
       graph in two blocks: a degree-normalised one (x = d^-1/2 V h(s), q = d^1/2 V) and a raw one
       (x = V g(s), q = V), where s are the squared singular values and h, g learned polynomials;
     - `lin` is the linear graph filter of `spectral.linear_filter`, computed from the live graph.
+    With item biases on (`biased`), the ranking is `s_u / max |s_u| + b_j` (`bias.with_bias`).
     Initialised at h = alpha, g = 0, the score is GF-CF (Shen et al., CIKM 2021) truncated to `dim`.
     """
 
@@ -34,6 +35,7 @@ class InterestSAGE(nn.Module):
         low[0] = cfg.alpha
         self.low = nn.Parameter(low)
         self.sharp = nn.Parameter(torch.zeros(cfg.degree + 1, dtype=torch.float64))
+        self.register_buffer("bias", torch.zeros(self.basis.shape[0], dtype=torch.float64))
 
     @property
     def num_items(self) -> int:
@@ -44,6 +46,11 @@ class InterestSAGE(nn.Module):
     def out_dim(self) -> int:
         """Length of user and item embeddings."""
         return self.basis.shape[1] + self.sharp_dim
+
+    @property
+    def biased(self) -> bool:
+        """Whether scores are normalised per user and item biases added (`graph_models.bias`)."""
+        return getattr(self.cfg, "bias_temperature", 0.0) > 0
 
     @staticmethod
     def response(coef, s):

@@ -18,3 +18,21 @@ def holdout(train_csr, fraction, seed):
     coo = train_csr.tocoo()
     fit = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=train_csr.shape)
     return fit, val
+
+
+def latest_holdout(train_csr, first_csr, fraction):
+    """Hold out the latest `fraction` of edges by first time (`first_csr`, same pattern, any unit):
+    (fit_csr, {user: items}) for users who keep an older edge, as a time-ordered split does."""
+    coo = train_csr.tocoo()
+    first = np.asarray(first_csr[coo.row, coo.col]).ravel()
+    cut = np.quantile(first, 1.0 - fraction) if len(first) else 0
+    late = first >= cut
+    if late.all():  # one timestamp for everything: nothing is later than the rest
+        late[:] = False
+    fit = sp.csr_matrix((coo.data[~late], (coo.row[~late], coo.col[~late])), shape=train_csr.shape)
+    kept = np.diff(fit.indptr) > 0
+    val: dict = {}
+    for u, i in zip(coo.row[late], coo.col[late]):
+        if kept[u]:
+            val.setdefault(int(u), set()).add(int(i))
+    return fit, val

@@ -306,7 +306,7 @@ def run(stream: Stream, start: int, bounds: list, models: list, k: int = 20, pro
 def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 20, batch_size: int | None = None,
                     batch_minutes: float | None = None, retrain_every: int = 50, finetune_every: int = 10,
                     check_batches: int | None = None, replay: float = 1.0, models=None,
-                    progress: bool = True, trained=None) -> dict:
+                    progress: bool = True, trained=None, rounds: int = 2) -> dict:
     """The whole comparison on one stream: fit on the first `train_fraction`, replay the rest.
 
     Our model and ItemKNN are tuned on the last 10% (in time) of the first part, never on the stream.
@@ -336,7 +336,7 @@ def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 2
         chosen.append(Retrained(model, cfg, retrain_every))
     if "streaming" in wanted:
         check = check_batches or max(1, finetune_every // 4)
-        chosen.append(Streaming(model, cfg, finetune_every, bounds, check, replay=replay))
+        chosen.append(Streaming(model, cfg, finetune_every, bounds, check, replay=replay, rounds=rounds))
     result = run(stream, start, bounds, chosen, k=k, progress=progress)
     result["protocol"] = {
         "events": int(len(stream.ts)), "train_events": start, "stream_events": int(len(stream.ts) - start),
@@ -344,10 +344,11 @@ def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 2
         "train_fraction": train_fraction, "stream_from": int(stream.ts[start]) if start < len(stream.ts) else None,
         "users_at_start": int(graph.shape[0]), "items_at_start": int(graph.shape[1]),
         "users": int(len(stream.user_ids)), "items": int(len(stream.item_ids)),
-        "retrain_every": retrain_every, "finetune_every": finetune_every, "replay": replay,
+        "retrain_every": retrain_every, "finetune_every": finetune_every, "replay": replay, "finetune_rounds": rounds,
         "train_seconds": round(train_seconds, 2), "itemknn": knn and {"k": knn["k"], "shrink": knn["shrink"]},
         "model": {"dim": cfg.dim, "sharp_dim": cfg.sharp_dim, "low": model.low.tolist(),
                   "sharp": model.sharp.tolist(), "alpha": cfg.alpha, "lin_weights": cfg.lin_weights,
-                  "lin_user_weights": cfg.lin_user_weights, "lin_topk": cfg.lin_topk},
+                  "lin_user_weights": cfg.lin_user_weights, "lin_topk": cfg.lin_topk,
+                  "item_bias": cfg.bias_temperature},
     }
     return result

@@ -6,7 +6,9 @@ row and are reached only through the live graph filter. Between full retrains:
   a new item's normalised column projected on the user-side singular vectors);
 - `fine_tune` moves the response coefficients, warm-started from the current ones, by a bounded
   coordinate search on the recent edges mixed with a replay sample of older ones (so that the
-  coefficients do not forget the past; replay as in continual learning for graph recommenders);
+  coefficients do not forget the past; replay as in continual learning for graph recommenders),
+  then, with item biases on, takes a few gradient steps on the biases from the current ones on the
+  same edges (`bias.fit_bias`);
 - the result is kept only if it is not worse than the current model on the most recent held-out
   edges (Recall@k, then NDCG@k), which neither the fold-in nor the search saw.
 """
@@ -23,6 +25,7 @@ import torch
 from .evaluation import evaluate
 from .model import InterestSAGE
 from .spectral import degrees, normalised
+from .bias import fit_bias
 from .train import Scorer, train
 
 
@@ -44,8 +47,12 @@ class Edges(NamedTuple):
 
 
 def with_coefficients(model: InterestSAGE, like: InterestSAGE) -> InterestSAGE:
-    """`model` with the response coefficients of `like`."""
+    """`model` with the response coefficients and item biases of `like` (items past them: bias 0)."""
     model.load_state_dict({k: v for k, v in like.state_dict().items() if k in ("low", "sharp")}, strict=False)
+    n = min(like.num_items, model.num_items)
+    bias = torch.zeros(model.num_items, dtype=torch.float64)
+    bias[:n] = like.bias[:n]
+    model.bias = bias
     return model
 
 
@@ -68,15 +75,20 @@ def fold_in(model: InterestSAGE, graph: sp.csr_matrix) -> InterestSAGE:
     return with_coefficients(out, model).eval()
 
 
-def _targets(edges: Edges, recent: np.ndarray, old: np.ndarray, replay: float, rng) -> dict:
+def _targets(edges: Edges, recent: np.ndarray, old: np.ndarray, replay: float, rng, weight=None) -> dict:
     """user row -> held-out items: the recent edges of users with older edges, plus a replay sample of
-    `replay` times as many older edges (users keep at least one edge)."""
+    `replay` times as many older edges (users keep at least one edge), drawn in proportion to `weight`
+    (per edge; uniformly if None)."""
     old_users = np.bincount(edges.u[old], minlength=edges.shape[0])
     kept = old_users + np.bincount(edges.u[recent], minlength=edges.shape[0])
     recent_idx = np.flatnonzero(recent & (old_users[edges.u] > 0))
     pool = np.flatnonzero(old & (old_users[edges.u] > 1))
     n_replay = min(len(pool), int(round(replay * len(recent_idx))))
-    replay_idx = rng.choice(pool, size=n_replay, replace=False) if n_replay else np.zeros(0, dtype=np.int64)
+    p = None
+    if weight is not None and n_replay:
+        p = weight[pool] / weight[pool].sum()
+        n_replay = min(n_replay, int(np.count_nonzero(p)))
+    replay_idx = rng.choice(pool, size=n_replay, replace=False, p=p) if n_replay else np.zeros(0, dtype=np.int64)
     out: dict = {}
     for k in np.concatenate([recent_idx, replay_idx]):
         out.setdefault(int(edges.u[k]), set()).add(int(edges.i[k]))
@@ -110,14 +122,15 @@ def _key(metrics: dict, k: int) -> tuple:
 
 
 def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, replay: float = 1.0,
-              rounds: int = 2, tune=None) -> tuple[InterestSAGE, dict]:
+              rounds: int = 2, tune=None, replay_half_life: float | None = None) -> tuple[InterestSAGE, dict]:
     """One streaming update of a version: fold in new items and fine-tune the responses, then keep the
     result only if it is not worse than `model` on the check edges.
 
     Edges first seen at or after `check_from` are the check; those from `recent_from` up to it are the
     recent ones the responses are fitted on, with a replay sample of `replay` times as many older
-    edges. The search starts from the current coefficients and runs at most `rounds` rounds with the
-    smallest step of `cfg`. `tune(candidate, fit_csr, targets)` replaces the search (tests). Returns
+    edges drawn with weight 2^(-age / `replay_half_life`) before `recent_from` (default: the recent
+    window's length; 0: uniformly). The search starts from the current coefficients and runs at most `rounds` rounds (0: none)
+    with the smallest step of `cfg`; the biases take cfg.bias_finetune_steps steps. `tune(candidate, fit_csr, targets)` replaces the search (tests). Returns
     the candidate folded over the whole graph and a report whose `accepted` says whether it may
     replace `model`.
     """
@@ -127,7 +140,10 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
     old = edges.first < recent_from
     g_before = edges.graph(before)
     truth = new_items_after(edges, before, ~before)
-    targets = _targets(edges, recent, old, replay, rng)
+    half_life = check_from - recent_from if replay_half_life is None else replay_half_life
+    # Replay leans to the recent past: what shoppers took up a while ago, not the graph's whole history.
+    weight = np.exp2(-np.maximum(recent_from - edges.first, 0) / half_life) if half_life > 0 else None
+    targets = _targets(edges, recent, old, replay, rng, weight)
     hidden = sp.csr_matrix((np.ones(sum(map(len, targets.values()))),
                             ([u for u, t in targets.items() for _ in t], [i for t in targets.values() for i in t])),
                            shape=edges.shape)
@@ -141,7 +157,11 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
         else:
             tcfg = dataclasses.replace(cfg, epochs=rounds, step=2 * cfg.min_step, patience=1,
                                        max_minutes=min(cfg.max_minutes or 5.0, 5.0))
-            train(tuned, fit_csr, targets, tcfg, progress=False)
+            if rounds:
+                train(tuned, fit_csr, targets, tcfg, progress=False)
+            if tuned.biased:  # warm-started from the current biases (the new items' at 0)
+                tuned.bias = torch.from_numpy(fit_bias(Scorer(tuned, fit_csr, biased=False), fit_csr, targets, cfg,
+                                                       start=tuned.bias.numpy(), steps=cfg.bias_finetune_steps))
     scores = {"current": check(model, g_before, truth, cfg.k), "folded": check(folded, g_before, truth, cfg.k),
               "tuned": check(tuned, g_before, truth, cfg.k)}
     # The search keeps its own best round (the folded start included), so the tuned model is the one
@@ -153,5 +173,6 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
               "check_users": len(truth), "check_edges": int(np.count_nonzero(~before)),
               "recent_targets": int(sum(len(t) for t in targets.values())),
               "replay": replay, "rounds": rounds, "items_folded": int(edges.shape[1] - model.num_items),
-              "low": tuned.low.tolist(), "sharp": tuned.sharp.tolist()}
+              "low": tuned.low.tolist(), "sharp": tuned.sharp.tolist(),
+              "bias_moved": round(float(np.abs(tuned.bias.numpy() - folded.bias.numpy()).max(initial=0.0)), 6)}
     return with_coefficients(fold_in(model, edges.graph()), tuned), report

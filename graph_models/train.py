@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
+from .bias import fit_bias, with_bias
 from .evaluation import evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
@@ -23,23 +24,27 @@ def build(graph_csr, cfg, like=None):
     model = InterestSAGE(basis, s2, degrees(graph_csr)[1], cfg)
     if like is not None:
         model.load_state_dict({k: v for k, v in like.state_dict().items()
-                               if k in ("low", "sharp")}, strict=False)
+                               if k in ("low", "sharp") or (k == "bias" and v.shape == model.bias.shape)},
+                              strict=False)
     return model.eval()
 
 
 class Scorer:
-    """Scores of users over all items of a graph: p_u . q_j + lin(u, j), the ranking the service serves."""
+    """Scores of users over all items of a graph: p_u . q_j + lin(u, j), the ranking the service serves
+    (with item biases: `bias.with_bias` of it)."""
 
-    def __init__(self, model, graph_csr):
+    def __init__(self, model, graph_csr, biased: bool | None = None):
         self.graph = graph_csr.astype(np.float64).tocsr()
         self.lin = LinearFilter.of(graph_csr, model.cfg)  # normalised from the graph as given, as before
         out = model.inference(graph_from_csr(self.graph))  # the DGL path the service's full recompute takes
         self.p, self.q = out["user"].float(), out["item"].float()
+        self.bias = model.bias.numpy() if (model.biased if biased is None else biased) else None
 
     def __call__(self, users):
         users = np.asarray(users)
         lin = torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
-        return self.p[torch.as_tensor(users)] @ self.q.T + lin
+        s = self.p[torch.as_tensor(users)] @ self.q.T + lin
+        return s if self.bias is None else with_bias(s, self.bias)
 
 
 class _Responses:
@@ -176,11 +181,14 @@ def _log(writer, row, progress):
 def fit(train_csr, cfg, progress=True, log_dir=None, split=None):
     """The whole recipe: hide `cfg.holdout` of each user's items (or use `split`, a pair (graph
     without the targets, targets), e.g. a time-ordered one), learn the responses on them with a basis
-    of the rest, then rebuild the basis on the whole graph with the learned responses."""
+    of the rest, then rebuild the basis on the whole graph with the learned responses (and, with item
+    biases on, the biases fitted to the same targets)."""
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
     t0 = time.time()
     first = build(fit_csr, cfg)
     result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
+    if first.biased:
+        first.bias = torch.from_numpy(fit_bias(Scorer(first, fit_csr, biased=False), fit_csr, hidden, cfg))
     model = build(train_csr, cfg, like=first)
     result["basis_seconds"] = time.time() - t0 - result["seconds"]
     return model, result

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from graph_models import ModelConfig, build_graph
+from graph_models import ModelConfig, bias, build_graph
 from graph_models.baselines import itemknn_scorer, popularity_scorer
 from graph_models.checkpoint import load_checkpoint, save_checkpoint
 from graph_models.evaluation import evaluate, ndcg_at_k, recall_at_k
@@ -215,3 +215,42 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(a["user"], b["user"]) and torch.equal(a["item"], b["item"])
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path / "bad.pt", model, model.cfg, {"x": object()})
+
+
+def test_item_biases_learn_what_new_adopters_pick_and_are_served_by_the_scorer(tmp_path):
+    """Fitted biases rise for the items the targets took up, the loss falls, and the Scorer ranks by
+    s / max|s| + b; a version without biases scores as before and old checkpoints load."""
+    rng = np.random.default_rng(0)
+    dense = (rng.random((60, 12)) < 0.3).astype(float)
+    dense[np.arange(60), np.arange(60) % 10] = 1.0
+    csr = sp.csr_matrix(dense)
+    cfg = ModelConfig(dim=6, sharp_dim=2, bias_temperature=0.2, bias_steps=100, bias_lr=1.0)
+    model = build(csr, cfg)
+    targets = {u: {10 + u % 2} for u in range(40) if not dense[u, 10 + u % 2]}  # items 10, 11 taken up
+    score = Scorer(model, csr, biased=False)
+
+    def loss(b):
+        s = bias.with_bias(score(np.array(sorted(targets))), b).numpy() / cfg.bias_temperature
+        s[dense[sorted(targets)] > 0] = -np.inf
+        logz = np.log(np.exp(s - s.max(axis=1, keepdims=True)).sum(axis=1)) + s.max(axis=1)
+        return float(np.mean([logz[k] - s[k, next(iter(targets[u]))] for k, u in enumerate(sorted(targets))]))
+
+    b = bias.fit_bias(score, csr, targets, cfg)
+    assert b[10] > 0 and b[11] > 0 and b[10] > b[:10].max() and loss(b) < loss(np.zeros(12)) - 0.5
+    again = bias.fit_bias(score, csr, targets, cfg, start=b, steps=0)
+    assert np.array_equal(again, b)  # zero steps from a start keep it
+    model.bias = torch.from_numpy(b)
+    users = np.arange(5)
+    s = score(users)
+    top = s.abs().amax(dim=1, keepdim=True)
+    assert torch.allclose(Scorer(model, csr)(users), s / top + torch.from_numpy(b).float(), atol=1e-6)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, cfg, {"item_ids": []})
+    assert torch.equal(load_checkpoint(path)[0].bias, model.bias)
+    blob = torch.load(path, weights_only=True)
+    del blob["state_dict"]["bias"]
+    blob["config"]["bias_temperature"] = 0.0
+    torch.save(blob, path)
+    old = load_checkpoint(path)[0]
+    assert not old.biased and not old.bias.any()
+    assert torch.equal(Scorer(old, csr)(users), score(users))

@@ -60,7 +60,7 @@ def trained(cfg, driver):
 
 def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url):
     monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
-    copy = graph.Copy(driver, cfg.neo4j_database)
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
     copy.at(*_head(driver, cfg))
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
@@ -77,7 +77,7 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
         moved = copy.at(*_head(driver, cfg))
         assert not loads  # applied from the log, not read whole
         overlay_sizes.append(len(moved.overlay))
-        whole = graph.Copy(driver, cfg.neo4j_database).at(*_head(driver, cfg))
+        whole = graph.Copy(driver, cfg.neo4j_database, wait=30).at(*_head(driver, cfg))
         loads.clear()
         assert moved.seq == whole.seq and moved.lm.version == whole.lm.version
         assert _edges(moved) == pytest.approx(_edges(whole), rel=1e-15)
@@ -126,7 +126,7 @@ def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driv
     after = requests.get(f"{base_url}/v1/users/newcomer/recommendations", params={"k": 5}, timeout=30).json()
     assert after["source"] == "personal" and after["refreshed_at"] is not None
     # The vector summed from the live edges is the one the run stored.
-    copy = graph.Copy(driver, cfg.neo4j_database)
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
     st = copy.at(*_head(driver, cfg))
     with driver.session(database=cfg.neo4j_database) as s:
         req = s.run(cypher.SERVING_REQUEST, user_id="newcomer").single()
@@ -149,16 +149,19 @@ def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_
     assert copy.state.seq == seq
 
 
-def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url):
-    """A version trained with the filter Online Retail's stream chose (log(1 + w) graph, binary user row)."""
+@pytest.mark.parametrize("item_bias", [0.0, 0.2])
+def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias):
+    """A version trained with the filter Online Retail's stream chose (log(1 + w) graph, binary user row),
+    without and with item biases."""
     from app.embeddings import store
     from app.embeddings.training import weights
     from graph_models.train import Scorer
     with Worker(cfg).holding() as holder:
         train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1, lin_weights="log1p",
-                          lin_user_weights="binary", alpha=0.001)
+                          lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias)
     lm = models.current(driver, cfg)
     assert lm.mcfg.lin_weights == "log1p" and lm.mcfg.lin_user_weights == "binary"
+    assert lm.model.biased == (item_bias > 0) and (lm.model.bias.abs().max() > 0) == (item_bias > 0)
     with driver.session(database=cfg.neo4j_database) as s:
         snap = s.execute_read(lambda tx: store.export(tx))
     graph_csr = weights(snap, lm.meta)
@@ -181,7 +184,7 @@ def _all_items(driver, cfg, user):
 
 
 def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):
-    copy = graph.Copy(driver, cfg.neo4j_database)
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
     before = copy.at(*_head(driver, cfg))
     with Worker(cfg).holding() as holder:
         refresh(driver, cfg, trained, full=True, owner=holder.owner)

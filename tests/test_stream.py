@@ -68,6 +68,35 @@ def test_incremental_beats_static_when_interests_shift_and_files_have_the_docume
     assert [u["kind"] for u in result["updates"]["streaming"]] == ["fine-tune"] * 3
 
 
+def trending(n_events=3000, users=80, clusters=4, per=20, hot=3, seed=0, minutes=10):
+    """Users buy from their cluster; from half-way, 40% of events are a few hot items new to the shop."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n_events):
+        u = int(rng.integers(users))
+        item = f"i{(u % clusters) * per + int(rng.integers(per))}"
+        if k >= n_events // 2 and rng.random() < 0.4:
+            item = f"hot{int(rng.integers(hot))}"
+        rows.append((f"u{u}", item, T0 + timedelta(minutes=minutes * k), int(rng.integers(1, 6))))
+    return rows
+
+
+def test_streaming_item_biases_follow_what_shoppers_take_up():
+    """With item biases, a fine-tune lifts the items shoppers are taking up now, which the version's
+    biases (fitted before they existed) cannot: `streaming` ranks them better than `incremental`."""
+    rows = trending()
+    stream = prequential.encode([r[0] for r in rows], [r[1] for r in rows],
+                                [int(r[2].timestamp() * 1000) for r in rows], [float(r[3]) for r in rows])
+    cfg = small_cfg(bias_temperature=0.2, lin_weights="log1p", lin_user_weights="binary", alpha=0.001)
+    result = prequential.evaluate_stream(stream, cfg, train_fraction=0.5, k=10, batch_size=100, finetune_every=4,
+                                         models=("incremental", "streaming"), progress=False, rounds=0, replay=0)
+    m = result["models"]
+    assert m["streaming"]["hr"] > 1.2 * m["incremental"]["hr"]
+    assert result["protocol"]["model"]["item_bias"] == 0.2
+    updates = result["updates"]["streaming"]
+    assert updates and any(u["accepted"] for u in updates)
+
+
 def test_the_linear_filter_option_reaches_the_stream_models_and_the_default_is_unchanged():
     """`lin_weights`, `lin_user_weights` and `lin_topk` are what the stream's models score with; the
     defaults give the figures of the plain GF-CF filter."""
@@ -206,6 +235,30 @@ def test_fine_tune_not_worse_becomes_current_with_its_lineage(cfg, clean_db, lea
     with clean_db.session(database=cfg.neo4j_database) as s:
         versions = s.run("MATCH (n:User|Item) RETURN collect(DISTINCT n.embedding_version) AS v").single()["v"]
     assert versions == [result["version"]]  # everything re-embedded under the new version
+
+
+def test_a_version_with_item_biases_is_fine_tuned_on_the_latest_edges(cfg, clean_db, lease):
+    """Trained with biases (fitted on its latest edges) before a few hot items arrive, a fine-tune (biases
+    only) lifts them, passes its check, records it in the lineage, and its biases are what the API serves."""
+    from app.embeddings.training import train_and_publish
+    rows = trending(1600, users=50, clusters=3, per=40, seed=2, minutes=20)
+    events = _raw_events(rows)
+    pipeline.ingest(clean_db, cfg, events[:800])  # the hot items start with the second half
+    biased = dataclasses.replace(cfg, item_bias=0.2, finetune_rounds=0, finetune_replay=3.0)
+    first = train_and_publish(clean_db, biased, progress=False, owner=lease.owner, epochs=1)
+    lm = models.current(clean_db, cfg)
+    assert lm.version == first["version"] and lm.model.biased and lm.mcfg.bias_temperature == 0.2
+    assert lm.model.bias.abs().max() > 0 and "hot0" not in lm.item_rows
+    pipeline.ingest(clean_db, cfg, events[800:])
+    result = fine_tune_and_publish(clean_db, biased, lease.owner)
+    assert result["tuned_on"]["rounds"] == 0 and result["tuned_on"]["bias_moved"] > 0
+    assert result["check"]["accepted"], result["check"]
+    assert result["check"]["tuned"]["recall@20"] > result["check"]["current"]["recall@20"]
+    tuned = models.current(clean_db, cfg)
+    assert tuned.version == result["version"] and tuned.bias is not None
+    assert np.array_equal(tuned.bias[:-1], tuned.model.bias.numpy()) and tuned.bias[-1] == 0
+    hot = [tuned.item_rows[f"hot{k}"] for k in range(3)]
+    assert tuned.model.bias[hot].min() > tuned.model.bias.median()
 
 
 def test_admin_queues_a_fine_tune(cfg, clean_db, base_url):

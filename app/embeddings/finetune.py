@@ -57,11 +57,12 @@ def fine_tune_and_publish(driver, cfg: Config, owner: str | None, progress: bool
     check_from = latest - int(cfg.finetune_check_days * DAY_MS)
     recent_from = check_from - int(cfg.finetune_recent_days * DAY_MS)
     candidate, report = fine_tune(lm.model, edges, recent_from, check_from, lm.mcfg, replay=cfg.finetune_replay,
-                                  tune=tune)
+                                  rounds=cfg.finetune_rounds, tune=tune)
     lineage = {"fine_tuned_from": lm.version,
                "tuned_on": {"recent_from": recent_from, "check_from": check_from, "until": latest,
                             "recent_targets": report["recent_targets"], "replay": report["replay"],
-                            "items_folded": report["items_folded"]},
+                            "items_folded": report["items_folded"], "rounds": report["rounds"],
+                            "bias_moved": report["bias_moved"]},
                "check": {"accepted": report["accepted"], "users": report["check_users"], **report["check"]}}
     meta = {"ref_ms": lm.meta["ref_ms"], "item_ids": item_ids}
     if report["accepted"]:

@@ -53,6 +53,15 @@ class LoadedModel:
         return x, q
 
     @cached_property
+    def bias(self) -> np.ndarray | None:
+        """Item biases of every version row and 0 for the zero row, or None for a version without them."""
+        if not self.model.biased:
+            return None
+        out = np.append(self.model.bias.numpy(), 0.0)
+        out.flags.writeable = False
+        return out
+
+    @cached_property
     def item_norm(self) -> float:
         """M: the largest item embedding norm of the version (1 for a degenerate all-zero one)."""
         q = self.tables[1]

@@ -16,15 +16,18 @@ from app.embeddings import models, store
 from app.embeddings.full import embed_full
 from graph_models import ModelConfig
 from graph_models.checkpoint import save_checkpoint
+from graph_models.split import latest_holdout
 from graph_models.train import build, fit
 
 log = logging.getLogger(__name__)
+LATEST_SHARE = 0.1  # with item biases, the latest edges held out as training targets
 
 
 def model_config(cfg: Config, **overrides) -> ModelConfig:
     """The model hyper-parameters for this deployment (sizes and training budget from Config)."""
     mcfg = ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, max_minutes=cfg.train_minutes,
-                       lin_weights=cfg.lin_weights, lin_user_weights=cfg.lin_user_weights, alpha=cfg.model_alpha)
+                       lin_weights=cfg.lin_weights, lin_user_weights=cfg.lin_user_weights, alpha=cfg.model_alpha,
+                       bias_temperature=cfg.item_bias)
     for key, value in overrides.items():
         if value is not None:
             setattr(mcfg, key, value)
@@ -43,6 +46,21 @@ def weights(snap: store.Snapshot, meta: dict) -> sp.csr_matrix:
     return csr
 
 
+def first_times(snap: store.Snapshot, times: list[dict], shape) -> sp.csr_matrix:
+    """Users x items first-seen time of each edge (EXPORT_EDGE_TIMES rows), in a snapshot's rows and columns."""
+    uidx = {u: k for k, u in enumerate(snap.user_ids)}
+    iidx = {it["id"]: k for k, it in enumerate(snap.items)}
+    rows, cols, first = [], [], []
+    for r in times:
+        if r["u"] in uidx:
+            for item, t in zip(r["items"], r["first"]):
+                if item in iidx:
+                    rows.append(uidx[r["u"]])
+                    cols.append(iidx[item])
+                    first.append(float(t))
+    return sp.csr_matrix((first, (rows, cols)), shape=shape)
+
+
 def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | None = None,
                       train_model: bool = True, **overrides) -> dict:
     """Train on the current graph, save a checkpoint, re-embed everything, then switch versions.
@@ -50,20 +68,24 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     `train_model=False` publishes the untrained responses (GF-CF's; benchmarks of refresh cost).
     """
     started = time.monotonic()
+    mcfg = model_config(cfg, **overrides)
+    biased = mcfg.bias_temperature > 0
     with driver.session(database=cfg.neo4j_database) as session:
-        snap = session.execute_read(lambda tx: store.export(tx))
+        snap, times = session.execute_read(lambda tx: (
+            store.export(tx), [r.data() for r in tx.run(cypher.EXPORT_EDGE_TIMES)] if biased else None))
         latest = session.run(cypher.LATEST_EVENT_TS).single()["latest"]
     if not snap.edges_u:
         raise ValueError("the graph has no interactions to train on; load events first")
     # What the version's vectors depend on belongs to the version, not to the process that computes them.
     meta = {"ref_ms": int(latest or snap.taken_at), "decay_anchor_ms": cfg.decay_anchor_ms,
             "half_life_days": cfg.half_life_days, "item_ids": [it["id"] for it in snap.items]}
-    mcfg = model_config(cfg, **overrides)
     graph = weights(snap, meta)
     version = new_version()
     result = {"metrics": {}, "seconds": 0.0, "epochs": 0, "popularity": {}}
     if train_model:
-        model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version))
+        # Item biases learn which items shoppers take up next: they are fitted on the latest edges.
+        split = latest_holdout(graph, first_times(snap, times, graph.shape), LATEST_SHARE) if biased else None
+        model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version), split=split)
     else:
         model = build(graph, mcfg)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float)) and k != "epoch"}

@@ -114,9 +114,14 @@ class State:
         return (w * self.lm.scale) @ x[self.lm.rows(items)] if len(items) else np.zeros(x.shape[1])
 
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`."""
+        """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
+        (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
         q = self.lm.tables[1]
-        return (q @ p)[self.items.rows] + self.lin(cols, a)
+        s = (q @ p)[self.items.rows] + self.lin(cols, a)
+        if self.lm.bias is None:
+            return s
+        top = np.abs(s).max(initial=0.0)
+        return (s / top if top > 0 else s) + self.lm.bias[self.items.rows]
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS."""

@@ -1,0 +1,65 @@
+"""Item biases: a learned per-item prior next to the graph's scores (which items new adopters pick).
+
+The graph filter ranks an item by how close it is to what the shopper has; it knows nothing of which
+items shoppers are taking up now. With biases on, a shopper's scores are divided by their largest, so
+that every shopper's best item scores 1, and each item adds its bias b_j. The biases are fitted by
+gradient steps on the cross-entropy of a softmax, at a temperature, over each target user's unseen
+items, with the graph's scores held fixed: the gradient of b_j is (expected - observed adoptions)/T.
+Fine-tuning starts from the current biases, which is what streaming learning updates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def with_bias(scores, bias) -> torch.Tensor:
+    """`scores` (users x items) divided per row by its largest magnitude, plus `bias` (0 past its end)."""
+    s = torch.as_tensor(scores)
+    top = s.abs().amax(dim=1, keepdim=True)
+    b = torch.zeros(s.shape[1], dtype=s.dtype)
+    n = min(len(bias), s.shape[1])
+    b[:n] = torch.as_tensor(bias[:n], dtype=s.dtype)
+    return s / torch.where(top > 0, top, torch.ones_like(top)) + b
+
+
+def fit_bias(score_fn, graph, targets: dict, cfg, start=None, steps: int | None = None,
+             lr: float | None = None, max_users: int | None = None) -> np.ndarray:
+    """Item biases fitted to `targets` (user row -> held-out item rows) on the unbiased `score_fn`
+    (user rows -> scores over the items of `graph`), each user's `graph` items excluded.
+
+    Starts from `start` (zeros by default; padded with zeros for items added since) and takes `steps`
+    full-batch gradient steps of size `lr` (cfg.bias_steps, cfg.bias_lr by default) with L2 cfg.bias_l2.
+    Users whose scores are all zero (no vector: the service answers trending items) are left out;
+    at most `max_users` (cfg.sample_users) target users, sampled with cfg.seed, are used.
+    """
+    n_items = graph.shape[1]
+    b = np.zeros(n_items)
+    if start is not None:
+        b[:min(len(start), n_items)] = np.asarray(start, dtype=np.float64)[:n_items]
+    users = np.array(sorted(u for u, t in targets.items() if t), dtype=np.int64)
+    cap = max_users or cfg.sample_users
+    if len(users) > cap:
+        users = np.sort(np.random.default_rng(cfg.seed).choice(users, size=cap, replace=False))
+    if not len(users):
+        return b
+    with torch.no_grad():
+        s = torch.cat([torch.as_tensor(score_fn(users[k:k + 512])).float() for k in range(0, len(users), 512)])
+    base = with_bias(s, np.zeros(0)).numpy().astype(np.float32)
+    live = np.abs(base).max(axis=1) > 0
+    users, base = users[live], base[live]
+    seen = graph[users].tocoo()
+    base[seen.row, seen.col] = -np.inf
+    counts = np.asarray([len(targets[int(u)]) for u in users], dtype=np.float32)
+    observed = np.zeros(n_items)
+    for u in users:
+        np.add.at(observed, list(targets[int(u)]), 1.0)
+    total, tau = counts.sum(), cfg.bias_temperature
+    for _ in range(cfg.bias_steps if steps is None else steps):
+        z = (base + b.astype(np.float32)) / tau
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        expected = counts @ p
+        b -= (lr or cfg.bias_lr) * ((expected - observed) / (tau * total) + cfg.bias_l2 * b)
+    return b
