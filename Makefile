@@ -74,7 +74,7 @@ bench-scale: install
 	$(PY) -m bench.bench_partitions
 
 # Accuracy: Gowalla (LightGCN split, ~35 min on 2 cores), the Online Retail time split (~3 min) and
-# the prequential stream replay of Online Retail (~25-40 min); see docs/evaluation.md.
+# the prequential stream replay of Online Retail (~10 min); see docs/evaluation.md.
 evaluate: install
 	$(IG) evaluate gowalla --data-dir ../shared/data/gowalla
 	$(IG) evaluate online-retail
