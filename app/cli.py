@@ -105,6 +105,7 @@ def serve():
     # oversubscribe the cores.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # as runtime.limit_malloc_arenas, from the start
     # No gunicorn access log: the app logs each request (with its X-Request-ID) at IG_LOG_LEVEL=DEBUG.
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
                                "--workers", str(cfg.workers), "--threads", "8",

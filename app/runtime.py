@@ -1,7 +1,10 @@
 """Process-level tuning shared by the API, the loaders and the worker."""
 from __future__ import annotations
 
+import ctypes
 import gc
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
 def freeze_heap() -> None:
@@ -14,3 +17,16 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does for a process started with it).
+
+    glibc gives threads their own arenas, up to 8 per core; with thread pools (the scheduler's runs,
+    request threads, the driver's) memory freed in one arena is not reused by the others, and RSS
+    creeps over a long run. Not glibc (musl, macOS): nothing to do.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass

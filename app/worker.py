@@ -23,7 +23,7 @@ from app.embeddings.refresh import refresh
 from app.embeddings.store import LeaseLost
 from app.embeddings.training import train_and_publish
 from app.ingest import writer
-from app.runtime import freeze_heap
+from app.runtime import freeze_heap, limit_malloc_arenas
 
 log = logging.getLogger(__name__)
 # On SIGTERM the worker exits within this many seconds whatever Neo4j's state; a run still going
@@ -222,6 +222,7 @@ class Worker:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         freeze_heap()
+        limit_malloc_arenas()
         log.info("worker %s started (interval %.1fs, retrain '%s')", self.owner,
                  self.cfg.refresh_interval, self.cfg.retrain_cron)
         try:

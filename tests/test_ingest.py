@@ -428,6 +428,33 @@ def test_group_writer_reports_a_failed_transaction_to_its_callers(cfg, clean_db)
     assert count(clean_db, cfg, "MATCH (n) WHERE NOT n:_Migration RETURN count(n)") == 0
 
 
+@pytest.mark.parametrize("cause, retried", [("transient", True), ("client", False)])
+def test_group_writer_retries_a_deadlock_reported_on_a_failed_result(cfg, clean_db, monkeypatch, cause, retried):
+    """Under bursts a deadlock can reach the writer as ResultFailedError (from the TransientError),
+    which the driver does not retry: the group writer does, and the batch lands once; a failed
+    result caused by the batch itself is not retried."""
+    from neo4j.exceptions import ClientError, ResultFailedError, TransientError
+    real, calls = writer.write_batches, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise (TransientError if cause == "transient" else ClientError)("deadlock detected")
+            except Exception as exc:
+                raise ResultFailedError(None, "result failed") from exc
+        return real(*args, **kwargs)
+    monkeypatch.setattr(writer, "write_batches", flaky)
+    shared = group.GroupWriter(clean_db, cfg.neo4j_database)
+    if retried:
+        assert shared.write([weighed(k) for k in range(5)], {}, timeout=30) == 5
+        assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN sum(r.n_view)") == 5
+    else:
+        with pytest.raises(ResultFailedError):
+            shared.write([weighed(1)], {}, timeout=30)
+    assert len(calls) == (2 if retried else 1)
+
+
 def test_ingest_racing_an_erasure_of_its_user_is_retried(cfg, clean_db):
     """An erasure that commits while an ingest of the same user waits for its lock fails that ingest
     with EntityNotFound (the driver does not retry it): the writer runs it again, so the event lands

@@ -9,7 +9,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from neo4j.exceptions import DriverError, TransientError
+from neo4j.exceptions import DriverError, ResultFailedError, TransientError
 
 from app.ingest import writer
 
@@ -26,9 +26,14 @@ WRITER_THREADS = 2
 TRANSIENT_RETRIES = 5
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The error behind a failed result (the driver reports a statement's failure on the next result)."""
+    return exc.__cause__ if isinstance(exc, ResultFailedError) and exc.__cause__ is not None else exc
+
+
 def _shared_fault(exc: BaseException) -> bool:
     """True when a failure is Neo4j's state (unreachable, busy), not something in one batch."""
-    return isinstance(exc, (DriverError, TransientError))
+    return isinstance(_cause(exc), (DriverError, TransientError))
 
 
 class GroupWriter:
@@ -72,8 +77,10 @@ class GroupWriter:
                     accepted = writer.write_batches(self.driver, self.database, [(e, c) for e, c, _ in group],
                                                     timeout=self.tx_timeout)
                     break
-                except TransientError:
-                    if attempt == TRANSIENT_RETRIES:
+                except (TransientError, ResultFailedError) as exc:
+                    # A deadlock can surface as a failed result, which the driver does not retry; the
+                    # transaction rolled back whole either way.
+                    if attempt == TRANSIENT_RETRIES or not isinstance(_cause(exc), TransientError):
                         raise
                     time.sleep(random.uniform(0.05, 0.2))  # the two writers must not collide again
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
