@@ -116,6 +116,35 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
     assert [r["score"] for r in answer["results"]] == pytest.approx([r["score"] for r in top], rel=1e-12)
 
 
+def test_a_copy_synced_right_after_each_run_never_reads_everything_again(cfg, driver, trained, monkeypatch):
+    """Runs commit while the copy follows them as closely as it can (a request sees a run's number and
+    syncs at once): every run is applied from the log, none makes the copy read the graph whole."""
+    import threading
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
+    copy.at(*_head(driver, cfg))
+    loads = []
+    monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
+    done = threading.Event()
+
+    def runs():
+        rng = random.Random(11)
+        with Worker(cfg).holding() as holder:
+            for step in range(25):
+                pipeline.ingest(driver, cfg, _events(rng, 10, 200, 40, f"sync{step}-"))
+                refresh(driver, cfg, models.current(driver, cfg), owner=holder.owner)
+        done.set()
+    thread = threading.Thread(target=runs)
+    thread.start()
+    seen = set()
+    while not done.is_set():
+        epoch, seq = _head(driver, cfg)
+        if seq not in seen:
+            seen.add(seq)
+            assert copy.at(epoch, seq).seq >= seq
+    thread.join()
+    assert len(seen) > 10 and not loads
+
+
 def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driver, trained, base_url):
     pipeline.ingest(driver, cfg, [{"event_id": "first-1", "user_id": "newcomer", "item_id": "i3", "type": "purchase",
                                    "ts": NOW}])
