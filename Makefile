@@ -78,6 +78,7 @@ bench-scale: install
 evaluate: install
 	$(IG) evaluate gowalla --data-dir ../shared/data/gowalla
 	$(IG) evaluate online-retail
+	$(IG) evaluate online-retail --lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2
 	$(IG) evaluate stream --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail \
 		--batch-minutes 240 --retrain-every 30 --finetune-every 9 --finetune-rounds 0 --replay 3 \
 		--lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2 --out var/eval-stream

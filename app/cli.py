@@ -392,17 +392,36 @@ def evaluate_gowalla(data_dir, epochs, out):
     _evaluate(lambda mcfg, log_dir: run_evaluation(data_dir, mcfg, log_dir=log_dir), "gowalla", epochs, out)
 
 
+def model_options(f):
+    """Our model's filter, spectral weight and item-bias flags (graph_models.ModelConfig; unset: its defaults)."""
+    for option in reversed([
+        click.option("--lin-weights", type=click.Choice(["raw", "log1p", "binary"]), default="raw", show_default=True,
+                     help="Our models' linear filter reads the weights as stored, as log(1 + w), or 1 per edge."),
+        click.option("--lin-user-weights", type=click.Choice(["raw", "log1p", "binary"]), default=None,
+                     help="The same for the scored shopper's own row (default: as --lin-weights)."),
+        click.option("--alpha", type=float, default=None,
+                     help="Starting weight of our models' spectral part (default 0.3, GF-CF's); training may move it."),
+        click.option("--item-bias", type=click.FloatRange(0), default=None,
+                     help="Temperature of our models' learned item biases (0: none, the default; see docs/evaluation.md)."),
+    ]):
+        f = option(f)
+    return f
+
+
 @evaluate.command("online-retail")
 @click.option("--path", default="../shared/data/online_retail/online_retail.csv.gz", show_default=True,
               type=click.Path(exists=True, dir_okay=False))
 @click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
+@model_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
-def evaluate_retail(path, epochs, out):
+def evaluate_retail(path, epochs, lin_weights, lin_user_weights, alpha, item_bias, out):
     """Time-ordered split of UCI Online Retail (first 80% of time to train): ours against the baselines."""
     from graph_models.retail import run_evaluation
     cfg = load_config()  # the demo's sizes: what `make run` serves
+    chosen = {"lin_weights": lin_weights, "lin_user_weights": lin_user_weights, "alpha": alpha,
+              "bias_temperature": item_bias}
     _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out,
-              dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim)
+              dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, **{k: v for k, v in chosen.items() if v is not None})
 
 
 @evaluate.command("stream")
@@ -430,16 +449,9 @@ def evaluate_retail(path, epochs, out):
 @click.option("--models", default=None, help="Comma-separated subset of the models (all by default).")
 @click.option("--engine", type=click.Choice(["memory", "neo4j"]), default="memory", show_default=True,
               help="neo4j: `incremental` runs through ingest, refresh and the served query (empty graph needed).")
-@click.option("--lin-weights", type=click.Choice(["raw", "log1p", "binary"]), default="raw", show_default=True,
-              help="Our models' linear filter reads the weights as stored, as log(1 + w), or 1 per edge.")
-@click.option("--lin-user-weights", type=click.Choice(["raw", "log1p", "binary"]), default=None,
-              help="The same for the scored shopper's own row (default: as --lin-weights).")
+@model_options
 @click.option("--lin-topk", type=click.IntRange(0), default=0, show_default=True,
               help="If > 0, the linear filter keeps only each item's this many nearest items.")
-@click.option("--alpha", type=float, default=None,
-              help="Starting weight of our models' spectral part (default 0.3, GF-CF's); training may move it.")
-@click.option("--item-bias", type=click.FloatRange(0), default=None,
-              help="Temperature of our models' learned item biases (0: none, the default; see docs/evaluation.md).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json/md/png here.")
 def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, k, train_fraction,
                     batch_size, batch_minutes, retrain_every, finetune_every, replay, finetune_rounds, models, engine,
