@@ -381,17 +381,6 @@ def evaluate():
     """Offline accuracy on public benchmarks."""
 
 
-@evaluate.command("gowalla")
-@click.option("--data-dir", default="../shared/data/gowalla", show_default=True,
-              type=click.Path(exists=True, file_okay=False), help="Holds train.txt.gz and test.txt.gz.")
-@click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
-def evaluate_gowalla(data_dir, epochs, out):
-    """Train on the LightGCN Gowalla split; Recall/NDCG@20 of ours, tuned ItemKNN, GF-CF and popularity."""
-    from graph_models.gowalla import run_evaluation
-    _evaluate(lambda mcfg, log_dir: run_evaluation(data_dir, mcfg, log_dir=log_dir), "gowalla", epochs, out)
-
-
 def model_options(f):
     """Our model's filter, spectral weight and item-bias flags (graph_models.ModelConfig; unset: its defaults)."""
     for option in reversed([
@@ -408,6 +397,26 @@ def model_options(f):
     return f
 
 
+def _chosen(lin_weights, lin_user_weights, alpha, item_bias) -> dict:
+    """The model flags that were given, as ModelConfig fields."""
+    chosen = {"lin_weights": lin_weights, "lin_user_weights": lin_user_weights, "alpha": alpha,
+              "bias_temperature": item_bias}
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
+@evaluate.command("gowalla")
+@click.option("--data-dir", default="../shared/data/gowalla", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="Holds train.txt.gz and test.txt.gz.")
+@click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
+@model_options
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+def evaluate_gowalla(data_dir, epochs, lin_weights, lin_user_weights, alpha, item_bias, out):
+    """Train on the LightGCN Gowalla split; Recall/NDCG@20 of ours, tuned ItemKNN, GF-CF and popularity."""
+    from graph_models.gowalla import run_evaluation
+    _evaluate(lambda mcfg, log_dir: run_evaluation(data_dir, mcfg, log_dir=log_dir), "gowalla", epochs, out,
+              **_chosen(lin_weights, lin_user_weights, alpha, item_bias))
+
+
 @evaluate.command("online-retail")
 @click.option("--path", default="../shared/data/online_retail/online_retail.csv.gz", show_default=True,
               type=click.Path(exists=True, dir_okay=False))
@@ -418,10 +427,8 @@ def evaluate_retail(path, epochs, lin_weights, lin_user_weights, alpha, item_bia
     """Time-ordered split of UCI Online Retail (first 80% of time to train): ours against the baselines."""
     from graph_models.retail import run_evaluation
     cfg = load_config()  # the demo's sizes: what `make run` serves
-    chosen = {"lin_weights": lin_weights, "lin_user_weights": lin_user_weights, "alpha": alpha,
-              "bias_temperature": item_bias}
     _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out,
-              dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, **{k: v for k, v in chosen.items() if v is not None})
+              dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, **_chosen(lin_weights, lin_user_weights, alpha, item_bias))
 
 
 @evaluate.command("stream")
