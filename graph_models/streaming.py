@@ -22,10 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .bias import fit_bias
 from .evaluation import evaluate
 from .model import InterestSAGE
 from .spectral import degrees, normalised
-from .bias import fit_bias
 from .train import Scorer, train
 
 
@@ -122,17 +122,17 @@ def _key(metrics: dict, k: int) -> tuple:
 
 
 def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, replay: float = 1.0,
-              rounds: int = 2, tune=None, replay_half_life: float | None = None) -> tuple[InterestSAGE, dict]:
+              rounds: int = 2, tune=None) -> tuple[InterestSAGE, dict]:
     """One streaming update of a version: fold in new items and fine-tune the responses, then keep the
     result only if it is not worse than `model` on the check edges.
 
     Edges first seen at or after `check_from` are the check; those from `recent_from` up to it are the
     recent ones the responses are fitted on, with a replay sample of `replay` times as many older
-    edges drawn with weight 2^(-age / `replay_half_life`) before `recent_from` (default: the recent
-    window's length; 0: uniformly). The search starts from the current coefficients and runs at most `rounds` rounds (0: none)
-    with the smallest step of `cfg`; the biases take cfg.bias_finetune_steps steps. `tune(candidate, fit_csr, targets)` replaces the search (tests). Returns
-    the candidate folded over the whole graph and a report whose `accepted` says whether it may
-    replace `model`.
+    edges drawn with weight 2^(-age / window) before `recent_from` (the window: the recent part's
+    length). The search starts from the current coefficients and runs at most `rounds` rounds (0:
+    none) with the smallest step of `cfg`; the biases take cfg.bias_finetune_steps steps.
+    `tune(candidate, fit_csr, targets)` replaces both (tests). Returns the candidate folded over the
+    whole graph and a report whose `accepted` says whether it may replace `model`.
     """
     rng = np.random.default_rng(cfg.seed)
     before = edges.first < check_from
@@ -140,9 +140,10 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
     old = edges.first < recent_from
     g_before = edges.graph(before)
     truth = new_items_after(edges, before, ~before)
-    half_life = check_from - recent_from if replay_half_life is None else replay_half_life
-    # Replay leans to the recent past: what shoppers took up a while ago, not the graph's whole history.
-    weight = np.exp2(-np.maximum(recent_from - edges.first, 0) / half_life) if half_life > 0 else None
+    # Replay leans to the recent past: what shoppers took up a while ago, not the graph's whole history
+    # (uniform draws pulled the item biases back to all-time popularity; docs/evaluation.md).
+    window = check_from - recent_from
+    weight = np.exp2(-np.maximum(recent_from - edges.first, 0) / window) if window > 0 else None
     targets = _targets(edges, recent, old, replay, rng, weight)
     hidden = sp.csr_matrix((np.ones(sum(map(len, targets.values()))),
                             ([u for u, t in targets.items() for _ in t], [i for t in targets.values() for i in t])),
