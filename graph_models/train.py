@@ -178,17 +178,36 @@ def _log(writer, row, progress):
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
+def fit_checked_bias(model, fit_csr, targets, cfg) -> dict:
+    """Item biases for `model`, kept only if they rank better: fitted on half the target users, they
+    must raise Recall@k (then NDCG@k) of the other half over the unbiased ranking; if so they are
+    fitted again on all targets, else left at zero (the ranking is then the unbiased one)."""
+    base = Scorer(model, fit_csr, biased=False)
+    users = np.random.default_rng(cfg.seed).permutation(np.array(sorted(u for u, t in targets.items() if t)))
+    half = len(users) // 2
+    fit_on = {int(u): targets[int(u)] for u in users[:half]}
+    check = {int(u): targets[int(u)] for u in users[half:][:cfg.sample_users]}
+    b = fit_bias(base, fit_csr, fit_on, cfg)
+    key = (f"recall@{cfg.k}", f"ndcg@{cfg.k}")
+    with torch.no_grad():
+        with_b = evaluate(lambda u: with_bias(base(u), b), check, fit_csr, cfg.k)
+        without = evaluate(base, check, fit_csr, cfg.k)
+    kept = bool(check) and tuple(with_b[m] for m in key) > tuple(without[m] for m in key)
+    model.bias = torch.from_numpy(fit_bias(base, fit_csr, targets, cfg) if kept else np.zeros(model.num_items))
+    return {"kept": kept, "check_with": with_b, "check_without": without}
+
+
 def fit(train_csr, cfg, progress=True, log_dir=None, split=None):
     """The whole recipe: hide `cfg.holdout` of each user's items (or use `split`, a pair (graph
     without the targets, targets), e.g. a time-ordered one), learn the responses on them with a basis
     of the rest, then rebuild the basis on the whole graph with the learned responses (and, with item
-    biases on, the biases fitted to the same targets)."""
+    biases on, the biases fitted to the same targets if they pass `fit_checked_bias`'s check)."""
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
     t0 = time.time()
     first = build(fit_csr, cfg)
     result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
     if first.biased:
-        first.bias = torch.from_numpy(fit_bias(Scorer(first, fit_csr, biased=False), fit_csr, hidden, cfg))
+        result["bias"] = fit_checked_bias(first, fit_csr, hidden, cfg)
     model = build(train_csr, cfg, like=first)
     result["basis_seconds"] = time.time() - t0 - result["seconds"]
     return model, result

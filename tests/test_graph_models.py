@@ -254,3 +254,24 @@ def test_item_biases_learn_what_new_adopters_pick_and_are_served_by_the_scorer(t
     old = load_checkpoint(path)[0]
     assert not old.biased and not old.bias.any()
     assert torch.equal(Scorer(old, csr)(users), score(users))
+
+
+def test_training_keeps_item_biases_only_where_they_rank_better():
+    """Targets that the graph already ranks first leave nothing for biases to add: refused (zero);
+    targets that all shoppers share, against the graph, are what biases are for: kept."""
+    from graph_models.train import fit_checked_bias
+    rng = np.random.default_rng(0)
+    dense = (rng.random((80, 12)) < 0.3).astype(float)
+    dense[np.arange(80), np.arange(80) % 10] = 1.0
+    csr = sp.csr_matrix(dense)
+    cfg = ModelConfig(dim=6, sharp_dim=2, bias_temperature=0.2, bias_steps=100, sample_users=100, k=3)
+    model = build(csr, cfg)
+    ranked = Scorer(model, csr, biased=False)(np.arange(80)).numpy()
+    ranked[dense > 0] = -np.inf
+    own_best = {u: {int(np.argmax(ranked[u]))} for u in range(80)}
+    refused = fit_checked_bias(model, csr, own_best, cfg)
+    assert not refused["kept"] and not model.bias.any()
+    shared = {u: {10 + (u % 4 == 0)} for u in range(80) if not dense[u, 10 + (u % 4 == 0)]}
+    kept = fit_checked_bias(model, csr, shared, cfg)
+    assert kept["kept"] and model.bias[10] > 0
+    assert kept["check_with"]["recall@3"] > kept["check_without"]["recall@3"]

@@ -185,9 +185,20 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
     from app.embeddings import store
     from app.embeddings.training import weights
     from graph_models.train import Scorer
+    import copy
+
+    import torch
+
+    from app.embeddings.training import publish
     with Worker(cfg).holding() as holder:
         train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1, lin_weights="log1p",
                           lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias)
+        lm = models.current(driver, cfg)
+        if item_bias:  # biases of every size and sign, whatever training's check kept
+            model = copy.deepcopy(lm.model)
+            model.bias = torch.from_numpy(np.random.default_rng(0).normal(0.0, 0.3, model.num_items))
+            publish(driver, cfg, lm.mcfg, model, {"ref_ms": lm.meta["ref_ms"], "item_ids": lm.meta["item_ids"]},
+                    holder.owner, "biased version")
     lm = models.current(driver, cfg)
     assert lm.mcfg.lin_weights == "log1p" and lm.mcfg.lin_user_weights == "binary"
     assert lm.model.biased == (item_bias > 0) and (lm.model.bias.abs().max() > 0) == (item_bias > 0)
