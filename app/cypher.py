@@ -168,7 +168,8 @@ RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trai
 # Edges with the time each was first seen (streaming learning's windows).
 EXPORT_EDGE_TIMES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.first_ts, 0)) AS first
+RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.rev, 0)) AS rev,
+       collect(coalesce(r.first_ts, 0)) AS first
 """
 
 # --- refresh: change detection and the L-hop pull ---------------------------

@@ -23,24 +23,22 @@ def with_bias(scores, bias) -> torch.Tensor:
     return s / torch.where(top > 0, top, torch.ones_like(top)) + b
 
 
-def fit_bias(score_fn, graph, targets: dict, cfg, start=None, steps: int | None = None,
-             lr: float | None = None, max_users: int | None = None) -> np.ndarray:
+def fit_bias(score_fn, graph, targets: dict, cfg, start=None, steps: int | None = None) -> np.ndarray:
     """Item biases fitted to `targets` (user row -> held-out item rows) on the unbiased `score_fn`
     (user rows -> scores over the items of `graph`), each user's `graph` items excluded.
 
     Starts from `start` (zeros by default; padded with zeros for items added since) and takes `steps`
-    full-batch gradient steps of size `lr` (cfg.bias_steps, cfg.bias_lr by default) with L2 cfg.bias_l2.
+    full-batch gradient steps (cfg.bias_steps by default) of size cfg.bias_lr with L2 cfg.bias_l2.
     Users whose scores are all zero (no vector: the service answers trending items) are left out;
-    at most `max_users` (cfg.sample_users) target users, sampled with cfg.seed, are used.
+    at most cfg.sample_users target users, sampled with cfg.seed, are used.
     """
     n_items = graph.shape[1]
     b = np.zeros(n_items)
     if start is not None:
         b[:min(len(start), n_items)] = np.asarray(start, dtype=np.float64)[:n_items]
     users = np.array(sorted(u for u, t in targets.items() if t), dtype=np.int64)
-    cap = max_users or cfg.sample_users
-    if len(users) > cap:
-        users = np.sort(np.random.default_rng(cfg.seed).choice(users, size=cap, replace=False))
+    if len(users) > cfg.sample_users:
+        users = np.sort(np.random.default_rng(cfg.seed).choice(users, size=cfg.sample_users, replace=False))
     if not len(users):
         return b
     with torch.no_grad():
@@ -61,5 +59,5 @@ def fit_bias(score_fn, graph, targets: dict, cfg, start=None, steps: int | None 
         p = np.exp(z)
         p /= p.sum(axis=1, keepdims=True)
         expected = counts @ p
-        b -= (lr or cfg.bias_lr) * ((expected - observed) / (tau * total) + cfg.bias_l2 * b)
+        b -= cfg.bias_lr * ((expected - observed) / (tau * total) + cfg.bias_l2 * b)
     return b

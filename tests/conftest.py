@@ -31,6 +31,7 @@ from werkzeug.serving import make_server  # noqa: E402
 from app import create_app, migrate, neo4j_local  # noqa: E402
 from app.config import load_config  # noqa: E402
 from app.db import get_driver  # noqa: E402
+from bench.bench_ingest import wipe  # noqa: E402,F401 - shared with the benches
 
 
 @pytest.fixture(scope="session")
@@ -46,16 +47,6 @@ def cfg():
 def driver(cfg):
     """The Neo4j driver for the test server."""
     return get_driver(cfg)
-
-
-def wipe(driver, database: str) -> None:
-    """Delete every edge, then every node but the migration records, in bounded transactions (one
-    statement for all outlives the transaction timeout on the graph `make bench` leaves)."""
-    with driver.session(database=database) as session:
-        for statement in ("MATCH ()-[r]->() WITH r LIMIT 20000 DELETE r RETURN count(*) AS n",
-                          "MATCH (n) WHERE NOT n:_Migration WITH n LIMIT 20000 DELETE n RETURN count(*) AS n"):
-            while session.execute_write(lambda tx: tx.run(statement).single()["n"]):
-                pass
 
 
 @pytest.fixture

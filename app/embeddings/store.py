@@ -25,6 +25,7 @@ class Snapshot:
     edges_i: list[str] = field(default_factory=list)
     w: list[float] = field(default_factory=list)
     rev: list[int] = field(default_factory=list)
+    first: list[int] = field(default_factory=list)  # first-seen time per edge, when exported with times
     taken_at: int = 0
 
 
@@ -50,8 +51,8 @@ def server_time(session) -> int:
     return session.run(cypher.SERVER_TIME).single()["now"]
 
 
-def export(session, progress=None) -> Snapshot:
-    """Stream edges, then users and items, out of Neo4j.
+def export(session, progress=None, times: bool = False) -> Snapshot:
+    """Stream edges (with their first-seen times if `times`), then users and items, out of Neo4j.
 
     Each statement sees the latest commits (read committed), so under concurrent ingest the
     nodes are read after the edges (every endpoint of an edge is then listed), and edges of a
@@ -59,12 +60,14 @@ def export(session, progress=None) -> Snapshot:
     """
     snap = Snapshot(user_ids=[], items=[], taken_at=server_time(session))
     # One record per user, not per edge: the driver's per-record cost dominated a 1M-edge export.
-    for record in session.run(cypher.EXPORT_EDGES):
+    for record in session.run(cypher.EXPORT_EDGE_TIMES if times else cypher.EXPORT_EDGES):
         items = record["items"]
         snap.edges_u.extend([record["u"]] * len(items))
         snap.edges_i.extend(items)
         snap.w.extend(record["w"])
         snap.rev.extend(record["rev"])
+        if times:
+            snap.first.extend(record["first"])
         if progress is not None:
             progress.update(len(items))
     users = [(r["id"], r["rev"]) for r in session.run(cypher.EXPORT_USERS)]
@@ -73,9 +76,9 @@ def export(session, progress=None) -> Snapshot:
     users = set(snap.user_ids)
     if not users.issuperset(snap.edges_u):
         keep = [k for k, u in enumerate(snap.edges_u) if u in users]
-        for name in ("edges_u", "edges_i", "w", "rev"):
+        for name in ("edges_u", "edges_i", "w", "rev", "first"):
             values = getattr(snap, name)
-            setattr(snap, name, [values[k] for k in keep])
+            setattr(snap, name, [values[k] for k in keep] if values else values)
     return snap
 
 

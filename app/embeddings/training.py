@@ -20,7 +20,6 @@ from graph_models.split import latest_holdout
 from graph_models.train import build, fit
 
 log = logging.getLogger(__name__)
-LATEST_SHARE = 0.1  # with item biases, the latest edges held out as training targets
 
 
 def model_config(cfg: Config, **overrides) -> ModelConfig:
@@ -34,31 +33,20 @@ def model_config(cfg: Config, **overrides) -> ModelConfig:
     return mcfg
 
 
-def weights(snap: store.Snapshot, meta: dict) -> sp.csr_matrix:
-    """Users x items aggregation weights of a snapshot under a version's `meta` (scale of its reference time)."""
+def _edge_matrix(snap: store.Snapshot, values) -> sp.csr_matrix:
+    """Users x items matrix of one value per snapshot edge, in the snapshot's rows and columns."""
     uidx = {u: k for k, u in enumerate(snap.user_ids)}
     iidx = {it["id"]: k for k, it in enumerate(snap.items)}
     rows = np.fromiter((uidx[u] for u in snap.edges_u), dtype=np.int64, count=len(snap.edges_u))
     cols = np.fromiter((iidx[i] for i in snap.edges_i), dtype=np.int64, count=len(snap.edges_i))
-    w = np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0) * models.weight_scale(meta)
-    csr = sp.csr_matrix((w, (rows, cols)), shape=(len(uidx), len(iidx)))
+    return sp.csr_matrix((values, (rows, cols)), shape=(len(uidx), len(iidx)))
+
+
+def weights(snap: store.Snapshot, meta: dict) -> sp.csr_matrix:
+    """Users x items aggregation weights of a snapshot under a version's `meta` (scale of its reference time)."""
+    csr = _edge_matrix(snap, np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0) * models.weight_scale(meta))
     csr.eliminate_zeros()
     return csr
-
-
-def first_times(snap: store.Snapshot, times: list[dict], shape) -> sp.csr_matrix:
-    """Users x items first-seen time of each edge (EXPORT_EDGE_TIMES rows), in a snapshot's rows and columns."""
-    uidx = {u: k for k, u in enumerate(snap.user_ids)}
-    iidx = {it["id"]: k for k, it in enumerate(snap.items)}
-    rows, cols, first = [], [], []
-    for r in times:
-        if r["u"] in uidx:
-            for item, t in zip(r["items"], r["first"]):
-                if item in iidx:
-                    rows.append(uidx[r["u"]])
-                    cols.append(iidx[item])
-                    first.append(float(t))
-    return sp.csr_matrix((first, (rows, cols)), shape=shape)
 
 
 def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | None = None,
@@ -71,8 +59,7 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     mcfg = model_config(cfg, **overrides)
     biased = mcfg.bias_temperature > 0
     with driver.session(database=cfg.neo4j_database) as session:
-        snap, times = session.execute_read(lambda tx: (
-            store.export(tx), [r.data() for r in tx.run(cypher.EXPORT_EDGE_TIMES)] if biased else None))
+        snap = session.execute_read(lambda tx: store.export(tx, times=biased))
         latest = session.run(cypher.LATEST_EVENT_TS).single()["latest"]
     if not snap.edges_u:
         raise ValueError("the graph has no interactions to train on; load events first")
@@ -84,7 +71,8 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     result = {"metrics": {}, "seconds": 0.0, "epochs": 0, "popularity": {}}
     if train_model:
         # Item biases learn which items shoppers take up next: they are fitted on the latest edges.
-        split = latest_holdout(graph, first_times(snap, times, graph.shape), LATEST_SHARE) if biased else None
+        split = latest_holdout(graph, _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64)),
+                               mcfg.holdout) if biased else None
         model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version), split=split)
     else:
         model = build(graph, mcfg)

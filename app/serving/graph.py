@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from app import cypher
 from app.embeddings import models
 from app.ids import erasure_key
+from graph_models.bias import with_bias
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class State:
         (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
         q = self.lm.tables[1]
         s = (q @ p)[self.items.rows] + self.lin(cols, a)
-        if self.lm.bias is None:
-            return s
-        top = np.abs(s).max(initial=0.0)
-        return (s / top if top > 0 else s) + self.lm.bias[self.items.rows]
+        return s if self.lm.bias is None else with_bias(s[None, :], self.lm.bias[self.items.rows])[0].numpy()
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS."""
