@@ -128,6 +128,8 @@ class Config:
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
+    refresh_max_users: int = 2000  # changed users one incremental run takes (0: all); the rest wait for the next
+    worker_nice: int = 10  # the worker's CPU priority below the API's and Neo4j's on a shared machine
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
     lease_seconds: float = 10.0
@@ -216,6 +218,8 @@ def load_config(**overrides) -> Config:
         purge_batch=_env(env, "IG_PURGE_BATCH", Config.purge_batch, int),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
+        refresh_max_users=_env(env, "IG_REFRESH_MAX_USERS", Config.refresh_max_users, int),
+        worker_nice=_env(env, "IG_WORKER_NICE", Config.worker_nice, int),
         full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),

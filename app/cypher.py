@@ -182,13 +182,13 @@ RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, coll
 CHANGED_EDGES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
 WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
-RETURN u.id AS u, i.id AS i, r.rev AS rev, elementId(r) AS e
+RETURN u.id AS u, i.id AS i, r.rev AS rev, elementId(r) AS e, coalesce(r.changed_at, 0) AS at
 """
 
 CHANGED_USERS = """
 MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
 WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
-RETURN n.id AS id, n.rev AS rev, n.changed_at AS at
+RETURN n.id AS id, n.rev AS rev, coalesce(n.changed_at, 0) AS at, n.ig_rev IS NULL AS new
 """
 
 CHANGED_ITEMS = """

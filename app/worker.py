@@ -223,6 +223,9 @@ class Worker:
         signal.signal(signal.SIGINT, stop)
         freeze_heap()
         limit_malloc_arenas()
+        # Refresh runs are background work: where they share cores with the API and Neo4j, requests
+        # (whose answers never wait for a run) go first.
+        os.nice(max(self.cfg.worker_nice, 0))
         log.info("worker %s started (interval %.1fs, retrain '%s')", self.owner,
                  self.cfg.refresh_interval, self.cfg.retrain_cron)
         try:

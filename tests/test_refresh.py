@@ -202,8 +202,32 @@ def test_change_queries_seek_the_unseen_index(cfg, driver, query):
     assert all("ig_unseen" in op["args"]["Details"] for op in ops), [op["args"]["Details"] for op in ops]
 
 
+def test_capped_runs_take_new_users_first_and_end_exact(trained, exact_cfg, driver, lease):
+    """A run takes at most `refresh_max_users` changed users (brand-new ones first, then the longest
+    waiting) and leaves the others flagged; the runs that follow end equal to a full recompute."""
+    reset(driver, exact_cfg, trained, lease.owner)
+    capped = load_config(refresh_max_users=4, full_share=0.01)  # capped runs never turn full
+    old = events(random.Random(11), 30, 60, 40, now=SEED_NOW + 1)  # seed users, older changes
+    pipeline.ingest(driver, capped, old)
+    now = int(time.time() * 1000)
+    pipeline.ingest(driver, capped, [{"event_id": f"cap-new-{now}-{k}", "user_id": f"cap-new-{k}",
+                                      "item_id": "i1", "type": "view", "ts": now} for k in range(3)])
+    first = refresh(driver, capped, trained, owner=lease.owner)
+    waiting = first["users"] + first["users_left"]
+    assert first["mode"] == "incremental" and first["users"] == 4 and waiting > 10
+    with driver.session(database=capped.neo4j_database) as s:
+        embedded = s.run("MATCH (u:User) WHERE u.id STARTS WITH 'cap-new-' AND u.embedding IS NOT NULL "
+                         "RETURN count(u) AS n").single()["n"]
+    assert embedded == 3
+    runs = 1
+    while refresh(driver, capped, trained, owner=lease.owner)["mode"] != "noop":
+        runs += 1
+    assert runs == -(-waiting // 4)
+    assert max_error(driver, capped, trained) < TOLERANCE
+
+
 def test_large_change_falls_back_to_full_with_reason(trained, cfg, driver, lease):
-    small = load_config(full_share=0.01)
+    small = load_config(full_share=0.01, refresh_max_users=0)
     pipeline.ingest(driver, small, events(random.Random(3), 20, 60, 40))
     run = refresh(driver, small, trained, owner=lease.owner)
     assert run["mode"] == "full" and "affected set" in run["reason"]

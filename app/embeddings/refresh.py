@@ -8,7 +8,9 @@ weighted sum of the fixed inputs of the items it touched. So a changed edge (u, 
 - i's embedding only if i is new since the version was embedded (the version's zero row).
 Nothing else: the graph filter that also ranks items is computed at query time from the live graph,
 so the cost of a run grows with the changed edges and the degrees of their endpoints, never with the
-graph, and one run is one transaction.
+graph, and one run is one transaction. Since a user's values depend on that user's edges alone, a
+run may take some of the changed users and leave the rest flagged for the next: a burst becomes
+several short runs instead of one long full recompute.
 """
 from __future__ import annotations
 
@@ -44,16 +46,17 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
             edges, users, items = session.execute_read(store.changes)
             if not (edges or users or items):
                 return {"mode": "noop", "seconds": round(time.monotonic() - started, 4)}
+            edges, users, left = take(edges, users, cfg.refresh_max_users)
             try:
                 writes, run = incremental(session, cfg, lm, edges, users, items)
             except TooLarge as exc:
                 reason = str(exc)
             else:
-                run.update(mode="incremental", version=lm.version, seconds=round(time.monotonic() - started, 4),
-                           finished_at=int(time.time() * 1000))
+                run.update(mode="incremental", version=lm.version, users_left=left,
+                           seconds=round(time.monotonic() - started, 4), finished_at=int(time.time() * 1000))
                 session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner, cfg.interest_history))
-                log.info("incremental refresh: %d edges, %d users, %d items in %.3fs", run["changed_edges"],
-                          run["users"], run["items"], time.monotonic() - started)
+                log.info("incremental refresh: %d edges, %d users, %d items in %.3fs (%d users wait)",
+                         run["changed_edges"], run["users"], run["items"], time.monotonic() - started, left)
                 return run
     publish = False
     if st["full_pending"]:  # finish the interrupted run under the version it was writing
@@ -61,13 +64,30 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
     return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason, publish=publish)
 
 
+def take(edges: list[dict], users: list[dict], limit: int) -> tuple[list[dict], list[dict], int]:
+    """The changes of at most `limit` changed users (0: all), and how many users wait: first the
+    users without a vector yet (their first one turns trending answers into personal ones), then the
+    longest waiting."""
+    since: dict[str, int] = {}
+    for uid, at in [(e["u"], e["at"]) for e in edges] + [(u["id"], u["at"]) for u in users]:
+        since[uid] = min(since.get(uid, at), at)
+    if not limit or len(since) <= limit:
+        return edges, users, 0
+    new = {u["id"] for u in users if u["new"]}
+    chosen = set(sorted(since, key=lambda uid: (uid not in new, since[uid], uid))[:limit])
+    return ([e for e in edges if e["u"] in chosen], [u for u in users if u["id"] in chosen],
+            len(since) - limit)
+
+
 def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users: list[dict],
                 items: list[dict]) -> tuple[dict, dict]:
-    """The writes of one incremental run over the changed edges and nodes, and its summary."""
+    """The writes of one incremental run over the changed edges and nodes, and its summary. Only
+    uncapped runs (`refresh_max_users` 0) turn into a full recompute when large: a capped one is
+    bounded already, and a full run would hold back every change behind it for its whole length."""
     user_ids = sorted({e["u"] for e in edges} | {u["id"] for u in users})
     item_ids = sorted({e["i"] for e in edges} | {i["id"] for i in items})
     total = store.node_count(session)
-    if len(user_ids) + len(item_ids) > cfg.full_share * max(total, 1):
+    if not cfg.refresh_max_users and len(user_ids) + len(item_ids) > cfg.full_share * max(total, 1):
         raise TooLarge(f"affected set {len(user_ids) + len(item_ids)} > {cfg.full_share:.0%} of {total} nodes")
     edges_of = store.user_edges(session, user_ids)  # erased users are not there
     ids = sorted(edges_of)

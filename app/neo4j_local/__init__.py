@@ -130,6 +130,25 @@ def _set_initial_password(cfg: Config, java: str, p: dict[str, Path]) -> None:
         raise Neo4jError(f"setting the initial password failed: {result.stderr[-1000:]}")
 
 
+def import_full(cfg: Config, nodes: dict[str, Path], relationships: dict[str, Path]) -> None:
+    """Replace the database with CSV files through `neo4j-admin database import full` (server stopped)."""
+    p = _paths(cfg)
+    if _pid(p):
+        raise Neo4jError("stop the server before a bulk import")
+    java = _require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)")
+    provision(cfg)
+    p["data"].mkdir(parents=True, exist_ok=True)
+    _write_conf(cfg, p)
+    cmd = [java, f"-Xmx{cfg.neo4j_heap}", "-cp", f"{p['lib']}/*", "org.neo4j.cli.AdminTool",
+           # The database first: the file lists take every argument after them.
+           "database", "import", "full", cfg.neo4j_database, "--overwrite-destination=true", "--id-type=string",
+           *(f"--nodes={label}={path}" for label, path in nodes.items()),
+           *(f"--relationships={rel}={path}" for rel, path in relationships.items())]
+    result = subprocess.run(cmd, env=_java_env(p), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise Neo4jError(f"the bulk import failed:\n{(result.stdout + result.stderr)[-2000:]}")
+
+
 def _pid(p: dict[str, Path]) -> int | None:
     try:
         pid = int(p["pid"].read_text())
