@@ -128,7 +128,7 @@ class Config:
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
-    refresh_max_users: int = 2000  # changed users one incremental run takes (0: all); the rest wait for the next
+    refresh_max_users: int = 1000  # changed users one incremental run takes (0: all); the rest wait for the next
     worker_nice: int = 10  # the worker's CPU priority below the API's and Neo4j's on a shared machine
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
