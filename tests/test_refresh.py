@@ -546,6 +546,8 @@ def test_standby_takes_over_when_active_worker_dies(trained, cfg, driver, tmp_pa
         _wait(lambda: "standing by" in (tmp_path / "second.log").read_text(), timeout=30)
         refreshed_by("while-both-run", first)  # ... and only the first refreshes
         assert f":{first.pid}:" in _owner(driver, cfg)
+        # Niced below the API and Neo4j (nice adds to the niceness it was started with).
+        assert os.getpriority(os.PRIO_PROCESS, first.pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
         assert "is now active" not in (tmp_path / "second.log").read_text()
         first.send_signal(signal.SIGKILL)
         first.wait()
