@@ -54,6 +54,11 @@ def event_ids(driver, database: str) -> int:
         return s.run(cypher.EVENT_ID_COUNT).single()["n"]
 
 
+def edge_count(driver, database: str) -> int:
+    with driver.session(database=database) as s:
+        return s.run(cypher.INTERACTED_EDGE_COUNT).single()["n"]
+
+
 def stream(driver, cfg, seconds: float, batch: int, first_seed: int, purge: bool, label: str) -> tuple[int, int]:
     """Ingest unique events for `seconds`, purging every third of the window if `purge`; (events, seed)."""
     start = last_purge = time.time()
@@ -82,13 +87,14 @@ def main() -> None:
     driver = get_driver(cfg)
     print(f"retention window {args.window_seconds:.0f} s (purge every {args.window_seconds / 3:.0f} s), "
           f"phases of {args.phase_seconds:.0f} s, batches of {args.batch} unique events, 5,000 users x 1,000 items")
-    print(f"{'after':<22} {'events':>10} {'live ids':>10} {'store MB':>9}")
+    print(f"{'after':<22} {'events':>10} {'edges':>9} {'live ids':>10} {'store MB':>9}")
     rows, seed = [("start", 0, 0, store_bytes(cfg))], 0
     for label, purge in (("warm-up (purging)", True), ("purging", True), ("purging again", True),
                          ("purge off", False)):
         n, seed = stream(driver, cfg, args.phase_seconds, args.batch, seed, purge, label)
         rows.append((label, n, event_ids(driver, cfg.neo4j_database), store_bytes(cfg)))
-        print(f"{label:<22} {n:10,d} {rows[-1][2]:10,d} {rows[-1][3] / 1e6:9.1f}")
+        print(f"{label:<22} {n:10,d} {edge_count(driver, cfg.neo4j_database):9,d} {rows[-1][2]:10,d} "
+              f"{rows[-1][3] / 1e6:9.1f}")
     (_, _, _, warm), (_, n2, _, _), (_, n3, _, kept), (_, n4, _, grown) = rows[1:]
     with_purge, without = (kept - warm) / (n2 + n3) * 1e6, (grown - kept) / n4 * 1e6
     print(f"\nstore growth per million events: with the purge {with_purge / 1e6:+.1f} MB, "
