@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 ERASURE_MARGIN_MS = 120_000  # beyond the longest transaction: an erasure that commits late is still found
 COMPACT_MIN, COMPACT_SHARE = 256, 0.05  # overlay rows past which it is folded into the base
-LOG_RETRIES, LOG_WAIT = 20, 0.005  # how long a sync waits for a committed run's log entry to show
+LOG_RETRIES, LOG_WAIT = 200, 0.005  # how long a background sync waits for committed runs' log entries to show
 DENSE_SHARE = 0.25  # past this share of users on a walk, one full product beats selecting rows
 
 
@@ -293,8 +293,11 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     for _ in range(LOG_RETRIES):
         # A run seen committed (its number on _Refresh) can still be missing from a scan or seek of
         # _Applied for a few milliseconds (measured on Neo4j 5.26: about one sync in four under a 1 s
-        # refresh): wait for it rather than read the whole graph again.
-        if seq <= (entries[-1]["seq"] if entries else st.seq):
+        # refresh), and for more than 0.1 s while ingest bursts saturate the server (every reload of
+        # a 10-minute soak fell in a burst). Wait until every entry up to `seq` shows, the last one or
+        # one in between, rather than read the whole graph again: requests do not wait for this.
+        last = entries[-1]["seq"] if entries else st.seq
+        if seq <= last and len(entries) == last - st.seq:
             break
         time.sleep(LOG_WAIT)
         entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
