@@ -26,6 +26,7 @@ import requests
 from app import neo4j_local
 from app.config import load_config
 from app.db import get_driver
+from app.ingest import pipeline
 from bench.bench_ingest import SERVICE, free_port, wait_ready
 from bench.bench_soak import match_index_dims
 from tests.test_refresh import _owner, _wait
@@ -76,9 +77,17 @@ class Load:
 
     def _batch(self, rng: random.Random, n: int) -> list[dict]:
         now = int(time.time() * 1000)
-        return [{"event_id": f"l{next(self.seq)}", "user_id": f"u{rng.randrange(self.users)}",
-                 "item_id": f"i{rng.randrange(self.items)}", "type": rng.choice(["view", "click", "cart", "purchase"]),
-                 "ts": now} for _ in range(n)]
+        out = []
+        for _ in range(n):
+            u = rng.randrange(self.users)
+            out.append({"event_id": f"l{next(self.seq)}", "user_id": f"u{u}", "item_id": self.item(u, rng),
+                        "type": rng.choice(["view", "click", "cart", "purchase"]), "ts": now})
+        return out
+
+    def item(self, u: int, rng: random.Random) -> str:
+        """Any item, or with `--items-per-user N` one of user u's fixed N (so the stream adds no edges)."""
+        n = self.args.items_per_user
+        return f"i{(31 * u + 97 * rng.randrange(n)) % self.items if n else rng.randrange(self.items)}"
 
     def _post(self, http: requests.Session, batch: list[dict]) -> requests.Response | None:
         started = time.monotonic()
@@ -202,6 +211,9 @@ def main() -> None:
     parser.add_argument("--burst-every", type=float, default=120.0)
     parser.add_argument("--burst-seconds", type=float, default=20.0)
     parser.add_argument("--probe-every", type=float, default=2.0)
+    parser.add_argument("--items-per-user", type=int, default=0,
+                        help="each shopper's events over N fixed items, all seeded first: a graph that stops "
+                             "growing, so that RSS growth is not the data's (0: any item)")
     args = parser.parse_args()
     match_index_dims()
     cfg = load_config()
@@ -210,6 +222,12 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
     seeded = seed(driver, cfg, args.seed_events, args.users, args.items)
+    if args.items_per_user:  # every pair the stream will use exists before it starts
+        pairs = [{"event_id": f"pair-{u}-{k}", "user_id": f"u{u}", "item_id": f"i{(31 * u + 97 * k) % args.items}",
+                  "type": "view", "ts": int(time.time() * 1000)}
+                 for u in range(args.users) for k in range(args.items_per_user)]
+        for j in range(0, len(pairs), 5000):
+            pipeline.ingest(driver, cfg, pairs[j:j + 5000])
     known = sorted({e["user_id"] for e in seeded})[::7]  # readers ask for shoppers embedded at the start
     port = free_port()
     env = {**os.environ, "IG_PORT": str(port), "IG_HOST": "127.0.0.1"}
