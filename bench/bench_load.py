@@ -51,6 +51,11 @@ def rss_mb(serve: psutil.Process, worker: psutil.Process, neo4j_pid: int) -> dic
             "neo4j": mb([psutil.Process(neo4j_pid)])}
 
 
+def own_item(u: int, k: int, items: int) -> str:
+    """User u's k-th fixed item (distinct for k < items: 97 is prime to the item counts used)."""
+    return f"i{(31 * u + 97 * k) % items}"
+
+
 class Load:
     """The traffic: steady ingest clients, periodic bursts, readers and new-shopper probes."""
 
@@ -87,7 +92,7 @@ class Load:
     def item(self, u: int, rng: random.Random) -> str:
         """Any item, or with `--items-per-user N` one of user u's fixed N (so the stream adds no edges)."""
         n = self.args.items_per_user
-        return f"i{(31 * u + 97 * rng.randrange(n)) % self.items if n else rng.randrange(self.items)}"
+        return own_item(u, rng.randrange(n), self.items) if n else f"i{rng.randrange(self.items)}"
 
     def _post(self, http: requests.Session, batch: list[dict]) -> requests.Response | None:
         started = time.monotonic()
@@ -223,7 +228,7 @@ def main() -> None:
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
     seeded = seed(driver, cfg, args.seed_events, args.users, args.items)
     if args.items_per_user:  # every pair the stream will use exists before it starts
-        pairs = [{"event_id": f"pair-{u}-{k}", "user_id": f"u{u}", "item_id": f"i{(31 * u + 97 * k) % args.items}",
+        pairs = [{"event_id": f"pair-{u}-{k}", "user_id": f"u{u}", "item_id": own_item(u, k, args.items),
                   "type": "view", "ts": int(time.time() * 1000)}
                  for u in range(args.users) for k in range(args.items_per_user)]
         for j in range(0, len(pairs), 5000):

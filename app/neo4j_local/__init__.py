@@ -137,11 +137,13 @@ def import_full(cfg: Config, nodes: dict[str, Path], relationships: dict[str, Pa
         raise Neo4jError("stop the server before a bulk import")
     java = _require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)")
     provision(cfg)
-    p["data"].mkdir(parents=True, exist_ok=True)
+    for key in ("data", "logs"):
+        p[key].mkdir(parents=True, exist_ok=True)
     _write_conf(cfg, p)
     cmd = [java, f"-Xmx{cfg.neo4j_heap}", "-cp", f"{p['lib']}/*", "org.neo4j.cli.AdminTool",
            # The database first: the file lists take every argument after them.
            "database", "import", "full", cfg.neo4j_database, "--overwrite-destination=true", "--id-type=string",
+           f"--report-file={p['logs'] / 'import.report'}",  # not the caller's working directory
            *(f"--nodes={label}={path}" for label, path in nodes.items()),
            *(f"--relationships={rel}={path}" for rel, path in relationships.items())]
     result = subprocess.run(cmd, env=_java_env(p), capture_output=True, text=True)
