@@ -54,7 +54,13 @@ test: install browser
 	$(TEST_ENV) $(IG) migrate
 	$(PY) -m pytest
 
-bench: install
+# The serving benchmark's load generator (open loop, Go), built once into the virtualenv.
+VEGETA := $(VENV)/bin/vegeta
+$(VEGETA):
+	@command -v go >/dev/null || { echo "error: go not found (needed once, to build the vegeta load generator)"; exit 1; }
+	GOBIN=$(abspath $(VENV))/bin go install github.com/tsenart/vegeta/v12@v12.12.0
+
+bench: install $(VEGETA)
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) $(IG) migrate
 	$(TEST_ENV) $(PY) -m bench.bench_ingest

@@ -94,24 +94,23 @@ def migrate(show_info: bool):
 
 @main.command()
 def serve():
-    """Serve the REST API under gunicorn on IG_HOST:IG_PORT."""
+    """Serve the REST API under granian on IG_HOST:IG_PORT."""
     cfg = load_config()
-    # Gunicorn forks workers: prometheus_client sums their metrics through files in this directory.
+    # Worker processes: prometheus_client sums their metrics through files in this directory.
     metrics_dir = cfg.home / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    # A request's matrix products are small: one BLAS thread each, or 8 request threads per worker
-    # oversubscribe the cores.
+    # A request's matrix products are small: one BLAS thread each, or the request threads of every
+    # worker oversubscribe the cores.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # as runtime.limit_malloc_arenas, from the start
-    # No gunicorn access log: the app logs each request (with its X-Request-ID) at IG_LOG_LEVEL=DEBUG.
-    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{cfg.host}:{cfg.port}",
-                               "--workers", str(cfg.workers), "--threads", "8",
-                               # idle keep-alive connections stay open a minute, as clients and proxies
-                               # expect: at gunicorn's 2 s a client reusing one races the close
-                               "--keep-alive", "75",
+    # Granian's HTTP side is Rust: about a third of gunicorn's CPU per request here (docs/benchmarks.md).
+    # No access log: the app logs each request (with its X-Request-ID) at IG_LOG_LEVEL=DEBUG.
+    os.execvp(sys.executable, [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", cfg.host,
+                               "--port", str(cfg.port), "--workers", str(cfg.workers),
+                               "--blocking-threads", str(cfg.threads),
                                "--log-level", "debug" if cfg.log_level == "DEBUG" else "warning",
                                "app.wsgi:app"])
 

@@ -91,6 +91,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
+    threads: int = 4  # request threads per worker process
     home: Path = Path.home() / ".local" / "share" / "interest-graph"
     cache: Path = Path.home() / ".cache" / "interest-graph"
     neo4j_heap: str = "2g"
@@ -136,9 +137,11 @@ class Config:
     # serving
     max_k: int = 500  # largest k of any ranked answer
     max_batch_users: int = 100  # users of one POST /v1/recommendations
-    # Longest a request waits for the API's copy of the graph to reach the last refresh run before
-    # answering from the copy as it is (the user's own edges are always read live).
+    # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
+    # seconds waits up to `sync_wait` for a sync; past `poll` seconds it starts one in the background.
     serving_sync_wait: float = 0.25
+    serving_poll: float = 0.2
+    serving_max_age: float = 1.0
     interest_history: int = 20  # refreshes whose drift each user keeps
     # logs
     log_level: str = "INFO"
@@ -192,6 +195,7 @@ def load_config(**overrides) -> Config:
         host=_env(env, "IG_HOST", Config.host),
         port=_env(env, "IG_PORT", Config.port, int),
         workers=_env(env, "IG_WORKERS", Config.workers, int),
+        threads=_env(env, "IG_THREADS", Config.threads, int),
         home=_env(env, "IG_HOME", Config.home, Path),
         cache=_env(env, "IG_CACHE", Config.cache, Path),
         neo4j_heap=_env(env, "IG_NEO4J_HEAP", Config.neo4j_heap),
@@ -226,6 +230,8 @@ def load_config(**overrides) -> Config:
         max_k=_env(env, "IG_MAX_K", Config.max_k, int),
         max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
+        serving_poll=_env(env, "IG_SERVING_POLL", Config.serving_poll, float),
+        serving_max_age=_env(env, "IG_SERVING_MAX_AGE", Config.serving_max_age, float),
         interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
         finetune_cron=_env(env, "IG_FINETUNE_CRON"),
         finetune_recent_days=_env(env, "IG_FINETUNE_RECENT_DAYS", Config.finetune_recent_days, float),

@@ -279,16 +279,53 @@ MATCH (a:_Applied) WHERE a.seq > $seq
 RETURN a.seq AS seq, a.full AS full, a.users AS users, a.items AS items ORDER BY seq
 """
 
-# Positive edges only (the graph filter's), one record per user.
+# Every edge, one record per user: the positive ones feed the graph filter, all of them are the
+# user's seen items; with when the user's stored vector was last written.
 SERVING_EDGES = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item) WHERE r.w > 0
-RETURN u.id AS u, collect(i.id) AS items, collect(r.w) AS w
+MATCH (u:User)-[r:INTERACTED]->(i:Item)
+RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w,
+       toString(u.embedding_updated_at) AS refreshed_at
 """
 
 SERVING_USER_EDGES = """
 UNWIND $ids AS id
-OPTIONAL MATCH (u:User {id: id})-[r:INTERACTED]->(i:Item) WHERE r.w > 0
-RETURN id AS u, collect(i.id) AS items, collect(r.w) AS w
+OPTIONAL MATCH (u:User {id: id})
+OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
+WITH id, u, collect(CASE WHEN r IS NOT NULL THEN [i.id, coalesce(r.w, 0.0)] END) AS e
+RETURN id AS u, [x IN e | x[0]] AS items, [x IN e | x[1]] AS w, toString(u.embedding_updated_at) AS refreshed_at
+"""
+
+# One sync of the API's copy, one round trip: the run Neo4j is at; what ingest wrote from `since`
+# (ms) on that no run has reflected yet (the users whose rows and the items whose metadata the copy
+# reads before the run does; a signature per user, of its pending edges, their revisions and the
+# latest write, tells the copy which rows it has read already); the runs logged after `seq`; and
+# the erasures from `erased_since` (found by time, a few a day: the caller gives a margin beyond the
+# longest transaction and skips the ones it applied). Pending writes are read before the log: a run committing in
+# between shows in the log.
+SERVING_SYNC = """
+OPTIONAL MATCH (s:_Refresh {key: 'main'})
+WITH s.epoch AS epoch, coalesce(s.seq, 0) AS head, timestamp() AS now
+CALL {
+  MATCH (u:User)-[r:INTERACTED]->() USING INDEX SEEK r:INTERACTED(ig_unseen)
+  WHERE r.ig_unseen = true AND r.changed_at >= $since
+  WITH u, [count(r), sum(r.rev), max(r.changed_at)] AS sig
+  RETURN collect([u.id, sig]) AS users
+}
+CALL {
+  MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
+  WHERE n.ig_unseen = true AND n.changed_at >= $since
+  RETURN collect([n.id, [n.rev]]) AS items
+}
+CALL {
+  MATCH (a:_Applied) WHERE a.seq > $seq
+  WITH a ORDER BY a.seq
+  RETURN collect(a {.seq, .full, .users, .items}) AS applied
+}
+CALL {
+  MATCH (x:_Erased) WHERE x.at >= $erased_since
+  RETURN collect([x.key, x.at]) AS erased
+}
+RETURN epoch, head, now, users, items, applied, erased
 """
 
 _SERVING_ITEM = """RETURN i.id AS id, i.title AS title, i.category AS category, i.price AS price,
@@ -296,23 +333,6 @@ _SERVING_ITEM = """RETURN i.id AS id, i.title AS title, i.category AS category, 
 SERVING_ITEMS = "MATCH (i:Item)\n" + _SERVING_ITEM
 SERVING_ITEMS_BY_ID = "UNWIND $ids AS id MATCH (i:Item {id: id})\n" + _SERVING_ITEM
 
-# Erasures are found by time (a few a day): `since` is given with a margin beyond the longest
-# transaction, and the caller skips the ones it applied.
-ERASED_SINCE = "MATCH (x:_Erased) WHERE x.at >= $since RETURN x.key AS key, x.at AS at"
-
-# One request's live part: every edge of the user's (the seen items, the row the graph filter
-# multiplies and the vector sums) and when their stored vector was written, with the log position
-# the answer must at least reflect.
-SERVING_REQUEST = """
-OPTIONAL MATCH (s:_Refresh {key: 'main'})
-OPTIONAL MATCH (u:User {id: $user_id})
-CALL {
-  WITH u
-  OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
-  RETURN collect(i.id) AS items, collect(r.w) AS w
-}
-RETURN s.epoch AS epoch, coalesce(s.seq, 0) AS seq, toString(u.embedding_updated_at) AS refreshed_at, items, w
-"""
 
 # --- ingest -----------------------------------------------------------------
 # MERGE on the unique Event id locks the id, so a concurrent claimer waits, then matches.

@@ -1,4 +1,4 @@
-"""WSGI entry point for gunicorn."""
+"""WSGI entry point for the server (granian)."""
 from app import create_app
 
 app = create_app()

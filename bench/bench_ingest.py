@@ -1,4 +1,4 @@
-"""Ingest throughput in one run: bare-driver ceiling, REST via gunicorn, bulk loader (Online Retail twice).
+"""Ingest throughput in one run: bare-driver ceiling, REST via `interest-graph serve`, bulk loader (Online Retail twice).
 
 Run with the test server up: `make bench`, or
 `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
@@ -53,7 +53,7 @@ def server_cpu(cfg) -> float:
 
 
 def python_cpu(server: int | None = None) -> float:
-    """CPU seconds of this process, plus the `server` process and its children (gunicorn) if given."""
+    """CPU seconds of this process, plus the `server` process and its children (the server's workers) if given."""
     total = time.process_time()
     for pid in os.listdir("/proc") if server else ():
         try:
@@ -128,7 +128,7 @@ def wait_ready(url: str, tries: int = 120) -> None:
 
 
 def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict, float]:
-    """(b) `interest-graph serve` (gunicorn) as a subprocess, `clients` threads posting batches.
+    """(b) `interest-graph serve` as a subprocess, `clients` threads posting batches.
 
     Returns events/s, the summed replies and the CPU seconds of the clients and the server (not its start-up).
     """
@@ -196,7 +196,7 @@ def main() -> None:
     if "rest" not in skip:
         wipe(driver, db)
         (results["rest"], totals, py), neo, _ = cpu_cost(cfg, lambda: rest(events, args.clients, args.batch))
-        print(f"(b) REST, gunicorn, {args.clients} clients x {args.batch:,}-event batches: "
+        print(f"(b) REST, {args.clients} clients x {args.batch:,}-event batches: "
               f"{results['rest']:,.0f} events/s  {per_event(neo, py, len(events))} (server and clients)  "
               f"{totals}", flush=True)
     if "bulk" not in skip:

@@ -3,7 +3,7 @@
 Loopback only, bounded in time (`--seconds`) and requests (`--max-requests`). Reports throughput, errors
 (goal 0), p50/p99 latency of both paths, the freshness of brand-new shoppers (from the 2xx of their first
 event to their first personal recommendations; goal p99 <= 3 s, also right after bursts), and the RSS of the API
-(gunicorn master and workers), the worker and Neo4j at start and end. It wipes the server's database.
+(the server and its workers), the worker and Neo4j at start and end. It wipes the server's database.
 
 `make bench`, or `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
 .venv/bin/python -m bench.bench_load [--seconds 600]`. Exits 1 on any error.

@@ -1,5 +1,5 @@
-"""Recommendation latency under load: locust (headless, loopback) against `interest-graph serve`, next to
-the bare Neo4j vector query measured in the same run.
+"""Recommendation latency under load: vegeta (open loop, loopback) against `interest-graph serve`, next
+to the bare Neo4j vector query measured in the same run.
 
 Run with the test server up: `make bench`, or
 `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
@@ -9,8 +9,10 @@ every node, then measures:
 - sequentially (one request at a time, warm): the bare vector query (`queryNodes`, k = 20, from the
   user's stored vector) for every shopper of the mix, the full recommendation query through the
   driver and the REST answer for the first `--slow` of them;
-- under load: locust at each rate for `--seconds`, for k = 20 personal recommendations plain, with
-  `explain=true`, and with a price filter; p50 / p99 and the rate achieved;
+- under load: vegeta at each rate for `--seconds`, for k = 20 personal recommendations plain, with
+  `explain=true`, and with a price filter; p50 / p99 and the rate achieved. Vegeta sends at the
+  offered rate whatever the answers' latency (open loop), and times each request from when it was
+  due, so a stalled server shows in the percentiles rather than lowering the rate;
 - the highest rate of the ladder held (achieved >= 95% of offered, no failures) with p99 <= 50 ms.
 Shoppers are drawn from those with a vector, with probability proportional to their number of
 events (active shoppers ask more often).
@@ -18,15 +20,16 @@ events (active shoppers ask more often).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import requests
@@ -91,7 +94,7 @@ def sequential(driver, cfg, url: str, users: list[str], slow: int):
 
 
 def warm(url: str, users: list[str], requests_: int = 64) -> None:
-    """Concurrent requests until every gunicorn worker has loaded its copy of the graph."""
+    """Concurrent requests until every server worker has loaded its copy of the graph."""
     from concurrent.futures import ThreadPoolExecutor
     with requests.Session() as http, ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda u: http.get(f"{url}/v1/users/{u}/recommendations?k=20", timeout=120),
@@ -109,54 +112,31 @@ def settle(url: str, user: str, limit_ms: float = 20.0, timeout: float = 60.0) -
         time.sleep(1.0)
 
 
-def open_loop(url: str, users: list[str], query: str, rate: int, seconds: int) -> dict:
-    """The same offered load from plain threads (one keep-alive connection and a random phase each,
-    rate / 2 of them at 2 requests/s): the server's latency without the load generator's own."""
-    import threading
-    per_user, latencies, failures, lock = 2.0, [], [0], threading.Lock()
-    end = time.monotonic() + seconds
-
-    def shopper(seed: int) -> None:
-        rng = random.Random(seed)
-        with requests.Session() as http:
-            time.sleep(rng.random() / per_user)
-            while time.monotonic() < end:
-                started = time.monotonic()
-                try:
-                    ok = http.get(f"{url}/v1/users/{rng.choice(users)}/recommendations?k=20{query}",
-                                  timeout=60).ok
-                except requests.RequestException:
-                    ok = False
-                took = time.monotonic() - started
-                with lock:
-                    latencies.append(took)
-                    failures[0] += not ok
-                time.sleep(max(0.0, 1 / per_user - took))
-    threads = [threading.Thread(target=shopper, args=(k,)) for k in range(max(1, int(rate / per_user)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    p50, p99 = percentiles(latencies) if latencies else (float("inf"), float("inf"))
-    return {"p50": p50, "p99": p99, "rps": len(latencies) / seconds, "failures": failures[0]}
+def vegeta_binary() -> str:
+    """The vegeta binary (`make bench` builds it into the virtualenv)."""
+    found = shutil.which("vegeta") or shutil.which("vegeta", path=str(Path(sys.executable).parent))
+    if not found:
+        raise SystemExit("vegeta not found: `make bench` installs it (go install github.com/tsenart/vegeta/v12)")
+    return found
 
 
-def locust(url: str, users_file: str, query: str, rate: int, seconds: int, workdir: str) -> dict:
-    """One headless locust run at `rate` requests/s: p50, p99 (ms), achieved rate, failures."""
-    per_user = 2.0
-    users = max(1, int(rate / per_user))
-    prefix = os.path.join(workdir, f"run{rate}{abs(hash(query))}")
-    env = {**os.environ, "IG_BENCH_USERS": users_file, "IG_BENCH_QUERY": query, "IG_BENCH_USER_RPS": str(per_user)}
-    subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "bench" / "locustfile.py"), "--headless",
-                    "-u", str(users), "-r", str(users), "--run-time", f"{seconds}s", "--host", url,
-                    "--csv", prefix, "--only-summary", "--loglevel", "WARNING"],
-                   env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(f"{prefix}_stats.csv") as fh:
-        row = next((r for r in csv.DictReader(fh) if r["Name"] == "recommendations"), None)
-    if row is None:  # not one answer within the run: every request was still queued or running
-        return {"p50": float("inf"), "p99": float("inf"), "rps": 0.0, "failures": 0, "requests": 0}
-    return {"p50": float(row["50%"]), "p99": float(row["99%"]), "rps": float(row["Requests/s"]),
-            "failures": int(row["Failure Count"]), "requests": int(row["Request Count"])}
+def vegeta(url: str, users: list[str], query: str, rate: int, seconds: int, workdir: str) -> dict:
+    """One open-loop vegeta run at `rate` requests/s over shoppers drawn from `users`: p50, p99 (ms),
+    achieved rate, failures."""
+    rng = random.Random(rate)
+    targets = os.path.join(workdir, "targets.txt")
+    with open(targets, "w") as fh:
+        for user in rng.choices(users, k=rate * seconds):
+            fh.write(f"GET {url}/v1/users/{quote(user, safe='')}/recommendations?k=20{query}\n\n")
+    binary = vegeta_binary()
+    attack = subprocess.Popen([binary, "attack", f"-rate={rate}/s", f"-duration={seconds}s", f"-targets={targets}",
+                               "-timeout=60s"], stdout=subprocess.PIPE)
+    report = subprocess.run([binary, "report", "-type=json"], stdin=attack.stdout, capture_output=True, check=True)
+    attack.wait()
+    r = json.loads(report.stdout)
+    latencies = r["latencies"]
+    return {"p50": latencies["50th"] / 1e6, "p99": latencies["99th"] / 1e6, "rps": r["throughput"],
+            "failures": r["requests"] - round(r["success"] * r["requests"]), "requests": r["requests"]}
 
 
 def ladder(url: str, probe_user: str, run, rates: str) -> int | None:
@@ -166,7 +146,7 @@ def ladder(url: str, probe_user: str, run, rates: str) -> int | None:
         settle(url, probe_user)
         r = run(rate)
         ok = r["rps"] >= 0.95 * rate and r["failures"] == 0 and r["p99"] <= 50
-        print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
+        print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} "
               f"{r['failures']:6d}  {'held' if ok else 'not held'}", flush=True)
         if not ok:
             break
@@ -177,8 +157,8 @@ def ladder(url: str, probe_user: str, run, rates: str) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="100,200,400", help="offered requests/s, comma-separated")
-    parser.add_argument("--ladder", default="25,50,100,200,300,400", help="rates tried for the highest held")
-    parser.add_argument("--seconds", type=int, default=20, help="length of each locust run")
+    parser.add_argument("--ladder", default="100,200,300,400,500,600,800", help="rates tried for the highest held")
+    parser.add_argument("--seconds", type=int, default=20, help="length of each run under load")
     parser.add_argument("--sample", type=int, default=500, help="shoppers in the mix")
     parser.add_argument("--slow", type=int, default=20, help="shoppers timed one by one for the full answer")
     parser.add_argument("--skip-load", action="store_true", help="reuse the graph and model already there")
@@ -217,29 +197,22 @@ def main() -> None:
             if args.skip_sequential:
                 break
         with tempfile.TemporaryDirectory() as workdir:
-            users_file = os.path.join(workdir, "users.json")
-            Path(users_file).write_text(json.dumps(users))
-            generators = {
-                "locust": lambda query, rate: locust(url, users_file, query, rate, args.seconds, workdir),
-                "plain threads (no load generator's own latency)":
-                    lambda query, rate: open_loop(url, users, query, rate, args.seconds)}
-            held = {}
-            for name, run in generators.items():
-                print(f"\nunder load from {name}, loopback, k = 20")
-                print(f"  {'variant':12s} {'offered':>8s} {'achieved':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'failed':>6s}")
-                held[name] = ladder(url, users[0], lambda rate: run("", rate), args.ladder)
-                for variant, query in VARIANTS.items():
-                    for rate in map(int, args.rates.split(",")):
-                        settle(url, users[0])
-                        r = run(query, rate)
-                        print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.0f} {r['p99']:7.0f} "
-                              f"{r['failures']:6d}", flush=True)
-            print("\nhighest rate held with p99 <= 50 ms: " + ", ".join(
-                f"{name.split(' (')[0]} {rate or 'none of the ladder'}" for name, rate in held.items()) + " requests/s")
+            def run(query, rate):
+                return vegeta(url, users, query, rate, args.seconds, workdir)
+            print("\nunder load from vegeta (open loop), loopback, k = 20")
+            print(f"  {'variant':12s} {'offered':>8s} {'achieved':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'failed':>6s}")
+            held = ladder(url, users[0], lambda rate: run("", rate), args.ladder)
+            for variant, query in VARIANTS.items():
+                for rate in map(int, args.rates.split(",")):
+                    settle(url, users[0])
+                    r = run(query, rate)
+                    print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} "
+                          f"{r['failures']:6d}", flush=True)
+            print(f"\nhighest rate held with p99 <= 50 ms: {held or 'none of the ladder'} requests/s")
     finally:
         server.terminate()
         try:
-            server.wait(timeout=120)  # gunicorn lets in-flight requests finish
+            server.wait(timeout=120)  # the server lets in-flight requests finish
         except subprocess.TimeoutExpired:
             server.kill()
     print(f"load average at end {os.getloadavg()}")

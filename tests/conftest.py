@@ -21,7 +21,8 @@ os.environ.setdefault("IG_PRIVACY_TOKEN", "test-privacy-token")
 SERVICE = {"Authorization": f"Bearer {os.environ['IG_SERVICE_TOKEN']}"}
 PRIVACY = {"Authorization": f"Bearer {os.environ['IG_PRIVACY_TOKEN']}"}
 # Small embeddings keep the suite fast; the code paths are those of any size.
-# Answers compared with Cypher or offline scores right after a refresh run: wait for the copy's sync.
+# Answers are compared with what a test has just written: every request syncs the API's copy first.
+os.environ.setdefault("IG_SERVING_MAX_AGE", "0")
 os.environ.setdefault("IG_SERVING_SYNC_WAIT", "30")
 os.environ.setdefault("IG_EMBED_DIM", "32")
 os.environ.setdefault("IG_SHARP_DIM", "8")

@@ -302,7 +302,7 @@ def test_api_killed_under_load_loses_no_accepted_event(fcfg, fdriver):
         for t in threads:
             t.start()
         time.sleep(3.0)
-        os.killpg(api.pid, signal.SIGKILL)  # gunicorn's master and its worker at once
+        os.killpg(api.pid, signal.SIGKILL)  # the server and its workers at once
         api.wait()
         api = _serve(port)
         for t in threads:

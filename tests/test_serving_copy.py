@@ -45,6 +45,18 @@ def _edges(st: graph.State) -> dict:
     return {(users[r], st.items.ids[c]): w for r, c, w in zip(kept.row, kept.col, kept.data) if w != 0}
 
 
+def _row(st: graph.State, user: str) -> dict:
+    """{item: raw weight} of every edge of a user's row in a state."""
+    cols, w, _ = st.row(user)
+    return {st.items.ids[c]: x for c, x in zip(cols, w)}
+
+
+def _positive(st: graph.State, user: str) -> tuple:
+    """A user's positive edges in a state: the columns and raw weights the vector and the filter read."""
+    cols, w, _ = st.row(user)
+    return cols[w > 0], w[w > 0]
+
+
 def _by_id(st: graph.State, values) -> dict:
     return {i: v for i, v in zip(st.items.ids[:st.n_items], values)}
 
@@ -89,13 +101,10 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
         assert _by_id(moved, moved.items.embedded) == _by_id(whole, whole.items.embedded)
         # Same scores, item by item, for every user of the whole copy.
         for u in list(whole.users)[::5]:
-            if u not in moved.users:
-                continue
-            rw = whole.base_csr[whole.users[u]]
-            own = ([whole.items.ids[c] for c in rw.indices], list(rw.data))
+            a_cols, a_w, _ = whole.row(u)
+            b_cols, b_w, _ = moved.row(u)
+            assert _row(whole, u) == pytest.approx(_row(moved, u), rel=1e-15)
             p = np.random.default_rng(1).normal(size=trained.tables[1].shape[1])
-            a_cols, a_w = whole.own(*own)
-            b_cols, b_w = moved.own(*own)
             sa, sb = _by_id(whole, whole.scores(p, a_cols, a_w)), _by_id(moved, moved.scores(p, b_cols, b_w))
             assert all(np.isclose(sb[k], v, rtol=1e-10, atol=1e-12) for k, v in sa.items())
     assert any(b < a for a, b in zip(overlay_sizes, overlay_sizes[1:])), overlay_sizes  # a compaction ran
@@ -105,13 +114,12 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
     user = next(u for u in whole.users if whole.du[whole.users[u]] > 0)
     answer = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
     with driver.session(database=cfg.neo4j_database) as s:
-        req = s.run(cypher.SERVING_REQUEST, user_id=user).single()
-    with driver.session(database=cfg.neo4j_database) as s:
         stored = s.run("MATCH (u:User {id: $id}) RETURN u.embedding AS e, u.ig_norm AS n", id=user).single()
-    p = np.asarray(stored["e"][:-1]) * stored["n"]  # the stored vector: the live sum equals it
-    assert np.allclose(whole.vector(req["items"], req["w"]), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
-    scores = whole.scores(p, *whole.own(req["items"], req["w"]))
-    top = whole.top(scores, whole.mask(None, None, req["items"]), 5)
+    p = np.asarray(stored["e"][:-1]) * stored["n"]  # the stored vector: the sum over the copy's row equals it
+    cols, a = _positive(whole, user)
+    assert np.allclose(whole.vector(cols, a), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
+    scores = whole.scores(p, cols, a)
+    top = whole.top(scores, whole.mask(None, None, whole.row(user)[0]), 5)
     assert [r["item_id"] for r in answer["results"]] == [r["item_id"] for r in top]
     assert [r["score"] for r in answer["results"]] == pytest.approx([r["score"] for r in top], rel=1e-12)
 
@@ -158,10 +166,27 @@ def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driv
     copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
     st = copy.at(*_head(driver, cfg))
     with driver.session(database=cfg.neo4j_database) as s:
-        req = s.run(cypher.SERVING_REQUEST, user_id="newcomer").single()
         stored = s.run("MATCH (u:User {id: 'newcomer'}) RETURN u.embedding AS e, u.ig_norm AS n").single()
     p = np.asarray(stored["e"][:-1]) * stored["n"]
-    assert np.allclose(st.vector(req["items"], req["w"]), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
+    assert np.allclose(st.vector(*_positive(st, "newcomer")), p, rtol=1e-12, atol=1e-12 * np.abs(p).max())
+
+
+def test_requests_read_only_memory_and_a_write_shows_within_polls_before_any_run(cfg, driver, trained, monkeypatch):
+    """The service's timing: no Neo4j round trip for a request on a copy younger than `poll`, and a
+    new shopper's first event in the copy after a background sync or two, with no refresh run."""
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=5, poll=0.5, max_age=60)
+    first = copy.current()
+    reads = []
+    monkeypatch.setattr(copy, "_read", lambda *a, real=copy._read: reads.append(1) or real(*a))
+    assert copy.current() is first and not reads
+    pipeline.ingest(driver, cfg, [{"event_id": "poll-1", "user_id": "poller", "item_id": "i5", "type": "purchase",
+                                   "ts": NOW}])
+    started, deadline = time.monotonic(), time.monotonic() + 10
+    while not len(copy.current().row("poller")[0]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    st = copy.current()
+    assert [st.items.ids[c] for c in st.row("poller")[0]] == ["i5"] and st.seq == first.seq  # before any run
+    assert 1 <= len(reads) <= 2 + (time.monotonic() - started) / 0.5  # one sync per `poll` at most
 
 
 def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_up(cfg, driver, trained):

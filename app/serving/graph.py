@@ -1,16 +1,20 @@
-"""The API's in-process copy of the interaction graph, kept at the last refresh run by the serving log.
+"""The API's in-process copy of the interaction graph, kept current by polling Neo4j, so that a
+request reads nothing from Neo4j.
 
 A score is `p_u . q_j + lin(u, j)` (graph_models/model.py). The graph filter `lin` walks u-i-v-j over
 the whole neighbourhood: in Cypher that is 10^5-10^6 rows a request. Here it is two sparse products
-over a copy of the positive edges, which each process loads once and then moves run by run: every
-refresh run logs the users and items it recomputed (cypher.APPLIED_LOG), and the copy re-reads just
-those. A request first reads which run Neo4j is at and brings the copy there, so an answer always
-reflects at least the last run, and equals the Cypher recipes (docs/cypher.md) once runs catch up.
-The requesting user's own edges are read live with the request, as the Cypher query reads them.
+over a copy of the edges, which each process loads once and then moves by what changed: every
+refresh run logs the users and items it recomputed (cypher.APPLIED_LOG), ingest marks what it wrote
+as not yet reflected (`ig_unseen`, cypher.SERVING_SYNC), and the copy re-reads just those rows. A
+sync runs in the background at most every `poll` seconds while requests come; a request finds the
+copy at most that old (plus one sync), or waits up to `wait` for a sync when it is older than
+`max_age` (a first request after a quiet spell). The user's vector is summed from the copy's row
+of their live edges: exactly what the next refresh run stores, so a shopper's first event
+personalises the answers from the next sync on, before any run.
 
 A state is never changed in place: a sync builds the next one (sharing what only grows) and swaps
 it in, so concurrent requests each score on one consistent state. Rows changed since the last
-compaction live in a small overlay over the base matrices, so a sync costs what the run changed.
+compaction live in a small overlay over the base matrices, so a sync costs what changed.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,9 +35,11 @@ from graph_models.bias import with_bias
 log = logging.getLogger(__name__)
 
 ERASURE_MARGIN_MS = 120_000  # beyond the longest transaction: an erasure that commits late is still found
+# Ingest writes committing this much after their timestamp are still read by the next sync; later
+# ones wait for the refresh run that reflects them (a second or so, longer in bursts).
+PENDING_MARGIN_MS = 1_000
 COMPACT_MIN, COMPACT_SHARE = 256, 0.05  # overlay rows past which it is folded into the base
 LOG_RETRIES, LOG_WAIT = 200, 0.005  # how long a background sync waits for committed runs' log entries to show
-DENSE_SHARE = 0.25  # past this share of users on a walk, one full product beats selecting rows
 
 
 # The weights the graph filter reads (graph_models.spectral.lin_weights), applied to stored weight x scale.
@@ -62,8 +69,22 @@ class Items:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """Every edge of each user, raw stored weights of any sign, as CSR arrays (the base rows)."""
+
+    ptr: np.ndarray
+    cols: np.ndarray
+    w: np.ndarray
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.ptr[r], self.ptr[r + 1]
+        return self.cols[a:b], self.w[a:b]
+
+
+@dataclass(frozen=True)
 class State:
-    """One consistent copy: the graph as of run `seq` of `epoch`, under model version `lm.version`."""
+    """One consistent copy: the graph as of run `seq` of `epoch` and the writes seen since, under model
+    version `lm.version`."""
 
     epoch: str | None
     seq: int
@@ -71,49 +92,61 @@ class State:
     users: dict  # user id -> row (append-only, shared); an erased user keeps an empty row
     n_users: int
     items: Items
-    base_csr: sp.csr_matrix
+    rows: Rows  # the base rows (all edges, raw weights)
+    refreshed: np.ndarray  # per user row: when the stored vector was written (ISO string) or None
+    base_csr: sp.csr_matrix  # the graph filter's R = f(w s) over the base's positive edges
     base_csc: sp.csc_matrix
     keep: np.ndarray  # users whose base row is current (others: the overlay's)
-    overlay: dict  # user row -> (item columns, weights)
+    overlay: dict  # user row -> (item columns, raw weights): every edge of a row read since compaction
     over_csr: sp.csr_matrix
     over_csc: sp.csc_matrix
     du: np.ndarray
     di: np.ndarray
-    server_ms: int  # Neo4j's clock when this state began reading (for erasures)
+    server_ms: int  # Neo4j's clock when this state began reading (for erasures and pending writes)
     erasures: frozenset = field(default_factory=frozenset)  # (key, at) applied
+    pending: dict = field(default_factory=dict)  # signatures of the pending writes read (PENDING_*)
 
     @property
     def n_items(self) -> int:
         return len(self.items.embedded)
 
+    def row(self, user_id: str) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """A user's edges as (item columns, raw weights) and when their vector was stored; empty if unknown."""
+        r = self.users.get(user_id, self.n_users)
+        if r >= self.n_users:
+            return np.zeros(0, dtype=np.int64), np.zeros(0), None
+        cols, w = self.overlay[r] if r in self.overlay else self.rows.row(r)
+        return cols, w, self.refreshed[r]
+
+    @cached_property
+    def _inv_du(self) -> np.ndarray:
+        return np.divide(1.0, self.du, out=np.zeros_like(self.du), where=self.du > 0)
+
+    @cached_property
+    def _inv_sqrt_di(self) -> np.ndarray:
+        return np.divide(1.0, np.sqrt(self.di), out=np.zeros_like(self.di), where=self.di > 0)
+
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
         R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
-        ok = self.di[cols] > 0
-        cols, y = cols[ok], filter_weights(self.lm)[1](a[ok] * self.lm.scale) / np.sqrt(self.di[cols[ok]])
-        base = self.base_csc
-        if np.diff(base.indptr)[cols].sum() > DENSE_SHARE * base.nnz:  # one full product beats slicing
-            dense = np.zeros(self.n_items)
-            np.add.at(dense, cols, y)
-            z = self.base_csr @ dense
-        else:
-            z = _col_product(base, cols, y)
-        z = z * self.keep + _col_product(self.over_csc, cols, y)
-        w = np.divide(z, self.du, out=np.zeros_like(z), where=self.du > 0)
-        nz = np.flatnonzero(w)
-        wk = w * self.keep
-        if len(nz) > DENSE_SHARE * self.n_users:
-            t = self.base_csr.T @ wk
-        else:
-            t = self.base_csr[nz].T @ wk[nz]
-        t = t + self.over_csr.T @ w
-        return np.divide(t, np.sqrt(self.di), out=np.zeros_like(t), where=self.di > 0)
+        isd = self._inv_sqrt_di
+        y = np.zeros(self.n_items)
+        y[cols] = filter_weights(self.lm)[1](a * self.lm.scale) * isd[cols]
+        # Two full sparse products: cheaper than selecting the columns and rows a heavy row reaches.
+        z = self.base_csr @ y
+        if self.overlay:
+            z = z * self.keep + self.over_csr @ y
+        w = z * self._inv_du
+        t = self.base_csc.T @ (w * self.keep if self.overlay else w)
+        if self.overlay:
+            t += self.over_csc.T @ w
+        return t * isd
 
-    def vector(self, items: list, weights: list) -> np.ndarray:
-        """p_u of a live row: the sum of max(w, 0) * scale * x_i the refresh stores (app/embeddings/refresh.py)."""
+    def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
+        (app/embeddings/refresh.py)."""
         x = self.lm.tables[0]
-        w = np.maximum(np.asarray([0.0 if v is None else v for v in weights], dtype=np.float64), 0.0)
-        return (w * self.lm.scale) @ x[self.lm.rows(items)] if len(items) else np.zeros(x.shape[1])
+        return (a * self.lm.scale) @ x[self.items.rows[cols]] if len(cols) else np.zeros(x.shape[1])
 
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
@@ -140,19 +173,9 @@ class State:
         """The current columns `cols` of R (users x len(cols))."""
         return sp.diags(self.keep.astype(np.float64)) @ self.base_csc[:, cols] + self.over_csc[:, cols]
 
-    def own(self, items: list, weights: list) -> tuple[np.ndarray, np.ndarray]:
-        """A live row as (columns, raw weights): positive edges to items this state knows."""
-        index, n = self.items.index, self.n_items
-        pairs = [(index[i], w) for i, w in zip(items, weights) if w is not None and w > 0
-                 and index.get(i, n) < n]
-        if not pairs:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        cols, a = zip(*pairs)
-        return np.asarray(cols, dtype=np.int64), np.asarray(a, dtype=np.float64)
-
-    def mask(self, category: str | None, max_price: float | None, seen: list | None = None,
+    def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
              embedded: bool = True) -> np.ndarray:
-        """Items admitted by the filters, without the `seen` ids."""
+        """Items admitted by the filters, without the `seen` columns."""
         items = self.items
         ok = items.embedded.copy() if embedded else np.ones(self.n_items, dtype=bool)
         if category is not None:
@@ -160,9 +183,8 @@ class State:
         if max_price is not None:
             with np.errstate(invalid="ignore"):
                 ok &= items.price <= max_price
-        if seen:
-            n = self.n_items
-            ok[[j for j in map(items.index.get, seen) if j is not None and j < n]] = False
+        if seen is not None and len(seen):
+            ok[seen] = False
         return ok
 
     def top(self, scores: np.ndarray, ok: np.ndarray, k: int) -> list[dict]:
@@ -177,14 +199,6 @@ class State:
                 for j in idx]
 
 
-def _col_product(csc: sp.csc_matrix, cols: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """csc[:, cols] @ y, for columns that may lie past the matrix (new items: nothing there)."""
-    inside = cols < csc.shape[1]
-    if not inside.any():
-        return np.zeros(csc.shape[0])
-    return csc[:, cols[inside]] @ y[inside]
-
-
 def _pad(m, rows: int, cols: int):
     """`m` grown to rows x cols with empty rows and columns (no copy of the entries)."""
     if m.shape == (rows, cols):
@@ -196,8 +210,21 @@ def _pad(m, rows: int, cols: int):
     return sp.csc_matrix((m.data, m.indices, indptr), shape=(rows, cols))
 
 
-def _overlay_matrices(overlay: dict, n_users: int, n_items: int) -> tuple[sp.csr_matrix, sp.csc_matrix]:
-    """The overlay's rows as users x items matrices."""
+def _grown(a: np.ndarray, n: int, fill) -> np.ndarray:
+    """`a` copied into a length-n array, the new tail `fill`."""
+    out = np.full(n, fill, dtype=a.dtype)
+    out[:len(a)] = a
+    return out
+
+
+def _filter_matrix(r: np.ndarray, c: np.ndarray, w: np.ndarray, shape: tuple, lm) -> sp.csr_matrix:
+    """The graph filter's R over edges (r, c) of raw weights `w`: f(w s) on the positive ones."""
+    pos = w > 0
+    return sp.csr_matrix((filter_weights(lm)[0](w[pos] * lm.scale), (r[pos], c[pos])), shape=shape)
+
+
+def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp.csr_matrix, sp.csc_matrix]:
+    """The overlay's rows as users x items matrices of R."""
     if overlay:
         r = np.concatenate([np.full(len(c), u, dtype=np.int64) for u, (c, _) in overlay.items()])
         c = np.concatenate([c for c, _ in overlay.values()])
@@ -205,7 +232,7 @@ def _overlay_matrices(overlay: dict, n_users: int, n_items: int) -> tuple[sp.csr
     else:
         r = c = np.zeros(0, dtype=np.int64)
         w = np.zeros(0)
-    m = sp.csr_matrix((w, (r, c)), shape=(n_users, n_items))
+    m = _filter_matrix(r, c, w, (n_users, n_items), lm)
     return m, m.tocsc()
 
 
@@ -233,18 +260,35 @@ def _item_arrays(rows: list[dict], lm, index: dict, ids: list, old: Items | None
 class Copy:
     """A process's copy of one database's graph: the current State and how to move it.
 
-    A request behind the last run waits up to `wait` seconds for one background sync to bring the
-    copy there, then answers from the copy as it is: only other users' edges since the last sync can
-    be missing (the user's own edges are read with the request). A first load, or a new epoch (a
-    wiped graph), is waited for.
+    `current()` is what a request calls. It reads nothing from Neo4j while the copy's last sync began
+    at most `max_age` seconds ago (past `poll` seconds it starts one in the background); an older
+    copy waits up to `wait` seconds for a sync that begins after that. `max_age` 0 makes every answer
+    reflect Neo4j as of the request (a sync each). A first load is always waited for.
     """
 
-    def __init__(self, driver, database: str, wait: float = 0.25):
-        self.driver, self.database, self.wait = driver, database, wait
+    def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.2, max_age: float = 1.0):
+        self.driver, self.database = driver, database
+        self.wait, self.poll, self.max_age = wait, poll, max_age
         self.state: State | None = None
+        self.synced = float("-inf")  # monotonic time the current state's sync began
+        self.failed = float("-inf")  # monotonic time the last sync failed
         self._load_lock = threading.Lock()
         self._cond = threading.Condition()
         self._syncing = False
+
+    def current(self) -> State | None:
+        """The copy for a request (None: no model)."""
+        now = time.monotonic()
+        if self.state is None:
+            with self._load_lock:
+                if self.state is None:
+                    self.state, self.synced = self._read(None, None, 0), now
+                return self.state
+        if now - self.synced > self.max_age:
+            self._await(lambda: self.synced >= now - self.max_age, self.wait)
+        elif now - self.synced > self.poll:
+            self._await(lambda: True, 0.0)
+        return self.state
 
     def at(self, epoch: str | None, seq: int) -> State | None:
         """The copy at run `seq` of `epoch` or after, or as near as `wait` allows (None: no model yet)."""
@@ -255,22 +299,37 @@ class Copy:
             with self._load_lock:
                 st = self.state
                 if st is None or st.epoch != epoch or st.seq < seq:
-                    self.state = self._read(None, epoch, seq)
+                    started = time.monotonic()
+                    self.state, self.synced = self._read(None, epoch, seq), started
                 return self.state
+        self._await(lambda: self.state.seq >= seq, self.wait, (epoch, seq))
+        return self.state
+
+    def _await(self, done, wait: float, target=(None, 0)) -> None:
+        """Run background syncs, one at a time, until `done()`, waiting for them up to `wait` s (0: start one).
+        A failed sync ends the wait: the request answers from the copy as it is."""
+        began = time.monotonic()
+        deadline = began + wait
         with self._cond:
-            if not self._syncing:
-                self._syncing = True
-                threading.Thread(target=self._sync, args=(epoch, seq), daemon=True).start()
-            self._cond.wait_for(lambda: self.state.seq >= seq or not self._syncing, timeout=self.wait)
-            return self.state
+            while True:
+                if not self._syncing and (wait == 0 or not done()):
+                    self._syncing = True
+                    threading.Thread(target=self._sync, args=target, daemon=True).start()
+                left = deadline - time.monotonic()
+                if done() or left <= 0 or self.failed >= began:
+                    return
+                self._cond.wait(left)
 
     def _sync(self, epoch, seq) -> None:
-        """Bring the copy to the latest run (one at a time, off the request threads)."""
+        """Bring the copy to what Neo4j has now (off the request threads)."""
         try:
             with self._load_lock:
+                started = time.monotonic()
                 self.state = self._read(self.state, epoch, seq) or self.state
-        except Exception:  # Neo4j away or the like: requests go on with the copy they have
-            log.exception("serving copy: sync failed")
+                self.synced = started
+        except Exception as exc:  # Neo4j away or the like: requests go on with the copy they have
+            self.failed = time.monotonic()
+            log.warning("serving copy: sync failed, answering from the copy as it is: %s", exc)
         finally:
             with self._cond:
                 self._syncing = False
@@ -280,16 +339,25 @@ class Copy:
         started = time.monotonic()
         with self.driver.session(database=self.database) as session:
             nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq))
-        if nxt is not None:
+        if nxt is not None and nxt is not st:
             log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
         return nxt
 
 
 def _advance(tx, st: State | None, epoch, seq) -> State | None:
-    """The next state: the logged runs after `st` applied, or everything read again."""
-    if st is None or st.epoch != epoch:
+    """The next state: the logged runs and pending writes since `st` applied, or everything read again.
+    `epoch` None: the run Neo4j is at now."""
+    if st is None:
         return _load(tx)
-    entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
+    sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
+                  erased_since=st.server_ms - ERASURE_MARGIN_MS).single()
+    if epoch is None:
+        epoch, seq = sync["epoch"], sync["head"]
+    if st.epoch != epoch or sync["epoch"] != epoch:
+        return _load(tx)
+    pending = {("u", u): sig for u, sig in sync["users"]} | {("i", i): sig for i, sig in sync["items"]}
+    written = {key for key, sig in pending.items() if st.pending.get(key) != sig}
+    entries = sync["applied"]
     for _ in range(LOG_RETRIES):
         # A run seen committed (its number on _Refresh) can still be missing from a scan or seek of
         # _Applied for a few milliseconds (measured on Neo4j 5.26: about one sync in four under a 1 s
@@ -301,19 +369,21 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
             break
         time.sleep(LOG_WAIT)
         entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
-    if not entries and seq <= st.seq:
-        return st  # already there (another sync got there first)
-    if not entries or entries[0]["seq"] != st.seq + 1 or any(e["full"] for e in entries):
+    if (seq > st.seq and not entries) or (entries and (entries[0]["seq"] != st.seq + 1
+                                                       or any(e["full"] for e in entries))):
         return _load(tx)  # a full run, or entries no longer logged
-    users = {u for e in entries for u in e["users"]}
-    items = {i for e in entries for i in e["items"]}
-    now = tx.run(cypher.SERVER_TIME).single()["now"]
-    erased = {(r["key"], r["at"]) for r in tx.run(cypher.ERASED_SINCE, since=st.server_ms - ERASURE_MARGIN_MS)}
+    users = {u for e in entries for u in e["users"]} | {u for kind, u in written if kind == "u"}
+    items = {i for e in entries for i in e["items"]} | {i for kind, i in written if kind == "i"}
+    erased = {(key, at) for key, at in sync["erased"]}
     fresh = erased - st.erasures
     if fresh:
         keys = {key for key, _ in fresh}
         users |= {u for u in st.users if erasure_key(u) in keys}
-    return _apply(tx, st, entries[-1]["seq"], sorted(users), sorted(items), now, frozenset(erased))
+    if not entries and not users and not items:
+        return st  # nothing new (another sync got there first, or nothing was written)
+    last = entries[-1]["seq"] if entries else st.seq
+    return _apply(tx, replace(st, pending=pending), last, sorted(users), sorted(items), sync["now"],
+                  frozenset(erased))
 
 
 def _load(tx) -> State | None:
@@ -324,14 +394,14 @@ def _load(tx) -> State | None:
     if info is None:
         return None
     lm = models.load(info["path"], info["version"])
-    users, item_index, item_ids = {}, {}, []
-    r, c, w = [], [], []
+    users, item_index, refreshed = {}, {}, []
+    ptr, c, w = [0], [], []
     for rec in tx.run(cypher.SERVING_EDGES):
-        u = users.setdefault(rec["u"], len(users))
-        for i in rec["items"]:
-            c.append(item_index.setdefault(i, len(item_index)))
-        r.extend([u] * len(rec["items"]))
+        users[rec["u"]] = len(users)
+        refreshed.append(rec["refreshed_at"])
+        c.extend(item_index.setdefault(i, len(item_index)) for i in rec["items"])
         w.extend(rec["w"])
+        ptr.append(len(c))
     item_rows = [dict(x) for x in tx.run(cypher.SERVING_ITEMS)]
     for x in item_rows:
         item_index.setdefault(x["id"], len(item_index))
@@ -339,25 +409,40 @@ def _load(tx) -> State | None:
     for i, j in item_index.items():
         item_ids[j] = i
     n_u, n_i = len(users), len(item_ids)
-    f = filter_weights(lm)[0]
-    base = sp.csr_matrix((f(np.asarray(w, dtype=np.float64) * lm.scale),
-                          (np.asarray(r, dtype=np.int64), np.asarray(c, dtype=np.int64))), shape=(n_u, n_i))
+    rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64))
+    base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
-    over_csr, over_csc = _overlay_matrices({}, n_u, n_i)
-    st = State(head["epoch"], head["seq"], lm, users, n_u, items, base, base.tocsc(), np.ones(n_u, dtype=bool),
-               {}, over_csr, over_csc, np.asarray(base.sum(axis=1)).ravel(), np.asarray(base.sum(axis=0)).ravel(),
-               now)
+    over_csr, over_csc = _overlay_matrices({}, n_u, n_i, lm)
+    st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
+               base, base.tocsc(), np.ones(n_u, dtype=bool), {}, over_csr, over_csc,
+               np.asarray(base.sum(axis=1)).ravel(), np.asarray(base.sum(axis=0)).ravel(), now)
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
 
 
+def _compact(st: State) -> tuple[Rows, sp.csr_matrix]:
+    """The overlay folded into the base rows (O(edges), rarely)."""
+    n_u = st.n_users
+    lengths = np.diff(st.rows.ptr)
+    r = np.repeat(np.arange(len(lengths)), lengths)
+    kept = st.keep[r]
+    over = sorted(st.overlay.items())
+    r = np.concatenate([r[kept]] + [np.full(len(c), u, dtype=np.int64) for u, (c, _) in over])
+    c = np.concatenate([st.rows.cols[kept]] + [c for _, (c, _) in over])
+    w = np.concatenate([st.rows.w[kept]] + [w for _, (_, w) in over])
+    order = np.argsort(r, kind="stable")
+    r, c, w = r[order], c[order], w[order]
+    rows = Rows(np.searchsorted(r, np.arange(n_u + 1)), c, w)
+    return rows, _filter_matrix(r, c, w, (n_u, st.n_items), st.lm)
+
+
 def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, erasures: frozenset) -> State:
     """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, as of run `seq`."""
-    rows = {r["u"]: (r["items"], r["w"]) for r in tx.run(cypher.SERVING_USER_EDGES, ids=user_ids)}
+    rows = {r["u"]: (r["items"], r["w"], r["refreshed_at"]) for r in tx.run(cypher.SERVING_USER_EDGES, ids=user_ids)}
     users, index, ids = st.users, st.items.index, st.items.ids
     for u in user_ids:
         users.setdefault(u, len(users))
-    new_items = [i for its, _ in rows.values() for i in its if i not in index]
+    new_items = [i for its, _, _ in rows.values() for i in its if i not in index]
     for i in list(item_ids) + new_items:
         if i not in index:
             index[i] = len(ids)
@@ -366,34 +451,35 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     # Only this state's users and items are read past here: the shared dicts may grow meanwhile.
     meta = [dict(x) for x in tx.run(cypher.SERVING_ITEMS_BY_ID, ids=sorted(set(item_ids) | set(new_items)))]
     items = _item_arrays(meta, st.lm, index, ids, st.items, n_i)
-    keep = np.ones(n_u, dtype=bool)
-    keep[:st.n_users] = st.keep
-    du = np.zeros(n_u)
-    du[:st.n_users] = st.du
+    keep = _grown(st.keep, n_u, True)
+    du = _grown(st.du, n_u, 0.0)
+    refreshed = _grown(st.refreshed, n_u, None)
+    base_rows = Rows(_grown(st.rows.ptr, n_u + 1, st.rows.ptr[-1]), st.rows.cols, st.rows.w)
     overlay = dict(st.overlay)
     base_csr, base_csc = _pad(st.base_csr, n_u, n_i), _pad(st.base_csc, n_u, n_i)
     f = filter_weights(st.lm)[0]
     touched = [np.zeros(0, dtype=np.int64)]  # items whose column changes: the rows' old and new items
     for u in user_ids:
         row = users[u]
-        old = overlay[row][0] if row in overlay else base_csr.indices[base_csr.indptr[row]:base_csr.indptr[row + 1]]
-        its, w = rows.get(u, ([], []))
+        old = overlay[row][0] if row in overlay else base_rows.row(row)[0]
+        its, w, refreshed[row] = rows.get(u, ([], [], None))
         cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
-        overlay[row] = (cols, f(np.asarray(w, dtype=np.float64) * st.lm.scale))
+        w = np.asarray(w, dtype=np.float64)
+        overlay[row] = (cols, w)
         keep[row] = False
-        du[row] = overlay[row][1].sum()
+        du[row] = f(w[w > 0] * st.lm.scale).sum()
         touched += [old, cols]
-    if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base (O(edges), rarely)
-        over_csr, _ = _overlay_matrices(overlay, n_u, n_i)
-        base_csr = (sp.diags(keep.astype(np.float64)) @ base_csr + over_csr).tocsr()
-        base_csr.eliminate_zeros()
-        base_csc, keep, overlay = base_csr.tocsc(), np.ones(n_u, dtype=bool), {}
-    over_csr, over_csc = _overlay_matrices(overlay, n_u, n_i)
-    st = replace(st, seq=seq, n_users=n_u, items=items, base_csr=base_csr, base_csc=base_csc, keep=keep,
-                 overlay=overlay, over_csr=over_csr, over_csc=over_csc, du=du, server_ms=now, erasures=erasures)
+    over_csr, over_csc = _overlay_matrices(overlay, n_u, n_i, st.lm)
+    st = replace(st, seq=seq, n_users=n_u, items=items, rows=base_rows, refreshed=refreshed, base_csr=base_csr,
+                 base_csc=base_csc, keep=keep, overlay=overlay, over_csr=over_csr, over_csc=over_csc, du=du,
+                 server_ms=now, erasures=erasures)
+    if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
+        base_rows, base_csr = _compact(st)
+        over_csr, over_csc = _overlay_matrices({}, n_u, n_i, st.lm)
+        st = replace(st, rows=base_rows, base_csr=base_csr, base_csc=base_csr.tocsc(), keep=np.ones(n_u, dtype=bool),
+                     overlay={}, over_csr=over_csr, over_csc=over_csc)
     # Item degrees summed again over the touched columns (not by differences: no float residue).
-    di = np.zeros(n_i)
-    di[:len(st.di)] = st.di
+    di = _grown(st.di, n_i, 0.0)
     cols = np.unique(np.concatenate(touched))
     if len(cols):
         di[cols] = np.asarray(st._columns(cols).sum(axis=0)).ravel()
@@ -404,11 +490,12 @@ _copies: dict[tuple, Copy] = {}
 _copies_lock = threading.Lock()
 
 
-def copy_of(driver, database: str, wait: float = 0.25) -> Copy:
-    """This process's copy of `database` behind `driver`; requests wait up to `wait` s for a sync."""
+def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.2, max_age: float = 1.0) -> Copy:
+    """This process's copy of `database` behind `driver` (see Copy for the timing settings)."""
     key = (id(driver), database)
     with _copies_lock:
         if key not in _copies:
-            _copies[key] = Copy(driver, database, wait)
-        _copies[key].wait = wait
-        return _copies[key]
+            _copies[key] = Copy(driver, database)
+        c = _copies[key]
+        c.wait, c.poll, c.max_age = wait, poll, max_age
+        return c

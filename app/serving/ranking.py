@@ -52,30 +52,32 @@ def ranked(session, statements: tuple[str, str], k: int, **params) -> dict | Non
         n = 4 * n if 4 * n <= MAX_CANDIDATES else MAX_CANDIDATES + 1
 
 
-def recommend(session, copy: graph.Copy, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
+def recommend(open_session, copy: graph.Copy, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
     """A user's answer without the id: personal when the user has a vector, else trending.
 
-    Scored on the process's copy of the graph (app/serving/graph.py) with the user's live edges, from
-    which the vector is summed too: exactly what the next refresh run stores, so a shopper's first
-    event personalises the very next answer. Cypher answers only while there is no model.
+    Scored on the process's copy of the graph (app/serving/graph.py), with no round trip to Neo4j; the
+    vector is summed from the user's edges there: exactly what the next refresh run stores, so a
+    shopper's first event personalises the answers from the copy's next sync on. Cypher answers (in a
+    session from `open_session()`) only while there is no model.
     """
-    req = session.run(cypher.SERVING_REQUEST, user_id=user_key).single()  # auto-commit: one round trip
-    st = copy.at(req["epoch"], req["seq"])
+    st = copy.current()
     if st is None:
-        return _recommend_cypher(session, user_key, k, filters, explain)
-    seen = req["items"] if filters.exclude_seen else None
-    p = st.vector(req["items"], req["w"])
+        with open_session() as session:
+            return _recommend_cypher(session, user_key, k, filters, explain)
+    cols, w, refreshed_at = st.row(user_key)
+    seen = cols if filters.exclude_seen else None
+    pos = w > 0
+    cols, a = cols[pos], w[pos]
+    p = st.vector(cols, a)
     if not p.any():  # no positive edge to an item the version knows: no vector
         ok = st.mask(filters.category, filters.max_price, seen, embedded=False) & (st.di > 0)
         results = st.top(st.di / st.di.max() if st.di.size and st.di.max() > 0 else st.di, ok, k)
         return {"source": "trending", "version": None, "refreshed_at": None, "results": results}
-    cols, a = st.own(req["items"], req["w"])
     scores = st.scores(p, cols, a)
     results = st.top(scores, st.mask(filters.category, filters.max_price, seen), k)
     if explain and results:
         _explain(st, cols, a, results)
-    return {"source": "personal", "version": st.lm.version, "refreshed_at": req["refreshed_at"],
-            "results": results}
+    return {"source": "personal", "version": st.lm.version, "refreshed_at": refreshed_at, "results": results}
 
 
 def _explain(st, cols, a, results: list[dict]) -> None:
@@ -88,13 +90,13 @@ def _explain(st, cols, a, results: list[dict]) -> None:
                          "weight": float(a[i] * st.lm.scale), "contribution": float(parts[i, j])} for i in order]
 
 
-def similar(session, copy: graph.Copy, item_id: str, k: int, filters: Filters) -> dict:
+def similar(open_session, copy: graph.Copy, item_id: str, k: int, filters: Filters) -> dict:
     """Items a shopper who has only this item would be recommended; 404 for an item not embedded."""
-    head = session.run(cypher.SERVING_STATE).single()
-    st = copy.at(head["epoch"], head["seq"])
+    st = copy.current()
     j = None if st is None else st.items.index.get(item_id)
     if st is None or j is None or j >= st.n_items or not st.items.embedded[j]:
-        return _similar_cypher(session, item_id, k, filters)
+        with open_session() as session:
+            return _similar_cypher(session, item_id, k, filters)
     x = st.lm.tables[0][st.items.rows[j]]
     # one unit of aggregated weight on i: raw weight 1 / scale
     scores = st.scores(x, np.asarray([j]), np.asarray([1.0 / st.lm.scale]))
