@@ -174,6 +174,8 @@ def main() -> None:
         cli("train", "--epochs", "1")
         cli("embed", "--full")
         print(f"loaded, trained and embedded the demo data in {time.monotonic() - t:.0f}s", flush=True)
+        with driver.session(database=cfg.neo4j_database) as s:
+            s.run("CALL db.awaitIndexes(600)").consume()  # else index population runs during the first runs
     with driver.session(database=cfg.neo4j_database) as s:
         shoppers = s.run(SHOPPERS).data()
         counts = s.run(cypher.NODE_COUNT).single()

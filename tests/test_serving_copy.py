@@ -189,6 +189,21 @@ def test_requests_read_only_memory_and_a_write_shows_within_polls_before_any_run
     assert 1 <= len(reads) <= 2 + (time.monotonic() - started) / 0.5  # one sync per `poll` at most
 
 
+def test_with_neo4j_away_a_request_answers_from_the_copy_at_once(cfg, driver, trained, monkeypatch):
+    """A sync that fails (Neo4j down) ends a request's wait: it answers from the copy it has, not after
+    `wait`, and not with an error."""
+    from neo4j.exceptions import ServiceUnavailable
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=20, poll=0.0, max_age=0.0)
+    first = copy.current()
+
+    def away(*_):
+        raise ServiceUnavailable("down")
+    monkeypatch.setattr(copy, "_read", away)
+    started = time.monotonic()
+    assert copy.current() is first
+    assert time.monotonic() - started < 2.0
+
+
 def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_up(cfg, driver, trained):
     copy = graph.Copy(driver, cfg.neo4j_database, wait=0.0)
     first = copy.at(*_head(driver, cfg))

@@ -160,17 +160,15 @@ class State:
         x, q = self.lm.tables
         s = self.lm.scale
         inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
-        ci, cj = self._columns(cols), self._columns(targets)
-        inv_du = np.divide(1.0, self.du, out=np.zeros_like(self.du), where=self.du > 0)
-        co = (ci.T @ sp.diags(inv_du) @ cj).toarray()
-        di, dj = self.di[cols], self.di[targets]
+        co = (self._columns(cols).T @ self._columns(targets).multiply(self._inv_du[:, None]).tocsc()).toarray()
         fa = filter_weights(self.lm)[1](a * s)
-        scale_i = np.divide(fa, np.sqrt(di), out=np.zeros_like(fa), where=di > 0)
-        scale_j = np.divide(1.0, np.sqrt(dj), out=np.zeros_like(dj), where=dj > 0)
-        return inner + scale_i[:, None] * co * scale_j[None, :]
+        isd = self._inv_sqrt_di
+        return inner + (fa * isd[cols])[:, None] * co * isd[targets][None, :]
 
     def _columns(self, cols: np.ndarray) -> sp.csc_matrix:
         """The current columns `cols` of R (users x len(cols))."""
+        if not self.overlay:
+            return self.base_csc[:, cols]
         return sp.diags(self.keep.astype(np.float64)) @ self.base_csc[:, cols] + self.over_csc[:, cols]
 
     def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
