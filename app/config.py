@@ -140,7 +140,7 @@ class Config:
     # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
     # seconds waits up to `sync_wait` for a sync; past `poll` seconds it starts one in the background.
     serving_sync_wait: float = 0.25
-    serving_poll: float = 0.2
+    serving_poll: float = 0.5
     serving_max_age: float = 1.0
     interest_history: int = 20  # refreshes whose drift each user keeps
     # logs

@@ -102,9 +102,10 @@ class State:
     over_csc: sp.csc_matrix
     du: np.ndarray
     di: np.ndarray
+    dn: np.ndarray  # positive edges per item
     server_ms: int  # Neo4j's clock when this state began reading (for erasures and pending writes)
     erasures: frozenset = field(default_factory=frozenset)  # (key, at) applied
-    pending: dict = field(default_factory=dict)  # signatures of the pending writes read (PENDING_*)
+    pending: dict = field(default_factory=dict)  # signatures of the pending writes read (SERVING_SYNC)
 
     @property
     def n_items(self) -> int:
@@ -264,7 +265,7 @@ class Copy:
     reflect Neo4j as of the request (a sync each). A first load is always waited for.
     """
 
-    def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.2, max_age: float = 1.0):
+    def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0):
         self.driver, self.database = driver, database
         self.wait, self.poll, self.max_age = wait, poll, max_age
         self.state: State | None = None
@@ -412,8 +413,8 @@ def _load(tx) -> State | None:
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_csc = _overlay_matrices({}, n_u, n_i, lm)
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
-               base, base.tocsc(), np.ones(n_u, dtype=bool), {}, over_csr, over_csc,
-               np.asarray(base.sum(axis=1)).ravel(), np.asarray(base.sum(axis=0)).ravel(), now)
+               base, base.tocsc(), np.ones(n_u, dtype=bool), {}, over_csr, over_csc, server_ms=now,
+               **_degrees(base))
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
 
@@ -456,39 +457,48 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     overlay = dict(st.overlay)
     base_csr, base_csc = _pad(st.base_csr, n_u, n_i), _pad(st.base_csc, n_u, n_i)
     f = filter_weights(st.lm)[0]
-    touched = [np.zeros(0, dtype=np.int64)]  # items whose column changes: the rows' old and new items
+    # Item degrees by differences, with each item's count of positive edges so that an item left
+    # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
+    di, dn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0)
     for u in user_ids:
         row = users[u]
-        old = overlay[row][0] if row in overlay else base_rows.row(row)[0]
+        old_cols, old_w = overlay[row] if row in overlay else base_rows.row(row)
         its, w, refreshed[row] = rows.get(u, ([], [], None))
         cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
         w = np.asarray(w, dtype=np.float64)
         overlay[row] = (cols, w)
         keep[row] = False
-        du[row] = f(w[w > 0] * st.lm.scale).sum()
-        touched += [old, cols]
+        old_pos, pos = old_w > 0, w > 0
+        np.subtract.at(di, old_cols[old_pos], f(old_w[old_pos] * st.lm.scale))
+        np.subtract.at(dn, old_cols[old_pos], 1)
+        fw = f(w[pos] * st.lm.scale)
+        np.add.at(di, cols[pos], fw)
+        np.add.at(dn, cols[pos], 1)
+        du[row] = fw.sum()
+    di[dn == 0] = 0.0
     over_csr, over_csc = _overlay_matrices(overlay, n_u, n_i, st.lm)
     st = replace(st, seq=seq, n_users=n_u, items=items, rows=base_rows, refreshed=refreshed, base_csr=base_csr,
                  base_csc=base_csc, keep=keep, overlay=overlay, over_csr=over_csr, over_csc=over_csc, du=du,
-                 server_ms=now, erasures=erasures)
+                 di=di, dn=dn, server_ms=now, erasures=erasures)
     if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
         base_rows, base_csr = _compact(st)
         over_csr, over_csc = _overlay_matrices({}, n_u, n_i, st.lm)
         st = replace(st, rows=base_rows, base_csr=base_csr, base_csc=base_csr.tocsc(), keep=np.ones(n_u, dtype=bool),
-                     overlay={}, over_csr=over_csr, over_csc=over_csc)
-    # Item degrees summed again over the touched columns (not by differences: no float residue).
-    di = _grown(st.di, n_i, 0.0)
-    cols = np.unique(np.concatenate(touched))
-    if len(cols):
-        di[cols] = np.asarray(st._columns(cols).sum(axis=0)).ravel()
-    return replace(st, di=di)
+                     overlay={}, over_csr=over_csr, over_csc=over_csc, **_degrees(base_csr))
+    return st
+
+
+def _degrees(r: sp.csr_matrix) -> dict:
+    """The user and item degrees of R, summed whole, and each item's count of positive edges."""
+    return {"du": np.asarray(r.sum(axis=1)).ravel(), "di": np.asarray(r.sum(axis=0)).ravel(),
+            "dn": np.bincount(r.indices, minlength=r.shape[1])}
 
 
 _copies: dict[tuple, Copy] = {}
 _copies_lock = threading.Lock()
 
 
-def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.2, max_age: float = 1.0) -> Copy:
+def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0) -> Copy:
     """This process's copy of `database` behind `driver` (see Copy for the timing settings)."""
     key = (id(driver), database)
     with _copies_lock:
