@@ -296,20 +296,18 @@ RETURN id AS u, [x IN e | x[0]] AS items, [x IN e | x[1]] AS w, toString(u.embed
 """
 
 # One sync of the API's copy, one round trip: the run Neo4j is at; what ingest wrote from `since`
-# (ms) on that no run has reflected yet (the users whose rows and the items whose metadata the copy
-# reads before the run does; a signature per user, of its pending edges, their revisions and the
-# latest write, tells the copy which rows it has read already); the runs logged after `seq`; and
-# the erasures from `erased_since` (found by time, a few a day: the caller gives a margin beyond the
-# longest transaction and skips the ones it applied). Pending writes are read before the log: a run committing in
-# between shows in the log.
+# (ms) on that no run has reflected yet (the edges themselves, with their revision, so that the copy
+# patches rows edge by edge and skips what it has read; and the items whose metadata changed); the
+# runs logged after `seq`; and the erasures from `erased_since` (found by time, a few a day: the
+# caller gives a margin beyond the longest transaction and skips the ones it applied). Pending
+# writes are read before the log: a run committing in between shows in the log.
 SERVING_SYNC = """
 OPTIONAL MATCH (s:_Refresh {key: 'main'})
 WITH s.epoch AS epoch, coalesce(s.seq, 0) AS head, timestamp() AS now
 CALL {
-  MATCH (u:User)-[r:INTERACTED]->() USING INDEX SEEK r:INTERACTED(ig_unseen)
+  MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
   WHERE r.ig_unseen = true AND r.changed_at >= $since
-  WITH u, [count(r), sum(r.rev), max(r.changed_at)] AS sig
-  RETURN collect([u.id, sig]) AS users
+  RETURN collect([u.id, i.id, r.rev, coalesce(r.w, 0.0)]) AS edges
 }
 CALL {
   MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
@@ -325,7 +323,7 @@ CALL {
   MATCH (x:_Erased) WHERE x.at >= $erased_since
   RETURN collect([x.key, x.at]) AS erased
 }
-RETURN epoch, head, now, users, items, applied, erased
+RETURN epoch, head, now, edges, items, applied, erased
 """
 
 _SERVING_ITEM = """RETURN i.id AS id, i.title AS title, i.category AS category, i.price AS price,

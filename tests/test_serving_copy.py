@@ -187,6 +187,19 @@ def test_requests_read_only_memory_and_a_write_shows_within_polls_before_any_run
     st = copy.current()
     assert [st.items.ids[c] for c in st.row("poller")[0]] == ["i5"] and st.seq == first.seq  # before any run
     assert 1 <= len(reads) <= 2 + (time.monotonic() - started) / 0.5  # one sync per `poll` at most
+    # A known shopper's new and changed edges are patched in edge by edge: the row read whole agrees.
+    user = next(u for u in first.users if len(first.row(u)[0]) >= 2)
+    item = first.items.ids[first.row(user)[0][0]]
+    pipeline.ingest(driver, cfg, [{"event_id": "poll-2", "user_id": user, "item_id": item, "type": "purchase", "ts": NOW},
+                                  {"event_id": "poll-3", "user_id": user, "item_id": "i-new", "type": "cart", "ts": NOW}])
+    deadline = time.monotonic() + 10
+    while "i-new" not in _row(copy.current(), user) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    moved, whole = copy.current(), graph.Copy(driver, cfg.neo4j_database).current()
+    assert moved.seq == first.seq and _row(moved, user) == pytest.approx(_row(whole, user), rel=1e-15)
+    assert _row(moved, user)[item] != _row(first, user)[item]
+    a, b = _by_id(moved, moved.di), _by_id(whole, whole.di)
+    assert all(np.isclose(a[k], b[k], rtol=1e-12, atol=0) for k in b)
 
 
 def test_with_neo4j_away_a_request_answers_from_the_copy_at_once(cfg, driver, trained, monkeypatch):

@@ -25,10 +25,11 @@ def _k(k: int) -> int:
     return k
 
 
-def _copy():
-    """This process's copy of the graph that recommendations are scored on."""
+def _state():
+    """The state of this process's copy of the graph that an answer is scored on (one per answer, so
+    versions never mix in it)."""
     c = cfg()
-    return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age)
+    return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age).current()
 
 
 def _session():
@@ -40,7 +41,7 @@ def _session():
 def recommendations(path: UserPath, query: RecsQuery):
     """Items for a user (personal), or trending items for a user unknown or not embedded yet."""
     filters = Filters(query.category, query.max_price, query.exclude_seen)
-    answer = ranking.recommend(_session, _copy(), user_key(cfg(), path.user_id), _k(query.k), filters, query.explain)
+    answer = ranking.recommend(_session, _state(), user_key(cfg(), path.user_id), _k(query.k), filters, query.explain)
     return {"user_id": path.user_id, **answer}
 
 
@@ -51,14 +52,15 @@ def batch_recommendations(body: BatchRecsBody):
         raise ApiError(400, f"user_ids: at most {cfg().max_batch_users} users a call", field="user_ids")
     filters = Filters(body.category, body.max_price, body.exclude_seen)
     k = _k(body.k)
-    return {"results": {u: ranking.recommend(_session, _copy(), user_key(cfg(), u), k, filters, body.explain)
+    st = _state()
+    return {"results": {u: ranking.recommend(_session, st, user_key(cfg(), u), k, filters, body.explain)
                         for u in dict.fromkeys(body.user_ids)}}
 
 
 @bp.get("/items/<item_id>/similar", responses={200: SimilarOut, 404: ErrorOut})
 def similar(path: ItemPath, query: SimilarQuery):
     """Items a shopper who has only this item would be recommended, within the filters."""
-    answer = ranking.similar(_session, _copy(), path.item_id, _k(query.k), Filters(query.category, query.max_price))
+    answer = ranking.similar(_session, _state(), path.item_id, _k(query.k), Filters(query.category, query.max_price))
     return {"item_id": path.item_id, **answer}
 
 

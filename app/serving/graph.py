@@ -354,8 +354,13 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
         epoch, seq = sync["epoch"], sync["head"]
     if st.epoch != epoch or sync["epoch"] != epoch:
         return _load(tx)
-    pending = {("u", u): sig for u, sig in sync["users"]} | {("i", i): sig for i, sig in sync["items"]}
-    written = {key for key, sig in pending.items() if st.pending.get(key) != sig}
+    # What this window holds, to skip next time: ("e", user, item) -> edge revision, ("i", item) -> item's.
+    pending = {("e", u, i): rev for u, i, rev, _ in sync["edges"]} | {("i", i): sig for i, sig in sync["items"]}
+    patches = {}  # user -> {item: raw weight} of the pending edges not read yet
+    for u, i, rev, w in sync["edges"]:
+        if st.pending.get(("e", u, i)) != rev:
+            patches.setdefault(u, {})[i] = w
+    changed_items = {key[1] for key, sig in pending.items() if key[0] == "i" and st.pending.get(key) != sig}
     entries = sync["applied"]
     for _ in range(LOG_RETRIES):
         # A run seen committed (its number on _Refresh) can still be missing from a scan or seek of
@@ -371,18 +376,19 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     if (seq > st.seq and not entries) or (entries and (entries[0]["seq"] != st.seq + 1
                                                        or any(e["full"] for e in entries))):
         return _load(tx)  # a full run, or entries no longer logged
-    users = {u for e in entries for u in e["users"]} | {u for kind, u in written if kind == "u"}
-    items = {i for e in entries for i in e["items"]} | {i for kind, i in written if kind == "i"}
+    users = {u for e in entries for u in e["users"]}
+    items = {i for e in entries for i in e["items"]} | changed_items
     erased = {(key, at) for key, at in sync["erased"]}
     fresh = erased - st.erasures
     if fresh:
         keys = {key for key, _ in fresh}
         users |= {u for u in st.users if erasure_key(u) in keys}
-    if not entries and not users and not items:
+    if not entries and not users and not items and not patches:
         return st  # nothing new (another sync got there first, or nothing was written)
     last = entries[-1]["seq"] if entries else st.seq
+    patches = {u: p for u, p in patches.items() if u not in users}  # those rows are read whole
     return _apply(tx, replace(st, pending=pending), last, sorted(users), sorted(items), sync["now"],
-                  frozenset(erased))
+                  frozenset(erased), patches)
 
 
 def _load(tx) -> State | None:
@@ -435,13 +441,17 @@ def _compact(st: State) -> tuple[Rows, sp.csr_matrix]:
     return rows, _filter_matrix(r, c, w, (n_u, st.n_items), st.lm)
 
 
-def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, erasures: frozenset) -> State:
-    """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, as of run `seq`."""
+def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, erasures: frozenset,
+           patches: dict | None = None) -> State:
+    """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, and the edges of
+    `patches` (user -> {item: raw weight}) set, as of run `seq`."""
+    patches = patches or {}
     rows = {r["u"]: (r["items"], r["w"], r["refreshed_at"]) for r in tx.run(cypher.SERVING_USER_EDGES, ids=user_ids)}
     users, index, ids = st.users, st.items.index, st.items.ids
-    for u in user_ids:
+    for u in list(user_ids) + sorted(patches):
         users.setdefault(u, len(users))
     new_items = [i for its, _, _ in rows.values() for i in its if i not in index]
+    new_items += [i for p in patches.values() for i in p if i not in index]
     for i in list(item_ids) + new_items:
         if i not in index:
             index[i] = len(ids)
@@ -460,12 +470,16 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
     di, dn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0)
-    for u in user_ids:
+    for u in list(user_ids) + sorted(patches):
         row = users[u]
         old_cols, old_w = overlay[row] if row in overlay else base_rows.row(row)
-        its, w, refreshed[row] = rows.get(u, ([], [], None))
-        cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
-        w = np.asarray(w, dtype=np.float64)
+        if u in patches:  # the row as it was, with the pending edges set
+            edges = dict(zip(old_cols.tolist(), old_w.tolist())) | {index[i]: w for i, w in patches[u].items()}
+            cols, w = np.fromiter(edges, dtype=np.int64, count=len(edges)), np.fromiter(edges.values(), np.float64)
+        else:
+            its, w, refreshed[row] = rows.get(u, ([], [], None))
+            cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
+            w = np.asarray(w, dtype=np.float64)
         overlay[row] = (cols, w)
         keep[row] = False
         old_pos, pos = old_w > 0, w > 0

@@ -52,15 +52,15 @@ def ranked(session, statements: tuple[str, str], k: int, **params) -> dict | Non
         n = 4 * n if 4 * n <= MAX_CANDIDATES else MAX_CANDIDATES + 1
 
 
-def recommend(open_session, copy: graph.Copy, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
+def recommend(open_session, st: graph.State | None, user_key: str, k: int, filters: Filters,
+              explain: bool = False) -> dict:
     """A user's answer without the id: personal when the user has a vector, else trending.
 
-    Scored on the process's copy of the graph (app/serving/graph.py), with no round trip to Neo4j; the
-    vector is summed from the user's edges there: exactly what the next refresh run stores, so a
-    shopper's first event personalises the answers from the copy's next sync on. Cypher answers (in a
-    session from `open_session()`) only while there is no model.
+    Scored on `st`, a state of the process's copy of the graph (app/serving/graph.py), with no round
+    trip to Neo4j; the vector is summed from the user's edges there: exactly what the next refresh run
+    stores, so a shopper's first event personalises the answers from the copy's next sync on. Cypher
+    answers (in a session from `open_session()`) only while there is no model (`st` None).
     """
-    st = copy.current()
     if st is None:
         with open_session() as session:
             return _recommend_cypher(session, user_key, k, filters, explain)
@@ -90,9 +90,8 @@ def _explain(st, cols, a, results: list[dict]) -> None:
                          "weight": float(a[i] * st.lm.scale), "contribution": float(parts[i, j])} for i in order]
 
 
-def similar(open_session, copy: graph.Copy, item_id: str, k: int, filters: Filters) -> dict:
-    """Items a shopper who has only this item would be recommended; 404 for an item not embedded."""
-    st = copy.current()
+def similar(open_session, st: graph.State | None, item_id: str, k: int, filters: Filters) -> dict:
+    """Items a shopper who has only this item would be recommended (on `st`); 404 for an item not embedded."""
     j = None if st is None else st.items.index.get(item_id)
     if st is None or j is None or j >= st.n_items or not st.items.embedded[j]:
         with open_session() as session:
