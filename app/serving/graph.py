@@ -301,7 +301,7 @@ class Copy:
                     started = time.monotonic()
                     self.state, self.synced = self._read(None, epoch, seq), started
                 return self.state
-        self._await(lambda: self.state.seq >= seq, self.wait, (epoch, seq))
+        self._await(lambda: self.state is None or self.state.seq >= seq, self.wait, (epoch, seq))
         return self.state
 
     def _await(self, done, wait: float, target=(None, 0)) -> None:
@@ -324,7 +324,7 @@ class Copy:
         try:
             with self._load_lock:
                 started = time.monotonic()
-                self.state = self._read(self.state, epoch, seq) or self.state
+                self.state = self._read(self.state, epoch, seq)  # None: the graph has no model any more
                 self.synced = started
         except Exception as exc:  # Neo4j away or the like: requests go on with the copy they have
             self.failed = time.monotonic()
