@@ -312,7 +312,7 @@ CALL {
 CALL {
   MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
   WHERE n.ig_unseen = true AND n.changed_at >= $since
-  RETURN collect([n.id, [n.rev]]) AS items
+  RETURN collect([n.id, n.rev]) AS items
 }
 CALL {
   MATCH (a:_Applied) WHERE a.seq > $seq

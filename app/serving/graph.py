@@ -355,12 +355,12 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     if st.epoch != epoch or sync["epoch"] != epoch:
         return _load(tx)
     # What this window holds, to skip next time: ("e", user, item) -> edge revision, ("i", item) -> item's.
-    pending = {("e", u, i): rev for u, i, rev, _ in sync["edges"]} | {("i", i): sig for i, sig in sync["items"]}
+    pending = {("e", u, i): rev for u, i, rev, _ in sync["edges"]} | {("i", i): rev for i, rev in sync["items"]}
     patches = {}  # user -> {item: raw weight} of the pending edges not read yet
     for u, i, rev, w in sync["edges"]:
         if st.pending.get(("e", u, i)) != rev:
             patches.setdefault(u, {})[i] = w
-    changed_items = {key[1] for key, sig in pending.items() if key[0] == "i" and st.pending.get(key) != sig}
+    changed_items = {i for i, rev in sync["items"] if st.pending.get(("i", i)) != rev}
     entries = sync["applied"]
     for _ in range(LOG_RETRIES):
         # A run seen committed (its number on _Refresh) can still be missing from a scan or seek of
@@ -442,13 +442,14 @@ def _compact(st: State) -> tuple[Rows, sp.csr_matrix]:
 
 
 def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, erasures: frozenset,
-           patches: dict | None = None) -> State:
+           patches: dict) -> State:
     """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, and the edges of
     `patches` (user -> {item: raw weight}) set, as of run `seq`."""
-    patches = patches or {}
-    rows = {r["u"]: (r["items"], r["w"], r["refreshed_at"]) for r in tx.run(cypher.SERVING_USER_EDGES, ids=user_ids)}
+    rows = {r["u"]: (r["items"], r["w"], r["refreshed_at"])
+            for r in (tx.run(cypher.SERVING_USER_EDGES, ids=user_ids) if user_ids else [])}
     users, index, ids = st.users, st.items.index, st.items.ids
-    for u in list(user_ids) + sorted(patches):
+    changed = list(user_ids) + sorted(patches)
+    for u in changed:
         users.setdefault(u, len(users))
     new_items = [i for its, _, _ in rows.values() for i in its if i not in index]
     new_items += [i for p in patches.values() for i in p if i not in index]
@@ -458,7 +459,8 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
             ids.append(i)
     n_u, n_i = len(users), len(ids)
     # Only this state's users and items are read past here: the shared dicts may grow meanwhile.
-    meta = [dict(x) for x in tx.run(cypher.SERVING_ITEMS_BY_ID, ids=sorted(set(item_ids) | set(new_items)))]
+    read = sorted(set(item_ids) | set(new_items))
+    meta = [dict(x) for x in tx.run(cypher.SERVING_ITEMS_BY_ID, ids=read)] if read else []
     items = _item_arrays(meta, st.lm, index, ids, st.items, n_i)
     keep = _grown(st.keep, n_u, True)
     du = _grown(st.du, n_u, 0.0)
@@ -470,7 +472,7 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
     di, dn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0)
-    for u in list(user_ids) + sorted(patches):
+    for u in changed:
         row = users[u]
         old_cols, old_w = overlay[row] if row in overlay else base_rows.row(row)
         if u in patches:  # the row as it was, with the pending edges set
