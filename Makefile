@@ -87,7 +87,8 @@ evaluate: install
 	$(IG) evaluate online-retail --lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2
 	$(IG) evaluate stream --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail \
 		--batch-minutes 240 --retrain-every 30 --finetune-every 9 --finetune-rounds 0 --replay 3 \
-		--lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2 --out var/eval-stream
+		--lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2 --bias-l2 0.1 --item-trend 3 \
+		--trend-weight 0.2 --out var/eval-stream
 
 stop:
 	-$(IG) neo4j stop

@@ -458,10 +458,14 @@ def evaluate_retail(path, epochs, lin_weights, lin_user_weights, alpha, item_bia
 @model_options
 @click.option("--lin-topk", type=click.IntRange(0), default=0, show_default=True,
               help="If > 0, the linear filter keeps only each item's this many nearest items.")
+@click.option("--bias-l2", type=click.FloatRange(0), default=None, help="L2 weight of the item biases' fit at training.")
+@click.option("--item-trend", type=click.FloatRange(0), default=None,
+              help="With --item-bias: a live trend prior, new adopters decayed with this half-life in days (0: none).")
+@click.option("--trend-weight", type=click.FloatRange(0), default=None, help="Weight of the --item-trend prior.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results.json/md/png here.")
 def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, k, train_fraction,
                     batch_size, batch_minutes, retrain_every, finetune_every, replay, finetune_rounds, models, engine,
-                    lin_weights, lin_user_weights, lin_topk, alpha, item_bias, out):
+                    lin_weights, lin_user_weights, lin_topk, alpha, item_bias, bias_l2, item_trend, trend_weight, out):
     """Prequential evaluation on any event log: score each micro-batch's new (user, item) events, then learn it."""
     from app.evaluation import stream as stream_eval
     if fmt == "csv" and not (user_col and item_col and ts_col):
@@ -478,7 +482,8 @@ def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, 
             type_col=type_col), k=k, train_fraction=train_fraction, batch_size=batch_size,
             batch_minutes=batch_minutes, retrain_every=retrain_every, finetune_every=finetune_every,
             replay=replay, finetune_rounds=finetune_rounds, models=chosen, engine=engine, lin_weights=lin_weights,
-            lin_topk=lin_topk, alpha=alpha, lin_user_weights=lin_user_weights, item_bias=item_bias)
+            lin_topk=lin_topk, alpha=alpha, lin_user_weights=lin_user_weights, item_bias=item_bias,
+            bias_l2=bias_l2, trend_halflife=item_trend, trend_weight=trend_weight)
     except ValueError as exc:
         _fail(str(exc))
     from app.evaluation import report

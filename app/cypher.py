@@ -283,7 +283,7 @@ RETURN a.seq AS seq, a.full AS full, a.users AS users, a.items AS items ORDER BY
 # user's seen items; with when the user's stored vector was last written.
 SERVING_EDGES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w,
+RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.first_ts, 0)) AS first,
        toString(u.embedding_updated_at) AS refreshed_at
 """
 
@@ -291,8 +291,9 @@ SERVING_USER_EDGES = """
 UNWIND $ids AS id
 OPTIONAL MATCH (u:User {id: id})
 OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
-WITH id, u, collect(CASE WHEN r IS NOT NULL THEN [i.id, coalesce(r.w, 0.0)] END) AS e
-RETURN id AS u, [x IN e | x[0]] AS items, [x IN e | x[1]] AS w, toString(u.embedding_updated_at) AS refreshed_at
+WITH id, u, collect(CASE WHEN r IS NOT NULL THEN [i.id, coalesce(r.w, 0.0), coalesce(r.first_ts, 0)] END) AS e
+RETURN id AS u, [x IN e | x[0]] AS items, [x IN e | x[1]] AS w, [x IN e | x[2]] AS first,
+       toString(u.embedding_updated_at) AS refreshed_at
 """
 
 # One sync of the API's copy, one round trip: the run Neo4j is at; what ingest wrote from `since`
@@ -307,7 +308,7 @@ WITH s.epoch AS epoch, coalesce(s.seq, 0) AS head, timestamp() AS now
 CALL {
   MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
   WHERE r.ig_unseen = true AND r.changed_at >= $since
-  RETURN collect([u.id, i.id, r.rev, coalesce(r.w, 0.0)]) AS edges
+  RETURN collect([u.id, i.id, r.rev, coalesce(r.w, 0.0), coalesce(r.first_ts, 0)]) AS edges
 }
 CALL {
   MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)

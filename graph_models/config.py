@@ -37,6 +37,12 @@ class ModelConfig:
     bias_lr: float = 1.0
     bias_l2: float = 1e-3
     bias_finetune_steps: int = 20  # steps of a streaming update (graph_models.streaming.fine_tune)
+    bias_finetune_l2: float = 1e-3
+    # A live prior next to the learned biases: `trend_weight` x the items' trend (new adopters decayed
+    # with a half-life of `trend_halflife` days, relative to the most trending item; bias.trend),
+    # read from the live graph as the filter is, so that the refresh, not training, keeps it current.
+    trend_halflife: float = 0.0
+    trend_weight: float = 0.0
     k: int = 20
 
     def to_dict(self):

@@ -88,6 +88,10 @@ class Live:
         w = np.bincount(inv, weights=s.w[:self.hi], minlength=len(uniq))
         return Edges(uniq // n_i, uniq % n_i, w, first, self.shape)
 
+    def trend(self, cfg):
+        """The items' trend (`bias.trend`) for a model with settings `cfg` that reads one, else None."""
+        return self.edges().trend(cfg.trend_halflife) if getattr(cfg, "trend_weight", 0.0) else None
+
     def resized(self, shape) -> sp.csr_matrix:
         """The positive weights padded to `shape` (a later, larger graph)."""
         out = self.pos.copy()
@@ -126,7 +130,7 @@ def train_at(stream: Stream, hi: int, cfg, val_fraction: float = 0.1, progress: 
     val: dict = {}
     for u, i in pairs:
         val.setdefault(int(u), set()).add(int(i))
-    model, _ = fit(live.pos, cfg, progress=progress, split=(before.resized(live.shape), val))
+    model, _ = fit(live.pos, cfg, progress=progress, split=(before.resized(live.shape), val), trend=before.trend(cfg))
     return model, before, val
 
 
@@ -190,9 +194,9 @@ class Static(Recommender):
 
     name = "static"
 
-    def __init__(self, model, graph):
+    def __init__(self, model, live: Live):
         super().__init__()
-        self.scorer, self.shape = Scorer(model, graph), graph.shape
+        self.scorer, self.shape = Scorer(model, live.pos, trend=live.trend(model.cfg)), live.shape
 
     def score(self, users, live):
         out = np.zeros((len(users), live.shape[1]), dtype=np.float32)
@@ -213,7 +217,7 @@ class Incremental(Recommender):
 
     def learn(self, live, batch):
         with torch.no_grad():
-            self.scorer = Scorer(self.model, live.pos)
+            self.scorer = Scorer(self.model, live.pos, trend=live.trend(self.model.cfg))
 
     def score(self, users, live):
         return served_scores(self.scorer, users)
@@ -319,7 +323,8 @@ def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 2
     t0 = time.time()
     model, fit_live, val = trained or train_at(stream, start, cfg, progress=progress)
     train_seconds = time.time() - t0
-    graph = Live(stream, start).pos
+    at_start = Live(stream, start)
+    graph = at_start.pos
     wanted = set(models or ("popularity", "itemknn", "static", "incremental", "incremental_retrain", "streaming"))
     chosen = []
     if "popularity" in wanted:
@@ -329,7 +334,7 @@ def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 2
         knn = tune_itemknn(fit_live.resized(graph.shape), val, k=k)
         chosen.append(ItemKNN(knn["k"], knn["shrink"]))
     if "static" in wanted:
-        chosen.append(Static(model, graph))
+        chosen.append(Static(model, at_start))
     if "incremental" in wanted:
         chosen.append(Incremental(model))
     if "incremental_retrain" in wanted:
@@ -349,6 +354,7 @@ def evaluate_stream(stream: Stream, cfg, train_fraction: float = 0.8, k: int = 2
         "model": {"dim": cfg.dim, "sharp_dim": cfg.sharp_dim, "low": model.low.tolist(),
                   "sharp": model.sharp.tolist(), "alpha": cfg.alpha, "lin_weights": cfg.lin_weights,
                   "lin_user_weights": cfg.lin_user_weights, "lin_topk": cfg.lin_topk,
-                  "item_bias": cfg.bias_temperature},
+                  "item_bias": cfg.bias_temperature, "bias_l2": cfg.bias_l2,
+                  "trend_halflife": cfg.trend_halflife, "trend_weight": cfg.trend_weight},
     }
     return result

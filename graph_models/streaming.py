@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .bias import fit_bias
+from .bias import fit_bias, prior, trend
 from .evaluation import evaluate
 from .model import InterestSAGE
 from .spectral import degrees, normalised
@@ -30,7 +30,7 @@ from .train import Scorer, train
 
 
 class Edges(NamedTuple):
-    """The live graph as parallel edge arrays: user and item rows, weight, first time seen (any unit)."""
+    """The live graph as parallel edge arrays: user and item rows, weight, first time seen (ms)."""
 
     u: np.ndarray
     i: np.ndarray
@@ -44,6 +44,11 @@ class Edges(NamedTuple):
         csr = sp.csr_matrix((np.maximum(self.w[keep], 0.0), (self.u[keep], self.i[keep])), shape=self.shape)
         csr.eliminate_zeros()
         return csr
+
+    def trend(self, halflife_days: float, keep=None) -> np.ndarray:
+        """`bias.trend` of the graph of the edges in `keep` (all by default)."""
+        pos = self.w > 0 if keep is None else keep & (self.w > 0)
+        return trend(self.i[pos], self.first[pos], self.shape[1], halflife_days)
 
 
 def with_coefficients(model: InterestSAGE, like: InterestSAGE) -> InterestSAGE:
@@ -109,12 +114,12 @@ def new_items_after(edges: Edges, before: np.ndarray, after: np.ndarray) -> dict
     return out
 
 
-def check(model: InterestSAGE, graph: sp.csr_matrix, truth: dict, k: int) -> dict:
-    """Recall@k and NDCG@k of the served ranking on `graph` for held-out `truth`."""
+def check(model: InterestSAGE, graph: sp.csr_matrix, truth: dict, k: int, item_trend=None) -> dict:
+    """Recall@k and NDCG@k of the served ranking on `graph` (whose trend is `item_trend`) for held-out `truth`."""
     if not truth:
         return {f"recall@{k}": 0.0, f"ndcg@{k}": 0.0, "users": 0}
     with torch.no_grad():
-        return evaluate(Scorer(model, graph), truth, graph, k)
+        return evaluate(Scorer(model, graph, trend=item_trend), truth, graph, k)
 
 
 def _key(metrics: dict, k: int) -> tuple:
@@ -150,6 +155,9 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
                            shape=edges.shape)
     fit_csr = g_before - g_before.multiply(hidden > 0)
     fit_csr.eliminate_zeros()
+    h = cfg.trend_halflife
+    trend_before = edges.trend(h, before) if cfg.trend_weight else None
+    trend_fit = edges.trend(h, before & (np.asarray(hidden[edges.u, edges.i]).ravel() == 0)) if cfg.trend_weight else None
     folded = fold_in(model, g_before)
     tuned = copy.deepcopy(folded)
     if targets:
@@ -161,10 +169,12 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
             if rounds:
                 train(tuned, fit_csr, targets, tcfg, progress=False)
             if tuned.biased:  # warm-started from the current biases (the new items' at 0)
-                tuned.bias = torch.from_numpy(fit_bias(Scorer(tuned, fit_csr, biased=False), fit_csr, targets, cfg,
-                                                       start=tuned.bias.numpy(), steps=cfg.bias_finetune_steps))
-    scores = {"current": check(model, g_before, truth, cfg.k), "folded": check(folded, g_before, truth, cfg.k),
-              "tuned": check(tuned, g_before, truth, cfg.k)}
+                tuned.bias = torch.from_numpy(fit_bias(
+                    Scorer(tuned, fit_csr, biased=False), fit_csr, targets, cfg, start=tuned.bias.numpy(),
+                    steps=cfg.bias_finetune_steps, extra=prior(cfg, fit_csr.shape[1], trend_fit),
+                    l2=cfg.bias_finetune_l2))
+    scores = {name: check(m, g_before, truth, cfg.k, trend_before)
+              for name, m in (("current", model), ("folded", folded), ("tuned", tuned))}
     # The search keeps its own best round (the folded start included), so the tuned model is the one
     # candidate; the folded one is scored to tell the two steps' shares apart.
     accepted = bool(truth) and _key(scores["tuned"], cfg.k) >= _key(scores["current"], cfg.k)

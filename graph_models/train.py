@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
-from .bias import fit_bias, with_bias
+from .bias import fit_bias, prior, with_bias
 from .evaluation import evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
@@ -31,14 +31,20 @@ def build(graph_csr, cfg, like=None):
 
 class Scorer:
     """Scores of users over all items of a graph: p_u . q_j + lin(u, j), the ranking the service serves
-    (with item biases: `bias.with_bias` of it)."""
+    (with item biases: `bias.with_bias` of it, the biases plus the live trend's prior, `trend` being
+    `bias.trend` of the graph's positive edges when the model reads one)."""
 
-    def __init__(self, model, graph_csr, biased: bool | None = None):
+    def __init__(self, model, graph_csr, biased: bool | None = None, trend=None):
         self.graph = graph_csr.astype(np.float64).tocsr()
         self.lin = LinearFilter.of(graph_csr, model.cfg)  # normalised from the graph as given, as before
         out = model.inference(graph_from_csr(self.graph))  # the DGL path the service's full recompute takes
         self.p, self.q = out["user"].float(), out["item"].float()
-        self.bias = model.bias.numpy() if (model.biased if biased is None else biased) else None
+        self.bias = None
+        if model.biased if biased is None else biased:
+            n = self.graph.shape[1]
+            b = np.zeros(n)
+            b[:min(n, model.num_items)] = model.bias.numpy()[:n]
+            self.bias = b + prior(model.cfg, n, trend)
 
     def __call__(self, users):
         users = np.asarray(users)
@@ -178,36 +184,40 @@ def _log(writer, row, progress):
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
-def fit_checked_bias(model, fit_csr, targets, cfg) -> dict:
+def fit_checked_bias(model, fit_csr, targets, cfg, trend=None) -> dict:
     """Item biases for `model`, kept only if they rank better: fitted on half the target users, they
-    must raise Recall@k (then NDCG@k) of the other half over the unbiased ranking; if so they are
-    fitted again on all targets, else left at zero (the ranking is then the unbiased one)."""
+    must raise Recall@k (then NDCG@k) of the other half over the ranking without them (with the
+    trend's prior alone, if any: `trend` of `fit_csr`); if so they are fitted again on all targets,
+    else left at zero."""
     base = Scorer(model, fit_csr, biased=False)
+    extra = prior(cfg, fit_csr.shape[1], trend)
     users = np.random.default_rng(cfg.seed).permutation(np.array(sorted(u for u, t in targets.items() if t)))
     half = len(users) // 2
     fit_on = {int(u): targets[int(u)] for u in users[:half]}
     check = {int(u): targets[int(u)] for u in users[half:][:cfg.sample_users]}
-    b = fit_bias(base, fit_csr, fit_on, cfg)
+    b = fit_bias(base, fit_csr, fit_on, cfg, extra=extra)
     key = (f"recall@{cfg.k}", f"ndcg@{cfg.k}")
     with torch.no_grad():
-        with_b = evaluate(lambda u: with_bias(base(u), b), check, fit_csr, cfg.k)
-        without = evaluate(base, check, fit_csr, cfg.k)
+        with_b = evaluate(lambda u: with_bias(base(u), b + extra), check, fit_csr, cfg.k)
+        without = evaluate(lambda u: with_bias(base(u), extra) if extra.any() else base(u), check, fit_csr, cfg.k)
     kept = bool(check) and tuple(with_b[m] for m in key) > tuple(without[m] for m in key)
-    model.bias = torch.from_numpy(fit_bias(base, fit_csr, targets, cfg) if kept else np.zeros(model.num_items))
+    b = fit_bias(base, fit_csr, targets, cfg, extra=extra) if kept else np.zeros(fit_csr.shape[1])
+    model.bias = torch.from_numpy(np.pad(b, (0, max(0, model.num_items - len(b))))[:model.num_items])
     return {"kept": kept, "check_with": with_b, "check_without": without}
 
 
-def fit(train_csr, cfg, progress=True, log_dir=None, split=None):
+def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None):
     """The whole recipe: hide `cfg.holdout` of each user's items (or use `split`, a pair (graph
     without the targets, targets), e.g. a time-ordered one), learn the responses on them with a basis
     of the rest, then rebuild the basis on the whole graph with the learned responses (and, with item
-    biases on, the biases fitted to the same targets if they pass `fit_checked_bias`'s check)."""
+    biases on, the biases fitted to the same targets if they pass `fit_checked_bias`'s check; `trend`
+    is the trend of the graph without the targets, for a model that reads one)."""
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
     t0 = time.time()
     first = build(fit_csr, cfg)
     result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
     if first.biased:
-        result["bias"] = fit_checked_bias(first, fit_csr, hidden, cfg)
+        result["bias"] = fit_checked_bias(first, fit_csr, hidden, cfg, trend)
     model = build(train_csr, cfg, like=first)
     result["basis_seconds"] = time.time() - t0 - result["seconds"]
     return model, result

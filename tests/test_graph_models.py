@@ -275,3 +275,25 @@ def test_training_keeps_item_biases_only_where_they_rank_better():
     kept = fit_checked_bias(model, csr, shared, cfg)
     assert kept["kept"] and model.bias[10] > 0
     assert kept["check_with"]["recall@3"] > kept["check_without"]["recall@3"]
+
+
+def test_the_live_trend_counts_new_adopters_by_recency_and_is_added_by_the_scorer():
+    """trend: new adopters decayed by the age of their first edge, 1 for the top item, the same whenever
+    computed; a trend-reading model adds weight x trend to its biases, and cannot score without one."""
+    day = bias.DAY_MS
+    items = np.array([0, 0, 1, 2, 2, 2])
+    first = np.array([10, 10, 10, 0, 0, 0]) * day  # two new adopters of 0 today; three of 2 ten days ago
+    t = bias.trend(items, first, 4, halflife_days=5.0)
+    assert t == pytest.approx([1.0, 0.5, 3 / 2 * 0.25, 0.0])
+    assert bias.trend(items, first + 400 * day, 4, 5.0) == pytest.approx(t, rel=1e-12)  # later: the same
+    assert not bias.trend(items[:0], first[:0], 4, 5.0).any()
+    csr, _ = matrix()
+    cfg = ModelConfig(dim=3, sharp_dim=1, bias_temperature=0.2, trend_halflife=5.0, trend_weight=0.4)
+    model = build(csr, cfg)
+    model.bias = torch.tensor([0.1, -0.2, 0.0, 0.3, 0.0], dtype=torch.float64)
+    t5 = bias.trend(items, first, 5, 5.0)
+    users = np.arange(4)
+    expected = bias.with_bias(Scorer(model, csr, biased=False)(users), model.bias.numpy() + 0.4 * t5)
+    assert torch.allclose(Scorer(model, csr, trend=t5)(users), expected)
+    with pytest.raises(ValueError, match="trend"):
+        Scorer(model, csr)

@@ -231,21 +231,24 @@ def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_
     assert copy.state.seq == seq
 
 
-@pytest.mark.parametrize("item_bias", [0.0, 0.2])
-def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias):
+@pytest.mark.parametrize("item_bias,trend_weight", [(0.0, 0.0), (0.2, 0.0), (0.2, 0.4)])
+def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias, trend_weight):
     """A version trained with the filter Online Retail's stream chose (log(1 + w) graph, binary user row),
-    without and with item biases."""
+    without and with item biases, and with the live trend next to them: the REST answers equal the
+    offline Scorer's on the graph in Neo4j, also after new events the copy patched in edge by edge."""
     from app.embeddings import store
     from app.embeddings.training import weights
+    from graph_models.bias import trend
     from graph_models.train import Scorer
     import copy
 
     import torch
 
     from app.embeddings.training import publish
+    settings = {"trend_halflife": 3.0, "trend_weight": trend_weight} if trend_weight else {}
     with Worker(cfg).holding() as holder:
         train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1, lin_weights="log1p",
-                          lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias)
+                          lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias, **settings)
         lm = models.current(driver, cfg)
         if item_bias:  # biases of every size and sign, whatever training's check kept
             model = copy.deepcopy(lm.model)
@@ -255,20 +258,34 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
     lm = models.current(driver, cfg)
     assert lm.mcfg.lin_weights == "log1p" and lm.mcfg.lin_user_weights == "binary"
     assert lm.model.biased == (item_bias > 0) and (lm.model.bias.abs().max() > 0) == (item_bias > 0)
-    with driver.session(database=cfg.neo4j_database) as s:
-        snap = s.execute_read(lambda tx: store.export(tx))
-    graph_csr = weights(snap, lm.meta)
-    rows = [k for k in range(len(snap.user_ids)) if graph_csr[k].nnz][::15]
-    scores = Scorer(lm.model, graph_csr)(rows).numpy().astype(np.float64)
-    for row, user in zip(scores, rows):
-        seen = set(graph_csr[user].indices) | {j for j, it in enumerate(snap.items)
-                                               if it["id"] in _all_items(driver, cfg, snap.user_ids[user])}
-        order = [j for j in np.argsort(-row, kind="stable") if j not in seen][:5]
-        answer = requests.get(f"{base_url}/v1/users/{snap.user_ids[user]}/recommendations", params={"k": 5},
-                              timeout=30).json()
-        assert answer["version"] == lm.version
-        got = [r["score"] for r in answer["results"]]
-        assert got == pytest.approx(list(row[order]), rel=1e-4, abs=1e-3 * abs(row[order][0]))
+    assert lm.mcfg.trend_weight == trend_weight
+    rng = random.Random(11)
+    for step in range(2):
+        if step:  # new shoppers, items and first edges, not yet refreshed: the copy patches them in
+            events = _events(rng, 40, 230, 45, "t")
+            for e in events[:20]:
+                e["ts"] = NOW + rng.randrange(86_400_000)  # a burst of new adopters, a day later
+            pipeline.ingest(driver, cfg, events)
+        with driver.session(database=cfg.neo4j_database) as s:
+            snap = s.execute_read(lambda tx: store.export(tx, times=True))
+        graph_csr = weights(snap, lm.meta)
+        item_rows = {it["id"]: j for j, it in enumerate(snap.items)}
+        cols = np.array([item_rows[i] for i in snap.edges_i])
+        pos = np.asarray(snap.w) > 0
+        t = trend(cols[pos], np.asarray(snap.first)[pos], len(snap.items), 3.0) if trend_weight else None
+        assert t is None or 0 < np.count_nonzero(t == 1.0) < len(t)
+        rows = [k for k in range(len(snap.user_ids)) if graph_csr[k].nnz][::15]
+        scores = Scorer(lm.model, graph_csr, trend=t)(rows).numpy().astype(np.float64)
+        for row, user in zip(scores, rows):
+            seen = set(graph_csr[user].indices) | {j for j, it in enumerate(snap.items)
+                                                   if it["id"] in _all_items(driver, cfg, snap.user_ids[user])}
+            order = [j for j in np.argsort(-row, kind="stable") if j not in seen][:5]
+            answer = requests.get(f"{base_url}/v1/users/{snap.user_ids[user]}/recommendations", params={"k": 5},
+                                  timeout=30).json()
+            assert answer["version"] == lm.version
+            assert [r["item_id"] for r in answer["results"]][:1] == [snap.items[order[0]]["id"]]
+            got = [r["score"] for r in answer["results"]]
+            assert got == pytest.approx(list(row[order]), rel=1e-4, abs=1e-3 * abs(row[order][0]))
 
 
 def _all_items(driver, cfg, user):

@@ -97,6 +97,24 @@ def test_streaming_item_biases_follow_what_shoppers_take_up():
     assert updates and any(u["accepted"] for u in updates)
 
 
+def test_a_live_trend_follows_what_shoppers_take_up_without_a_fine_tune():
+    """Hot items new to the shop have no learned bias; the live trend, read from the graph after each
+    batch, lifts them for `incremental` too, and `static` keeps the trend it was trained with."""
+    rows = trending(per=40)
+    stream = prequential.encode([r[0] for r in rows], [r[1] for r in rows],
+                                [int(r[2].timestamp() * 1000) for r in rows], [float(r[3]) for r in rows])
+    run = dict(train_fraction=0.5, k=5, batch_size=100, finetune_every=4, progress=False, rounds=0, replay=0)
+    base = dict(bias_temperature=0.2, lin_weights="log1p", lin_user_weights="binary", alpha=0.001)
+    plain = prequential.evaluate_stream(stream, small_cfg(**base), models=("incremental",), **run)["models"]
+    trended = prequential.evaluate_stream(stream, small_cfg(**base, trend_halflife=1.0, trend_weight=1.0),
+                                          models=("static", "incremental", "streaming"), **run)
+    m = trended["models"]
+    assert m["incremental"]["hr"] > 1.4 * plain["incremental"]["hr"]
+    assert m["incremental"]["hr"] > 1.4 * m["static"]["hr"]
+    assert trended["protocol"]["model"]["trend_weight"] == 1.0
+    assert trended["updates"]["streaming"]  # the fine-tune runs with the trend too
+
+
 def test_the_linear_filter_option_reaches_the_stream_models_and_the_default_is_unchanged():
     """`lin_weights`, `lin_user_weights` and `lin_topk` are what the stream's models score with; the
     defaults give the figures of the plain GF-CF filter."""
@@ -161,6 +179,19 @@ def test_cli_reads_any_csv_and_refuses_bad_flags(tmp_path, cfg):
     wrong = runner.invoke(main, ["evaluate", "stream", "--events", str(path), "--user-col", "user",
                                  "--item-col", "nope", "--ts-col", "when"])
     assert wrong.exit_code == 1 and "'nope'" in wrong.output
+    alone = runner.invoke(main, ["evaluate", "stream", "--events", str(path), "--user-col", "user",
+                                 "--item-col", "item", "--ts-col", "when", "--trend-weight", "0.2"])
+    assert alone.exit_code == 1 and "trend weight needs item biases" in alone.output
+
+
+def test_a_trend_weight_without_biases_is_refused_at_start(monkeypatch):
+    from app.config import load_config
+    monkeypatch.setenv("IG_TREND_WEIGHT", "0.2")
+    with pytest.raises(ValueError, match="IG_ITEM_BIAS"):
+        load_config()
+    monkeypatch.setenv("IG_ITEM_BIAS", "0.2")
+    monkeypatch.setenv("IG_ITEM_TREND", "3")
+    assert load_config().trend_weight == 0.2
 
 
 def _raw_events(rows, prefix="s", returns_every=23):

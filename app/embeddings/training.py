@@ -15,6 +15,7 @@ from app.config import Config
 from app.embeddings import models, store
 from app.embeddings.full import embed_full
 from graph_models import ModelConfig
+from graph_models.bias import trend
 from graph_models.checkpoint import save_checkpoint
 from graph_models.split import latest_holdout
 from graph_models.train import build, fit
@@ -26,10 +27,14 @@ def model_config(cfg: Config, **overrides) -> ModelConfig:
     """The model hyper-parameters for this deployment (sizes and training budget from Config)."""
     mcfg = ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, max_minutes=cfg.train_minutes,
                        lin_weights=cfg.lin_weights, lin_user_weights=cfg.lin_user_weights, alpha=cfg.model_alpha,
-                       bias_temperature=cfg.item_bias)
+                       bias_temperature=cfg.item_bias, bias_l2=cfg.bias_l2, trend_halflife=cfg.item_trend,
+                       trend_weight=cfg.trend_weight)
     for key, value in overrides.items():
         if value is not None:
             setattr(mcfg, key, value)
+    if mcfg.trend_weight and not (mcfg.bias_temperature > 0 and mcfg.trend_halflife > 0):
+        raise ValueError("a trend weight needs item biases (IG_ITEM_BIAS, --item-bias) and a trend half-life "
+                         "(IG_ITEM_TREND, --item-trend)")
     return mcfg
 
 
@@ -40,6 +45,14 @@ def _edge_matrix(snap: store.Snapshot, values) -> sp.csr_matrix:
     rows = np.fromiter((uidx[u] for u in snap.edges_u), dtype=np.int64, count=len(snap.edges_u))
     cols = np.fromiter((iidx[i] for i in snap.edges_i), dtype=np.int64, count=len(snap.edges_i))
     return sp.csr_matrix((values, (rows, cols)), shape=(len(uidx), len(iidx)))
+
+
+def _fit_trend(fit_csr: sp.csr_matrix, first: sp.csr_matrix, mcfg: ModelConfig):
+    """The items' trend on the graph the biases are fitted on, for a version that reads one (else None)."""
+    if not mcfg.trend_weight:
+        return None
+    g = fit_csr.tocoo()
+    return trend(g.col, np.asarray(first[g.row, g.col]).ravel(), fit_csr.shape[1], mcfg.trend_halflife)
 
 
 def weights(snap: store.Snapshot, meta: dict) -> sp.csr_matrix:
@@ -71,9 +84,10 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     result = {"metrics": {}, "seconds": 0.0, "epochs": 0, "popularity": {}}
     if train_model:
         # Item biases learn which items shoppers take up next: they are fitted on the latest edges.
-        split = latest_holdout(graph, _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64)),
-                               mcfg.holdout) if biased else None
-        model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version), split=split)
+        first = _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64)) if biased else None
+        split = latest_holdout(graph, first, mcfg.holdout) if biased else None
+        model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version), split=split,
+                            trend=_fit_trend(split[0], first, mcfg) if biased else None)
     else:
         model = build(graph, mcfg)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float)) and k != "epoch"}

@@ -28,13 +28,14 @@ def evaluate(cfg: Config, path, fmt: str, columns: dict, k: int = 20, train_frac
              batch_size: int | None = None, batch_minutes: float | None = None, retrain_every: int = 50,
              finetune_every: int = 10, replay: float = 1.0, models=None, engine: str = "memory",
              progress: bool = True, lin_weights: str = "raw", lin_topk: int = 0, alpha: float | None = None,
-             lin_user_weights: str | None = None, item_bias: float | None = None, finetune_rounds: int = 2) -> dict:
+             lin_user_weights: str | None = None, item_bias: float | None = None, finetune_rounds: int = 2,
+             **model_settings) -> dict:
     """The stream comparison on an event file; with engine "neo4j", `incremental` is measured through
     the real ingest, refresh and recommendation path (on an empty graph) instead of in memory.
 
     `lin_weights`, `lin_user_weights` and `lin_topk` choose our models' linear filter and `alpha` the
-    starting weight of their spectral part, `item_bias` the temperature of their item biases
-    (`graph_models.ModelConfig`; None keeps its default); the
+    starting weight of their spectral part, `item_bias` the temperature of their item biases;
+    `model_settings` are further ModelConfig fields (`graph_models.ModelConfig`; None keeps its default); the
     served query computes the default filter only, so the Neo4j engine takes the default filter alone."""
     if engine == "neo4j" and (lin_weights != "raw" or lin_user_weights not in (None, "raw") or lin_topk or item_bias):
         raise ValueError("--engine neo4j serves the default linear filter only "
@@ -47,7 +48,7 @@ def evaluate(cfg: Config, path, fmt: str, columns: dict, k: int = 20, train_frac
     if not batch_size and not batch_minutes:
         batch_size = max(1, math.ceil((len(stream.ts) - start) / DEFAULT_BATCHES))
     mcfg = model_config(cfg, k=k, lin_weights=lin_weights, lin_topk=lin_topk, alpha=alpha,
-                        lin_user_weights=lin_user_weights, bias_temperature=item_bias)
+                        lin_user_weights=lin_user_weights, bias_temperature=item_bias, **model_settings)
     started = time.monotonic()
     trained = prequential.train_at(stream, start, mcfg, progress=progress)
     train_seconds = round(time.monotonic() - started, 2)

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from app import cypher
 from app.embeddings import models
 from app.ids import erasure_key
-from graph_models.bias import with_bias
+from graph_models.bias import DAY_MS, prior, with_bias
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,17 @@ class Items:
 
 @dataclass(frozen=True)
 class Rows:
-    """Every edge of each user, raw stored weights of any sign, as CSR arrays (the base rows)."""
+    """Every edge of each user, raw stored weights of any sign and when each was first seen (ms), as
+    CSR arrays (the base rows)."""
 
     ptr: np.ndarray
     cols: np.ndarray
     w: np.ndarray
+    first: np.ndarray
 
-    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = self.ptr[r], self.ptr[r + 1]
-        return self.cols[a:b], self.w[a:b]
+        return self.cols[a:b], self.w[a:b], self.first[a:b]
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,14 @@ class State:
     base_csr: sp.csr_matrix  # the graph filter's R = f(w s) over the base's positive edges
     base_csc: sp.csc_matrix
     keep: np.ndarray  # users whose base row is current (others: the overlay's)
-    overlay: dict  # user row -> (item columns, raw weights): every edge of a row read since compaction
+    overlay: dict  # user row -> (item columns, raw weights, first times): a row's edges read since compaction
     over_csr: sp.csr_matrix
     over_csc: sp.csc_matrix
     du: np.ndarray
     di: np.ndarray
     dn: np.ndarray  # positive edges per item
+    tn: np.ndarray  # per item, the trend's sum over positive edges of 2^((first - anchor) / half-life)
+    anchor: float  # ms; only the ratio of two items' sums counts (graph_models.bias.trend)
     server_ms: int  # Neo4j's clock when this state began reading (for erasures and pending writes)
     erasures: frozenset = field(default_factory=frozenset)  # (key, at) applied
     pending: dict = field(default_factory=dict)  # signatures of the pending writes read (SERVING_SYNC)
@@ -116,12 +120,20 @@ class State:
         r = self.users.get(user_id, self.n_users)
         if r >= self.n_users:
             return np.zeros(0, dtype=np.int64), np.zeros(0), None
-        cols, w = self.overlay[r] if r in self.overlay else self.rows.row(r)
+        cols, w, _ = self.overlay[r] if r in self.overlay else self.rows.row(r)
         return cols, w, self.refreshed[r]
 
     @cached_property
     def _inv_du(self) -> np.ndarray:
         return np.divide(1.0, self.du, out=np.zeros_like(self.du), where=self.du > 0)
+
+    @cached_property
+    def _bias(self) -> np.ndarray | None:
+        """The version's item biases plus the live trend's prior (graph_models.bias), None without biases."""
+        if self.lm.bias is None:
+            return None
+        top = self.tn.max(initial=0.0)
+        return self.lm.bias[self.items.rows] + prior(self.lm.mcfg, self.n_items, self.tn / top if top > 0 else self.tn)
 
     @cached_property
     def _inv_sqrt_di(self) -> np.ndarray:
@@ -154,7 +166,7 @@ class State:
         (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
         q = self.lm.tables[1]
         s = (q @ p)[self.items.rows] + self.lin(cols, a)
-        return s if self.lm.bias is None else with_bias(s[None, :], self.lm.bias[self.items.rows])[0].numpy()
+        return s if self._bias is None else with_bias(s[None, :], self._bias)[0].numpy()
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS."""
@@ -222,12 +234,26 @@ def _filter_matrix(r: np.ndarray, c: np.ndarray, w: np.ndarray, shape: tuple, lm
     return sp.csr_matrix((filter_weights(lm)[0](w[pos] * lm.scale), (r[pos], c[pos])), shape=shape)
 
 
+def _trend_terms(first: np.ndarray, lm, anchor: float) -> np.ndarray:
+    """Each edge's part of its item's trend sum (State.tn); zeros for a version without a trend."""
+    halflife = getattr(lm.mcfg, "trend_halflife", 0.0)
+    if not (getattr(lm.mcfg, "trend_weight", 0.0) and halflife > 0):
+        return np.zeros(len(first))
+    return np.exp2((np.asarray(first, dtype=np.float64) - anchor) / (halflife * DAY_MS))
+
+
+def _trend_sums(rows: Rows, n_items: int, lm, anchor: float) -> np.ndarray:
+    """State.tn summed whole over the positive edges of `rows`."""
+    pos = rows.w > 0
+    return np.bincount(rows.cols[pos], weights=_trend_terms(rows.first[pos], lm, anchor), minlength=n_items)
+
+
 def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp.csr_matrix, sp.csc_matrix]:
     """The overlay's rows as users x items matrices of R."""
     if overlay:
-        r = np.concatenate([np.full(len(c), u, dtype=np.int64) for u, (c, _) in overlay.items()])
-        c = np.concatenate([c for c, _ in overlay.values()])
-        w = np.concatenate([w for _, w in overlay.values()])
+        r = np.concatenate([np.full(len(c), u, dtype=np.int64) for u, (c, _, _) in overlay.items()])
+        c = np.concatenate([c for c, _, _ in overlay.values()])
+        w = np.concatenate([w for _, w, _ in overlay.values()])
     else:
         r = c = np.zeros(0, dtype=np.int64)
         w = np.zeros(0)
@@ -355,11 +381,11 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     if st.epoch != epoch or sync["epoch"] != epoch:
         return _load(tx)
     # What this window holds, to skip next time: ("e", user, item) -> edge revision, ("i", item) -> item's.
-    pending = {("e", u, i): rev for u, i, rev, _ in sync["edges"]} | {("i", i): rev for i, rev in sync["items"]}
-    patches = {}  # user -> {item: raw weight} of the pending edges not read yet
-    for u, i, rev, w in sync["edges"]:
+    pending = {("e", u, i): rev for u, i, rev, _, _ in sync["edges"]} | {("i", i): rev for i, rev in sync["items"]}
+    patches = {}  # user -> {item: (raw weight, first time)} of the pending edges not read yet
+    for u, i, rev, w, first in sync["edges"]:
         if st.pending.get(("e", u, i)) != rev:
-            patches.setdefault(u, {})[i] = w
+            patches.setdefault(u, {})[i] = (w, first)
     changed_items = {i for i, rev in sync["items"] if st.pending.get(("i", i)) != rev}
     entries = sync["applied"]
     for _ in range(LOG_RETRIES):
@@ -400,12 +426,13 @@ def _load(tx) -> State | None:
         return None
     lm = models.load(info["path"], info["version"])
     users, item_index, refreshed = {}, {}, []
-    ptr, c, w = [0], [], []
+    ptr, c, w, first = [0], [], [], []
     for rec in tx.run(cypher.SERVING_EDGES):
         users[rec["u"]] = len(users)
         refreshed.append(rec["refreshed_at"])
         c.extend(item_index.setdefault(i, len(item_index)) for i in rec["items"])
         w.extend(rec["w"])
+        first.extend(rec["first"])
         ptr.append(len(c))
     item_rows = [dict(x) for x in tx.run(cypher.SERVING_ITEMS)]
     for x in item_rows:
@@ -414,13 +441,14 @@ def _load(tx) -> State | None:
     for i, j in item_index.items():
         item_ids[j] = i
     n_u, n_i = len(users), len(item_ids)
-    rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64))
+    rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64),
+                np.asarray(first, dtype=np.float64))
     base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_csc = _overlay_matrices({}, n_u, n_i, lm)
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
                base, base.tocsc(), np.ones(n_u, dtype=bool), {}, over_csr, over_csc, server_ms=now,
-               **_degrees(base))
+               tn=_trend_sums(rows, n_i, lm, float(now)), anchor=float(now), **_degrees(base))
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
 
@@ -432,26 +460,27 @@ def _compact(st: State) -> tuple[Rows, sp.csr_matrix]:
     r = np.repeat(np.arange(len(lengths)), lengths)
     kept = st.keep[r]
     over = sorted(st.overlay.items())
-    r = np.concatenate([r[kept]] + [np.full(len(c), u, dtype=np.int64) for u, (c, _) in over])
-    c = np.concatenate([st.rows.cols[kept]] + [c for _, (c, _) in over])
-    w = np.concatenate([st.rows.w[kept]] + [w for _, (_, w) in over])
+    r = np.concatenate([r[kept]] + [np.full(len(c), u, dtype=np.int64) for u, (c, _, _) in over])
+    c = np.concatenate([st.rows.cols[kept]] + [c for _, (c, _, _) in over])
+    w = np.concatenate([st.rows.w[kept]] + [w for _, (_, w, _) in over])
+    first = np.concatenate([st.rows.first[kept]] + [f for _, (_, _, f) in over])
     order = np.argsort(r, kind="stable")
-    r, c, w = r[order], c[order], w[order]
-    rows = Rows(np.searchsorted(r, np.arange(n_u + 1)), c, w)
+    r, c, w, first = r[order], c[order], w[order], first[order]
+    rows = Rows(np.searchsorted(r, np.arange(n_u + 1)), c, w, first)
     return rows, _filter_matrix(r, c, w, (n_u, st.n_items), st.lm)
 
 
 def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, erasures: frozenset,
            patches: dict) -> State:
     """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, and the edges of
-    `patches` (user -> {item: raw weight}) set, as of run `seq`."""
-    rows = {r["u"]: (r["items"], r["w"], r["refreshed_at"])
+    `patches` (user -> {item: (raw weight, first time)}) set, as of run `seq`."""
+    rows = {r["u"]: (r["items"], r["w"], r["first"], r["refreshed_at"])
             for r in (tx.run(cypher.SERVING_USER_EDGES, ids=user_ids) if user_ids else [])}
     users, index, ids = st.users, st.items.index, st.items.ids
     changed = list(user_ids) + sorted(patches)
     for u in changed:
         users.setdefault(u, len(users))
-    new_items = [i for its, _, _ in rows.values() for i in its if i not in index]
+    new_items = [i for its, _, _, _ in rows.values() for i in its if i not in index]
     new_items += [i for p in patches.values() for i in p if i not in index]
     for i in list(item_ids) + new_items:
         if i not in index:
@@ -465,42 +494,49 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     keep = _grown(st.keep, n_u, True)
     du = _grown(st.du, n_u, 0.0)
     refreshed = _grown(st.refreshed, n_u, None)
-    base_rows = Rows(_grown(st.rows.ptr, n_u + 1, st.rows.ptr[-1]), st.rows.cols, st.rows.w)
+    base_rows = Rows(_grown(st.rows.ptr, n_u + 1, st.rows.ptr[-1]), st.rows.cols, st.rows.w, st.rows.first)
     overlay = dict(st.overlay)
     base_csr, base_csc = _pad(st.base_csr, n_u, n_i), _pad(st.base_csc, n_u, n_i)
     f = filter_weights(st.lm)[0]
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
-    di, dn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0)
+    di, dn, tn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0), _grown(st.tn, n_i, 0.0)
     for u in changed:
         row = users[u]
-        old_cols, old_w = overlay[row] if row in overlay else base_rows.row(row)
+        old_cols, old_w, old_first = overlay[row] if row in overlay else base_rows.row(row)
         if u in patches:  # the row as it was, with the pending edges set
-            edges = dict(zip(old_cols.tolist(), old_w.tolist())) | {index[i]: w for i, w in patches[u].items()}
-            cols, w = np.fromiter(edges, dtype=np.int64, count=len(edges)), np.fromiter(edges.values(), np.float64)
+            edges = dict(zip(old_cols.tolist(), zip(old_w.tolist(), old_first.tolist())))
+            edges |= {index[i]: e for i, e in patches[u].items()}
+            cols = np.fromiter(edges, dtype=np.int64, count=len(edges))
+            w = np.fromiter((e[0] for e in edges.values()), np.float64, count=len(edges))
+            first = np.fromiter((e[1] for e in edges.values()), np.float64, count=len(edges))
         else:
-            its, w, refreshed[row] = rows.get(u, ([], [], None))
+            its, w, first, refreshed[row] = rows.get(u, ([], [], [], None))
             cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
-            w = np.asarray(w, dtype=np.float64)
-        overlay[row] = (cols, w)
+            w, first = np.asarray(w, dtype=np.float64), np.asarray(first, dtype=np.float64)
+        overlay[row] = (cols, w, first)
         keep[row] = False
         old_pos, pos = old_w > 0, w > 0
         np.subtract.at(di, old_cols[old_pos], f(old_w[old_pos] * st.lm.scale))
         np.subtract.at(dn, old_cols[old_pos], 1)
+        np.subtract.at(tn, old_cols[old_pos], _trend_terms(old_first[old_pos], st.lm, st.anchor))
         fw = f(w[pos] * st.lm.scale)
         np.add.at(di, cols[pos], fw)
         np.add.at(dn, cols[pos], 1)
+        np.add.at(tn, cols[pos], _trend_terms(first[pos], st.lm, st.anchor))
         du[row] = fw.sum()
     di[dn == 0] = 0.0
+    tn[dn == 0] = 0.0
     over_csr, over_csc = _overlay_matrices(overlay, n_u, n_i, st.lm)
     st = replace(st, seq=seq, n_users=n_u, items=items, rows=base_rows, refreshed=refreshed, base_csr=base_csr,
                  base_csc=base_csc, keep=keep, overlay=overlay, over_csr=over_csr, over_csc=over_csc, du=du,
-                 di=di, dn=dn, server_ms=now, erasures=erasures)
+                 di=di, dn=dn, tn=tn, server_ms=now, erasures=erasures)
     if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
         base_rows, base_csr = _compact(st)
         over_csr, over_csc = _overlay_matrices({}, n_u, n_i, st.lm)
         st = replace(st, rows=base_rows, base_csr=base_csr, base_csc=base_csr.tocsc(), keep=np.ones(n_u, dtype=bool),
-                     overlay={}, over_csr=over_csr, over_csc=over_csc, **_degrees(base_csr))
+                     overlay={}, over_csr=over_csr, over_csc=over_csc, tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
+                     **_degrees(base_csr))
     return st
 
 
