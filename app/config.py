@@ -112,7 +112,7 @@ class Config:
     item_bias: float = 0.0
     # With biases: the L2 weight of their fit at training, and a live trend prior next to them (the
     # half-life of new adopters in days, 0: none, and its weight; graph_models.bias.trend), which the
-    # serving copy reads from the live graph. Online Retail's stream evaluation chose 0.1, 3 and 0.4.
+    # serving copy reads from the live graph. Online Retail's stream evaluation chose 0.1, 3 and 0.2.
     bias_l2: float = 1e-3
     item_trend: float = 0.0
     trend_weight: float = 0.0
