@@ -280,11 +280,12 @@ RETURN a.seq AS seq, a.full AS full, a.users AS users, a.items AS items ORDER BY
 """
 
 # Every edge, one record per user: the positive ones feed the graph filter, all of them are the
-# user's seen items; with when the user's stored vector was last written.
+# user's seen items; with when the user's stored vector was last written, and when each edge was
+# first seen if `$first` (a version that reads the items' trend; else an empty list, nothing to ship).
 SERVING_EDGES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.first_ts, 0)) AS first,
-       toString(u.embedding_updated_at) AS refreshed_at
+RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w,
+       collect(CASE WHEN $first THEN coalesce(r.first_ts, 0) END) AS first, toString(u.embedding_updated_at) AS refreshed_at
 """
 
 SERVING_USER_EDGES = """
@@ -292,7 +293,7 @@ UNWIND $ids AS id
 OPTIONAL MATCH (u:User {id: id})
 OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
 WITH id, u, collect(CASE WHEN r IS NOT NULL THEN [i.id, coalesce(r.w, 0.0), coalesce(r.first_ts, 0)] END) AS e
-RETURN id AS u, [x IN e | x[0]] AS items, [x IN e | x[1]] AS w, [x IN e | x[2]] AS first,
+RETURN id AS u, [x IN e | x[0]] AS items, [x IN e | x[1]] AS w, [x IN e WHERE $first | x[2]] AS first,
        toString(u.embedding_updated_at) AS refreshed_at
 """
 
@@ -308,7 +309,7 @@ WITH s.epoch AS epoch, coalesce(s.seq, 0) AS head, timestamp() AS now
 CALL {
   MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
   WHERE r.ig_unseen = true AND r.changed_at >= $since
-  RETURN collect([u.id, i.id, r.rev, coalesce(r.w, 0.0), coalesce(r.first_ts, 0)]) AS edges
+  RETURN collect([u.id, i.id, r.rev, coalesce(r.w, 0.0), CASE WHEN $first THEN coalesce(r.first_ts, 0) ELSE 0 END]) AS edges
 }
 CALL {
   MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)

@@ -234,16 +234,22 @@ def _filter_matrix(r: np.ndarray, c: np.ndarray, w: np.ndarray, shape: tuple, lm
     return sp.csr_matrix((filter_weights(lm)[0](w[pos] * lm.scale), (r[pos], c[pos])), shape=shape)
 
 
+def _trended(lm) -> bool:
+    """Whether the version's ranking reads the items' trend (then the copy reads edges' first times)."""
+    return bool(getattr(lm.mcfg, "trend_weight", 0.0) and getattr(lm.mcfg, "trend_halflife", 0.0) > 0)
+
+
 def _trend_terms(first: np.ndarray, lm, anchor: float) -> np.ndarray:
     """Each edge's part of its item's trend sum (State.tn); zeros for a version without a trend."""
-    halflife = getattr(lm.mcfg, "trend_halflife", 0.0)
-    if not (getattr(lm.mcfg, "trend_weight", 0.0) and halflife > 0):
+    if not _trended(lm):
         return np.zeros(len(first))
-    return np.exp2((np.asarray(first, dtype=np.float64) - anchor) / (halflife * DAY_MS))
+    return np.exp2((np.asarray(first, dtype=np.float64) - anchor) / (lm.mcfg.trend_halflife * DAY_MS))
 
 
 def _trend_sums(rows: Rows, n_items: int, lm, anchor: float) -> np.ndarray:
     """State.tn summed whole over the positive edges of `rows`."""
+    if not _trended(lm):
+        return np.zeros(n_items)
     pos = rows.w > 0
     return np.bincount(rows.cols[pos], weights=_trend_terms(rows.first[pos], lm, anchor), minlength=n_items)
 
@@ -375,7 +381,7 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     if st is None:
         return _load(tx)
     sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
-                  erased_since=st.server_ms - ERASURE_MARGIN_MS).single()
+                  erased_since=st.server_ms - ERASURE_MARGIN_MS, first=_trended(st.lm)).single()
     if epoch is None:
         epoch, seq = sync["epoch"], sync["head"]
     if st.epoch != epoch or sync["epoch"] != epoch:
@@ -427,12 +433,12 @@ def _load(tx) -> State | None:
     lm = models.load(info["path"], info["version"])
     users, item_index, refreshed = {}, {}, []
     ptr, c, w, first = [0], [], [], []
-    for rec in tx.run(cypher.SERVING_EDGES):
+    for rec in tx.run(cypher.SERVING_EDGES, first=_trended(lm)):
         users[rec["u"]] = len(users)
         refreshed.append(rec["refreshed_at"])
         c.extend(item_index.setdefault(i, len(item_index)) for i in rec["items"])
         w.extend(rec["w"])
-        first.extend(rec["first"])
+        first.extend(rec["first"] or [0] * len(rec["items"]))
         ptr.append(len(c))
     item_rows = [dict(x) for x in tx.run(cypher.SERVING_ITEMS)]
     for x in item_rows:
@@ -475,7 +481,7 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, and the edges of
     `patches` (user -> {item: (raw weight, first time)}) set, as of run `seq`."""
     rows = {r["u"]: (r["items"], r["w"], r["first"], r["refreshed_at"])
-            for r in (tx.run(cypher.SERVING_USER_EDGES, ids=user_ids) if user_ids else [])}
+            for r in (tx.run(cypher.SERVING_USER_EDGES, ids=user_ids, first=_trended(st.lm)) if user_ids else [])}
     users, index, ids = st.users, st.items.index, st.items.ids
     changed = list(user_ids) + sorted(patches)
     for u in changed:
@@ -501,29 +507,34 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
     di, dn, tn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0), _grown(st.tn, n_i, 0.0)
+    trended = _trended(st.lm)
     for u in changed:
         row = users[u]
         old_cols, old_w, old_first = overlay[row] if row in overlay else base_rows.row(row)
         if u in patches:  # the row as it was, with the pending edges set
-            edges = dict(zip(old_cols.tolist(), zip(old_w.tolist(), old_first.tolist())))
-            edges |= {index[i]: e for i, e in patches[u].items()}
-            cols = np.fromiter(edges, dtype=np.int64, count=len(edges))
-            w = np.fromiter((e[0] for e in edges.values()), np.float64, count=len(edges))
-            first = np.fromiter((e[1] for e in edges.values()), np.float64, count=len(edges))
+            p = patches[u]
+            new = np.fromiter((index[i] for i in p), dtype=np.int64, count=len(p))
+            kept = ~np.isin(old_cols, new)
+            cols = np.concatenate([old_cols[kept], new])
+            w = np.concatenate([old_w[kept], np.fromiter((e[0] for e in p.values()), np.float64, count=len(p))])
+            first = np.concatenate([old_first[kept], np.fromiter((e[1] for e in p.values()), np.float64, count=len(p))])
         else:
             its, w, first, refreshed[row] = rows.get(u, ([], [], [], None))
             cols = np.fromiter((index[i] for i in its), dtype=np.int64, count=len(its))
-            w, first = np.asarray(w, dtype=np.float64), np.asarray(first, dtype=np.float64)
+            w = np.asarray(w, dtype=np.float64)
+            first = np.asarray(first, dtype=np.float64) if len(first) else np.zeros(len(w))
         overlay[row] = (cols, w, first)
         keep[row] = False
         old_pos, pos = old_w > 0, w > 0
         np.subtract.at(di, old_cols[old_pos], f(old_w[old_pos] * st.lm.scale))
         np.subtract.at(dn, old_cols[old_pos], 1)
-        np.subtract.at(tn, old_cols[old_pos], _trend_terms(old_first[old_pos], st.lm, st.anchor))
+        if trended:
+            np.subtract.at(tn, old_cols[old_pos], _trend_terms(old_first[old_pos], st.lm, st.anchor))
         fw = f(w[pos] * st.lm.scale)
         np.add.at(di, cols[pos], fw)
         np.add.at(dn, cols[pos], 1)
-        np.add.at(tn, cols[pos], _trend_terms(first[pos], st.lm, st.anchor))
+        if trended:
+            np.add.at(tn, cols[pos], _trend_terms(first[pos], st.lm, st.anchor))
         du[row] = fw.sum()
     di[dn == 0] = 0.0
     tn[dn == 0] = 0.0
