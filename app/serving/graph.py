@@ -240,9 +240,7 @@ def _trended(lm) -> bool:
 
 
 def _trend_terms(first: np.ndarray, lm, anchor: float) -> np.ndarray:
-    """Each edge's part of its item's trend sum (State.tn); zeros for a version without a trend."""
-    if not _trended(lm):
-        return np.zeros(len(first))
+    """Each edge's part of its item's trend sum (State.tn), for a version that reads the trend."""
     return np.exp2((np.asarray(first, dtype=np.float64) - anchor) / (lm.mcfg.trend_halflife * DAY_MS))
 
 
