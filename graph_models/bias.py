@@ -31,6 +31,11 @@ def with_bias(scores, bias) -> torch.Tensor:
 DAY_MS = 86_400_000
 
 
+def decayed(first_ms, anchor_ms: float, halflife_days: float) -> np.ndarray:
+    """Each edge's part of its item's trend: 2^((first seen - anchor) / half-life)."""
+    return np.exp2((np.asarray(first_ms, dtype=np.float64) - anchor_ms) / (halflife_days * DAY_MS))
+
+
 def trend(items, first_ms, n_items: int, halflife_days: float) -> np.ndarray:
     """Per item, the sum over its positive edges (`items`, first seen at `first_ms`) of
     2^(-age / half-life), divided by the largest: 1 for the most trending item, independent of when
@@ -38,8 +43,7 @@ def trend(items, first_ms, n_items: int, halflife_days: float) -> np.ndarray:
     items = np.asarray(items, dtype=np.int64)
     out = np.zeros(n_items)
     if len(items) and halflife_days > 0:
-        first = np.asarray(first_ms, dtype=np.float64)
-        np.add.at(out, items, np.exp2((first - first.max()) / (halflife_days * DAY_MS)))
+        np.add.at(out, items, decayed(first_ms, np.max(first_ms), halflife_days))
         out /= out.max()
     return out
 
@@ -47,15 +51,14 @@ def trend(items, first_ms, n_items: int, halflife_days: float) -> np.ndarray:
 def prior(cfg, n_items: int, item_trend=None) -> np.ndarray:
     """What the live trend adds to each item's bias under model settings `cfg` (zeros without one),
     `item_trend` being `trend` of the graph scored at cfg.trend_halflife."""
-    weight = getattr(cfg, "trend_weight", 0.0)
-    if not weight:
+    if not cfg.reads_trend:
         return np.zeros(n_items)
     if item_trend is None:
         raise ValueError("this model's ranking reads the items' trend: give the graph's first times")
     t = np.asarray(item_trend, dtype=np.float64)
     out = np.zeros(n_items)
     out[:min(len(t), n_items)] = t[:n_items]
-    return weight * out
+    return cfg.trend_weight * out
 
 
 def fit_bias(score_fn, graph, targets: dict, cfg, start=None, steps: int | None = None, extra=None,

@@ -45,6 +45,11 @@ class ModelConfig:
     trend_weight: float = 0.0
     k: int = 20
 
+    @property
+    def reads_trend(self) -> bool:
+        """Whether the ranking adds the items' live trend (it needs edges' first times)."""
+        return bool(self.trend_weight and self.trend_halflife > 0)
+
     def to_dict(self):
         """Plain JSON-able dict of the config."""
         return asdict(self)

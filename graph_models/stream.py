@@ -90,7 +90,7 @@ class Live:
 
     def trend(self, cfg):
         """The items' trend (`bias.trend`) for a model with settings `cfg` that reads one, else None."""
-        return self.edges().trend(cfg.trend_halflife) if getattr(cfg, "trend_weight", 0.0) else None
+        return self.edges().trend(cfg.trend_halflife) if cfg.reads_trend else None
 
     def resized(self, shape) -> sp.csr_matrix:
         """The positive weights padded to `shape` (a later, larger graph)."""

@@ -156,7 +156,7 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
     fit_csr = g_before - g_before.multiply(hidden > 0)
     fit_csr.eliminate_zeros()
     trend_before = trend_fit = None
-    if cfg.trend_weight:  # the trend of the graph each step scores on
+    if cfg.reads_trend:  # the trend of the graph each step scores on
         trend_before = edges.trend(cfg.trend_halflife, before)
         trend_fit = edges.trend(cfg.trend_halflife, before & (np.asarray(hidden[edges.u, edges.i]).ravel() == 0))
     folded = fold_in(model, g_before)

@@ -49,7 +49,7 @@ def _edge_matrix(snap: store.Snapshot, values) -> sp.csr_matrix:
 
 def _fit_trend(fit_csr: sp.csr_matrix, first: sp.csr_matrix, mcfg: ModelConfig):
     """The items' trend on the graph the biases are fitted on, for a version that reads one (else None)."""
-    if not mcfg.trend_weight:
+    if not mcfg.reads_trend:
         return None
     g = fit_csr.tocoo()
     return trend(g.col, np.asarray(first[g.row, g.col]).ravel(), fit_csr.shape[1], mcfg.trend_halflife)

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from app import cypher
 from app.embeddings import models
 from app.ids import erasure_key
-from graph_models.bias import DAY_MS, prior, with_bias
+from graph_models.bias import decayed, prior, with_bias
 
 log = logging.getLogger(__name__)
 
@@ -234,22 +234,13 @@ def _filter_matrix(r: np.ndarray, c: np.ndarray, w: np.ndarray, shape: tuple, lm
     return sp.csr_matrix((filter_weights(lm)[0](w[pos] * lm.scale), (r[pos], c[pos])), shape=shape)
 
 
-def _trended(lm) -> bool:
-    """Whether the version's ranking reads the items' trend (then the copy reads edges' first times)."""
-    return bool(getattr(lm.mcfg, "trend_weight", 0.0) and getattr(lm.mcfg, "trend_halflife", 0.0) > 0)
-
-
-def _trend_terms(first: np.ndarray, lm, anchor: float) -> np.ndarray:
-    """Each edge's part of its item's trend sum (State.tn), for a version that reads the trend."""
-    return np.exp2((np.asarray(first, dtype=np.float64) - anchor) / (lm.mcfg.trend_halflife * DAY_MS))
-
-
 def _trend_sums(rows: Rows, n_items: int, lm, anchor: float) -> np.ndarray:
-    """State.tn summed whole over the positive edges of `rows`."""
-    if not _trended(lm):
+    """State.tn summed whole over the positive edges of `rows` (zeros for a version without a trend)."""
+    if not lm.mcfg.reads_trend:
         return np.zeros(n_items)
     pos = rows.w > 0
-    return np.bincount(rows.cols[pos], weights=_trend_terms(rows.first[pos], lm, anchor), minlength=n_items)
+    return np.bincount(rows.cols[pos], weights=decayed(rows.first[pos], anchor, lm.mcfg.trend_halflife),
+                       minlength=n_items)
 
 
 def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp.csr_matrix, sp.csc_matrix]:
@@ -379,7 +370,7 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     if st is None:
         return _load(tx)
     sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
-                  erased_since=st.server_ms - ERASURE_MARGIN_MS, first=_trended(st.lm)).single()
+                  erased_since=st.server_ms - ERASURE_MARGIN_MS, first=st.lm.mcfg.reads_trend).single()
     if epoch is None:
         epoch, seq = sync["epoch"], sync["head"]
     if st.epoch != epoch or sync["epoch"] != epoch:
@@ -431,12 +422,12 @@ def _load(tx) -> State | None:
     lm = models.load(info["path"], info["version"])
     users, item_index, refreshed = {}, {}, []
     ptr, c, w, first = [0], [], [], []
-    for rec in tx.run(cypher.SERVING_EDGES, first=_trended(lm)):
+    for rec in tx.run(cypher.SERVING_EDGES, first=lm.mcfg.reads_trend):
         users[rec["u"]] = len(users)
         refreshed.append(rec["refreshed_at"])
         c.extend(item_index.setdefault(i, len(item_index)) for i in rec["items"])
         w.extend(rec["w"])
-        first.extend(rec["first"] or [0] * len(rec["items"]))
+        first.extend(rec["first"])  # empty for a version without a trend
         ptr.append(len(c))
     item_rows = [dict(x) for x in tx.run(cypher.SERVING_ITEMS)]
     for x in item_rows:
@@ -446,7 +437,7 @@ def _load(tx) -> State | None:
         item_ids[j] = i
     n_u, n_i = len(users), len(item_ids)
     rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64),
-                np.asarray(first, dtype=np.float64))
+                np.asarray(first, dtype=np.float64) if first else np.zeros(len(c)))
     base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_csc = _overlay_matrices({}, n_u, n_i, lm)
@@ -479,7 +470,7 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, and the edges of
     `patches` (user -> {item: (raw weight, first time)}) set, as of run `seq`."""
     rows = {r["u"]: (r["items"], r["w"], r["first"], r["refreshed_at"])
-            for r in (tx.run(cypher.SERVING_USER_EDGES, ids=user_ids, first=_trended(st.lm)) if user_ids else [])}
+            for r in (tx.run(cypher.SERVING_USER_EDGES, ids=user_ids, first=st.lm.mcfg.reads_trend) if user_ids else [])}
     users, index, ids = st.users, st.items.index, st.items.ids
     changed = list(user_ids) + sorted(patches)
     for u in changed:
@@ -505,7 +496,7 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
     di, dn, tn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0), _grown(st.tn, n_i, 0.0)
-    trended = _trended(st.lm)
+    trended, halflife = st.lm.mcfg.reads_trend, st.lm.mcfg.trend_halflife
     for u in changed:
         row = users[u]
         old_cols, old_w, old_first = overlay[row] if row in overlay else base_rows.row(row)
@@ -527,12 +518,12 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
         np.subtract.at(di, old_cols[old_pos], f(old_w[old_pos] * st.lm.scale))
         np.subtract.at(dn, old_cols[old_pos], 1)
         if trended:
-            np.subtract.at(tn, old_cols[old_pos], _trend_terms(old_first[old_pos], st.lm, st.anchor))
+            np.subtract.at(tn, old_cols[old_pos], decayed(old_first[old_pos], st.anchor, halflife))
         fw = f(w[pos] * st.lm.scale)
         np.add.at(di, cols[pos], fw)
         np.add.at(dn, cols[pos], 1)
         if trended:
-            np.add.at(tn, cols[pos], _trend_terms(first[pos], st.lm, st.anchor))
+            np.add.at(tn, cols[pos], decayed(first[pos], st.anchor, halflife))
         du[row] = fw.sum()
     di[dn == 0] = 0.0
     tn[dn == 0] = 0.0
