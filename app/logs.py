@@ -79,8 +79,9 @@ def init_app(app) -> None:
     def _give_id(response):
         if "ig_request_id" in g:
             response.headers["X-Request-ID"] = g.ig_request_id
-            access.debug("%s %s %d %.1fms", request.method, request.full_path.rstrip("?"),
-                         response.status_code, (time.perf_counter() - g.ig_request_t0) * 1000)
+            if access.isEnabledFor(logging.DEBUG):  # else not even the line's arguments are built
+                access.debug("%s %s %d %.1fms", request.method, request.full_path.rstrip("?"),
+                             response.status_code, (time.perf_counter() - g.ig_request_t0) * 1000)
         return response
 
     @app.teardown_request

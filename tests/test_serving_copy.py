@@ -78,6 +78,7 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
     monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
     rng = random.Random(7)
     overlay_sizes = []
+    overlaid = False  # whether explain's parts were checked on a row of the overlay
     for step in range(6):
         events = _events(rng, 8, 210, 43, f"s{step}-")  # new users and items among them
         pipeline.ingest(driver, cfg, events)
@@ -107,7 +108,18 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
             p = np.random.default_rng(1).normal(size=trained.tables[1].shape[1])
             sa, sb = _by_id(whole, whole.scores(p, a_cols, a_w)), _by_id(moved, moved.scores(p, b_cols, b_w))
             assert all(np.isclose(sb[k], v, rtol=1e-10, atol=1e-12) for k, v in sa.items())
+            # explain's parts (through the overlay when the user's row is in it) match item by item
+            pos_a, pos_b = a_w > 0, b_w > 0
+            if pos_a.any():
+                targets = [whole.items.ids[j] for j in range(0, whole.n_items, 7)]
+                pa = whole.parts(a_cols[pos_a], a_w[pos_a], np.asarray([whole.items.index[i] for i in targets]))
+                pb = moved.parts(b_cols[pos_b], b_w[pos_b], np.asarray([moved.items.index[i] for i in targets]))
+                order_a = np.argsort([whole.items.ids[c] for c in a_cols[pos_a]])
+                order_b = np.argsort([moved.items.ids[c] for c in b_cols[pos_b]])
+                assert np.allclose(pa[order_a], pb[order_b], rtol=1e-10, atol=1e-12 * np.abs(pa).max())
+                overlaid |= moved.users[u] in moved.overlay
     assert any(b < a for a, b in zip(overlay_sizes, overlay_sizes[1:])), overlay_sizes  # a compaction ran
+    assert overlaid
     assert ("u4", "i0") not in _edges(moved) and not any(u == "u4" for u, _ in _edges(moved))
     assert _by_id(moved, moved.items.category)["i1"] == "new"
     # The API answers on its own copy, at the latest run: the top of the copy read whole.

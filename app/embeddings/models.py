@@ -53,6 +53,14 @@ class LoadedModel:
         return x, q
 
     @cached_property
+    def q32(self) -> np.ndarray:
+        """The item table q in float32, as the offline Scorer scores: the API reads it whole per answer,
+        and half the bytes is most of that product's time on a busy host (docs/benchmarks.md)."""
+        out = self.tables[1].astype(np.float32)
+        out.flags.writeable = False
+        return out
+
+    @cached_property
     def bias(self) -> np.ndarray | None:
         """Item biases of every version row and 0 for the zero row, or None for a version without them."""
         if not self.model.biased:

@@ -19,6 +19,7 @@ compaction live in a small overlay over the base matrices, so a sync costs what 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -139,6 +140,14 @@ class State:
     def _inv_sqrt_di(self) -> np.ndarray:
         return np.divide(1.0, np.sqrt(self.di), out=np.zeros_like(self.di), where=self.di > 0)
 
+    @cached_property
+    def _base_t(self) -> sp.csr_matrix:
+        return self.base_csc.T  # R^T as CSR: built once per state, not per answer
+
+    @cached_property
+    def _over_t(self) -> sp.csr_matrix:
+        return self.over_csc.T
+
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
         R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
@@ -150,9 +159,9 @@ class State:
         if self.overlay:
             z = z * self.keep + self.over_csr @ y
         w = z * self._inv_du
-        t = self.base_csc.T @ (w * self.keep if self.overlay else w)
+        t = self._base_t @ (w * self.keep if self.overlay else w)
         if self.overlay:
-            t += self.over_csc.T @ w
+            t += self._over_t @ w
         return t * isd
 
     def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -164,8 +173,7 @@ class State:
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
         (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
-        q = self.lm.tables[1]
-        s = (q @ p)[self.items.rows] + self.lin(cols, a)
+        s = (self.lm.q32 @ p.astype(np.float32))[self.items.rows] + self.lin(cols, a)
         return s if self._bias is None else with_bias(s[None, :], self._bias)[0].numpy()
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -173,16 +181,19 @@ class State:
         x, q = self.lm.tables
         s = self.lm.scale
         inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
-        co = (self._columns(cols).T @ self._columns(targets).multiply(self._inv_du[:, None]).tocsc()).toarray()
+        # co[i, j] = sum_u R[u, i] R[u, j] / d_u: the targets' columns dense (users x targets) under the
+        # own items' rows of R^T; half the time of a sparse-sparse product here (docs/benchmarks.md).
+        w = np.ascontiguousarray((self._rows_t(targets).toarray() * self._inv_du).T)
+        co = self._rows_t(cols) @ w
         fa = filter_weights(self.lm)[1](a * s)
         isd = self._inv_sqrt_di
         return inner + (fa * isd[cols])[:, None] * co * isd[targets][None, :]
 
-    def _columns(self, cols: np.ndarray) -> sp.csc_matrix:
-        """The current columns `cols` of R (users x len(cols))."""
+    def _rows_t(self, items: np.ndarray) -> sp.csr_matrix:
+        """The current rows `items` of R^T (len(items) x users)."""
         if not self.overlay:
-            return self.base_csc[:, cols]
-        return sp.diags(self.keep.astype(np.float64)) @ self.base_csc[:, cols] + self.over_csc[:, cols]
+            return self._base_t[items]
+        return self._base_t[items] @ sp.diags(self.keep.astype(np.float64)) + self._over_t[items]
 
     def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
              embedded: bool = True) -> np.ndarray:
@@ -205,9 +216,10 @@ class State:
             idx = idx[np.argpartition(-scores[idx], k - 1)[:k]]
         idx = idx[np.argsort(-scores[idx], kind="stable")]
         items = self.items
-        return [{"item_id": items.ids[j], "score": float(scores[j]), "title": items.title[j],
-                 "category": items.category[j], "price": None if np.isnan(items.price[j]) else float(items.price[j])}
-                for j in idx]
+        price = items.price[idx]
+        return [{"item_id": items.ids[j], "score": s, "title": t, "category": c, "price": None if math.isnan(p) else p}
+                for j, s, t, c, p in zip(idx.tolist(), scores[idx].tolist(), items.title[idx].tolist(),
+                                         items.category[idx].tolist(), price.tolist())]
 
 
 def _pad(m, rows: int, cols: int):
