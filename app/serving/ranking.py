@@ -84,10 +84,13 @@ def _explain(st, cols, a, results: list[dict]) -> None:
     """Each result's `because`: the user's own items with the largest parts of its score (EXPLAIN_ITEMS)."""
     targets = np.asarray([st.items.index[r["item_id"]] for r in results], dtype=np.int64)
     parts = st.parts(cols, a, targets)
-    for j, r in enumerate(results):
-        order = np.argsort(-parts[:, j], kind="stable")[:EXPLAIN_TOP]
-        r["because"] = [{"item_id": st.items.ids[cols[i]], "title": st.items.title[cols[i]],
-                         "weight": float(a[i] * st.lm.scale), "contribution": float(parts[i, j])} for i in order]
+    order = np.argsort(-parts, axis=0, kind="stable")[:EXPLAIN_TOP]  # per result, its largest parts
+    own, weight = cols[order].T.tolist(), (a * st.lm.scale)[order].T.tolist()
+    part = np.take_along_axis(parts, order, axis=0).T.tolist()
+    ids, title = st.items.ids, st.items.title
+    for r, cs, ws, ps in zip(results, own, weight, part):
+        r["because"] = [{"item_id": ids[c], "title": title[c], "weight": w, "contribution": x}
+                        for c, w, x in zip(cs, ws, ps)]
 
 
 def similar(open_session, st: graph.State | None, item_id: str, k: int, filters: Filters) -> dict:
