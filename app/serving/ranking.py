@@ -84,7 +84,9 @@ def _explain(st, cols, a, results: list[dict]) -> None:
     """Each result's `because`: the user's own items with the largest parts of its score (EXPLAIN_ITEMS)."""
     targets = np.asarray([st.items.index[r["item_id"]] for r in results], dtype=np.int64)
     parts = st.parts(cols, a, targets)
-    order = np.argsort(-parts, axis=0, kind="stable")[:EXPLAIN_TOP]  # per result, its largest parts
+    k = min(EXPLAIN_TOP, len(cols))  # per result, its k largest parts (argpartition), then in order
+    top = np.argpartition(-parts, k - 1, axis=0)[:k]
+    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(parts, top, 0), axis=0, kind="stable"), 0)
     own, weight = cols[order].T.tolist(), (a * st.lm.scale)[order].T.tolist()
     part = np.take_along_axis(parts, order, axis=0).T.tolist()
     ids, title = st.items.ids, st.items.title
