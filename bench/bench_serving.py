@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+import psutil
 import requests
 
 from app import cypher
@@ -120,23 +121,54 @@ def vegeta_binary() -> str:
     return found
 
 
-def vegeta(url: str, users: list[str], query: str, rate: int, seconds: int, workdir: str) -> dict:
+def _cpu(server: psutil.Process) -> dict[int, float]:
+    """CPU seconds so far of each of the server's worker processes."""
+    out = {}
+    for proc in server.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def vegeta(url: str, users: list[str], query: str, rate: int, seconds: int, workdir: str,
+           server: psutil.Process) -> dict:
     """One open-loop vegeta run at `rate` requests/s over shoppers drawn from `users`: p50, p99 (ms),
-    achieved rate, failures."""
+    achieved rate, failures; and what to read them against: the workers' CPU per request (ms), the
+    busiest worker's share of it (a client's connections stay with the worker that accepted them) and
+    the share of the machine's CPU time the host stole."""
     rng = random.Random(rate)
     targets = os.path.join(workdir, "targets.txt")
     with open(targets, "w") as fh:
         for user in rng.choices(users, k=rate * seconds):
             fh.write(f"GET {url}/v1/users/{quote(user, safe='')}/recommendations?k=20{query}\n\n")
     binary = vegeta_binary()
+    cpu0, host0 = _cpu(server), psutil.cpu_times()
     attack = subprocess.Popen([binary, "attack", f"-rate={rate}/s", f"-duration={seconds}s", f"-targets={targets}",
                                "-timeout=60s"], stdout=subprocess.PIPE)
     report = subprocess.run([binary, "report", "-type=json"], stdin=attack.stdout, capture_output=True, check=True)
     attack.wait()
+    used = {pid: t - cpu0.get(pid, 0.0) for pid, t in _cpu(server).items()}
+    host1 = psutil.cpu_times()
     r = json.loads(report.stdout)
     latencies = r["latencies"]
+    total = sum(used.values())
     return {"p50": latencies["50th"] / 1e6, "p99": latencies["99th"] / 1e6, "rps": r["throughput"],
-            "failures": r["requests"] - round(r["success"] * r["requests"]), "requests": r["requests"]}
+            "failures": r["requests"] - round(r["success"] * r["requests"]), "requests": r["requests"],
+            "cpu_ms": 1000 * total / max(r["requests"], 1), "busiest": max(used.values(), default=0) / (total or 1),
+            "steal": (host1.steal - host0.steal) / (_all(host1) - _all(host0) or 1)}
+
+
+def _all(t) -> float:
+    """All of the machine's CPU time in psutil's times (Linux; guest time is inside user time)."""
+    return t.user + t.nice + t.system + t.idle + t.iowait + t.irq + t.softirq + t.steal
+
+
+def _row(r: dict) -> str:
+    return (f"{r['rps']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} {r['failures']:6d} {r['cpu_ms']:7.2f} "
+            f"{100 * r['busiest']:7.0f}% {100 * r['steal']:5.1f}%")
 
 
 def ladder(url: str, probe_user: str, run, rates: str) -> int | None:
@@ -146,8 +178,7 @@ def ladder(url: str, probe_user: str, run, rates: str) -> int | None:
         settle(url, probe_user)
         r = run(rate)
         ok = r["rps"] >= 0.95 * rate and r["failures"] == 0 and r["p99"] <= 50
-        print(f"  ladder plain {rate:8d} {r['rps']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} "
-              f"{r['failures']:6d}  {'held' if ok else 'not held'}", flush=True)
+        print(f"  ladder plain {rate:8d} {_row(r)}  {'held' if ok else 'not held'}", flush=True)
         if not ok:
             break
         held = rate
@@ -200,16 +231,17 @@ def main() -> None:
                 break
         with tempfile.TemporaryDirectory() as workdir:
             def run(query, rate):
-                return vegeta(url, users, query, rate, args.seconds, workdir)
-            print("\nunder load from vegeta (open loop), loopback, k = 20")
-            print(f"  {'variant':12s} {'offered':>8s} {'achieved':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'failed':>6s}")
+                return vegeta(url, users, query, rate, args.seconds, workdir, psutil.Process(server.pid))
+            print("\nunder load from vegeta (open loop), loopback, k = 20; API CPU per request, the busiest"
+                  " worker's share of it, CPU stolen by the host")
+            print(f"  {'variant':12s} {'offered':>8s} {'achieved':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'failed':>6s}"
+                  f" {'cpu ms':>7s} {'busiest':>8s} {'steal':>6s}")
             held = ladder(url, users[0], lambda rate: run("", rate), args.ladder)
             for variant, query in VARIANTS.items():
                 for rate in map(int, args.rates.split(",")):
                     settle(url, users[0])
                     r = run(query, rate)
-                    print(f"  {variant:12s} {rate:8d} {r['rps']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} "
-                          f"{r['failures']:6d}", flush=True)
+                    print(f"  {variant:12s} {rate:8d} {_row(r)}", flush=True)
             print(f"\nhighest rate held with p99 <= 50 ms: {held or 'none of the ladder'} requests/s")
     finally:
         server.terminate()
