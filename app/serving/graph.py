@@ -98,11 +98,11 @@ class State:
     rows: Rows  # the base rows (all edges, raw weights)
     refreshed: np.ndarray  # per user row: when the stored vector was written (ISO string) or None
     base_csr: sp.csr_matrix  # the graph filter's R = f(w s) over the base's positive edges
-    base_csc: sp.csc_matrix
+    base_t: sp.csr_matrix  # R^T (items x users): the second product and explain's item rows
     keep: np.ndarray  # users whose base row is current (others: the overlay's)
     overlay: dict  # user row -> (item columns, raw weights, first times): a row's edges read since compaction
     over_csr: sp.csr_matrix
-    over_csc: sp.csc_matrix
+    over_t: sp.csr_matrix
     du: np.ndarray
     di: np.ndarray
     dn: np.ndarray  # positive edges per item
@@ -140,14 +140,6 @@ class State:
     def _inv_sqrt_di(self) -> np.ndarray:
         return np.divide(1.0, np.sqrt(self.di), out=np.zeros_like(self.di), where=self.di > 0)
 
-    @cached_property
-    def _base_t(self) -> sp.csr_matrix:
-        return self.base_csc.T  # R^T as CSR: built once per state, not per answer
-
-    @cached_property
-    def _over_t(self) -> sp.csr_matrix:
-        return self.over_csc.T
-
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
         R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
@@ -159,9 +151,9 @@ class State:
         if self.overlay:
             z = z * self.keep + self.over_csr @ y
         w = z * self._inv_du
-        t = self._base_t @ (w * self.keep if self.overlay else w)
+        t = self.base_t @ (w * self.keep if self.overlay else w)
         if self.overlay:
-            t += self._over_t @ w
+            t += self.over_t @ w
         return t * isd
 
     def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -192,8 +184,8 @@ class State:
     def _rows_t(self, items: np.ndarray) -> sp.csr_matrix:
         """The current rows `items` of R^T (len(items) x users)."""
         if not self.overlay:
-            return self._base_t[items]
-        return self._base_t[items] @ sp.diags(self.keep.astype(np.float64)) + self._over_t[items]
+            return self.base_t[items]
+        return self.base_t[items] @ sp.diags(self.keep.astype(np.float64)) + self.over_t[items]
 
     def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
              embedded: bool = True) -> np.ndarray:
@@ -223,14 +215,11 @@ class State:
 
 
 def _pad(m, rows: int, cols: int):
-    """`m` grown to rows x cols with empty rows and columns (no copy of the entries)."""
+    """CSR `m` grown to rows x cols with empty rows and columns (no copy of the entries)."""
     if m.shape == (rows, cols):
         return m
-    if sp.isspmatrix_csr(m):
-        indptr = np.concatenate([m.indptr, np.full(rows - m.shape[0], m.indptr[-1])])
-        return sp.csr_matrix((m.data, m.indices, indptr), shape=(rows, cols))
-    indptr = np.concatenate([m.indptr, np.full(cols - m.shape[1], m.indptr[-1])])
-    return sp.csc_matrix((m.data, m.indices, indptr), shape=(rows, cols))
+    indptr = np.concatenate([m.indptr, np.full(rows - m.shape[0], m.indptr[-1])])
+    return sp.csr_matrix((m.data, m.indices, indptr), shape=(rows, cols))
 
 
 def _grown(a: np.ndarray, n: int, fill) -> np.ndarray:
@@ -255,8 +244,8 @@ def _trend_sums(rows: Rows, n_items: int, lm, anchor: float) -> np.ndarray:
                        minlength=n_items)
 
 
-def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp.csr_matrix, sp.csc_matrix]:
-    """The overlay's rows as users x items matrices of R."""
+def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """The overlay's rows as R (users x items) and R^T, both CSR."""
     if overlay:
         r = np.concatenate([np.full(len(c), u, dtype=np.int64) for u, (c, _, _) in overlay.items()])
         c = np.concatenate([c for c, _, _ in overlay.values()])
@@ -265,7 +254,7 @@ def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp
         r = c = np.zeros(0, dtype=np.int64)
         w = np.zeros(0)
     m = _filter_matrix(r, c, w, (n_users, n_items), lm)
-    return m, m.tocsc()
+    return m, m.tocsc().T
 
 
 def _item_arrays(rows: list[dict], lm, index: dict, ids: list, old: Items | None, n: int) -> Items:
@@ -452,9 +441,9 @@ def _load(tx) -> State | None:
                 np.asarray(first, dtype=np.float64) if first else np.zeros(len(c)))
     base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
-    over_csr, over_csc = _overlay_matrices({}, n_u, n_i, lm)
+    over_csr, over_t = _overlay_matrices({}, n_u, n_i, lm)
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
-               base, base.tocsc(), np.ones(n_u, dtype=bool), {}, over_csr, over_csc, server_ms=now,
+               base, base.tocsc().T, np.ones(n_u, dtype=bool), {}, over_csr, over_t, server_ms=now,
                tn=_trend_sums(rows, n_i, lm, float(now)), anchor=float(now), **_degrees(base))
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
@@ -503,7 +492,7 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     refreshed = _grown(st.refreshed, n_u, None)
     base_rows = Rows(_grown(st.rows.ptr, n_u + 1, st.rows.ptr[-1]), st.rows.cols, st.rows.w, st.rows.first)
     overlay = dict(st.overlay)
-    base_csr, base_csc = _pad(st.base_csr, n_u, n_i), _pad(st.base_csc, n_u, n_i)
+    base_csr, base_t = _pad(st.base_csr, n_u, n_i), _pad(st.base_t, n_i, n_u)
     f = filter_weights(st.lm)[0]
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
@@ -539,15 +528,15 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
         du[row] = fw.sum()
     di[dn == 0] = 0.0
     tn[dn == 0] = 0.0
-    over_csr, over_csc = _overlay_matrices(overlay, n_u, n_i, st.lm)
+    over_csr, over_t = _overlay_matrices(overlay, n_u, n_i, st.lm)
     st = replace(st, seq=seq, n_users=n_u, items=items, rows=base_rows, refreshed=refreshed, base_csr=base_csr,
-                 base_csc=base_csc, keep=keep, overlay=overlay, over_csr=over_csr, over_csc=over_csc, du=du,
+                 base_t=base_t, keep=keep, overlay=overlay, over_csr=over_csr, over_t=over_t, du=du,
                  di=di, dn=dn, tn=tn, server_ms=now, erasures=erasures)
     if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
         base_rows, base_csr = _compact(st)
-        over_csr, over_csc = _overlay_matrices({}, n_u, n_i, st.lm)
-        st = replace(st, rows=base_rows, base_csr=base_csr, base_csc=base_csr.tocsc(), keep=np.ones(n_u, dtype=bool),
-                     overlay={}, over_csr=over_csr, over_csc=over_csc, tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
+        over_csr, over_t = _overlay_matrices({}, n_u, n_i, st.lm)
+        st = replace(st, rows=base_rows, base_csr=base_csr, base_t=base_csr.tocsc().T, keep=np.ones(n_u, dtype=bool),
+                     overlay={}, over_csr=over_csr, over_t=over_t, tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
                      **_degrees(base_csr))
     return st
 
