@@ -92,6 +92,7 @@ class Config:
     port: int = 8000
     workers: int = 2
     threads: int = 4  # request threads per worker process
+    keepalive_requests: int = 100  # answers a client connection carries on average before a reconnect (0: no limit)
     home: Path = Path.home() / ".local" / "share" / "interest-graph"
     cache: Path = Path.home() / ".cache" / "interest-graph"
     neo4j_heap: str = "2g"
@@ -202,6 +203,7 @@ def load_config(**overrides) -> Config:
         port=_env(env, "IG_PORT", Config.port, int),
         workers=_env(env, "IG_WORKERS", Config.workers, int),
         threads=_env(env, "IG_THREADS", Config.threads, int),
+        keepalive_requests=_env(env, "IG_KEEPALIVE_REQUESTS", Config.keepalive_requests, int),
         home=_env(env, "IG_HOME", Config.home, Path),
         cache=_env(env, "IG_CACHE", Config.cache, Path),
         neo4j_heap=_env(env, "IG_NEO4J_HEAP", Config.neo4j_heap),
@@ -257,6 +259,9 @@ def load_config(**overrides) -> Config:
     if not values.get("auth", True) and values["host"] not in LOOPBACK:
         raise ConfigError(f"IG_AUTH=off is for local runs only, but IG_HOST={values['host']} is not a loopback "
                          "address: set the tokens (IG_SERVICE_TOKEN, IG_PRIVACY_TOKEN) instead")
+    if values["keepalive_requests"] < 0:
+        raise ConfigError("IG_KEEPALIVE_REQUESTS must be 0 (no limit) or a number of answers, "
+                          f"not {values['keepalive_requests']}")
     if values["trend_weight"] and not (values["item_bias"] > 0 and values["item_trend"] > 0):
         raise ConfigError("IG_TREND_WEIGHT needs item biases (IG_ITEM_BIAS > 0) and a trend half-life (IG_ITEM_TREND > 0)")
     return Config(**values)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import random
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -30,3 +31,22 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass
+
+
+def spread_connections(wsgi, every: int):
+    """`wsgi` asking the client to reconnect (`Connection: close`) after one answer in `every` on
+    average, so that one client's requests spread over the server's worker processes.
+
+    Granian keeps a connection with the process that accepted it, and a client that reuses its most
+    recently idle connection (Go's, vegeta's) sends most of its requests down one or two of them: one
+    of two workers took 78-100% of the requests at 100-400 requests/s and queued while the other
+    idled (docs/benchmarks.md). A new connection goes to whichever process accepts it first. Random
+    rather than counted: WSGI does not say which connection a request came on.
+    """
+    def app(environ, start_response):
+        def start(status, headers, exc_info=None):
+            if random.random() * every < 1:
+                headers = [*headers, ("Connection", "close")]
+            return start_response(status, headers, exc_info)
+        return wsgi(environ, start)
+    return app
