@@ -149,6 +149,8 @@ class Config:
     serving_sync_wait: float = 0.25
     serving_poll: float = 0.5
     serving_max_age: float = 1.0
+    # explain's item-item table (dense, items^2 x 8 bytes per API process) while within this bound
+    explain_table_mb: float = 256
     interest_history: int = 20  # refreshes whose drift each user keeps
     # logs
     log_level: str = "INFO"
@@ -243,6 +245,7 @@ def load_config(**overrides) -> Config:
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
         serving_poll=_env(env, "IG_SERVING_POLL", Config.serving_poll, float),
         serving_max_age=_env(env, "IG_SERVING_MAX_AGE", Config.serving_max_age, float),
+        explain_table_mb=_env(env, "IG_EXPLAIN_TABLE_MB", Config.explain_table_mb, float),
         interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
         finetune_cron=_env(env, "IG_FINETUNE_CRON"),
         finetune_recent_days=_env(env, "IG_FINETUNE_RECENT_DAYS", Config.finetune_recent_days, float),
@@ -262,6 +265,8 @@ def load_config(**overrides) -> Config:
     if values["keepalive_requests"] < 0:
         raise ConfigError("IG_KEEPALIVE_REQUESTS must be 0 (no limit) or a number of answers, "
                           f"not {values['keepalive_requests']}")
+    if values["explain_table_mb"] < 0:
+        raise ConfigError(f"IG_EXPLAIN_TABLE_MB must be 0 (no table) or a size in MB, not {values['explain_table_mb']}")
     if values["trend_weight"] and not (values["item_bias"] > 0 and values["item_trend"] > 0):
         raise ConfigError("IG_TREND_WEIGHT needs item biases (IG_ITEM_BIAS > 0) and a trend half-life (IG_ITEM_TREND > 0)")
     return Config(**values)

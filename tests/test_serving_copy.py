@@ -70,17 +70,18 @@ def trained(cfg, driver):
     return models.current(driver, cfg)
 
 
-def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url):
+@pytest.mark.parametrize("table_mb", [256, 0], ids=["explain-table", "no-table"])
+def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url, table_mb):
     monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
-    copy.at(*_head(driver, cfg))
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=30, table_mb=table_mb)
+    assert (copy.at(*_head(driver, cfg)).table is not None) == (table_mb > 0)
     loads = []
-    monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
+    monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
     rng = random.Random(7)
     overlay_sizes = []
     overlaid = False  # whether explain's parts were checked on a row of the overlay
     for step in range(6):
-        events = _events(rng, 8, 210, 43, f"s{step}-")  # new users and items among them
+        events = _events(rng, 8, 210, 43, f"s{table_mb}.{step}-")  # new users and items among them
         pipeline.ingest(driver, cfg, events)
         if step == 2:
             writer.delete_user(driver, cfg.neo4j_database, "u4")
@@ -90,7 +91,7 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
         moved = copy.at(*_head(driver, cfg))
         assert not loads  # applied from the log, not read whole
         overlay_sizes.append(len(moved.overlay))
-        whole = graph.Copy(driver, cfg.neo4j_database, wait=30).at(*_head(driver, cfg))
+        whole = graph.Copy(driver, cfg.neo4j_database, wait=30, table_mb=table_mb).at(*_head(driver, cfg))
         loads.clear()
         assert moved.seq == whole.seq and moved.lm.version == whole.lm.version
         assert _edges(moved) == pytest.approx(_edges(whole), rel=1e-15)
@@ -143,7 +144,7 @@ def test_a_copy_synced_right_after_each_run_never_reads_everything_again(cfg, dr
     copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
     copy.at(*_head(driver, cfg))
     loads = []
-    monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
+    monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
     done = threading.Event()
 
     def runs():
@@ -280,22 +281,27 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
             pipeline.ingest(driver, cfg, events)
         with driver.session(database=cfg.neo4j_database) as s:
             snap = s.execute_read(lambda tx: store.export(tx, times=True))
-        graph_csr = weights(snap, lm.meta)
-        item_rows = {it["id"]: j for j, it in enumerate(snap.items)}
+        # The Scorer reads column k as the version's item k: the version's items in its order, new ones
+        # after them (an export lists items in store order, which a reused node id changes).
+        known = {i: k for k, i in enumerate(lm.meta["item_ids"])}
+        perm = sorted(range(len(snap.items)), key=lambda j: known.get(snap.items[j]["id"], len(known) + j))
+        items = [snap.items[j] for j in perm]
+        graph_csr = weights(snap, lm.meta)[:, perm]
+        item_rows = {it["id"]: j for j, it in enumerate(items)}
         cols = np.array([item_rows[i] for i in snap.edges_i])
         pos = np.asarray(snap.w) > 0
-        t = trend(cols[pos], np.asarray(snap.first)[pos], len(snap.items), 3.0) if trend_weight else None
+        t = trend(cols[pos], np.asarray(snap.first)[pos], len(items), 3.0) if trend_weight else None
         assert t is None or 0 < np.count_nonzero(t == 1.0) < len(t)
         rows = [k for k in range(len(snap.user_ids)) if graph_csr[k].nnz][::15]
         scores = Scorer(lm.model, graph_csr, trend=t)(rows).numpy().astype(np.float64)
         for row, user in zip(scores, rows):
-            seen = set(graph_csr[user].indices) | {j for j, it in enumerate(snap.items)
+            seen = set(graph_csr[user].indices) | {j for j, it in enumerate(items)
                                                    if it["id"] in _all_items(driver, cfg, snap.user_ids[user])}
             order = [j for j in np.argsort(-row, kind="stable") if j not in seen][:5]
             answer = requests.get(f"{base_url}/v1/users/{snap.user_ids[user]}/recommendations", params={"k": 5},
                                   timeout=30).json()
             assert answer["version"] == lm.version
-            assert [r["item_id"] for r in answer["results"]][:1] == [snap.items[order[0]]["id"]]
+            assert [r["item_id"] for r in answer["results"]][:1] == [items[order[0]]["id"]]
             got = [r["score"] for r in answer["results"]]
             assert got == pytest.approx(list(row[order]), rel=1e-4, abs=1e-3 * abs(row[order][0]))
 
@@ -311,7 +317,7 @@ def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeyp
     with Worker(cfg).holding() as holder:
         refresh(driver, cfg, trained, full=True, owner=holder.owner)
     loads = []
-    monkeypatch.setattr(graph, "_load", lambda tx, real=graph._load: loads.append(1) or real(tx))
+    monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
     after = copy.at(*_head(driver, cfg))
     assert loads and after.seq == before.seq + 1
     wipe(driver, cfg.neo4j_database)

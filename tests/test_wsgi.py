@@ -28,9 +28,10 @@ def test_about_one_answer_in_every_asks_to_reconnect(app):
     assert closes(app, 50) == 0  # the app itself never asks
 
 
-def test_negative_keepalive_requests_is_refused(monkeypatch):
-    monkeypatch.setenv("IG_KEEPALIVE_REQUESTS", "-1")
-    with pytest.raises(ConfigError, match="IG_KEEPALIVE_REQUESTS"):
+@pytest.mark.parametrize("name", ["IG_KEEPALIVE_REQUESTS", "IG_EXPLAIN_TABLE_MB"])
+def test_a_negative_serving_setting_is_refused(monkeypatch, name):
+    monkeypatch.setenv(name, "-1")
+    with pytest.raises(ConfigError, match=name):
         load_config()
 
 

@@ -29,7 +29,8 @@ def _state():
     """The state of this process's copy of the graph that an answer is scored on (one per answer, so
     versions never mix in it)."""
     c = cfg()
-    return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age).current()
+    return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age,
+                         c.explain_table_mb).current()
 
 
 def _session():

@@ -15,6 +15,10 @@ personalises the answers from the next sync on, before any run.
 A state is never changed in place: a sync builds the next one (sharing what only grows) and swaps
 it in, so concurrent requests each score on one consistent state. Rows changed since the last
 compaction live in a small overlay over the base matrices, so a sync costs what changed.
+
+For `explain`, each process also keeps the item-item table C = R^T D_U^-1 R of the base rows dense
+(when the catalogue is small enough for IG_EXPLAIN_TABLE_MB): an answer's parts read its entries
+instead of R's rows, and the overlay's change to it is a small product; a compaction folds that in.
 """
 from __future__ import annotations
 
@@ -111,6 +115,11 @@ class State:
     server_ms: int  # Neo4j's clock when this state began reading (for erasures and pending writes)
     erasures: frozenset = field(default_factory=frozenset)  # (key, at) applied
     pending: dict = field(default_factory=dict)  # signatures of the pending writes read (SERVING_SYNC)
+    table: np.ndarray | None = None  # C = R^T D_U^-1 R over the base rows, dense (None: past the size limit)
+    # The overlay's change to C: C now = table + fix diag(fix_sign) fix^T (fix: items x overlay rows,
+    # each row of R as now and as in the base, scaled by d_u^-1/2; None without an overlay or a table).
+    fix: sp.csr_matrix | None = None
+    fix_sign: np.ndarray | None = None
 
     @property
     def n_items(self) -> int:
@@ -173,13 +182,24 @@ class State:
         x, q = self.lm.tables
         s = self.lm.scale
         inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
-        # co[i, j] = sum_u R[u, i] R[u, j] / d_u: the targets' columns dense (users x targets) under the
-        # own items' rows of R^T: parts in 1.5 ms against 2.6 with a sparse-sparse product (docs/benchmarks.md).
-        w = np.ascontiguousarray((self._rows_t(targets).toarray() * self._inv_du).T)
-        co = self._rows_t(cols) @ w
         fa = filter_weights(self.lm)[1](a * s)
         isd = self._inv_sqrt_di
-        return inner + (fa * isd[cols])[:, None] * co * isd[targets][None, :]
+        return inner + (fa * isd[cols])[:, None] * self._co(cols, targets) * isd[targets][None, :]
+
+    def _co(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """C[cols, targets] of the current rows, C[i, j] = sum_u R[u, i] R[u, j] / d_u."""
+        if self.table is None:
+            # The targets' columns dense (users x targets) under the own items' rows of R^T: 1.5 ms
+            # against 2.6 with a sparse-sparse product; the table's entries: 0.2 ms (docs/benchmarks.md).
+            w = np.ascontiguousarray((self._rows_t(targets).toarray() * self._inv_du).T)
+            return self._rows_t(cols) @ w
+        n = len(self.table)  # items added since the table was built have no base edges: zeros
+        ci, ti = cols < n, targets < n
+        co = np.zeros((len(cols), len(targets)))
+        co[np.ix_(ci, ti)] = self.table[targets[ti]][:, cols[ci]].T  # symmetric: whole rows, then a gather
+        if self.fix is not None:
+            co += self.fix[cols] @ (self.fix[targets].toarray() * self.fix_sign).T
+        return co
 
     def _rows_t(self, items: np.ndarray) -> sp.csr_matrix:
         """The current rows `items` of R^T (len(items) x users)."""
@@ -257,6 +277,47 @@ def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp
     return m, m.tocsc().T
 
 
+def _fits(n_items: int, limit_mb: float) -> bool:
+    """Whether a dense items x items float64 table fits in `limit_mb`."""
+    return n_items * n_items * 8 <= limit_mb * 2**20
+
+
+def _table(base_t: sp.csr_matrix, base: sp.csr_matrix, du: np.ndarray, limit_mb: float) -> np.ndarray | None:
+    """State.table of base rows R (None past `limit_mb`)."""
+    if not _fits(base.shape[1], limit_mb):
+        return None
+    inv = np.divide(1.0, du, out=np.zeros_like(du), where=du > 0)
+    return (base_t @ sp.diags(inv) @ base).toarray()
+
+
+def _table_fix(st: State) -> tuple[sp.csr_matrix | None, np.ndarray | None]:
+    """State.fix and fix_sign for `st`'s overlay: its rows now (+) and in the base (-), over d_u^1/2."""
+    if st.table is None or not st.overlay:
+        return None, None
+    rows = np.fromiter(st.overlay, dtype=np.int64, count=len(st.overlay))
+    now, was = st.over_csr[rows], st.base_csr[rows]
+
+    def scaled(m):
+        d = np.asarray(m.sum(axis=1)).ravel()
+        return sp.diags(np.divide(1.0, np.sqrt(d), out=np.zeros_like(d), where=d > 0)) @ m
+    fix = sp.vstack([scaled(now), scaled(was)]).T.tocsr()
+    return fix, np.repeat([1.0, -1.0], len(rows))
+
+
+def _folded_table(st: State, limit_mb: float) -> np.ndarray | None:
+    """`st`'s table with its overlay's change folded in, grown to its items (a compaction)."""
+    n = st.n_items
+    if st.table is None or not _fits(n, limit_mb):
+        return None
+    table = np.zeros((n, n))
+    b = len(st.table)
+    table[:b, :b] = st.table  # a copy: states in use keep theirs
+    if st.fix is not None:
+        change = (st.fix @ sp.diags(st.fix_sign) @ st.fix.T).tocoo()
+        table[change.row, change.col] += change.data
+    return table
+
+
 def _item_arrays(rows: list[dict], lm, index: dict, ids: list, old: Items | None, n: int) -> Items:
     """Items with `rows` (SERVING_ITEMS records) applied over `old`, grown to n items."""
     def grown(a, fill, dtype):
@@ -287,9 +348,11 @@ class Copy:
     reflect Neo4j as of the request (a sync each). A first load is always waited for.
     """
 
-    def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0):
+    def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
+                 table_mb: float = 256):
         self.driver, self.database = driver, database
         self.wait, self.poll, self.max_age = wait, poll, max_age
+        self.table_mb = table_mb  # State.table's bound
         self.state: State | None = None
         self.synced = float("-inf")  # monotonic time the current state's sync began
         self.failed = float("-inf")  # monotonic time the last sync failed
@@ -359,23 +422,23 @@ class Copy:
     def _read(self, st: State | None, epoch, seq) -> State | None:
         started = time.monotonic()
         with self.driver.session(database=self.database) as session:
-            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq))
+            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq, self.table_mb))
         if nxt is not None and nxt is not st:
             log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
         return nxt
 
 
-def _advance(tx, st: State | None, epoch, seq) -> State | None:
+def _advance(tx, st: State | None, epoch, seq, table_mb: float) -> State | None:
     """The next state: the logged runs and pending writes since `st` applied, or everything read again.
-    `epoch` None: the run Neo4j is at now."""
+    `epoch` None: the run Neo4j is at now; `table_mb`: State.table's bound."""
     if st is None:
-        return _load(tx)
+        return _load(tx, table_mb)
     sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
                   erased_since=st.server_ms - ERASURE_MARGIN_MS, first=st.lm.mcfg.reads_trend).single()
     if epoch is None:
         epoch, seq = sync["epoch"], sync["head"]
     if st.epoch != epoch or sync["epoch"] != epoch:
-        return _load(tx)
+        return _load(tx, table_mb)
     # What this window holds, to skip next time: ("e", user, item) -> edge revision, ("i", item) -> item's.
     pending = {("e", u, i): rev for u, i, rev, _, _ in sync["edges"]} | {("i", i): rev for i, rev in sync["items"]}
     patches = {}  # user -> {item: (raw weight, first time)} of the pending edges not read yet
@@ -397,7 +460,7 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
         entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
     if (seq > st.seq and not entries) or (entries and (entries[0]["seq"] != st.seq + 1
                                                        or any(e["full"] for e in entries))):
-        return _load(tx)  # a full run, or entries no longer logged
+        return _load(tx, table_mb)  # a full run, or entries no longer logged
     users = {u for e in entries for u in e["users"]}
     items = {i for e in entries for i in e["items"]} | changed_items
     erased = {(key, at) for key, at in sync["erased"]}
@@ -410,10 +473,10 @@ def _advance(tx, st: State | None, epoch, seq) -> State | None:
     last = entries[-1]["seq"] if entries else st.seq
     patches = {u: p for u, p in patches.items() if u not in users}  # those rows are read whole
     return _apply(tx, replace(st, pending=pending), last, sorted(users), sorted(items), sync["now"],
-                  frozenset(erased), patches)
+                  frozenset(erased), patches, table_mb)
 
 
-def _load(tx) -> State | None:
+def _load(tx, table_mb: float) -> State | None:
     """Everything read again, at the run Neo4j is at now (None without a current model)."""
     head = tx.run(cypher.SERVING_STATE).single()
     now = head["now"]
@@ -442,9 +505,11 @@ def _load(tx) -> State | None:
     base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_t = _overlay_matrices({}, n_u, n_i, lm)
+    base_t, degrees = base.tocsc().T, _degrees(base)
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
-               base, base.tocsc().T, np.ones(n_u, dtype=bool), {}, over_csr, over_t, server_ms=now,
-               tn=_trend_sums(rows, n_i, lm, float(now)), anchor=float(now), **_degrees(base))
+               base, base_t, np.ones(n_u, dtype=bool), {}, over_csr, over_t, server_ms=now,
+               tn=_trend_sums(rows, n_i, lm, float(now)), anchor=float(now),
+               table=_table(base_t, base, degrees["du"], table_mb), **degrees)
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
 
@@ -467,7 +532,7 @@ def _compact(st: State) -> tuple[Rows, sp.csr_matrix]:
 
 
 def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, erasures: frozenset,
-           patches: dict) -> State:
+           patches: dict, table_mb: float) -> State:
     """`st` with the rows of `user_ids` and the metadata of `item_ids` read again, and the edges of
     `patches` (user -> {item: (raw weight, first time)}) set, as of run `seq`."""
     rows = {r["u"]: (r["items"], r["w"], r["first"], r["refreshed_at"])
@@ -532,12 +597,13 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     st = replace(st, seq=seq, n_users=n_u, items=items, rows=base_rows, refreshed=refreshed, base_csr=base_csr,
                  base_t=base_t, keep=keep, overlay=overlay, over_csr=over_csr, over_t=over_t, du=du,
                  di=di, dn=dn, tn=tn, server_ms=now, erasures=erasures)
+    st = replace(st, **dict(zip(("fix", "fix_sign"), _table_fix(st))))
     if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
         base_rows, base_csr = _compact(st)
         over_csr, over_t = _overlay_matrices({}, n_u, n_i, st.lm)
         st = replace(st, rows=base_rows, base_csr=base_csr, base_t=base_csr.tocsc().T, keep=np.ones(n_u, dtype=bool),
                      overlay={}, over_csr=over_csr, over_t=over_t, tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
-                     **_degrees(base_csr))
+                     table=_folded_table(st, table_mb), fix=None, fix_sign=None, **_degrees(base_csr))
     return st
 
 
@@ -551,12 +617,13 @@ _copies: dict[tuple, Copy] = {}
 _copies_lock = threading.Lock()
 
 
-def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0) -> Copy:
-    """This process's copy of `database` behind `driver` (see Copy for the timing settings)."""
+def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
+            table_mb: float = 256) -> Copy:
+    """This process's copy of `database` behind `driver` (see Copy for the settings)."""
     key = (id(driver), database)
     with _copies_lock:
         if key not in _copies:
-            _copies[key] = Copy(driver, database)
+            _copies[key] = Copy(driver, database, table_mb=table_mb)
         c = _copies[key]
-        c.wait, c.poll, c.max_age = wait, poll, max_age
+        c.wait, c.poll, c.max_age, c.table_mb = wait, poll, max_age, table_mb
         return c
