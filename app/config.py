@@ -91,7 +91,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
-    threads: int = 4  # request threads per worker process
+    threads: int = 1  # request threads per worker process (docs/benchmarks.md: one keeps the read tail short)
     keepalive_requests: int = 100  # answers a client connection carries on average before a reconnect (0: no limit)
     home: Path = Path.home() / ".local" / "share" / "interest-graph"
     cache: Path = Path.home() / ".cache" / "interest-graph"

@@ -13,6 +13,8 @@ every node, then measures:
   `explain=true`, and with a price filter; p50 / p99 and the rate achieved. Vegeta sends at the
   offered rate whatever the answers' latency (open loop), and times each request from when it was
   due, so a stalled server shows in the percentiles rather than lowering the rate;
+- each variant and rate `--repeats` times (3), with the median and worst p99 over them: the host's
+  speed moves between runs;
 - the highest rate of the ladder held (achieved >= 95% of offered, no failures) with p99 <= 50 ms.
 Shoppers are drawn from those with a vector, with probability proportional to their number of
 events (active shoppers ask more often).
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--rates", default="100,200,400", help="offered requests/s, comma-separated")
     parser.add_argument("--ladder", default="100,200,300,400,500,600,800", help="rates tried for the highest held")
     parser.add_argument("--seconds", type=int, default=20, help="length of each run under load")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each variant and rate (the host's speed moves between runs): each run's p99 and the median")
     parser.add_argument("--sample", type=int, default=500, help="shoppers in the mix")
     parser.add_argument("--slow", type=int, default=20, help="shoppers timed one by one for the full answer")
     parser.add_argument("--skip-load", action="store_true", help="reuse the graph and model already there")
@@ -239,9 +243,15 @@ def main() -> None:
             held = ladder(url, users[0], lambda rate: run("", rate), args.ladder)
             for variant, query in VARIANTS.items():
                 for rate in map(int, args.rates.split(",")):
-                    settle(url, users[0])
-                    r = run(query, rate)
-                    print(f"  {variant:12s} {rate:8d} {_row(r)}", flush=True)
+                    runs = []
+                    for _ in range(args.repeats):
+                        settle(url, users[0])
+                        runs.append(run(query, rate))
+                        print(f"  {variant:12s} {rate:8d} {_row(runs[-1])}", flush=True)
+                    if len(runs) > 1:
+                        p99 = sorted(r["p99"] for r in runs)
+                        print(f"  {variant:12s} {rate:8d} median p99 {float(np.median(p99)):.1f} ms, worst {p99[-1]:.1f} "
+                              f"({sum(x <= 25 for x in p99)} of {len(p99)} runs <= 25 ms)", flush=True)
             print(f"\nhighest rate held with p99 <= 50 ms: {held or 'none of the ladder'} requests/s")
     finally:
         server.terminate()

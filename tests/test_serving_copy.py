@@ -166,6 +166,15 @@ def test_a_copy_synced_right_after_each_run_never_reads_everything_again(cfg, dr
     assert len(seen) > 10 and not loads
 
 
+def test_a_worker_loads_its_copy_at_start_not_in_its_first_request(cfg, driver, trained, app, monkeypatch):
+    """`serve` preloads each worker's copy (app/wsgi.py): a first shopper does not wait for the load."""
+    from app.api import recs
+    monkeypatch.setattr(graph, "_copies", {})
+    recs.preload(app)
+    (copy,) = graph._copies.values()
+    assert copy.state is not None and (copy.state.epoch, copy.state.seq) == _head(driver, cfg)
+
+
 def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driver, trained, base_url):
     pipeline.ingest(driver, cfg, [{"event_id": "first-1", "user_id": "newcomer", "item_id": "i3", "type": "purchase",
                                    "ts": NOW}])

@@ -1,6 +1,8 @@
 """Serving endpoints: recommendations, similar items, audiences, interests and churn risk."""
 from __future__ import annotations
 
+import logging
+
 from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher
@@ -14,6 +16,7 @@ from app.ids import user_key
 from app.serving import graph, profile, ranking
 from app.serving.ranking import Filters
 
+log = logging.getLogger(__name__)
 bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
                   abp_responses={400: ErrorOut})
 
@@ -31,6 +34,16 @@ def _state():
     c = cfg()
     return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age,
                          c.explain_table_mb).current()
+
+
+def preload(app) -> None:
+    """Load this process's copy of the graph now (a worker at start), rather than in its first request,
+    which would wait the seconds a load takes; a failure leaves it to that request."""
+    with app.app_context():
+        try:
+            _state()
+        except Exception as exc:  # noqa: BLE001 - Neo4j away or the like: the first request tries again
+            log.warning("serving copy not preloaded: %s", exc)
 
 
 def _session():
