@@ -135,7 +135,7 @@ class State:
 
     @cached_property
     def _inv_du(self) -> np.ndarray:
-        return np.divide(1.0, self.du, out=np.zeros_like(self.du), where=self.du > 0)
+        return _inverse(self.du)
 
     @cached_property
     def _bias(self) -> np.ndarray | None:
@@ -147,7 +147,7 @@ class State:
 
     @cached_property
     def _inv_sqrt_di(self) -> np.ndarray:
-        return np.divide(1.0, np.sqrt(self.di), out=np.zeros_like(self.di), where=self.di > 0)
+        return _inverse(np.sqrt(self.di))
 
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
@@ -234,6 +234,11 @@ class State:
                                          items.category[idx].tolist(), price.tolist())]
 
 
+def _inverse(x: np.ndarray) -> np.ndarray:
+    """1 / x where x > 0, else 0 (a node without positive edges)."""
+    return np.divide(1.0, x, out=np.zeros_like(x), where=x > 0)
+
+
 def _pad(m, rows: int, cols: int):
     """CSR `m` grown to rows x cols with empty rows and columns (no copy of the entries)."""
     if m.shape == (rows, cols):
@@ -286,8 +291,7 @@ def _table(base_t: sp.csr_matrix, base: sp.csr_matrix, du: np.ndarray, limit_mb:
     """State.table of base rows R (None past `limit_mb`)."""
     if not _fits(base.shape[1], limit_mb):
         return None
-    inv = np.divide(1.0, du, out=np.zeros_like(du), where=du > 0)
-    return (base_t @ sp.diags(inv) @ base).toarray()
+    return (base_t @ sp.diags(_inverse(du)) @ base).toarray()
 
 
 def _table_fix(st: State) -> tuple[sp.csr_matrix | None, np.ndarray | None]:
@@ -298,8 +302,7 @@ def _table_fix(st: State) -> tuple[sp.csr_matrix | None, np.ndarray | None]:
     now, was = st.over_csr[rows], st.base_csr[rows]
 
     def scaled(m):
-        d = np.asarray(m.sum(axis=1)).ravel()
-        return sp.diags(np.divide(1.0, np.sqrt(d), out=np.zeros_like(d), where=d > 0)) @ m
+        return sp.diags(_inverse(np.sqrt(np.asarray(m.sum(axis=1)).ravel()))) @ m
     fix = sp.vstack([scaled(now), scaled(was)]).T.tocsr()
     return fix, np.repeat([1.0, -1.0], len(rows))
 
