@@ -273,8 +273,12 @@ def train(epochs, if_missing):
     click.echo(json.dumps({k: v for k, v in result.items() if k != "embed"}, indent=2))
     ours, pop = result["metrics"], result.get("popularity") or {}
     if "recall@20" in ours and "recall@20" in pop:
-        click.echo(f"held-out Recall@20: {ours['recall@20']:.4f} (popularity {pop['recall@20']:.4f}) "
-                   f"on {ours['users']} users; TensorBoard logs: {result['runs']}")
+        chosen = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in (result.get("settings") or {}).items())
+        click.echo(f"chosen settings: {chosen}")
+        click.echo(f"held-out (each shopper's latest items): Recall@20 {ours['recall@20']:.4f}, "
+                   f"NDCG@20 {ours.get('ndcg@20', 0.0):.4f} (popularity {pop['recall@20']:.4f} / "
+                   f"{pop.get('ndcg@20', 0.0):.4f}) on {ours['users']} users; TensorBoard logs: {result['runs']}")
 
 
 @main.command()

@@ -98,19 +98,19 @@ class Config:
     neo4j_heap: str = "2g"
     neo4j_pagecache: str = "2g"
     neo4j_telemetry: bool = False  # Browser's product-usage data and outgoing connections: opt-in
-    # model
+    # model: `train` chooses the settings on the shop's validation split (graph_models.search);
+    # embed_dim and sharp_dim bound the basis sizes it may choose (and fix the stored vectors' length)
     embed_dim: int = 256
     sharp_dim: int = 64
-    train_minutes: float = 5.0
-    # The graph filter's weights (graph_models ModelConfig.lin_weights: raw, log1p, binary), those of the
-    # scored shopper's row (unset: the same), and the spectral part's starting weight; recorded with
-    # each version. Raw / 0.3 are GF-CF's; Online Retail's stream evaluation chose log1p / binary / 0.001.
-    lin_weights: str = "raw"
+    train_minutes: float = 5.0  # the settings search's time budget (it stops after the trial that passes it)
+    search_trials: int = 60  # trials of the search (0: no search, the settings below or the model's defaults)
+    # Settings the search would choose, fixed instead when set: the graph filter's weights (raw, log1p,
+    # binary), those of the scored shopper's row, the low-pass block's weight and the item biases'
+    # temperature (0: none). Unset: chosen on validation.
+    lin_weights: str | None = None
     lin_user_weights: str | None = None
-    model_alpha: float = 0.3
-    # Temperature of the model's learned item biases (graph_models.bias; 0: none). With biases, training
-    # holds out the latest edges in time; Online Retail's stream evaluation chose 0.2.
-    item_bias: float = 0.0
+    model_alpha: float | None = None
+    item_bias: float | None = None
     # With biases: the L2 weight of their fit at training, and a live trend prior next to them (the
     # half-life of new adopters in days, 0: none, and its weight; graph_models.bias.trend), which the
     # serving copy reads from the live graph. Online Retail's stream evaluation chose 0.1, 3 and 0.2.
@@ -214,10 +214,11 @@ def load_config(**overrides) -> Config:
         embed_dim=_env(env, "IG_EMBED_DIM", Config.embed_dim, int),
         sharp_dim=_env(env, "IG_SHARP_DIM", Config.sharp_dim, int),
         train_minutes=_env(env, "IG_TRAIN_MINUTES", Config.train_minutes, float),
-        lin_weights=_choice(env, "IG_LIN_WEIGHTS", Config.lin_weights, LIN_WEIGHTS),
+        search_trials=_env(env, "IG_SEARCH_TRIALS", Config.search_trials, int),
+        lin_weights=_choice(env, "IG_LIN_WEIGHTS", "raw", LIN_WEIGHTS) if env.get("IG_LIN_WEIGHTS") else None,
         lin_user_weights=_choice(env, "IG_LIN_USER_WEIGHTS", "raw", LIN_WEIGHTS) if env.get("IG_LIN_USER_WEIGHTS") else None,
-        model_alpha=_env(env, "IG_MODEL_ALPHA", Config.model_alpha, float),
-        item_bias=_env(env, "IG_ITEM_BIAS", Config.item_bias, float),
+        model_alpha=_env(env, "IG_MODEL_ALPHA", None, float),
+        item_bias=_env(env, "IG_ITEM_BIAS", None, float),
         bias_l2=_env(env, "IG_BIAS_L2", Config.bias_l2, float),
         item_trend=_env(env, "IG_ITEM_TREND", Config.item_trend, float),
         trend_weight=_env(env, "IG_TREND_WEIGHT", Config.trend_weight, float),
@@ -267,6 +268,13 @@ def load_config(**overrides) -> Config:
                           f"not {values['keepalive_requests']}")
     if values["explain_table_mb"] < 0:
         raise ConfigError(f"IG_EXPLAIN_TABLE_MB must be 0 (no table) or a size in MB, not {values['explain_table_mb']}")
-    if values["trend_weight"] and not (values["item_bias"] > 0 and values["item_trend"] > 0):
+    if values["train_minutes"] <= 0:
+        raise ConfigError(f"IG_TRAIN_MINUTES must be a positive number of minutes, not {values['train_minutes']}")
+    if values["model_alpha"] is not None and values["model_alpha"] <= 0:
+        raise ConfigError(f"IG_MODEL_ALPHA must be positive (the stored vectors are the low-pass block), "
+                          f"not {values['model_alpha']}")
+    if values["search_trials"] < 0:
+        raise ConfigError(f"IG_SEARCH_TRIALS must be 0 (no search) or a number of trials, not {values['search_trials']}")
+    if values["trend_weight"] and not ((values["item_bias"] or 0) > 0 and values["item_trend"] > 0):
         raise ConfigError("IG_TREND_WEIGHT needs item biases (IG_ITEM_BIAS > 0) and a trend half-life (IG_ITEM_TREND > 0)")
     return Config(**values)

@@ -140,7 +140,8 @@ REMOVE n.ig_unseen
 MODEL_CREATE = """
 CREATE (m:Model {version: $version, trained_at: datetime($trained_at), metrics: $metrics,
                  config: $config, path: $path, ref_ms: $ref_ms, scale: $scale, item_norm: $item_norm,
-                 fine_tuned_from: $fine_tuned_from, tuned_on: $tuned_on, check: $check, current: false})
+                 fine_tuned_from: $fine_tuned_from, tuned_on: $tuned_on, check: $check, search: $search,
+                 current: false})
 """
 
 # The latest fine-tunes, kept or refused (a refused one stays a non-current version with its check).

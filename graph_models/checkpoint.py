@@ -22,5 +22,6 @@ def load_checkpoint(path):
     deg = state["out_scale"] ** 2
     model = InterestSAGE(state["basis"], state["s2"], deg, cfg)
     state.setdefault("bias", model.bias)  # checkpoints from before item biases
+    model.ease = state.setdefault("ease", model.ease)  # its shape is the version's (or empty)
     model.load_state_dict(state)
     return model.eval(), cfg, blob["meta"]

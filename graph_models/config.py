@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass, fields
 class ModelConfig:
     """Model shape and training settings (see docs/evaluation.md for the measured run)."""
 
-    dim: int = 1024          # spectral components of the degree-normalised block (the ideal low-pass)
+    dim: int = 1024          # width of the degree-normalised block (the ideal low-pass): the largest basis
     sharp_dim: int = 256     # components of the raw block (the sharpening term)
+    rank: int | None = None  # singular vectors the low-pass block uses (None: dim); the rest are zero
     degree: int = 3          # polynomial degree of each block's response h(sigma^2)
     alpha: float = 0.3       # initial weight of the low-pass block (GF-CF's value)
+    sharp_alpha: float = 0.0  # initial weight of the raw block
     svd_iters: int = 4
     step: float = 0.1        # first move of a coefficient in the coordinate search
     min_step: float = 0.02
@@ -29,6 +31,14 @@ class ModelConfig:
     lin_weights: str = "raw"
     lin_user_weights: str | None = None
     lin_topk: int = 0
+    lin_beta: float = 0.5    # exponent of the target item's degree in the filter (GF-CF: 1/2; less favours popular items)
+    lin_weight: float = 1.0  # the filter's weight in the score (0: no filter)
+    # EASE (graph_models.ease) as a term of the score: its L2 weight (0: none) and its weight in the score.
+    ease_lambda: float = 0.0
+    ease_weight: float = 0.0
+    # The settings search (graph_models.search): seeded trials on the validation split; 0 = keep these settings.
+    search_trials: int = 60
+    search_users: int = 2000  # validation users each trial is measured on (a seeded sample)
     # Item biases (graph_models.bias): with a temperature > 0, a shopper's scores are divided by their
     # largest and each item adds a learned bias, fitted by `bias_steps` gradient steps of size `bias_lr`
     # on a softmax over the unseen items at that temperature (L2 `bias_l2`); 0 = no biases (Gowalla).

@@ -71,9 +71,10 @@ def run_evaluation(data_dir, cfg=None, progress=True, log_dir=None):
     report["gfcf"] = evaluate(gfcf_scorer(train_csr, seed=cfg.seed), test, train_csr, k)
     report["gfcf"]["seconds"] = time.time() - t0
     report["popularity"] = evaluate(popularity_scorer(train_csr), test, train_csr, k)
+    report["ease"] = {"recall@20": None, "ndcg@20": None, "note": f"not run: {n_items} items, above EASE's cap"}
     report.update(train_seconds=train_seconds, epochs=result["epochs"], history=result["history"],
-                  validation=result["metrics"], config=cfg.to_dict(),
-                  responses={"low": model.low.tolist(), "sharp": model.sharp.tolist()},
+                  validation=result["metrics"], config=model.cfg.to_dict(), search=result.get("search"),
+                  bias=result.get("bias"), responses={"low": model.low.tolist(), "sharp": model.sharp.tolist()},
                   interactions={"train": int(train_csr.nnz), "test": sum(map(len, test.values())),
                                 "users": n_users, "items": n_items})
     return report

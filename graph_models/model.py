@@ -12,12 +12,16 @@ __all__ = ["InterestSAGE", "ModelConfig"]
 class InterestSAGE(nn.Module):
     """Users aggregate their items' inputs (no per-user parameters); items are fixed spectral vectors.
 
-    The score of user u for item j is `p_u . q_j + lin(u, j)`:
+    The score of user u for item j is `p_u . q_j + c lin(u, j) [+ e ease(u, j)]`:
     - `p_u = sum_i w_ui x_i`, a GraphSAGE layer with a sum aggregator over the items u touched;
     - `x_i` and `q_j` are the item's rows of the top singular vectors V of the version's normalised
       graph in two blocks: a degree-normalised one (x = d^-1/2 V h(s), q = d^1/2 V) and a raw one
       (x = V g(s), q = V), where s are the squared singular values and h, g learned polynomials;
-    - `lin` is the linear graph filter of `spectral.linear_filter`, computed from the live graph.
+    - `lin` is the linear graph filter of `spectral.LinearFilter`, computed from the live graph, with
+      weight c = cfg.lin_weight;
+    - `ease` (with cfg.ease_weight = e > 0) is EASE's closed form fitted on the version's graph, read
+      through the shopper's binary row of live edges.
+    The settings (sizes, weights, exponents) are chosen per data set by `graph_models.search`.
     With item biases on (`biased`), the ranking is `s_u / max |s_u| + b_j` (`bias.with_bias`).
     Initialised at h = alpha, g = 0, the score is GF-CF (Shen et al., CIKM 2021) truncated to `dim`.
     """
@@ -34,8 +38,12 @@ class InterestSAGE(nn.Module):
         low = torch.zeros(cfg.degree + 1, dtype=torch.float64)
         low[0] = cfg.alpha
         self.low = nn.Parameter(low)
-        self.sharp = nn.Parameter(torch.zeros(cfg.degree + 1, dtype=torch.float64))
+        sharp = torch.zeros(cfg.degree + 1, dtype=torch.float64)
+        sharp[0] = getattr(cfg, "sharp_alpha", 0.0)
+        self.sharp = nn.Parameter(sharp)
         self.register_buffer("bias", torch.zeros(self.basis.shape[0], dtype=torch.float64))
+        # EASE's item x item matrix over the version's rows (graph_models.ease), empty when the score has none.
+        self.register_buffer("ease", torch.zeros(0, 0, dtype=torch.float32))
 
     @property
     def num_items(self) -> int:
@@ -51,6 +59,11 @@ class InterestSAGE(nn.Module):
     def biased(self) -> bool:
         """Whether scores are normalised per user and item biases added (`graph_models.bias`)."""
         return getattr(self.cfg, "bias_temperature", 0.0) > 0
+
+    @property
+    def eased(self) -> bool:
+        """Whether the score adds `ease_weight` x EASE's scores (binary row times the version's matrix)."""
+        return getattr(self.cfg, "ease_weight", 0.0) > 0 and self.ease.numel() > 0
 
     @staticmethod
     def response(coef, s):

@@ -81,27 +81,39 @@ class LinearFilter:
     keeps of the item-item matrix R~^T R~ only each item j's `topk` most similar items i (off the
     diagonal), as a neighbourhood model does:
     lin(u, j) = sum over u's items i among j's neighbours of f_user(r_ui) (R~^T R~)_ij.
+    `beta` replaces the target item's d_j^-1/2 by d_j^-beta (SGFCF's and ChebyCF's degree exponent).
     """
 
-    def __init__(self, graph, weights="raw", topk=0, user_weights=None):
+    def __init__(self, graph, weights="raw", topk=0, user_weights=None, beta=0.5):
         self.weights, self.topk = weights, int(topk or 0)
         self.user_weights = user_weights or weights
         lin_weights(graph[:0], self.user_weights)  # an unknown name fails here
-        self.rt = normalised(lin_weights(graph, weights))
+        g = lin_weights(graph, weights)
+        self.rt = normalised(g)
         self.sim = top_k_columns(self.rt.T @ self.rt, self.topk) if self.topk else None
+        # The target's degree to the power -beta instead of -1/2: a factor d_j^(1/2 - beta) per column.
+        self.tilt = None if beta == 0.5 else target_tilt(degrees(g)[1], beta)
 
     @classmethod
     def of(cls, graph, cfg):
         """The filter of model settings `cfg` (a ModelConfig) on `graph`."""
         return cls(graph, getattr(cfg, "lin_weights", "raw"), getattr(cfg, "lin_topk", 0),
-                   getattr(cfg, "lin_user_weights", None))
+                   getattr(cfg, "lin_user_weights", None), getattr(cfg, "lin_beta", 0.5))
 
     def __call__(self, rows):
         """lin of the users whose (stored) weights are `rows`, a users x items CSR: dense users x items."""
         rows = lin_weights(rows, self.user_weights)
         if self.sim is None:
-            return linear_filter(rows, self.rt)
-        return np.asarray((sp.csr_matrix(rows, dtype=np.float64) @ self.sim).todense())
+            out = linear_filter(rows, self.rt)
+        else:
+            out = np.asarray((sp.csr_matrix(rows, dtype=np.float64) @ self.sim).todense())
+        return out if self.tilt is None else out * self.tilt
+
+
+def target_tilt(item_deg, beta):
+    """d_j^(1/2 - beta) per item (0 where d_j <= 0): turns the filter's d_j^-1/2 into d_j^-beta."""
+    d = np.asarray(item_deg, dtype=np.float64)
+    return np.where(d > 0, np.power(np.where(d > 0, d, 1.0), 0.5 - beta), 0.0)
 
 
 def linear_filter(rows, rt):

@@ -36,3 +36,25 @@ def latest_holdout(train_csr, first_csr, fraction):
         if kept[u]:
             val.setdefault(int(u), set()).add(int(i))
     return fit, val
+
+
+def user_latest_holdout(train_csr, first_csr, fraction):
+    """Hold out each user's latest `fraction` of edges by first time (`first_csr`, same pattern; ties
+    by item column), rounded, for users with at least two edges, who keep at least one: (fit_csr,
+    {user: items}), the per-user time-ordered split of a log whose shoppers come and go."""
+    coo = sp.csr_matrix(train_csr).tocoo()
+    first = np.asarray(sp.csr_matrix(first_csr)[coo.row, coo.col]).ravel()
+    order = np.lexsort((coo.col, first, coo.row))  # by user, then time, then item
+    row, col = coo.row[order], coo.col[order]
+    count = np.bincount(row, minlength=train_csr.shape[0])
+    n_val = np.minimum(np.rint(count * fraction).astype(np.int64), np.maximum(count - 1, 0))
+    end = np.cumsum(count)
+    rank_from_end = end[row] - np.arange(len(row))  # 1 for a user's latest edge
+    late = rank_from_end <= n_val[row]
+    keep = np.ones(len(row), dtype=bool)
+    keep[order[late]] = False
+    fit = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=train_csr.shape)
+    val: dict = {}
+    for u, i in zip(row[late], col[late]):
+        val.setdefault(int(u), set()).add(int(i))
+    return fit, val

@@ -1,6 +1,7 @@
 """Training InterestSAGE: fit the spectral responses on hidden items, choose by a top-k metric."""
 import copy
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -8,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
 from .bias import fit_bias, prior, with_bias
+from .ease import ease_matrix
 from .evaluation import evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
@@ -15,13 +17,19 @@ from .spectral import LinearFilter, degrees, item_basis
 from .split import holdout
 
 
-def build(graph_csr, cfg, like=None):
-    """A model whose basis comes from `graph_csr`; learned responses copied from `like` if given."""
-    basis, s2 = item_basis(graph_csr, cfg.dim, cfg.seed, cfg.svd_iters)
-    if basis.shape[1] < cfg.dim:  # a small graph: zero columns keep the embedding size fixed
+def build(graph_csr, cfg, like=None, basis=None):
+    """A model whose basis comes from `graph_csr` (or is `basis`, a pair (V, s^2) of it with at least
+    cfg.rank columns); learned responses copied from `like` if given; EASE's matrix fitted when the
+    settings use it."""
+    rank = min(cfg.rank or cfg.dim, cfg.dim)
+    basis, s2 = basis or item_basis(graph_csr, rank, cfg.seed, cfg.svd_iters)
+    basis, s2 = basis[:, :rank], s2[:rank]
+    if basis.shape[1] < cfg.dim:  # a smaller rank or graph: zero columns keep the embedding size fixed
         pad = cfg.dim - basis.shape[1]
         basis, s2 = np.pad(basis, ((0, 0), (0, pad))), np.pad(s2, (0, pad))
     model = InterestSAGE(basis, s2, degrees(graph_csr)[1], cfg)
+    if cfg.ease_weight > 0:
+        model.ease = torch.from_numpy(ease_matrix(graph_csr, cfg.ease_lambda))
     if like is not None:
         model.load_state_dict({k: v for k, v in like.state_dict().items()
                                if k in ("low", "sharp") or (k == "bias" and v.shape == model.bias.shape)},
@@ -46,11 +54,26 @@ class Scorer:
             b[:min(n, model.num_items)] = model.bias.numpy()[:n]
             self.bias = b + prior(model.cfg, n, trend)
 
+        self.lin_weight = getattr(model.cfg, "lin_weight", 1.0)
+        self.ease, self.ease_weight = (model.ease.float(), model.cfg.ease_weight) if model.eased else (None, 0.0)
+
     def __call__(self, users):
         users = np.asarray(users)
-        lin = torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
-        s = self.p[torch.as_tensor(users)] @ self.q.T + lin
+        s = self.p[torch.as_tensor(users)] @ self.q.T
+        if self.lin_weight:
+            s += self.lin_weight * torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
+        if self.ease is not None:
+            s += self.ease_weight * ease_scores(self.graph[users], self.ease)
         return s if self.bias is None else with_bias(s, self.bias)
+
+
+def ease_scores(rows, ease) -> torch.Tensor:
+    """EASE's scores of users' rows (users x graph items CSR) from a version's matrix (items new since: 0)."""
+    n = min(rows.shape[1], ease.shape[0])
+    x = torch.from_numpy(np.asarray((rows[:, :n] > 0).todense(), dtype=np.float32))
+    out = torch.zeros(rows.shape[0], rows.shape[1])
+    out[:, :n] = x @ ease[:n, :n]
+    return out
 
 
 class _Responses:
@@ -206,19 +229,66 @@ def fit_checked_bias(model, fit_csr, targets, cfg, trend=None) -> dict:
     return {"kept": kept, "check_with": with_b, "check_without": without}
 
 
-def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None):
+BIAS_TEMPERATURES = (0.1, 0.3)  # item-bias temperatures tried after the settings search
+
+
+def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fixed=None, budget_s=None):
     """The whole recipe: hide `cfg.holdout` of each user's items (or use `split`, a pair (graph
-    without the targets, targets), e.g. a time-ordered one), learn the responses on them with a basis
-    of the rest, then rebuild the basis on the whole graph with the learned responses (and, with item
-    biases on, the biases fitted to the same targets if they pass `fit_checked_bias`'s check; `trend`
-    is the trend of the graph without the targets, for a model that reads one)."""
+    without the targets, targets), e.g. a time-ordered one), choose the settings on them
+    (`search.search`, unless cfg.search_trials is 0: then the responses are fitted by `train`), then
+    rebuild the basis (and EASE) on the whole graph under the chosen settings. Item biases are tried
+    when `fixed` does not set them: each temperature of BIAS_TEMPERATURES (or the fixed one) is kept
+    only if it passes `fit_checked_bias`'s check, the best on it wins; `trend` is the trend of the
+    graph without the targets, for a model that reads one. `budget_s` bounds the search's seconds."""
+    from .search import search
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
+    fixed = dict(fixed or {})
     t0 = time.time()
-    first = build(fit_csr, cfg)
-    result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
-    if first.biased:
-        result["bias"] = fit_checked_bias(first, fit_csr, hidden, cfg, trend)
+    if cfg.search_trials > 0:
+        writer = _tensorboard(log_dir)
+        basis = item_basis(fit_csr, cfg.dim, cfg.seed, cfg.svd_iters)
+
+        def log(row):
+            _log(writer, {"epoch": row["trial"], **{k: v for k, v in row.items() if k != "trial"}}, False)
+        cfg, found = search(fit_csr, hidden, cfg, fixed, budget_s, progress, log, basis)
+        if writer is not None:
+            writer.close()
+        first = build(fit_csr, cfg, basis=basis)
+        users = {u for u in hidden if hidden[u]}
+        check = {int(u): hidden[int(u)] for u in sorted(users)[:cfg.search_users]}
+        result = {"metrics": found["validation"], "history": found["trials"], "epochs": 0, "search": found,
+                  "popularity": evaluate(popularity_scorer(fit_csr), check, fit_csr, cfg.k),
+                  "seconds": time.time() - t0}
+    else:
+        first = build(fit_csr, cfg)
+        result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
+    cfg, result["bias"] = _choose_bias(first, fit_csr, hidden, cfg, fixed, trend)
+    first.cfg = cfg
     model = build(train_csr, cfg, like=first)
+    result["config"] = cfg
     result["basis_seconds"] = time.time() - t0 - result["seconds"]
     return model, result
 
+
+def _choose_bias(first, fit_csr, hidden, cfg, fixed, trend):
+    """(settings with the item-bias temperature that passed its check best, or none; the checks)."""
+    if "bias_temperature" in fixed:
+        temps = [fixed["bias_temperature"]]
+    else:
+        temps = list(BIAS_TEMPERATURES) if cfg.search_trials > 0 else [cfg.bias_temperature]
+    best, biases, checks, key = None, {}, {}, (f"recall@{cfg.k}", f"ndcg@{cfg.k}")
+    for t in (t for t in temps if t and t > 0):
+        first.cfg = replace(cfg, bias_temperature=t)
+        checks[str(t)] = fit_checked_bias(first, fit_csr, hidden, first.cfg, trend)
+        biases[str(t)] = first.bias.clone()
+        if checks[str(t)]["kept"] and (best is None or tuple(checks[str(t)]["check_with"][m] for m in key)
+                                       > tuple(checks[best]["check_with"][m] for m in key)):
+            best = str(t)
+    if best is None:
+        first.bias.zero_()
+        if "bias_temperature" in fixed or cfg.search_trials <= 0:  # biased, at zero until a fine-tune moves them
+            return replace(cfg, bias_temperature=temps[0]), checks
+        # the trend is a part of the biases: without them it is not read either
+        return replace(cfg, bias_temperature=0.0, trend_weight=0.0), checks
+    first.bias.copy_(biases[best])
+    return replace(cfg, bias_temperature=float(best)), checks

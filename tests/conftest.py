@@ -26,6 +26,9 @@ os.environ.setdefault("IG_SERVING_MAX_AGE", "0")
 os.environ.setdefault("IG_SERVING_SYNC_WAIT", "30")
 os.environ.setdefault("IG_EMBED_DIM", "32")
 os.environ.setdefault("IG_SHARP_DIM", "8")
+# Versions keep the default settings (GF-CF's form, which the Cypher recipes compute) unless a test asks
+# for the settings search (tests/test_search.py).
+os.environ.setdefault("IG_SEARCH_TRIALS", "0")
 
 from werkzeug.serving import make_server  # noqa: E402
 

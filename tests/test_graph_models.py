@@ -178,7 +178,7 @@ def planted(n_comm=4, users=30, items=15, per_user=8, p_in=0.9, seed=0):
 
 def test_training_learns_responses_and_restores_the_best():
     csr, test = planted()
-    cfg = ModelConfig(dim=16, sharp_dim=8, epochs=6, batch_size=64, max_minutes=None, k=10, seed=1)
+    cfg = ModelConfig(dim=16, sharp_dim=8, epochs=6, batch_size=64, max_minutes=None, k=10, seed=1, search_trials=0)
     model, out = fit(csr, cfg, progress=False)
     hist = out["history"]
     assert hist[0]["epoch"] == 0 and len(hist) >= 2

@@ -35,7 +35,7 @@ def demo(cfg, driver, tmp_path_factory):
     cli("load", "online-retail", str(part))
     trained = cli("train", "--epochs", "1")
     version = json.JSONDecoder().raw_decode(trained[trained.index("{"):])[0]["version"]
-    assert "held-out Recall@20" in trained and "popularity" in trained
+    assert "chosen settings:" in trained and "held-out" in trained and "Recall@20" in trained and "popularity" in trained
     cli("embed", "--full")
     return version
 

@@ -43,7 +43,7 @@ def shifting(n_events=3000, users=80, clusters=4, per=20, seed=0, minutes=10):
 
 
 def small_cfg(**kw):
-    return ModelConfig(dim=16, sharp_dim=4, epochs=1, sample_users=200, **kw)
+    return ModelConfig(dim=16, sharp_dim=4, epochs=1, sample_users=200, search_trials=0, **kw)
 
 
 def test_incremental_beats_static_when_interests_shift_and_files_have_the_documented_shape(tmp_path):

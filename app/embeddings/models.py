@@ -70,6 +70,18 @@ class LoadedModel:
         return out
 
     @cached_property
+    def ease(self) -> np.ndarray | None:
+        """EASE's matrix over the version's rows in float32, with a last zero row and column for items the
+        version does not know, or None for a version whose score has no EASE term."""
+        if not self.model.eased:
+            return None
+        n = self.model.num_items
+        out = np.zeros((n + 1, n + 1), dtype=np.float32)
+        out[:n, :n] = self.model.ease.numpy()
+        out.flags.writeable = False
+        return out
+
+    @cached_property
     def item_norm(self) -> float:
         """M: the largest item embedding norm of the version (1 for a degenerate all-zero one)."""
         q = self.tables[1]
@@ -91,7 +103,9 @@ def load(path: str, version: str) -> LoadedModel:
         if version not in _cache:
             model, mcfg, meta = load_checkpoint(path)
             rows = {item_id: row for row, item_id in enumerate(meta["item_ids"])}
-            _cache[version] = LoadedModel(version, model.double().eval(), mcfg, meta, rows)
+            model = model.double().eval()
+            model.ease = model.ease.float()  # EASE's matrix stays in float32, as it is served
+            _cache[version] = LoadedModel(version, model, mcfg, meta, rows)
         return _cache[version]
 
 

@@ -17,25 +17,32 @@ from app.embeddings.full import embed_full
 from graph_models import ModelConfig
 from graph_models.bias import trend
 from graph_models.checkpoint import save_checkpoint
-from graph_models.split import latest_holdout
+from graph_models.split import user_latest_holdout
 from graph_models.train import build, fit
 
 log = logging.getLogger(__name__)
 
 
 def model_config(cfg: Config, **overrides) -> ModelConfig:
-    """The model hyper-parameters for this deployment (sizes and training budget from Config)."""
+    """The model hyper-parameters for this deployment: sizes (the search's bounds), budget, and the
+    settings fixed in the environment (the rest keep ModelConfig's defaults until the search moves them)."""
     mcfg = ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, max_minutes=cfg.train_minutes,
-                       lin_weights=cfg.lin_weights, lin_user_weights=cfg.lin_user_weights, alpha=cfg.model_alpha,
-                       bias_temperature=cfg.item_bias, bias_l2=cfg.bias_l2, trend_halflife=cfg.item_trend,
+                       search_trials=cfg.search_trials, bias_l2=cfg.bias_l2, trend_halflife=cfg.item_trend,
                        trend_weight=cfg.trend_weight)
-    for key, value in overrides.items():
+    for key, value in {**fixed_settings(cfg), **overrides}.items():
         if value is not None:
             setattr(mcfg, key, value)
     if mcfg.trend_weight and not (mcfg.bias_temperature > 0 and mcfg.trend_halflife > 0):
         raise ValueError("a trend weight needs item biases (IG_ITEM_BIAS, --item-bias) and a trend half-life "
                          "(IG_ITEM_TREND, --item-trend)")
     return mcfg
+
+
+def fixed_settings(cfg: Config) -> dict:
+    """The model settings the environment fixes (ModelConfig names), which the search leaves alone."""
+    out = {"lin_weights": cfg.lin_weights, "lin_user_weights": cfg.lin_user_weights, "alpha": cfg.model_alpha,
+           "bias_temperature": cfg.item_bias}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _edge_matrix(snap: store.Snapshot, values) -> sp.csr_matrix:
@@ -72,7 +79,7 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     mcfg = model_config(cfg, **overrides)
     biased = mcfg.bias_temperature > 0
     with driver.session(database=cfg.neo4j_database) as session:
-        snap = session.execute_read(lambda tx: store.export(tx, times=biased))
+        snap = session.execute_read(lambda tx: store.export(tx, times=train_model or biased))
         latest = session.run(cypher.LATEST_EVENT_TS).single()["latest"]
     if not snap.edges_u:
         raise ValueError("the graph has no interactions to train on; load events first")
@@ -82,22 +89,27 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     graph = weights(snap, meta)
     version = new_version()
     result = {"metrics": {}, "seconds": 0.0, "epochs": 0, "popularity": {}}
+    search = None
     if train_model:
-        # Item biases learn which items shoppers take up next: they are fitted on the latest edges.
-        first = _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64)) if biased else None
-        split = latest_holdout(graph, first, mcfg.holdout) if biased else None
+        # Settings are chosen on each shopper's latest interactions (their next items), held out.
+        first = _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64))
+        split = user_latest_holdout(graph, first, mcfg.holdout)
         model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version), split=split,
-                            trend=_fit_trend(split[0], first, mcfg) if biased else None)
+                            trend=_fit_trend(split[0], first, mcfg), fixed=fixed_settings(cfg),
+                            budget_s=mcfg.max_minutes * 60 if mcfg.max_minutes else None)
+        mcfg, search = model.cfg, result.get("search")
     else:
         model = build(graph, mcfg)
-    metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float)) and k != "epoch"}
-    path = _publish(driver, cfg, mcfg, model, version, meta, metrics, result["epochs"])
+    metrics = {k: v for k, v in result["metrics"].items()
+               if isinstance(v, (int, float)) and k not in ("epoch", "trial", "seconds")}
+    path = _publish(driver, cfg, mcfg, model, version, meta, metrics, result["epochs"], search=search)
     lm = models.load(str(path), version)
     log.info("trained %s in %.1fs: %s", version, result["seconds"], metrics)
     # The switch to the new version commits with the full run's last write (fenced by the lease).
     embedded = embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=f"new model version {version}",
                           publish=True)
     return {"version": version, "metrics": metrics, "popularity": result["popularity"],
+            "settings": chosen_settings(mcfg),
             "train_seconds": round(result["seconds"], 2),
             "epochs": result["epochs"], "embed": embedded, "seconds": round(time.monotonic() - started, 2),
             "users": len(snap.user_ids), "items": len(snap.items), "edges": len(snap.edges_u),
@@ -122,10 +134,19 @@ def publish(driver, cfg: Config, mcfg: ModelConfig, model, meta: dict, owner: st
     return {"version": version, "embed": embedded, "checkpoint": str(path)}
 
 
+def chosen_settings(mcfg: ModelConfig) -> dict:
+    """The settings that decide a version's ranking, as served."""
+    keys = ("rank", "alpha", "sharp_alpha", "lin_weight", "lin_weights", "lin_user_weights", "lin_beta",
+            "ease_lambda", "ease_weight", "bias_temperature", "trend_halflife", "trend_weight")
+    d = mcfg.to_dict()
+    return {k: d[k] for k in keys}
+
+
 def _publish(driver, cfg: Config, mcfg: ModelConfig, model, version: str, meta: dict, metrics: dict,
-             epochs: int, lineage: dict | None = None):
+             epochs: int, lineage: dict | None = None, search: dict | None = None):
     """Save the checkpoint and create its (:Model) node (not yet current); `lineage` records a
-    fine-tune: {"fine_tuned_from", "tuned_on", "check"}."""
+    fine-tune: {"fine_tuned_from", "tuned_on", "check"}; `search` the settings search (chosen
+    settings and each trial's validation figures)."""
     lineage = lineage or {}
     trained_at = datetime.now(timezone.utc)
     cfg.models_path.mkdir(parents=True, exist_ok=True)
@@ -140,5 +161,6 @@ def _publish(driver, cfg: Config, mcfg: ModelConfig, model, version: str, meta: 
             ref_ms=meta["ref_ms"], scale=lm.scale, item_norm=lm.item_norm,
             fine_tuned_from=lineage.get("fine_tuned_from"),
             tuned_on=json.dumps(lineage["tuned_on"]) if lineage.get("tuned_on") else None,
-            check=json.dumps(lineage["check"]) if lineage.get("check") else None).consume())
+            check=json.dumps(lineage["check"]) if lineage.get("check") else None,
+            search=json.dumps(search) if search else None).consume())
     return path

@@ -47,7 +47,7 @@ def evaluate(cfg: Config, path, fmt: str, columns: dict, k: int = 20, train_frac
         raise ValueError("no events after the training part: lower --train-fraction")
     if not batch_size and not batch_minutes:
         batch_size = max(1, math.ceil((len(stream.ts) - start) / DEFAULT_BATCHES))
-    mcfg = model_config(cfg, k=k, lin_weights=lin_weights, lin_topk=lin_topk, alpha=alpha,
+    mcfg = model_config(cfg, k=k, search_trials=0, lin_weights=lin_weights, lin_topk=lin_topk, alpha=alpha,
                         lin_user_weights=lin_user_weights, bias_temperature=item_bias, **model_settings)
     started = time.monotonic()
     trained = prequential.train_at(stream, start, mcfg, progress=progress)

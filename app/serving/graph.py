@@ -149,6 +149,12 @@ class State:
     def _inv_sqrt_di(self) -> np.ndarray:
         return _inverse(np.sqrt(self.di))
 
+    @cached_property
+    def _target_di(self) -> np.ndarray:
+        """d_j^-beta, the filter's factor of the target item (GF-CF: beta = 1/2)."""
+        beta = getattr(self.lm.mcfg, "lin_beta", 0.5)
+        return self._inv_sqrt_di if beta == 0.5 else _inverse(self.di ** beta)
+
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
         R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
@@ -163,7 +169,7 @@ class State:
         t = self.base_t @ (w * self.keep if self.overlay else w)
         if self.overlay:
             t += self.over_t @ w
-        return t * isd
+        return t * self._target_di
 
     def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
@@ -174,7 +180,12 @@ class State:
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
         (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
-        s = (self.lm.q32 @ p.astype(np.float32))[self.items.rows] + self.lin(cols, a)
+        s = (self.lm.q32 @ p.astype(np.float32))[self.items.rows].astype(np.float64)
+        mcfg = self.lm.mcfg
+        if mcfg.lin_weight:
+            s += mcfg.lin_weight * self.lin(cols, a)
+        if self.lm.ease is not None:
+            s += mcfg.ease_weight * self.lm.ease[self.items.rows[cols[a > 0]]].sum(axis=0)[self.items.rows]
         return s if self._bias is None else with_bias(s[None, :], self._bias)[0].numpy()
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -182,9 +193,14 @@ class State:
         x, q = self.lm.tables
         s = self.lm.scale
         inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
-        fa = filter_weights(self.lm)[1](a * s)
-        isd = self._inv_sqrt_di
-        return inner + (fa * isd[cols])[:, None] * self._co(cols, targets) * isd[targets][None, :]
+        mcfg, rows = self.lm.mcfg, self.items.rows
+        if mcfg.lin_weight:
+            fa = filter_weights(self.lm)[1](a * s) * mcfg.lin_weight
+            co = self._co(cols, targets)
+            inner += (fa * self._inv_sqrt_di[cols])[:, None] * co * self._target_di[targets][None, :]
+        if self.lm.ease is not None:
+            inner += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
+        return inner
 
     def _co(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """C[cols, targets] of the current rows, C[i, j] = sum_u R[u, i] R[u, j] / d_u."""
