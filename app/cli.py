@@ -387,14 +387,14 @@ def evaluate():
 def model_options(f):
     """Our model's filter, spectral weight and item-bias flags (graph_models.ModelConfig; unset: its defaults)."""
     for option in reversed([
-        click.option("--lin-weights", type=click.Choice(["raw", "log1p", "binary"]), default="raw", show_default=True,
-                     help="Our models' linear filter reads the weights as stored, as log(1 + w), or 1 per edge."),
+        click.option("--lin-weights", type=click.Choice(["raw", "log1p", "binary"]), default=None,
+                     help="Fix our models' filter weights: as stored, log(1 + w), or 1 per edge (default: chosen)."),
         click.option("--lin-user-weights", type=click.Choice(["raw", "log1p", "binary"]), default=None,
                      help="The same for the scored shopper's own row (default: as --lin-weights)."),
         click.option("--alpha", type=float, default=None,
-                     help="Starting weight of our models' spectral part (default 0.3, GF-CF's); training may move it."),
+                     help="Fix the weight of our models' low-pass block (default: chosen on validation)."),
         click.option("--item-bias", type=click.FloatRange(0), default=None,
-                     help="Temperature of our models' learned item biases (0: none, the default; see docs/evaluation.md)."),
+                     help="Fix the temperature of our models' item biases (0: none; default: chosen on validation)."),
     ]):
         f = option(f)
     return f
@@ -416,8 +416,9 @@ def _chosen(lin_weights, lin_user_weights, alpha, item_bias) -> dict:
 def evaluate_gowalla(data_dir, epochs, lin_weights, lin_user_weights, alpha, item_bias, out):
     """Train on the LightGCN Gowalla split; Recall/NDCG@20 of ours, tuned ItemKNN, GF-CF and popularity."""
     from graph_models.gowalla import run_evaluation
-    _evaluate(lambda mcfg, log_dir: run_evaluation(data_dir, mcfg, log_dir=log_dir), "gowalla", epochs, out,
-              **_chosen(lin_weights, lin_user_weights, alpha, item_bias))
+    fixed = _chosen(lin_weights, lin_user_weights, alpha, item_bias)
+    _evaluate(lambda mcfg, log_dir: run_evaluation(data_dir, mcfg, log_dir=log_dir, fixed=fixed), "gowalla", epochs,
+              out, **fixed)
 
 
 @evaluate.command("online-retail")
@@ -430,8 +431,48 @@ def evaluate_retail(path, epochs, lin_weights, lin_user_weights, alpha, item_bia
     """Time-ordered split of UCI Online Retail (first 80% of time to train): ours against the baselines."""
     from graph_models.retail import run_evaluation
     cfg = load_config()  # the demo's sizes: what `make run` serves
-    _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir), "online-retail", epochs, out,
-              dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, **_chosen(lin_weights, lin_user_weights, alpha, item_bias))
+    fixed = _chosen(lin_weights, lin_user_weights, alpha, item_bias)
+    _evaluate(lambda mcfg, log_dir: run_evaluation(path, mcfg, log_dir=log_dir, fixed=fixed), "online-retail", epochs,
+              out, dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, **fixed)
+
+
+@evaluate.command("log")
+@click.option("--events", "path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Interaction file (CSV, optionally gzipped).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "online-retail"]), default="csv", show_default=True)
+@click.option("--user-col")
+@click.option("--item-col")
+@click.option("--ts-col", help="ISO 8601 text (no offset: UTC) or epoch numbers (see --ts-unit).")
+@click.option("--ts-unit", type=click.Choice(["s", "ms"]), default="s", show_default=True)
+@click.option("--weight-col", default=None, help="Explicit weight, e.g. a rating.")
+@click.option("--type-col", default=None, help="Event type (view, click, cart, purchase, return).")
+@click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True,
+              help="Each shopper's latest share of interactions held out as the test.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+def evaluate_log(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, test_fraction, out):
+    """Any event log, each shopper's latest interactions held out: ours (trained as `train` does, settings
+    chosen on validation) against EASE, ItemKNN (both tuned on the same validation), GF-CF and popularity."""
+    from app.evaluation import events
+    from app.embeddings.training import fixed_settings, model_config
+    from graph_models import logeval
+    from graph_models.stream import Live
+    if fmt == "csv" and not (user_col and item_col and ts_col):
+        _fail("--format csv needs --user-col, --item-col and --ts-col")
+    cfg = load_config()
+    try:
+        log = events.read(cfg, events.batches(path, fmt, user_col=user_col, item_col=item_col, ts_col=ts_col,
+                                              ts_unit=ts_unit, weight_col=weight_col, type_col=type_col), 1.0)
+    except ValueError as exc:
+        _fail(str(exc))
+    edges = Live(log.stream, len(log.stream.ts)).edges()
+    graph = edges.graph()
+    first = logeval.first_matrix(graph, edges.u, edges.i, edges.first)
+    mcfg = model_config(cfg)
+    try:
+        report = logeval.run(graph, first, mcfg, test_fraction, fixed_settings(cfg), cfg.train_minutes * 60)
+    except ValueError as exc:
+        _fail(str(exc))
+    _print_report(report, ("ours", "ease", "itemknn", "gfcf", "popularity"), out)
 
 
 @evaluate.command("stream")
@@ -507,14 +548,19 @@ def _evaluate(run, name: str, epochs: int | None, out: str | None, **sizes) -> N
     log_dir = load_config().home / "runs" / f"eval-{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     click.echo(f"TensorBoard logs: {log_dir} (tensorboard --logdir {log_dir.parent})")
     report = run(mcfg, str(log_dir))
-    click.echo(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+    _print_report(report, ("model", "ease", "gfcf", "itemknn", "popularity"), out)
+
+
+def _print_report(report: dict, keys, out: str | None) -> None:
+    """An evaluation's JSON (without per-trial histories), its table, and the JSON file if asked."""
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2, default=str))
     click.echo(f"\n{'model':<12} {'Recall@20':>10} {'NDCG@20':>10}")
-    for key in ("model", "gfcf", "itemknn", "popularity"):
-        if key in report:
+    for key in keys:
+        if report.get(key, {}).get("recall@20") is not None:
             click.echo(f"{key:<12} {report[key]['recall@20']:>10.4f} {report[key]['ndcg@20']:>10.4f}")
     if out:
         with open(out, "w") as fh:
-            json.dump(report, fh, indent=2)
+            json.dump(report, fh, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ class ModelConfig:
     batch_size: int = 1024
     patience: int = 2
     sample_users: int = 3000  # target users scored per measure, for fitting and for early stopping each
-    holdout: float = 0.1     # share of each user's items hidden as training targets
+    holdout: float = 0.2     # share of each user's items held out for validation (the latest, where times are known)
     check_share: float = 0.5  # share of target users kept aside for early stopping
     # Wall-clock cap on training in minutes (None = none): stops after the epoch that passes it.
     max_minutes: float | None = 20.0

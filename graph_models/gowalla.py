@@ -46,7 +46,7 @@ def load_split(data_dir):
     return to_csr(train, (n_users, n_items)), {u: set(v) for u, v in test.items()}, n_users, n_items
 
 
-def run_evaluation(data_dir, cfg=None, progress=True, log_dir=None):
+def run_evaluation(data_dir, cfg=None, progress=True, log_dir=None, fixed=None):
     """Train on Gowalla train, report test Recall/NDCG@k of ours and every baseline from one run.
 
     Everything chosen (our responses, early stopping, ItemKNN's neighbourhood and shrink) is chosen
@@ -56,7 +56,7 @@ def run_evaluation(data_dir, cfg=None, progress=True, log_dir=None):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     train_csr, test, n_users, n_items = load_split(data_dir)
     t0 = time.time()
-    model, result = fit(train_csr, cfg, progress=progress, log_dir=log_dir)
+    model, result = fit(train_csr, cfg, progress=progress, log_dir=log_dir, fixed=fixed)
     train_seconds = time.time() - t0
     k = cfg.k
     report = {"model": evaluate(Scorer(model, train_csr), test, train_csr, k)}

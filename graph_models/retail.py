@@ -140,11 +140,12 @@ def load_time_split(path, train_fraction=0.8, val_fraction=0.1):
                        pd.Timestamp(val_cutoff), stats)
 
 
-def run_evaluation(path, cfg=None, progress=True, log_dir=None):
+def run_evaluation(path, cfg=None, progress=True, log_dir=None, fixed=None):
     """Ours against popularity, ItemKNN and GF-CF, trained on the first 80% of time and tested on the
     items each user first bought afterwards; ours and ItemKNN are tuned on the last 10% of train."""
     from .baselines import gfcf_scorer, itemknn_scorer, popularity_scorer, tune_itemknn
     from .config import ModelConfig
+    from .ease import ease_scorer, tune_ease
     from .train import Scorer, fit
 
     cfg = cfg or ModelConfig(dim=256, sharp_dim=64)
@@ -152,15 +153,19 @@ def run_evaluation(path, cfg=None, progress=True, log_dir=None):
     graph = split.train.astype(np.float64)  # weights: purchase lines per (customer, item)
     t0 = time.time()
     # Responses fitted on the later part of train against the earlier part, as ItemKNN is tuned.
-    model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=(split.fit.astype(np.float64), split.val))
+    model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=(split.fit.astype(np.float64), split.val),
+                        fixed=fixed)
     report = {"model": {**evaluate(Scorer(model, graph), split.truth, split.train, cfg.k),
                         "seconds": time.time() - t0}}
+    ease = tune_ease(split.fit, split.val, k=cfg.k)
+    report["ease"] = {**evaluate(ease_scorer(split.train, ease["lambda"]), split.truth, split.train, cfg.k),
+                      "params": {"lambda": ease["lambda"]}}
     knn = tune_itemknn(split.fit, split.val, k=cfg.k)
     report["itemknn"] = {**evaluate(itemknn_scorer(split.train, k=knn["k"], shrink=knn["shrink"]), split.truth,
                                     split.train, cfg.k), "params": {"k": knn["k"], "shrink": knn["shrink"]}}
     report["gfcf"] = evaluate(gfcf_scorer(graph, seed=cfg.seed), split.truth, split.train, cfg.k)
     report["popularity"] = evaluate(popularity_scorer(split.train), split.truth, split.train, cfg.k)
     report.update(validation=result["metrics"], epochs=result["epochs"], history=result["history"],
-                  config=cfg.to_dict(), responses={"low": model.low.tolist(), "sharp": model.sharp.tolist()},
+                  config=model.cfg.to_dict(), search=result.get("search"), bias=result.get("bias"),
                   split={**split.stats, "cutoff": str(split.cutoff), "val_cutoff": str(split.val_cutoff)})
     return report

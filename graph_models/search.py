@@ -130,8 +130,9 @@ def _space(trial, cfg, terms, fixed) -> dict:
         s["lin_weights"] = pick("lin_weights", lambda: trial.suggest_categorical("lin_weights", weights))
         s["lin_user_weights"] = pick("lin_user_weights", lambda: trial.suggest_categorical("lin_user_weights", weights))
         s["lin_beta"] = pick("lin_beta", lambda: trial.suggest_categorical("lin_beta", BETAS))
-    else:
-        s.update(lin_weights="raw", lin_user_weights="raw", lin_beta=0.5)
+    else:  # not read: kept as fixed, else at the defaults
+        s.update(lin_weights=fixed.get("lin_weights", "raw"), lin_user_weights=fixed.get("lin_user_weights", "raw"),
+                 lin_beta=fixed.get("lin_beta", 0.5))
     # The low-pass block is never off: it is the stored vectors (the index, the Cypher recipes, audiences).
     s["alpha"] = pick("alpha", lambda: trial.suggest_float("alpha", 1e-3, 2.0, log=True))
     s["sharp_alpha"] = pick("sharp_alpha", lambda: trial.suggest_float("sharp_alpha", 0.0, 1.0)) if cfg.sharp_dim else 0.0

@@ -15,10 +15,9 @@ from app.config import Config
 from app.embeddings import models, store
 from app.embeddings.full import embed_full
 from graph_models import ModelConfig
-from graph_models.bias import trend
 from graph_models.checkpoint import save_checkpoint
-from graph_models.split import user_latest_holdout
-from graph_models.train import build, fit
+from graph_models.logeval import choose_and_fit
+from graph_models.train import build
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,6 @@ def _edge_matrix(snap: store.Snapshot, values) -> sp.csr_matrix:
     return sp.csr_matrix((values, (rows, cols)), shape=(len(uidx), len(iidx)))
 
 
-def _fit_trend(fit_csr: sp.csr_matrix, first: sp.csr_matrix, mcfg: ModelConfig):
-    """The items' trend on the graph the biases are fitted on, for a version that reads one (else None)."""
-    if not mcfg.reads_trend:
-        return None
-    g = fit_csr.tocoo()
-    return trend(g.col, np.asarray(first[g.row, g.col]).ravel(), fit_csr.shape[1], mcfg.trend_halflife)
-
-
 def weights(snap: store.Snapshot, meta: dict) -> sp.csr_matrix:
     """Users x items aggregation weights of a snapshot under a version's `meta` (scale of its reference time)."""
     csr = _edge_matrix(snap, np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0) * models.weight_scale(meta))
@@ -93,10 +84,9 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     if train_model:
         # Settings are chosen on each shopper's latest interactions (their next items), held out.
         first = _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64))
-        split = user_latest_holdout(graph, first, mcfg.holdout)
-        model, result = fit(graph, mcfg, progress=progress, log_dir=str(cfg.home / "runs" / version), split=split,
-                            trend=_fit_trend(split[0], first, mcfg), fixed=fixed_settings(cfg),
-                            budget_s=mcfg.max_minutes * 60 if mcfg.max_minutes else None)
+        model, result, _ = choose_and_fit(graph, first, mcfg, fixed_settings(cfg),
+                                          mcfg.max_minutes * 60 if mcfg.max_minutes else None, progress,
+                                          str(cfg.home / "runs" / version))
         mcfg, search = model.cfg, result.get("search")
     else:
         model = build(graph, mcfg)
