@@ -56,7 +56,8 @@ def run_evaluation(data_dir, cfg=None, progress=True, log_dir=None, fixed=None):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     train_csr, test, n_users, n_items = load_split(data_dir)
     t0 = time.time()
-    model, result = fit(train_csr, cfg, progress=progress, log_dir=log_dir, fixed=fixed)
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    model, result = fit(train_csr, cfg, progress=progress, log_dir=log_dir, fixed=fixed, budget_s=budget)
     train_seconds = time.time() - t0
     k = cfg.k
     report = {"model": evaluate(Scorer(model, train_csr), test, train_csr, k)}

@@ -154,7 +154,7 @@ def run_evaluation(path, cfg=None, progress=True, log_dir=None, fixed=None):
     t0 = time.time()
     # Responses fitted on the later part of train against the earlier part, as ItemKNN is tuned.
     model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=(split.fit.astype(np.float64), split.val),
-                        fixed=fixed)
+                        fixed=fixed, budget_s=cfg.max_minutes * 60 if cfg.max_minutes else None)
     report = {"model": {**evaluate(Scorer(model, graph), split.truth, split.train, cfg.k),
                         "seconds": time.time() - t0}}
     ease = tune_ease(split.fit, split.val, k=cfg.k)

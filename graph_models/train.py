@@ -239,7 +239,8 @@ def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fix
     rebuild the basis (and EASE) on the whole graph under the chosen settings. Item biases are tried
     when `fixed` does not set them: each temperature of BIAS_TEMPERATURES (or the fixed one) is kept
     only if it passes `fit_checked_bias`'s check, the best on it wins; `trend` is the trend of the
-    graph without the targets, for a model that reads one. `budget_s` bounds the search's seconds."""
+    graph without the targets, for a model that reads one. `budget_s` bounds the search's seconds (and
+    searched biases are not tried past it)."""
     from .search import search
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
     fixed = dict(fixed or {})
@@ -262,7 +263,8 @@ def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fix
     else:
         first = build(fit_csr, cfg)
         result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
-    cfg, result["bias"] = _choose_bias(first, fit_csr, hidden, cfg, fixed, trend)
+    deadline = None if budget_s is None else t0 + budget_s
+    cfg, result["bias"] = _choose_bias(first, fit_csr, hidden, cfg, fixed, trend, deadline)
     first.cfg = cfg
     model = build(train_csr, cfg, like=first)
     result["config"] = cfg
@@ -270,14 +272,18 @@ def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fix
     return model, result
 
 
-def _choose_bias(first, fit_csr, hidden, cfg, fixed, trend):
-    """(settings with the item-bias temperature that passed its check best, or none; the checks)."""
+def _choose_bias(first, fit_csr, hidden, cfg, fixed, trend, deadline=None):
+    """(settings with the item-bias temperature that passed its check best, or none; the checks).
+    Temperatures that are searched, not fixed, are tried only while time is left before `deadline`."""
     if "bias_temperature" in fixed:
         temps = [fixed["bias_temperature"]]
     else:
         temps = list(BIAS_TEMPERATURES) if cfg.search_trials > 0 else [cfg.bias_temperature]
     best, biases, checks, key = None, {}, {}, (f"recall@{cfg.k}", f"ndcg@{cfg.k}")
     for t in (t for t in temps if t and t > 0):
+        if deadline is not None and time.time() > deadline and "bias_temperature" not in fixed:
+            checks[str(t)] = {"kept": False, "skipped": "the training budget ran out"}
+            continue
         first.cfg = replace(cfg, bias_temperature=t)
         checks[str(t)] = fit_checked_bias(first, fit_csr, hidden, first.cfg, trend)
         biases[str(t)] = first.bias.clone()
