@@ -1,6 +1,7 @@
 """The settings search: repeatable, refusing what it cannot do, and what it measured is what the API serves."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -120,6 +121,24 @@ def test_a_version_with_every_term_serves_its_offline_ranking(cfg, driver, base_
     lm = models.current(driver, cfg)
     assert lm.model.eased and lm.mcfg.lin_beta == 0.35 and lm.ease.shape == (31, 31)
     _assert_served_equals_offline(cfg, driver, base_url, lm)
+    # docs/cypher.md: the recipe ranks by GF-CF's form of the same stored vectors, not the served terms
+    from tests.test_cypher_docs import bind, recipes
+    _, params, query = next(r for r in recipes() if r[0] == "Recommendations for a shopper")
+    gfcf = copy.deepcopy(lm.model)
+    gfcf.cfg = replace(lm.mcfg, lin_weights="raw", lin_user_weights=None, lin_beta=0.5, lin_weight=1.0,
+                       ease_weight=0.0)
+    snap, graph, _ = _offline(cfg, driver, lm)
+    form = Scorer(gfcf, graph)(list(range(len(snap.user_ids)))).numpy()
+    differs = 0
+    for row, user in list(enumerate(snap.user_ids))[::7]:
+        with driver.session(database=cfg.neo4j_database) as s:
+            rows = s.run(query, **{**bind(s, params), "user_id": user, "k": 5}).data()
+        s_row = form[row].copy()
+        s_row[graph[row].indices] = -np.inf
+        assert [r["score"] for r in rows] == pytest.approx(np.sort(s_row)[::-1][:5].tolist(), rel=1e-4)
+        api = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
+        differs += [r["item_id"] for r in rows] != [r["item_id"] for r in api["results"]]
+    assert differs  # the served ranking is not the recipe's
 
 
 def test_train_chooses_records_and_serves_its_settings(cfg, driver, base_url):
