@@ -77,6 +77,9 @@ def fold_in(model: InterestSAGE, graph: sp.csr_matrix) -> InterestSAGE:
     new_rows = np.asarray(rt[:, known:].T @ user_side) * inv
     deg = np.concatenate([model.out_scale.numpy() ** 2, degrees(graph)[1][known:]])
     out = InterestSAGE(np.vstack([v, new_rows]), s2, deg, model.cfg)
+    if model.ease.numel():  # EASE is fitted per version: items new since have no row or column in it
+        out.ease = torch.zeros(n, n, dtype=model.ease.dtype)
+        out.ease[:known, :known] = model.ease
     return with_coefficients(out, model).eval()
 
 
