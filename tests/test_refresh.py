@@ -142,7 +142,7 @@ def test_incremental_equals_full_recompute(trained, exact_cfg, driver, lease, op
                 {"id": f"i{n}", "props": {"title": f"mug {rng.randrange(9)}", "category": f"c{rng.randrange(6)}",
                                           "price": rng.random() * 50}}])
         elif kind == "delete":
-            writer.delete_user(driver, exact_cfg.neo4j_database, f"u{n}")
+            writer.delete_user(driver, exact_cfg.neo4j_database, f"u{n}", secret=exact_cfg.erasure_secret)
         else:  # uncapped or capped (a few users, the rest left for later runs), alternately
             refresh(driver, capped if seed % 2 else exact_cfg, trained, owner=lease.owner)
     while (run := refresh(driver, capped, trained, owner=lease.owner))["mode"] != "noop":

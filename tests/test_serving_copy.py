@@ -73,7 +73,7 @@ def trained(cfg, driver):
 @pytest.mark.parametrize("table_mb", [256, 0], ids=["explain-table", "no-table"])
 def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url, table_mb):
     monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=30, table_mb=table_mb)
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=30, table_mb=table_mb, secret=cfg.erasure_secret)
     assert (copy.at(*_head(driver, cfg)).table is not None) == (table_mb > 0)
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
@@ -84,7 +84,7 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
         events = _events(rng, 8, 210, 43, f"s{table_mb}.{step}-")  # new users and items among them
         pipeline.ingest(driver, cfg, events)
         if step == 2:
-            writer.delete_user(driver, cfg.neo4j_database, "u4")
+            writer.delete_user(driver, cfg.neo4j_database, "u4", secret=cfg.erasure_secret)
         if step == 4:
             writer.upsert_items(driver, cfg.neo4j_database, [{"id": "i1", "props": {"category": "new", "price": 3.5}}])
         assert _run_refresh(driver, cfg)["mode"] == "incremental"
