@@ -260,7 +260,7 @@ RETURN count(s) AS updated
 # reuses a number) and records the users and items it recomputed, in the same fenced transaction:
 # a process that has applied run n knows exactly which rows to re-read to reach run n + 1. A full
 # run records `full` (re-read everything). Only the last $keep entries stay. Users erased meanwhile
-# are left out (USER_DELETE waits for this lock on _Refresh, then takes their ids out of the entries).
+# are left out (an erasure waiting for a user this run wrote takes the id out of the entry after it).
 APPLIED_LOG = """
 MATCH (s:_Refresh {key: 'main'})
 SET s.seq = coalesce(s.seq, 0) + 1, s.epoch = coalesce(s.epoch, randomUUID())
@@ -412,16 +412,12 @@ RETURN count(CASE WHEN changed THEN 1 END) AS changed
 """
 
 # Erasure: every item the user touched loses an edge, so it gets a new revision before the delete
-# (the refresh rebuilds its sums from its remaining edges). Locks in the order refresh runs and ingest
-# take them: the refresh node (a run logging this user commits before or waits for the erasure),
-# the items known now, then the user's id, taken by MERGE even when no such user exists, so that an
-# ingest writing the user either commits first (its edges go now: the items read again after it) or
-# waits and then finds the erasure's record (app/ingest/writer.py).
+# (the refresh rebuilds its sums from its remaining edges). Locks in ingest's order: the items known
+# now, then the user's id, taken by MERGE even when no such user exists, so that an ingest writing
+# the user either commits first (its edges go now: the items are read again after it) or waits and
+# then finds the erasure's record (app/ingest/writer.py). A refresh run writing the user holds it
+# too, so its serving log entry is committed (and cleaned by USER_ERASED) before the erasure goes on.
 USER_DELETE = """
-OPTIONAL MATCH (s:_Refresh {key: 'main'})
-SET s._lock = true
-REMOVE s._lock
-WITH count(*) AS fenced
 OPTIONAL MATCH (:User {id: $id})--(i:Item)
 WITH collect(DISTINCT i) AS known
 FOREACH (i IN known | SET i._lock = true REMOVE i._lock)

@@ -377,7 +377,7 @@ def test_node_change_committed_after_a_full_runs_export_is_refreshed(trained, ex
 def _open_event(tx, cfg, raw: dict) -> None:
     """Write one event inside an open transaction, as the ingest path does."""
     (_, ev), = schema.validate_events([raw], cfg)[0]
-    writer._write_tx(tx, [([pipeline.weigh(cfg, ev, ev.user_id)], {})])
+    writer._write_tx(tx, [([pipeline.weigh(cfg, ev, ev.user_id)], {})], cfg.erasure_secret)
 
 
 def test_changes_committed_long_after_their_stamp_are_refreshed(trained, exact_cfg, driver, lease):

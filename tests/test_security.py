@@ -406,7 +406,7 @@ def test_an_erased_user_leaves_no_id_in_neo4j_or_the_serving_copy(cfg, driver, s
     answer = requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations", timeout=30).json()
     assert answer["source"] == "personal"
     copy = graph.copy_of(driver, cfg.neo4j_database, cfg.serving_sync_wait, cfg.serving_poll, cfg.serving_max_age,
-                         cfg.explain_table_mb, cfg.erasure_secret)
+                         cfg.explain_table_mb, secret=cfg.erasure_secret)
     assert SHOPPER in copy.state.users
     assert requests.delete(f"{base_url}/v1/users/{SHOPPER}", headers=PRIVACY, timeout=10).status_code == 204
     assert requests.get(f"{base_url}/v1/users/u1/recommendations", timeout=30).status_code == 200  # the next sync

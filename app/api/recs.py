@@ -44,7 +44,7 @@ def _state():
     versions never mix in it)."""
     c = cfg()
     return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age,
-                         c.explain_table_mb, c.erasure_secret).current()
+                         c.explain_table_mb, secret=c.erasure_secret).current()
 
 
 def preload(app) -> None:

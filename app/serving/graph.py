@@ -366,7 +366,7 @@ class Copy:
     """
 
     def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
-                 table_mb: float = 256, secret: str = ""):
+                 table_mb: float = 256, *, secret: str):
         self.driver, self.database, self.secret = driver, database, secret  # secret: IG_ERASURE_SECRET
         self.wait, self.poll, self.max_age = wait, poll, max_age
         self.table_mb = table_mb  # State.table's bound
@@ -445,7 +445,7 @@ class Copy:
         return nxt
 
 
-def _advance(tx, st: State | None, epoch, seq, table_mb: float, secret: str = "") -> State | None:
+def _advance(tx, st: State | None, epoch, seq, table_mb: float, secret: str) -> State | None:
     """The next state: the logged runs and pending writes since `st` applied, or everything read again.
     `epoch` None: the run Neo4j is at now; `table_mb`: State.table's bound; `secret`: the erasure keys'."""
     if st is None:
@@ -641,7 +641,7 @@ _copies_lock = threading.Lock()
 
 
 def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
-            table_mb: float = 256, secret: str = "") -> Copy:
+            table_mb: float = 256, *, secret: str) -> Copy:
     """This process's copy of `database` behind `driver` (see Copy for the settings)."""
     key = (id(driver), database)
     with _copies_lock:
