@@ -157,7 +157,7 @@ class Config:
     # entries; churn risk scans every edge, so past `churn_max_edges` it answers 413.
     explain_max_mb: float = 64
     churn_max_k: int = 1000
-    churn_max_edges: int = 2_000_000
+    churn_max_edges: int = 100_000
     # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
     # seconds waits up to `sync_wait` for a sync; past `poll` seconds it starts one in the background.
     serving_sync_wait: float = 0.25

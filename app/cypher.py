@@ -706,8 +706,10 @@ CALL {
 CALL {
   WITH now, version
   MATCH (:User)-[r:INTERACTED]->(i:Item)
-  WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL AND i.embedding_version = version
-  WITH i, count(r) AS buyers ORDER BY buyers DESC, i.id LIMIT 200
+  WHERE r.last_ts >= now - 30 * 86400000
+  // counted per item first: each item's vector is then read once, not once per edge
+  WITH version, i, count(r) AS buyers WHERE i.embedding IS NOT NULL AND i.embedding_version = version
+  WITH i, buyers ORDER BY buyers DESC, i.id LIMIT 200
   WITH collect(i.embedding) AS trending
   // their sum, once (the cosine below does not need the mean)
   RETURN CASE WHEN size(trending) > 0 THEN reduce(acc = [x IN trending[0] | 0.0], v IN trending |

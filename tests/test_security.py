@@ -102,7 +102,8 @@ def test_admin_token_checked(base_url):
 
 
 def test_secrets_stay_out_of_logs_bodies_metrics_and_process_list(cfg, clean_db, base_url, caplog):
-    secrets = [cfg.neo4j_password, cfg.admin_token, cfg.service_token, cfg.privacy_token, "not-a-token"]
+    secrets = [cfg.neo4j_password, cfg.admin_token, cfg.service_token, cfg.privacy_token, cfg.erasure_secret,
+               "not-a-token"]
     caplog.set_level(logging.DEBUG)
     bodies = []
     for headers in (WRONG, SERVICE, PRIVACY, ADMIN):

@@ -99,7 +99,7 @@ def _write_conf(cfg: Config, p: dict[str, Path]) -> None:
 
 def _java_env(p: dict[str, Path]) -> dict[str, str]:
     # Secrets stay out of the server's environment: it needs none of them.
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PASSWORD", "_TOKEN", "_KEY"))}
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PASSWORD", "_TOKEN", "_KEY", "_SECRET"))}
     return {**env, "NEO4J_HOME": str(p["home"]), "NEO4J_CONF": str(p["conf"])}
 
 
