@@ -154,8 +154,10 @@ class Config:
     max_k: int = 500  # largest k of any ranked answer
     max_batch_users: int = 100  # users of one POST /v1/recommendations
     # Work per request (docs/reliability.md, "Bounds"): explain without the item-item table reads k x users
-    # entries; churn risk scans every edge, so past `churn_max_edges` it answers 413.
+    # entries; a batch call's users each cost two products over the copy's edges (users x edges at most
+    # `batch_max_work`); churn risk scans every edge, so past `churn_max_edges` it answers 413.
     explain_max_mb: float = 64
+    batch_max_work: int = 100_000_000
     churn_max_k: int = 1000
     churn_max_edges: int = 100_000
     # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
@@ -260,6 +262,7 @@ def load_config(**overrides) -> Config:
         max_k=_env(env, "IG_MAX_K", Config.max_k, int),
         max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
         explain_max_mb=_env(env, "IG_EXPLAIN_MAX_MB", Config.explain_max_mb, float),
+        batch_max_work=_env(env, "IG_BATCH_MAX_WORK", Config.batch_max_work, int),
         churn_max_k=_env(env, "IG_CHURN_MAX_K", Config.churn_max_k, int),
         churn_max_edges=_env(env, "IG_CHURN_MAX_EDGES", Config.churn_max_edges, int),
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),

@@ -42,8 +42,9 @@ def timed(work, seconds: float):
 
 
 class TimedReads:
-    """A read session whose queries Neo4j aborts once `seconds` have passed since it was opened, so a
-    request that reads answers (503 when Neo4j is too slow) within its budget, not the transaction cap."""
+    """A read session whose queries Neo4j aborts once `seconds` have passed since it was opened."""
+
+    # A request's reads then answer (503 when Neo4j is too slow) within its budget, not the 30 s cap.
 
     def __init__(self, session: Session, seconds: float):
         self.session, self.deadline = session, time.monotonic() + seconds

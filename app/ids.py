@@ -20,8 +20,8 @@ def user_keys(cfg: Config, raw_ids) -> dict[str, str]:
 
 
 def erasure_key(secret: str, key: str) -> str:
-    """What an erasure keeps of a stored user key: HMAC-SHA256 hex under IG_ERASURE_SECRET (a plain
-    hash of a short customer number could be reversed by trying every number)."""
+    """What an erasure keeps of a stored user key: its HMAC-SHA256 hex under IG_ERASURE_SECRET."""
+    # Keyed: a plain hash of a short customer number is reversed by hashing every number.
     if not secret:
         raise ValueError("an erasure needs IG_ERASURE_SECRET")
     return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()

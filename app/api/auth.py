@@ -50,11 +50,9 @@ def needed(cfg: Config, method: str, rule: str) -> tuple[str, tuple] | None:
 
 
 def check(cfg: Config) -> None:
-    """401 without a bearer token, 403 with a wrong one or when the needed token is not configured.
-    Admin paths are checked by path, so one without a route (404) or a view without its own check
-    is closed too."""
+    """401 without a bearer token, 403 with a wrong one or when the needed token is not configured."""
     rule = request.url_rule.rule if request.url_rule else None
-    if rule is None and request.path.startswith("/admin"):
+    if rule is None and request.path.startswith("/admin"):  # closed even where no route matches
         rule = request.path
     need = needed(cfg, request.method, rule) if rule else None
     if need is None:

@@ -31,8 +31,8 @@ def _check_path() -> None:
 
 
 def _cost() -> int:
-    """What a request costs against the rate limit: a batch call one request per user it asks for
-    (each is a recommendation's work), within IG_MAX_BATCH_USERS (past it the call is refused)."""
+    """What a request costs against the rate limit: a batch call one request per user it asks for."""
+    # Each user is a recommendation's work; past IG_MAX_BATCH_USERS the view refuses the call.
     if request.method == "POST" and request.path == "/v1/recommendations":
         body = request.get_json(silent=True)
         users = body.get("user_ids") if isinstance(body, dict) else None

@@ -30,8 +30,8 @@ def _k(k: int, bound: int | None = None) -> int:
 
 
 def _explained(st, k: int, explain: bool) -> int:
-    """k, checked against explain's bound: without the item-item table an explained answer reads a dense
-    k x users block of the graph (8 bytes an entry), bounded by IG_EXPLAIN_MAX_MB."""
+    """k within explain's bound (IG_EXPLAIN_MAX_MB)."""
+    # Without the item-item table an explained answer builds a dense k x users block of 8-byte entries.
     if explain and st is not None and st.table is None and k * st.n_users * 8 > cfg().explain_max_mb * 2**20:
         most = int(cfg().explain_max_mb * 2**20 // (8 * st.n_users))
         raise ApiError(400, f"k must be at most {most} with explain=true over {st.n_users} users "
@@ -80,8 +80,14 @@ def batch_recommendations(body: BatchRecsBody):
     filters = Filters(body.category, body.max_price, body.exclude_seen)
     st = _state()
     k = _explained(st, _k(body.k), body.explain)
+    users = list(dict.fromkeys(body.user_ids))
+    edges = st.base_csr.nnz + st.over_csr.nnz if st is not None else 0
+    if len(users) * edges > cfg().batch_max_work:  # each user: two sparse products over the copy's edges
+        most = max(1, cfg().batch_max_work // edges)
+        raise ApiError(413, f"user_ids: at most {most} users a call over this graph's {edges} edges "
+                            "(IG_BATCH_MAX_WORK)", field="user_ids", limit=most)
     return {"results": {u: ranking.recommend(_session, st, user_key(cfg(), u), k, filters, body.explain)
-                        for u in dict.fromkeys(body.user_ids)}}
+                        for u in users}}
 
 
 @bp.get("/items/<item_id>/similar", responses={200: SimilarOut, 404: ErrorOut})

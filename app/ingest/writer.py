@@ -130,8 +130,7 @@ def upsert_items(driver, database: str, rows: list[dict]) -> int:
 
 
 def delete_user(driver, database: str, user_id: str, *, secret: str) -> int:
-    """Erase a user, its edges and its id in the serving log, keeping only the erasure's keyed record;
-    return how many items changed."""
+    """Erase a user, its edges and its id in the serving log (keeping a keyed record); return how many items changed."""
     def erase(tx):
         record = tx.run(cypher.USER_DELETE, id=user_id).single()
         tx.run(cypher.USER_ERASED, key=erasure_key(secret, user_id), id=user_id).consume()

@@ -61,8 +61,7 @@ def filter_weights(lm) -> tuple:
 
 
 class Index(dict):
-    """User id -> row, shared by the states of a copy; `rows` counts the rows ever given, so a row is
-    never given twice when an erased id leaves the index."""
+    """User id -> row, shared by a copy's states; `rows` counts the rows ever given (none is given twice)."""
 
     rows = 0
 

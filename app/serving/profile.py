@@ -32,8 +32,8 @@ def interests(session, user_key: str, user_id: str, k: int) -> dict:
 
 
 def churn_risk(session, k: int, min_events: int, max_edges: int) -> list[dict]:
-    """Users most overdue against their own rhythm; the score is that ratio, the reasons say what lies behind it.
-    The query scans every edge: 413 on a graph of more than `max_edges` (IG_CHURN_MAX_EDGES)."""
+    """Users most overdue against their own rhythm; the score is that ratio, the reasons say what lies behind it."""
+    # The query scans every edge: past `max_edges` (IG_CHURN_MAX_EDGES) it would outlast the read's budget.
     edges = read(session, cypher.INTERACTED_EDGE_COUNT)[0]["n"]
     if edges > max_edges:
         raise ApiError(413, f"churn risk scans every edge: this graph has {edges}, more than the bound "
