@@ -50,4 +50,6 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(ui.bp)  # the page is not part of the API document
     spec(app)  # build the document once every route is registered
     guards.describe(app.api_doc, app.config["IG"])
+    from app.api.schemas import document_bounds
+    document_bounds(app.api_doc, app.config["IG"])
     return app

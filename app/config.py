@@ -16,16 +16,21 @@ NEO4J_BROWSER_VERSION = "5.24.0"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _ensure_password() -> str:
-    """Return NEO4J_PASSWORD from `.env`, generating and saving one (mode 0600) on first use."""
-    stored = dotenv_values(ENV_FILE).get("NEO4J_PASSWORD") if ENV_FILE.exists() else None
+def _ensure_secret(name: str) -> str:
+    """Return `name` from `.env`, generating and saving one (mode 0600) on first use."""
+    stored = dotenv_values(ENV_FILE).get(name) if ENV_FILE.exists() else None
     if stored:
         return stored
-    password = secrets.token_urlsafe(18)
+    value = secrets.token_urlsafe(18)
     with open(os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as fh:
-        fh.write(f"NEO4J_PASSWORD={password}\n")
+        fh.write(f"{name}={value}\n")
     os.chmod(ENV_FILE, 0o600)
-    return password
+    return value
+
+
+def _ensure_password() -> str:
+    """Return NEO4J_PASSWORD from `.env`, generating and saving one (mode 0600) on first use."""
+    return _ensure_secret("NEO4J_PASSWORD")
 
 
 LIN_WEIGHTS = ("raw", "log1p", "binary")  # graph_models.spectral.LIN_WEIGHTS
@@ -80,12 +85,16 @@ class Config:
     auth: bool = True  # IG_AUTH=off opens writes and reads: local runs only (loopback IG_HOST)
     service_token: str | None = None  # ingest and item updates
     privacy_token: str | None = None  # erasure (the admin token works too)
-    read_token: str | None = None  # reads and /metrics; unset: reads are open
+    read_token: str | None = None  # reads and /metrics (the admin token works too)
+    open_reads: bool = False  # IG_OPEN_READS=on: reads and /metrics need no token
+    # The keyed hash of an erased user's id (app/ids.py); every process of one graph needs the same.
+    erasure_secret: str = ""
     rate_limit: str | None = None  # flask-limiter syntax, e.g. "50/second;2000/minute"; unset: off
     rate_limit_storage: str = "memory://"
     neo4j_timeout: float = 2.0  # longest a request waits to reach Neo4j before a 503
     tx_timeout: float = 30.0  # longest any Neo4j transaction may run
     ingest_wait: float = 10.0  # longest an ingest request waits for its group commit (then 503)
+    ingest_queue: int = 50_000  # events waiting for a group commit in a process; past it, 503 at once
     retry_after: int = 1  # seconds a client is told to wait after a 503
     max_body_bytes: int = 8 * 1024 * 1024
     host: str = "127.0.0.1"
@@ -144,6 +153,13 @@ class Config:
     # serving
     max_k: int = 500  # largest k of any ranked answer
     max_batch_users: int = 100  # users of one POST /v1/recommendations
+    # Work per request (docs/reliability.md, "Bounds"): explain without the item-item table reads k x users
+    # entries; a batch call's users each cost two products over the copy's edges (users x edges at most
+    # `batch_max_work`); churn risk scans every edge, so past `churn_max_edges` it answers 413.
+    explain_max_mb: float = 64
+    batch_max_work: int = 100_000_000
+    churn_max_k: int = 1000
+    churn_max_edges: int = 100_000
     # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
     # seconds waits up to `sync_wait` for a sync; past `poll` seconds it starts one in the background.
     serving_sync_wait: float = 0.25
@@ -194,11 +210,14 @@ def load_config(**overrides) -> Config:
         service_token=_env(env, "IG_SERVICE_TOKEN"),
         privacy_token=_env(env, "IG_PRIVACY_TOKEN"),
         read_token=_env(env, "IG_READ_TOKEN"),
+        open_reads=_env(env, "IG_OPEN_READS", False, _switch),
+        erasure_secret=env.get("IG_ERASURE_SECRET") or _ensure_secret("IG_ERASURE_SECRET"),
         rate_limit=_env(env, "IG_RATE_LIMIT"),
         rate_limit_storage=_env(env, "IG_RATE_LIMIT_STORAGE", Config.rate_limit_storage),
         neo4j_timeout=_env(env, "IG_NEO4J_TIMEOUT", Config.neo4j_timeout, float),
         tx_timeout=_env(env, "IG_TX_TIMEOUT", Config.tx_timeout, float),
         ingest_wait=_env(env, "IG_INGEST_WAIT", Config.ingest_wait, float),
+        ingest_queue=_env(env, "IG_INGEST_QUEUE", Config.ingest_queue, int),
         retry_after=_env(env, "IG_RETRY_AFTER", Config.retry_after, int),
         max_body_bytes=_env(env, "IG_MAX_BODY_BYTES", Config.max_body_bytes, int),
         host=_env(env, "IG_HOST", Config.host),
@@ -243,6 +262,10 @@ def load_config(**overrides) -> Config:
         lease_seconds=_env(env, "IG_LEASE_SECONDS", Config.lease_seconds, float),
         max_k=_env(env, "IG_MAX_K", Config.max_k, int),
         max_batch_users=_env(env, "IG_MAX_BATCH_USERS", Config.max_batch_users, int),
+        explain_max_mb=_env(env, "IG_EXPLAIN_MAX_MB", Config.explain_max_mb, float),
+        batch_max_work=_env(env, "IG_BATCH_MAX_WORK", Config.batch_max_work, int),
+        churn_max_k=_env(env, "IG_CHURN_MAX_K", Config.churn_max_k, int),
+        churn_max_edges=_env(env, "IG_CHURN_MAX_EDGES", Config.churn_max_edges, int),
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
         serving_poll=_env(env, "IG_SERVING_POLL", Config.serving_poll, float),
         serving_max_age=_env(env, "IG_SERVING_MAX_AGE", Config.serving_max_age, float),

@@ -260,11 +260,13 @@ RETURN count(s) AS updated
 # Every run also numbers itself (`seq`, under an `epoch` drawn once per graph, so a wiped graph never
 # reuses a number) and records the users and items it recomputed, in the same fenced transaction:
 # a process that has applied run n knows exactly which rows to re-read to reach run n + 1. A full
-# run records `full` (re-read everything). Only the last $keep entries stay.
+# run records `full` (re-read everything). Only the last $keep entries stay. Users erased meanwhile
+# are left out (an erasure waiting for a user this run wrote takes the id out of the entry after it).
 APPLIED_LOG = """
 MATCH (s:_Refresh {key: 'main'})
 SET s.seq = coalesce(s.seq, 0) + 1, s.epoch = coalesce(s.epoch, randomUUID())
-CREATE (a:_Applied {seq: s.seq, full: $full, users: $users, items: $items, at: timestamp()})
+CREATE (a:_Applied {seq: s.seq, full: $full, users: [u IN $users WHERE EXISTS { (:User {id: u}) }], items: $items,
+                    at: timestamp()})
 WITH s
 MATCH (old:_Applied) WHERE old.seq <= s.seq - $keep
 DELETE old
@@ -411,9 +413,17 @@ RETURN count(CASE WHEN changed THEN 1 END) AS changed
 """
 
 # Erasure: every item the user touched loses an edge, so it gets a new revision before the delete
-# (the refresh rebuilds its sums from its remaining edges). The first SET locks the item.
+# (the refresh rebuilds its sums from its remaining edges). Locks in ingest's order: the items known
+# now, then the user's id, taken by MERGE even when no such user exists, so that an ingest writing
+# the user either commits first (its edges go now: the items are read again after it) or waits and
+# then finds the erasure's record (app/ingest/writer.py). A refresh run writing the user holds it
+# too, so its serving log entry is committed (and cleaned by USER_ERASED) before the erasure goes on.
 USER_DELETE = """
-MATCH (u:User {id: $id})
+OPTIONAL MATCH (:User {id: $id})--(i:Item)
+WITH collect(DISTINCT i) AS known
+FOREACH (i IN known | SET i._lock = true REMOVE i._lock)
+MERGE (u:User {id: $id})
+WITH u
 OPTIONAL MATCH (u)--(i:Item)
 WITH u, collect(DISTINCT i) AS items
 FOREACH (i IN items | SET i.changed_at = timestamp() SET i.rev = coalesce(i.rev, 0) + 1, i.ig_unseen = true)
@@ -421,8 +431,14 @@ DETACH DELETE u
 RETURN size(items) AS items
 """
 
-# The erasure's record (same transaction): later events of the key from before now are dropped.
-USER_ERASED = "MERGE (x:_Erased {key: $key}) SET x.at = timestamp()"
+# The erasure's record, keyed by a keyed hash (same transaction): later events of the key from before
+# now are dropped. The id leaves the serving log's entries too (the copies find the erasure by key).
+USER_ERASED = """
+MERGE (x:_Erased {key: $key}) SET x.at = timestamp()
+WITH x
+MATCH (a:_Applied) WHERE $id IN a.users
+SET a.users = [u IN a.users WHERE u <> $id]
+"""
 
 INTERACTED_EDGE_COUNT = "MATCH ()-[r:INTERACTED]->() RETURN count(r) AS n"
 
@@ -691,31 +707,34 @@ CALL {
 CALL {
   WITH now, version
   MATCH (:User)-[r:INTERACTED]->(i:Item)
-  WHERE r.last_ts >= now - 30 * 86400000 AND i.embedding IS NOT NULL AND i.embedding_version = version
-  WITH i, count(r) AS buyers ORDER BY buyers DESC, i.id LIMIT 200
-  RETURN collect(i.embedding) AS trending
+  WHERE r.last_ts >= now - 30 * 86400000
+  // counted per item first: each item's vector is then read once, not once per edge
+  WITH version, i, count(r) AS buyers WHERE i.embedding IS NOT NULL AND i.embedding_version = version
+  WITH i, buyers ORDER BY buyers DESC, i.id LIMIT 200
+  WITH collect(i.embedding) AS trending
+  // their sum, once (the cosine below does not need the mean)
+  RETURN CASE WHEN size(trending) > 0 THEN reduce(acc = [x IN trending[0] | 0.0], v IN trending |
+                                                  [k IN range(0, size(v) - 1) | acc[k] + v[k]]) END AS demand
 }
 MATCH (u:User)-[r:INTERACTED]->()
-WITH u, now, version, trending, min(r.first_ts) AS first, max(r.last_ts) AS last,
+WITH u, now, version, demand, min(r.first_ts) AS first, max(r.last_ts) AS last,
      sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce(r.n_cart, 0) + coalesce(r.n_purchase, 0)) AS events,
      // frequency trend: items active in the last 30 days of the data against the 30 days before
      // (an edge is active over [first_ts, last_ts]; single events are not kept)
      count(CASE WHEN r.last_ts >= now - 30 * 86400000 THEN 1 END) AS recent,
      count(CASE WHEN r.first_ts < now - 30 * 86400000 AND r.last_ts >= now - 60 * 86400000 THEN 1 END) AS previous
 WHERE events >= $min_events
-WITH u, version, trending, recent, previous, (now - last) / 86400000.0 AS silent_days,
+WITH u, version, demand, recent, previous, (now - last) / 86400000.0 AS silent_days,
      ((last - first) / 86400000.0) / (events - 1) AS gap_days
-WITH u, version, trending, recent, previous, silent_days, gap_days,
+WITH u, version, demand, recent, previous, silent_days, gap_days,
      silent_days / CASE WHEN gap_days < 1 THEN 1 ELSE gap_days END AS risk
 ORDER BY risk DESC LIMIT $k
 RETURN u.id AS user_id, round(risk, 3) AS risk, round(silent_days, 1) AS silent_days,
        round(gap_days, 1) AS typical_gap_days, recent AS recent_items, previous AS previous_items,
        coalesce(u.ig_drift, []) AS moves,
-       CASE WHEN u.embedding IS NULL OR size(trending) = 0 OR NOT coalesce(u.embedding_version = version, false)
+       CASE WHEN u.embedding IS NULL OR demand IS NULL OR NOT coalesce(u.embedding_version = version, false)
             THEN null
-            ELSE round(1 - vector.similarity.cosine(u.embedding,
-                 reduce(acc = [x IN range(1, size(u.embedding)) | 0.0], v IN trending |
-                        [k IN range(0, size(v) - 1) | acc[k] + v[k]])), 4) END AS drift
+            ELSE round(1 - vector.similarity.cosine(u.embedding, demand), 4) END AS drift
 """
 
 ITEM_EMBEDDED = "MATCH (n:Item {id: $id}) WHERE n.embedding IS NOT NULL RETURN n.id AS id"

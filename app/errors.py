@@ -16,6 +16,10 @@ class ApiError(Exception):
         self.status, self.message, self.details = status, message, details
 
 
+class Overloaded(Exception):
+    """This process cannot take more work now (a bounded queue is full): 503 with Retry-After."""
+
+
 def error_response(status: int, message: str, **details):
     """Build the JSON error response."""
     response = jsonify({"error": {"status": status, "message": message, **details}})
@@ -28,12 +32,17 @@ def unavailable_reason(exc: BaseException) -> str | None:
     or None when `exc` is not about Neo4j's availability."""
     if isinstance(exc, AuthError):
         return "neo4j refused the configured credentials"
+    if isinstance(exc, Overloaded):
+        return str(exc)
     if isinstance(exc, WaitTimeout):
         return "neo4j did not answer in time"
     if isinstance(exc, DriverError):  # unreachable, connection lost, pool exhausted, commit unknown
         return "neo4j unreachable"
     code = getattr(exc, "code", None) or ""
-    if isinstance(exc, TransientError) or "TransactionTimedOut" in code or "Terminated" in code:
+    # A transaction stopped by its timeout reports TransactionTimedOut, or LockClientStopped when it
+    # was waiting for a lock.
+    if isinstance(exc, TransientError) or any(c in code for c in ("TransactionTimedOut", "Terminated",
+                                                                    "LockClientStopped")):
         return "neo4j busy or timed out"
     return None
 
@@ -59,6 +68,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(DriverError)
     @app.errorhandler(Neo4jError)
     @app.errorhandler(WaitTimeout)
+    @app.errorhandler(Overloaded)
     def _neo4j(exc: Exception):
         reason = unavailable_reason(exc)
         if reason is None:

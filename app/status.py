@@ -5,12 +5,13 @@ import json
 
 from app import cypher
 from app.config import Config
+from app.db import read_session
 from app.embeddings import models, store
 
 
 def status(driver, cfg: Config) -> dict:
     """One snapshot of the pipeline's state, for `GET /admin/status` and `interest-graph status`."""
-    with driver.session(database=cfg.neo4j_database) as s:
+    with read_session(driver, cfg) as s:
         st = s.execute_read(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
         counts = s.execute_read(lambda tx: tx.run(cypher.NODE_COUNT).single())
         oldest = store.oldest_pending(s) if st["watermark"] is not None else None

@@ -104,9 +104,11 @@ def ceiling(driver, database: str, events: list[dict], batch: int = 5000) -> flo
     return len(rows) / (time.perf_counter() - start)
 
 
-# `serve` keeps authentication on: the benchmarks post with a service token of their own.
+# `serve` keeps authentication on: the benchmarks post with a service token of their own. Their
+# readers send none, so reads are opened explicitly (bench_bounds measures with a read token).
 SERVICE_TOKEN = os.environ.setdefault("IG_SERVICE_TOKEN", "bench-service-token")
 SERVICE = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+os.environ.setdefault("IG_OPEN_READS", "on")
 
 
 def free_port() -> int:

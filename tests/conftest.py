@@ -15,9 +15,12 @@ os.environ.setdefault("IG_HOME", str(Path(__file__).resolve().parents[1] / "var"
 os.environ.setdefault("IG_NEO4J_HEAP", "1g")
 os.environ.setdefault("IG_NEO4J_PAGECACHE", "1g")
 os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")
-# Auth stays on in the suite, as in production: writes carry these (reads are open: no read token).
+# Auth stays on in the suite, as in production: writes carry these. Reads are opened explicitly
+# (IG_OPEN_READS=on, not the default) so that tests read without a token; tests/test_security.py
+# checks the default, which needs one.
 os.environ.setdefault("IG_SERVICE_TOKEN", "test-service-token")
 os.environ.setdefault("IG_PRIVACY_TOKEN", "test-privacy-token")
+os.environ.setdefault("IG_OPEN_READS", "on")
 SERVICE = {"Authorization": f"Bearer {os.environ['IG_SERVICE_TOKEN']}"}
 PRIVACY = {"Authorization": f"Bearer {os.environ['IG_PRIVACY_TOKEN']}"}
 # Small embeddings keep the suite fast; the code paths are those of any size.

@@ -85,3 +85,20 @@ def test_dashboard_is_valid_and_reads_only_metrics_the_api_exports(cfg, base_url
     exported = set(re.findall(r"^(ig_[a-z_]+)", requests.get(f"{base_url}/metrics", timeout=30).text, flags=re.M))
     used = {name for p in dashboard()["panels"] for t in p["targets"] for name in re.findall(r"\big_[a-z_]+", t["expr"])}
     assert used and used <= exported, used - exported
+
+
+def test_compose_takes_every_credential_from_the_environment():
+    """No password or token has a default in the file: each must be set (`${VAR:?...}`); reads need a
+    token, which Prometheus sends from a secret; the erasure secret is shared by the API and the worker."""
+    services = compose()["services"]
+    required = re.compile(r"^\$\{(\w+):\?[^}]*\}$")
+    assert required.match(services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
+    env = services["api"]["environment"]
+    for name in ("NEO4J_PASSWORD", "IG_ADMIN_TOKEN", "IG_SERVICE_TOKEN", "IG_PRIVACY_TOKEN", "IG_READ_TOKEN",
+                 "IG_ERASURE_SECRET"):
+        assert required.match(env[name]).group(1) == name, name
+    assert "IG_OPEN_READS" not in env and services["worker"]["environment"]["IG_ERASURE_SECRET"] == env["IG_ERASURE_SECRET"]
+    assert compose()["secrets"]["read_token"] == {"environment": "IG_READ_TOKEN"}
+    assert "read_token" in services["prometheus"]["secrets"]
+    job = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert job["authorization"]["credentials_file"] == "/run/secrets/read_token"

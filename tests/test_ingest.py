@@ -285,15 +285,15 @@ def test_event_ids_are_kept_for_the_retention_window_then_purged(cfg, clean_db, 
 
 def test_an_erased_user_never_comes_back_through_an_expired_event(cfg, clean_db, base_url):
     post(base_url, [ev(1, "alice", "i1"), ev(2, "alice", "i2")])
-    writer.delete_user(clean_db, cfg.neo4j_database, "alice")  # what DELETE /v1/users/alice does
+    writer.delete_user(clean_db, cfg.neo4j_database, "alice", secret=cfg.erasure_secret)  # what DELETE /v1/users/alice does
     _age_event_ids(clean_db, cfg, 30)
     assert writer.purge_event_ids(clean_db, cfg.neo4j_database, 7, batch=1000, max_batches=1) == 2
     # Both ids expired, yet the events happened before the erasure: dropped, counted as duplicates.
     body = post(base_url, [ev(1, "alice", "i1"), ev(2, "alice", "i2"), ev(3, "bob", "i1")]).json()
     assert (body["accepted"], body["duplicates"]) == (1, 2)
     assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 0
-    # The erasure keeps a one-way hash of the key only.
-    assert count(clean_db, cfg, "MATCH (x:_Erased) RETURN collect(x.key)") == [erasure_key("alice")]
+    # The erasure keeps a keyed hash of the key only.
+    assert count(clean_db, cfg, "MATCH (x:_Erased) RETURN collect(x.key)") == [erasure_key(cfg.erasure_secret, "alice")]
     # A shopper who comes back after the erasure is a new user.
     assert post(base_url, [ev(4, "alice", "i3", ts=int(time.time() * 1000))]).json()["accepted"] == 1
     assert set(edges(clean_db, cfg)) == {("alice", "i3"), ("bob", "i1")}
@@ -382,7 +382,8 @@ def test_concurrent_direct_writers_claim_each_event_once(cfg, clean_db):
 
     def client(seed):
         mine = random.Random(seed).sample(events, 300)
-        return [writer.write_events(clean_db, cfg.neo4j_database, mine[j:j + 50], {}) for j in range(0, 300, 50)]
+        return [writer.write_events(clean_db, cfg.neo4j_database, mine[j:j + 50], {},
+                                    secret=cfg.erasure_secret) for j in range(0, 300, 50)]
 
     with ThreadPoolExecutor(8) as pool:
         accepted = [n for calls in pool.map(client, range(8)) for n in calls]
@@ -396,7 +397,8 @@ def test_concurrent_direct_writers_claim_each_event_once(cfg, clean_db):
 def test_batches_in_one_transaction_keep_their_own_counts(cfg, clean_db):
     first, second = [weighed(k) for k in range(10)], [weighed(k) for k in range(5, 15)]
     accepted = writer.write_batches(clean_db, cfg.neo4j_database,
-                                    [(first, {"duplicates": 2}), (second, {"rejected": 1}), ([], {"bot": 3})])
+                                    [(first, {"duplicates": 2}), (second, {"rejected": 1}), ([], {"bot": 3})],
+                                    secret=cfg.erasure_secret)
     assert accepted == [10, 5, 0]  # the earlier batch wins the ids both hold
     assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN sum(r.n_view)") == 15
     assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN collect(DISTINCT r.rev)") == [1]
@@ -406,7 +408,7 @@ def test_batches_in_one_transaction_keep_their_own_counts(cfg, clean_db):
 
 def test_group_writer_answers_each_caller_exactly(cfg, clean_db):
     events = [weighed(k) for k in range(600)]
-    shared = group.GroupWriter(clean_db, cfg.neo4j_database)
+    shared = group.GroupWriter(clean_db, cfg.neo4j_database, secret=cfg.erasure_secret)
 
     def client(seed):
         mine = random.Random(seed).sample(events, 450)
@@ -422,7 +424,7 @@ def test_group_writer_answers_each_caller_exactly(cfg, clean_db):
 
 
 def test_group_writer_reports_a_failed_transaction_to_its_callers(cfg, clean_db):
-    broken = group.GroupWriter(clean_db, "no-such-database")
+    broken = group.GroupWriter(clean_db, "no-such-database", secret=cfg.erasure_secret)
     with pytest.raises(Exception, match="(?i)database"):
         broken.write([weighed(1)], {})
     assert count(clean_db, cfg, "MATCH (n) WHERE NOT n:_Migration RETURN count(n)") == 0
@@ -445,7 +447,7 @@ def test_group_writer_retries_a_deadlock_reported_on_a_failed_result(cfg, clean_
                 raise ResultFailedError(None, "result failed") from exc
         return real(*args, **kwargs)
     monkeypatch.setattr(writer, "write_batches", flaky)
-    shared = group.GroupWriter(clean_db, cfg.neo4j_database)
+    shared = group.GroupWriter(clean_db, cfg.neo4j_database, secret=cfg.erasure_secret)
     if retried:
         assert shared.write([weighed(k) for k in range(5)], {}, timeout=30) == 5
         assert count(clean_db, cfg, "MATCH ()-[r:INTERACTED]->() RETURN sum(r.n_view)") == 5

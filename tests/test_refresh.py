@@ -142,7 +142,7 @@ def test_incremental_equals_full_recompute(trained, exact_cfg, driver, lease, op
                 {"id": f"i{n}", "props": {"title": f"mug {rng.randrange(9)}", "category": f"c{rng.randrange(6)}",
                                           "price": rng.random() * 50}}])
         elif kind == "delete":
-            writer.delete_user(driver, exact_cfg.neo4j_database, f"u{n}")
+            writer.delete_user(driver, exact_cfg.neo4j_database, f"u{n}", secret=exact_cfg.erasure_secret)
         else:  # uncapped or capped (a few users, the rest left for later runs), alternately
             refresh(driver, capped if seed % 2 else exact_cfg, trained, owner=lease.owner)
     while (run := refresh(driver, capped, trained, owner=lease.owner))["mode"] != "noop":
@@ -377,7 +377,7 @@ def test_node_change_committed_after_a_full_runs_export_is_refreshed(trained, ex
 def _open_event(tx, cfg, raw: dict) -> None:
     """Write one event inside an open transaction, as the ingest path does."""
     (_, ev), = schema.validate_events([raw], cfg)[0]
-    writer._write_tx(tx, [([pipeline.weigh(cfg, ev, ev.user_id)], {})])
+    writer._write_tx(tx, [([pipeline.weigh(cfg, ev, ev.user_id)], {})], cfg.erasure_secret)
 
 
 def test_changes_committed_long_after_their_stamp_are_refreshed(trained, exact_cfg, driver, lease):

@@ -5,6 +5,8 @@ import http.client
 import ipaddress
 import logging
 import os
+import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from urllib.parse import quote, urlparse
@@ -16,12 +18,13 @@ from click.testing import CliRunner
 from neo4j import GraphDatabase
 from neo4j.exceptions import AuthError
 
-from app import neo4j_local
+from app import create_app, neo4j_local
 from app.cli import main as cli
 from app.config import load_config
 from app.ingest import group, schema
 from tests.conftest import PRIVACY, SERVICE
 from tests.test_ingest import count, ev, post
+from tests.test_serving import served  # noqa: F401 - a trained graph for the erasure's traces
 
 ADMIN = {"Authorization": f"Bearer {os.environ['IG_ADMIN_TOKEN']}"}
 WRONG = {"Authorization": "Bearer not-a-token"}
@@ -53,12 +56,12 @@ def test_each_write_needs_its_token(cfg, clean_db, base_url):
     assert requests.delete(erase, headers=PRIVACY, timeout=10).status_code == 204
     assert requests.delete(erase, headers=ADMIN, timeout=10).status_code == 204
     assert count(clean_db, cfg, "MATCH (u:User {id: 'alice'}) RETURN count(u)") == 0
-    # Reads are open while no read token is configured.
+    # Reads are open in the suite, which sets IG_OPEN_READS=on.
     assert requests.get(f"{base_url}/v1/stats", timeout=10).status_code == 200
 
 
 def test_read_token_guards_reads_and_metrics_but_not_probes(cfg, clean_db, serve):
-    url = serve(_variant(cfg, read_token="test-read-token"))
+    url = serve(_variant(cfg, read_token="test-read-token", open_reads=False))
     read = {"Authorization": "Bearer test-read-token"}
     for path in ("/v1/stats", "/v1/users/alice/recommendations", "/metrics"):
         assert requests.get(url + path, timeout=10).status_code == 401, path
@@ -99,7 +102,8 @@ def test_admin_token_checked(base_url):
 
 
 def test_secrets_stay_out_of_logs_bodies_metrics_and_process_list(cfg, clean_db, base_url, caplog):
-    secrets = [cfg.neo4j_password, cfg.admin_token, cfg.service_token, cfg.privacy_token, "not-a-token"]
+    secrets = [cfg.neo4j_password, cfg.admin_token, cfg.service_token, cfg.privacy_token, cfg.erasure_secret,
+               "not-a-token"]
     caplog.set_level(logging.DEBUG)
     bodies = []
     for headers in (WRONG, SERVICE, PRIVACY, ADMIN):
@@ -270,7 +274,7 @@ def test_one_batch_that_fails_its_transaction_fails_only_its_own_request(cfg, cl
     overflows): the other still commits, and each request hears only of its own outcome."""
     good = [{"id": "g1", "u": "u1", "i": "i1", "ts": 1, "type": "view", "w": 1.0, "qty": 0.0}]
     bad = [{"id": f"b{k}", "u": "u2", "i": "i2", "ts": 1, "type": "view", "w": 1e308, "qty": 0.0} for k in (1, 2)]
-    writer = group.GroupWriter(driver, cfg.neo4j_database)
+    writer = group.GroupWriter(driver, cfg.neo4j_database, secret=cfg.erasure_secret)
     parts = [(bad, {}, Future()), (good, {}, Future())]
     writer._commit(parts)
     assert parts[1][2].result(timeout=10) == 1
@@ -283,3 +287,136 @@ def test_metrics_scrape_writes_nothing(cfg, clean_db, base_url):
     assert count(clean_db, cfg, "MATCH (s:_Refresh) RETURN count(s)") == 0
     assert "ig_nodes" in requests.get(f"{base_url}/metrics", timeout=10).text
     assert count(clean_db, cfg, "MATCH (s:_Refresh) RETURN count(s)") == 0
+
+
+# --- reads need a token unless opened; /admin is closed whatever its view does ---------------------
+READS = ("/v1/stats", "/v1/users/alice/recommendations", "/v1/users/alice/interests", "/v1/users/churn-risk",
+         "/v1/items/i1/audience", "/v1/items/i1/similar", "/metrics")
+
+
+def test_reads_need_a_token_by_default(cfg, clean_db, serve, monkeypatch):
+    monkeypatch.delenv("IG_OPEN_READS", raising=False)
+    monkeypatch.delenv("IG_READ_TOKEN", raising=False)
+    default = load_config()
+    url = serve(default)
+    batch = {"user_ids": ["alice"]}
+    for path in READS:
+        assert requests.get(url + path, timeout=10).status_code == 401, path
+        assert requests.get(url + path, headers=SERVICE, timeout=10).status_code == 403, path
+        assert requests.get(url + path, headers=ADMIN, timeout=10).status_code in (200, 404), path
+    assert requests.post(url + "/v1/recommendations", json=batch, timeout=10).status_code == 401
+    doc = requests.get(url + "/openapi.json", timeout=10).json()
+    assert doc["paths"]["/v1/users/{user_id}/recommendations"]["get"]["security"] == [{"bearer": []}]
+    # With a read token set, that token reads; it writes nothing.
+    url = serve(_variant(default, read_token="test-read-token"))
+    read = {"Authorization": "Bearer test-read-token"}
+    assert all(requests.get(url + p, headers=read, timeout=10).status_code in (200, 404) for p in READS)
+    assert requests.post(url + "/v1/recommendations", json=batch, headers=read, timeout=10).status_code == 200
+    # Opening reads is an explicit setting.
+    monkeypatch.setenv("IG_OPEN_READS", "on")
+    url = serve(load_config())
+    assert all(requests.get(url + p, timeout=10).status_code in (200, 404) for p in READS)
+    assert requests.post(url + "/v1/events", json=[ev(1)], timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize("auth", [True, False])
+def test_admin_paths_fail_closed_in_the_central_check(cfg, auth):
+    """A view under /admin that forgets its own check, and a path with no view, still need the admin token."""
+    from werkzeug.serving import make_server
+    app = create_app(_variant(cfg, auth=auth))
+    app.add_url_rule("/admin/unguarded", "unguarded", lambda: "open")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert requests.get(url + "/admin/unguarded", timeout=10).status_code == 401
+        assert requests.get(url + "/admin/unguarded", headers=SERVICE, timeout=10).status_code == 403
+        assert requests.get(url + "/admin/unguarded", headers=ADMIN, timeout=10).status_code == 200
+        assert requests.get(url + "/admin/no-such-thing", timeout=10).status_code == 401
+        assert requests.get(url + "/admin/no-such-thing", headers=ADMIN, timeout=10).status_code == 404
+    finally:
+        server.shutdown()
+
+
+# --- erasure: no race, no trace ---------------------------------------------------------------------
+class _HeldItem:
+    """A write lock on an item held by an open transaction: an ingest writing that item waits for it."""
+
+    def __init__(self, driver, cfg, item: str):
+        self.session = driver.session(database=cfg.neo4j_database)
+        self.tx = self.session.begin_transaction()
+        self.tx.run("MERGE (i:Item {id: $id}) SET i._lock = true", id=item).consume()
+
+    def release(self) -> None:
+        self.tx.rollback()
+        self.session.close()
+
+
+def test_an_old_event_in_flight_during_an_erasure_never_brings_the_user_back(cfg, clean_db, base_url):
+    """The ingest reads the erasure records, then waits for an item lock; the erasure commits meanwhile:
+    the event (from before the erasure) must not re-create the user once the ingest goes on."""
+    now = int(time.time() * 1000)
+    assert post(base_url, [ev(1, "victim", "i1", ts=now - 3_600_000)]).json()["accepted"] == 1
+    held = _HeldItem(clean_db, cfg, "hot")
+    out = {}
+    try:
+        thread = threading.Thread(target=lambda: out.update(
+            reply=post(base_url, [ev(2, "victim", "hot", ts=now - 1_800_000), ev(3, "bystander", "hot", ts=now)])))
+        thread.start()
+        time.sleep(1.0)  # the ingest has read the erasure records and waits for "hot"
+        erased = requests.delete(f"{base_url}/v1/users/victim", headers=PRIVACY, timeout=10)
+        assert erased.status_code == 204
+    finally:
+        held.release()
+    thread.join(30)
+    body = out["reply"].json()
+    assert out["reply"].status_code == 200 and (body["accepted"], body["duplicates"]) == (1, 1), body
+    assert count(clean_db, cfg, "MATCH (u:User {id: 'victim'}) RETURN count(u)") == 0
+    assert count(clean_db, cfg, "MATCH (u:User {id: 'bystander'}) RETURN count(u)") == 1
+
+
+SHOPPER = "erased-shopper-4711"
+
+
+def _mentions(driver, cfg, text: str) -> list:
+    """Every node or relationship property holding `text` (in a string or a list), anywhere in the graph."""
+    query = """
+    CALL { MATCH (n) RETURN n AS x, labels(n) AS kind UNION ALL MATCH ()-[r]->() RETURN r AS x, [type(r)] AS kind }
+    UNWIND keys(x) AS k
+    WITH kind, k, x[k] AS v
+    WHERE (v IS :: STRING AND v CONTAINS $text)
+       OR (v IS :: LIST<ANY> AND any(e IN v WHERE toString(e) CONTAINS $text))
+    RETURN kind, k"""
+    with driver.session(database=cfg.neo4j_database) as s:
+        return [tuple(r.values()) for r in s.run(query, text=text)]
+
+
+def test_an_erased_user_leaves_no_id_in_neo4j_or_the_serving_copy(cfg, driver, served, base_url):
+    import hashlib
+    import hmac
+
+    from app.embeddings import models
+    from app.embeddings.refresh import refresh
+    from app.serving import graph
+    from app.worker import Worker
+    now = int(time.time() * 1000)
+    post(base_url, [ev(k, SHOPPER, f"i{k}", ts=now - k) for k in range(1, 6)])
+    with Worker(cfg).holding() as holder:  # a run that logs the shopper in the serving log
+        refresh(driver, cfg, models.current(driver, cfg), owner=holder.owner)
+    assert _mentions(driver, cfg, SHOPPER)
+    answer = requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations", timeout=30).json()
+    assert answer["source"] == "personal"
+    copy = graph.copy_of(driver, cfg.neo4j_database, cfg.serving_sync_wait, cfg.serving_poll, cfg.serving_max_age,
+                         cfg.explain_table_mb, secret=cfg.erasure_secret)
+    assert SHOPPER in copy.state.users
+    assert requests.delete(f"{base_url}/v1/users/{SHOPPER}", headers=PRIVACY, timeout=10).status_code == 204
+    assert requests.get(f"{base_url}/v1/users/u1/recommendations", timeout=30).status_code == 200  # the next sync
+    assert _mentions(driver, cfg, SHOPPER) == []
+    plain = hashlib.sha256(SHOPPER.encode()).hexdigest()
+    assert _mentions(driver, cfg, plain) == []  # no unsalted hash either: the record is keyed
+    keyed = hmac.new(cfg.erasure_secret.encode(), SHOPPER.encode(), hashlib.sha256).hexdigest()
+    assert count(driver, cfg, "MATCH (x:_Erased {key: $key}) RETURN count(x)", key=keyed) == 1
+    st = copy.state
+    assert SHOPPER not in st.users and not any(SHOPPER in key for key in st.pending)
+    again = requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations", timeout=30).json()
+    assert again["source"] == "trending"

@@ -73,7 +73,7 @@ def trained(cfg, driver):
 @pytest.mark.parametrize("table_mb", [256, 0], ids=["explain-table", "no-table"])
 def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url, table_mb):
     monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=30, table_mb=table_mb)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, table_mb=table_mb)
     assert (copy.at(*_head(driver, cfg)).table is not None) == (table_mb > 0)
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
@@ -84,14 +84,14 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
         events = _events(rng, 8, 210, 43, f"s{table_mb}.{step}-")  # new users and items among them
         pipeline.ingest(driver, cfg, events)
         if step == 2:
-            writer.delete_user(driver, cfg.neo4j_database, "u4")
+            writer.delete_user(driver, cfg.neo4j_database, "u4", secret=cfg.erasure_secret)
         if step == 4:
             writer.upsert_items(driver, cfg.neo4j_database, [{"id": "i1", "props": {"category": "new", "price": 3.5}}])
         assert _run_refresh(driver, cfg)["mode"] == "incremental"
         moved = copy.at(*_head(driver, cfg))
         assert not loads  # applied from the log, not read whole
         overlay_sizes.append(len(moved.overlay))
-        whole = graph.Copy(driver, cfg.neo4j_database, wait=30, table_mb=table_mb).at(*_head(driver, cfg))
+        whole = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, table_mb=table_mb).at(*_head(driver, cfg))
         loads.clear()
         assert moved.seq == whole.seq and moved.lm.version == whole.lm.version
         assert _edges(moved) == pytest.approx(_edges(whole), rel=1e-15)
@@ -141,7 +141,7 @@ def test_a_copy_synced_right_after_each_run_never_reads_everything_again(cfg, dr
     """Runs commit while the copy follows them as closely as it can (a request sees a run's number and
     syncs at once): every run is applied from the log, none makes the copy read the graph whole."""
     import threading
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30)
     copy.at(*_head(driver, cfg))
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
@@ -185,7 +185,7 @@ def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driv
     after = requests.get(f"{base_url}/v1/users/newcomer/recommendations", params={"k": 5}, timeout=30).json()
     assert after["source"] == "personal" and after["refreshed_at"] is not None
     # The vector summed from the live edges is the one the run stored.
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30)
     st = copy.at(*_head(driver, cfg))
     with driver.session(database=cfg.neo4j_database) as s:
         stored = s.run("MATCH (u:User {id: 'newcomer'}) RETURN u.embedding AS e, u.ig_norm AS n").single()
@@ -196,7 +196,7 @@ def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driv
 def test_requests_read_only_memory_and_a_write_shows_within_polls_before_any_run(cfg, driver, trained, monkeypatch):
     """The service's timing: no Neo4j round trip for a request on a copy younger than `poll`, and a
     new shopper's first event in the copy after a background sync or two, with no refresh run."""
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=5, poll=0.5, max_age=60)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=5, poll=0.5, max_age=60)
     first = copy.current()
     reads = []
     monkeypatch.setattr(copy, "_read", lambda *a, real=copy._read: reads.append(1) or real(*a))
@@ -217,7 +217,7 @@ def test_requests_read_only_memory_and_a_write_shows_within_polls_before_any_run
     deadline = time.monotonic() + 10
     while "i-new" not in _row(copy.current(), user) and time.monotonic() < deadline:
         time.sleep(0.01)
-    moved, whole = copy.current(), graph.Copy(driver, cfg.neo4j_database).current()
+    moved, whole = copy.current(), graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret).current()
     assert moved.seq == first.seq and _row(moved, user) == pytest.approx(_row(whole, user), rel=1e-15)
     assert _row(moved, user)[item] != _row(first, user)[item]
     a, b = _by_id(moved, moved.di), _by_id(whole, whole.di)
@@ -228,7 +228,7 @@ def test_with_neo4j_away_a_request_answers_from_the_copy_at_once(cfg, driver, tr
     """A sync that fails (Neo4j down) ends a request's wait: it answers from the copy it has, not after
     `wait`, and not with an error."""
     from neo4j.exceptions import ServiceUnavailable
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=20, poll=0.0, max_age=0.0)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=20, poll=0.0, max_age=0.0)
     first = copy.current()
 
     def away(*_):
@@ -240,7 +240,7 @@ def test_with_neo4j_away_a_request_answers_from_the_copy_at_once(cfg, driver, tr
 
 
 def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_up(cfg, driver, trained):
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=0.0)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=0.0)
     first = copy.at(*_head(driver, cfg))
     pipeline.ingest(driver, cfg, [{"event_id": "bound-1", "user_id": "u7", "item_id": "i9", "type": "cart",
                                    "ts": NOW}])
@@ -321,7 +321,7 @@ def _all_items(driver, cfg, user):
 
 
 def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):
-    copy = graph.Copy(driver, cfg.neo4j_database, wait=30)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30)
     before = copy.at(*_head(driver, cfg))
     with Worker(cfg).holding() as holder:
         refresh(driver, cfg, trained, full=True, owner=holder.owner)

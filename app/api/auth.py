@@ -4,8 +4,8 @@
 | --- | --- |
 | `POST /v1/events`, `PUT /v1/items`, any other write under `/v1` | service (`IG_SERVICE_TOKEN`) |
 | `DELETE /v1/users/<id>` | privacy (`IG_PRIVACY_TOKEN`) or admin |
-| `GET /v1/...`, `GET /metrics` | read (`IG_READ_TOKEN`) or admin, when a read token is set; else open |
-| `/admin/...` | admin (`IG_ADMIN_TOKEN`, checked in app/api/admin.py) |
+| `GET /v1/...`, `POST /v1/recommendations`, `GET /metrics` | read (`IG_READ_TOKEN`) or admin; open with `IG_OPEN_READS=on` |
+| `/admin/...`, routed or not | admin (`IG_ADMIN_TOKEN`), always, `IG_AUTH=off` included |
 | `/healthz`, `/readyz`, API docs | open |
 
 With `IG_AUTH=off` (local runs on a loopback address only) everything but `/admin` is open.
@@ -36,13 +36,15 @@ def matches(given: str, *expected: str | None) -> bool:
 
 def needed(cfg: Config, method: str, rule: str) -> tuple[str, tuple] | None:
     """(name, accepted tokens) for a request, or None when it is open."""
-    if rule.startswith("/admin") or rule.startswith(OPEN) or not cfg.auth:
+    if rule.startswith("/admin"):
+        return "admin", (cfg.admin_token,)
+    if rule.startswith(OPEN) or not cfg.auth:
         return None
     if method == "DELETE" and rule.startswith("/v1/users/"):
         return "privacy", (cfg.privacy_token, cfg.admin_token)
     if method in READ_METHODS or rule in READ_POSTS:
         if rule.startswith("/v1/") or rule == "/metrics":
-            return ("read", (cfg.read_token, cfg.admin_token)) if cfg.read_token else None
+            return None if cfg.open_reads else ("read", (cfg.read_token, cfg.admin_token))
         return None
     return "service", (cfg.service_token,)
 
@@ -50,6 +52,8 @@ def needed(cfg: Config, method: str, rule: str) -> tuple[str, tuple] | None:
 def check(cfg: Config) -> None:
     """401 without a bearer token, 403 with a wrong one or when the needed token is not configured."""
     rule = request.url_rule.rule if request.url_rule else None
+    if rule is None and request.path.startswith("/admin"):  # closed even where no route matches
+        rule = request.path
     need = needed(cfg, request.method, rule) if rule else None
     if need is None:
         return

@@ -78,7 +78,7 @@ def put_items():
 def delete_user(path: UserPath):
     """Erase a user, its edges and derived properties; idempotent."""
     user_id = path.user_id
-    writer.delete_user(driver(), cfg().neo4j_database, user_key(cfg(), user_id))
+    writer.delete_user(driver(), cfg().neo4j_database, user_key(cfg(), user_id), secret=cfg().erasure_secret)
     return "", 204
 
 
@@ -86,7 +86,7 @@ def delete_user(path: UserPath):
 def stats():
     """Event counts since the graph was created, and the refresh pipeline's public state (lag, model, runs)."""
     from app.status import public, status
-    counts = writer.read_stats(driver(), cfg().neo4j_database)
+    counts = writer.read_stats(driver(), cfg().neo4j_database, timeout=cfg().neo4j_timeout)
     head = {k: counts.pop(k, 0) for k in ("accepted", "duplicates", "rejected")}
     return {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts},
             "pipeline": public(status(driver(), cfg()))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
@@ -30,6 +30,17 @@ def _check_path() -> None:
             raise ApiError(400, f"{name} must be at most {MAX_ID} characters", field=name)
 
 
+def _cost() -> int:
+    """What a request costs against the rate limit: a batch call one request per user it asks for."""
+    # Each user is a recommendation's work; past IG_MAX_BATCH_USERS the view refuses the call.
+    if request.method == "POST" and request.path == "/v1/recommendations":
+        body = request.get_json(silent=True)
+        users = body.get("user_ids") if isinstance(body, dict) else None
+        if isinstance(users, list):
+            return max(1, min(len(users), current_app.config["IG"].max_batch_users))
+    return 1
+
+
 def init_app(app: Flask) -> None:
     """Install the body limit, the path check and, when IG_RATE_LIMIT is set, per-client rate limits."""
     cfg = app.config["IG"]
@@ -39,9 +50,9 @@ def init_app(app: Flask) -> None:
     if cfg.rate_limit:
         # Per client address (behind a proxy, wrap the app in werkzeug's ProxyFix so it is the client's);
         # storage is per process unless IG_RATE_LIMIT_STORAGE names a shared one (e.g. redis://).
-        # One budget per client across all endpoints (not one per endpoint).
+        # One budget per client across all endpoints (not one per endpoint); a batch call costs its users.
         Limiter(get_remote_address, app=app, application_limits=[cfg.rate_limit],
-                storage_uri=cfg.rate_limit_storage, headers_enabled=True,
+                storage_uri=cfg.rate_limit_storage, headers_enabled=True, application_limits_cost=_cost,
                 application_limits_exempt_when=lambda: request.path.startswith(UNLIMITED))
 
 
@@ -49,7 +60,7 @@ def describe(doc: dict, cfg) -> None:
     """Add to every operation of the OpenAPI document what the guards may answer instead of it
     (413, 429, 503) and the credential it needs (401, 403), per app/api/auth.py."""
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
-    policy = dataclasses.replace(cfg, auth=True, read_token=cfg.read_token or "set")
+    policy = dataclasses.replace(cfg, auth=True)
     for path, ops in doc.get("paths", {}).items():
         if path.startswith(("/docs", "/openapi", "/healthz")):
             continue
@@ -66,6 +77,6 @@ def describe(doc: dict, cfg) -> None:
                 add(503, "Neo4j unreachable, busy or timed out; send the same request again after Retry-After")
             need = auth.needed(policy, method.upper(), rule)
             if need is not None:
-                op["security"] = [{"bearer": []}] if need[0] != "read" else [{}, {"bearer": []}]
+                op["security"] = [{"bearer": []}]
                 add(401, f"No bearer token (the {need[0]} token)")
                 add(403, f"A wrong token, or no {need[0]} token is configured")

@@ -21,10 +21,21 @@ bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="servin
                   abp_responses={400: ErrorOut})
 
 
-def _k(k: int) -> int:
-    """k within the configured bound (the schema holds the default bound)."""
-    if k > cfg().max_k:
-        raise ApiError(400, f"k must be at most {cfg().max_k}", field="k")
+def _k(k: int, bound: int | None = None) -> int:
+    """k within its configured bound (IG_MAX_K unless another is given)."""
+    limit = cfg().max_k if bound is None else bound
+    if k > limit:
+        raise ApiError(400, f"k must be at most {limit}", field="k", limit=limit)
+    return k
+
+
+def _explained(st, k: int, explain: bool) -> int:
+    """k within explain's bound (IG_EXPLAIN_MAX_MB)."""
+    # Without the item-item table an explained answer builds a dense k x users block of 8-byte entries.
+    if explain and st is not None and st.table is None and k * st.n_users * 8 > cfg().explain_max_mb * 2**20:
+        most = int(cfg().explain_max_mb * 2**20 // (8 * st.n_users))
+        raise ApiError(400, f"k must be at most {most} with explain=true over {st.n_users} users "
+                            "(IG_EXPLAIN_MAX_MB)", field="k", limit=most)
     return k
 
 
@@ -33,7 +44,7 @@ def _state():
     versions never mix in it)."""
     c = cfg()
     return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age,
-                         c.explain_table_mb).current()
+                         c.explain_table_mb, secret=c.erasure_secret).current()
 
 
 def preload(app) -> None:
@@ -55,7 +66,9 @@ def _session():
 def recommendations(path: UserPath, query: RecsQuery):
     """Items for a user (personal), or trending items for a user unknown or not embedded yet."""
     filters = Filters(query.category, query.max_price, query.exclude_seen)
-    answer = ranking.recommend(_session, _state(), user_key(cfg(), path.user_id), _k(query.k), filters, query.explain)
+    st = _state()
+    k = _explained(st, _k(query.k), query.explain)
+    answer = ranking.recommend(_session, st, user_key(cfg(), path.user_id), k, filters, query.explain)
     return {"user_id": path.user_id, **answer}
 
 
@@ -65,10 +78,16 @@ def batch_recommendations(body: BatchRecsBody):
     if len(body.user_ids) > cfg().max_batch_users:
         raise ApiError(400, f"user_ids: at most {cfg().max_batch_users} users a call", field="user_ids")
     filters = Filters(body.category, body.max_price, body.exclude_seen)
-    k = _k(body.k)
     st = _state()
+    k = _explained(st, _k(body.k), body.explain)
+    users = list(dict.fromkeys(body.user_ids))
+    edges = st.base_csr.nnz + st.over_csr.nnz if st is not None else 0
+    if len(users) * edges > cfg().batch_max_work:  # each user: two sparse products over the copy's edges
+        most = max(1, cfg().batch_max_work // edges)
+        raise ApiError(413, f"user_ids: at most {most} users a call over this graph's {edges} edges "
+                            "(IG_BATCH_MAX_WORK)", field="user_ids", limit=most)
     return {"results": {u: ranking.recommend(_session, st, user_key(cfg(), u), k, filters, body.explain)
-                        for u in dict.fromkeys(body.user_ids)}}
+                        for u in users}}
 
 
 @bp.get("/items/<item_id>/similar", responses={200: SimilarOut, 404: ErrorOut})
@@ -83,7 +102,7 @@ def audience(path: ItemPath, query: AudienceQuery):
     """Users nearest to an item (ad targeting); `include_known=true` keeps those who have it."""
     item_id = path.item_id
     with _session() as s:
-        rows = ranking.read(s, cypher.ITEM_AUDIENCE, item_id=item_id, k=query.k,
+        rows = ranking.read(s, cypher.ITEM_AUDIENCE, item_id=item_id, k=_k(query.k),
                             include_known=query.include_known)
         if not rows and not ranking.read(s, cypher.ITEM_EMBEDDED, id=item_id):
             raise ApiError(404, f"no embedded item {item_id!r} (unknown, or not embedded yet)", field="item_id")
@@ -102,5 +121,6 @@ def interests(path: UserPath, query: InterestsQuery):
 @bp.get("/users/churn-risk", responses={200: ChurnOut})
 def churn_risk(query: ChurnQuery):
     """Users most overdue against their own rhythm, with the reasons: recency, frequency trend, drift."""
+    k = _k(query.k, cfg().churn_max_k)
     with _session() as s:
-        return {"results": profile.churn_risk(s, query.k, query.min_events)}
+        return {"results": profile.churn_risk(s, k, query.min_events, cfg().churn_max_edges)}

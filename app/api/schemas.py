@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from app.config import Config
 from app.ingest.schema import EventIn, ItemIn
 
-MAX_K = Config.max_k
 _SCHEMAS: dict = {}
 
 
@@ -59,17 +58,17 @@ class Filters(_Query):
 
 
 class RecsQuery(Filters):
-    k: int = Field(20, ge=1, le=MAX_K, description="How many items (bounded by IG_MAX_K).")
+    k: int = Field(20, ge=1, description="How many items (bounded by IG_MAX_K).")
     exclude_seen: bool = Field(True, description="Leave out items the user already interacted with.")
     explain: bool = Field(False, description="Add, per item, the user's own items that contributed most.")
 
 
 class SimilarQuery(Filters):
-    k: int = Field(20, ge=1, le=MAX_K)
+    k: int = Field(20, ge=1, description="How many items (bounded by IG_MAX_K).")
 
 
 class AudienceQuery(_Query):
-    k: int = Field(100, ge=1, le=10_000)
+    k: int = Field(100, ge=1, description="How many users (bounded by IG_MAX_K).")
     include_known: bool = Field(False, description="Keep users who already interacted with the item.")
 
 
@@ -78,7 +77,7 @@ class InterestsQuery(_Query):
 
 
 class ChurnQuery(_Query):
-    k: int = Field(50, ge=1, le=10_000)
+    k: int = Field(50, ge=1, description="How many users (bounded by IG_CHURN_MAX_K).")
     min_events: int = Field(3, ge=2, le=1_000_000, description="Only users with at least this many events.")
 
 
@@ -87,9 +86,8 @@ class BatchRecsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_ids: list[str] = Field(min_length=1, max_length=Config.max_batch_users,
-                                description="Distinct user ids (bounded by IG_MAX_BATCH_USERS).")
-    k: int = Field(20, ge=1, le=MAX_K)
+    user_ids: list[str] = Field(min_length=1, description="Distinct user ids (bounded by IG_MAX_BATCH_USERS).")
+    k: int = Field(20, ge=1, description="How many items per user (bounded by IG_MAX_K).")
     category: Optional[str] = Field(None, max_length=256)
     max_price: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
     exclude_seen: bool = True
@@ -248,6 +246,25 @@ class JobOut(BaseModel):
 
 class Anything(RootModel[dict[str, Any]]):
     """A JSON object."""
+
+
+# The bounds set by the configuration (IG_MAX_K and the like), which the views check: the models are
+# built once at import, so the document of each app gets them here.
+BOUNDS = {("/v1/users/{user_id}/recommendations", "k"): "max_k", ("/v1/items/{item_id}/similar", "k"): "max_k",
+          ("/v1/items/{item_id}/audience", "k"): "max_k", ("/v1/users/churn-risk", "k"): "churn_max_k"}
+
+
+def document_bounds(doc: dict, cfg: Config) -> None:
+    """Write the configured maxima into an app's OpenAPI document."""
+    for path, ops in doc.get("paths", {}).items():
+        for param in ops.get("get", {}).get("parameters", []):
+            setting = BOUNDS.get((path, param["name"]))
+            if setting:
+                param["schema"]["maximum"] = getattr(cfg, setting)
+    batch = doc.get("components", {}).get("schemas", {}).get("BatchRecsBody", {}).get("properties", {})
+    if batch:
+        batch["user_ids"]["maxItems"] = cfg.max_batch_users
+        batch["k"]["maximum"] = cfg.max_k
 
 
 # Bodies read as raw JSON arrays (validated element by element, with a partial-success report), so

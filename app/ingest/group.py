@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 
 from neo4j.exceptions import DriverError, ResultFailedError, TransientError
 
+from app.errors import Overloaded
 from app.ingest import writer
 
 log = logging.getLogger(__name__)
@@ -43,30 +44,56 @@ class GroupWriter:
     waiting for Python, and concurrent requests no longer queue on each other's item locks.
     """
 
-    def __init__(self, driver, database: str, tx_timeout: float | None = None):
-        self.driver, self.database, self.tx_timeout = driver, database, tx_timeout
-        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, driver, database: str, tx_timeout: float | None = None, *, secret: str):
+        self.driver, self.database, self.tx_timeout, self.secret = driver, database, tx_timeout, secret
+        self.pending: deque = deque()  # (events, counts, future), oldest first
+        self.queued = 0  # events in `pending`
+        self._cond = threading.Condition()
         for _ in range(WRITER_THREADS):
             threading.Thread(target=self._run, name="ingest-group-writer", daemon=True).start()
 
-    def write(self, events: list[dict], counts: dict, timeout: float | None = None) -> int:
+    def write(self, events: list[dict], counts: dict, timeout: float | None = None,
+              max_queued: int | None = None) -> int:
         """Queue a batch, wait up to `timeout` s for its transaction to commit, return how many of its
-        events were new. On TimeoutError the batch may still commit later: a resend is then a duplicate."""
+        events were new. Overloaded, without waiting, while `max_queued` events wait already. On
+        TimeoutError a batch still queued is dropped (never written); one whose transaction had begun
+        may still commit: a resend is then a duplicate."""
         done: Future = Future()
-        self.pending.put((events, counts, done))
-        return done.result(timeout)
+        entry = (events, counts, done)
+        with self._cond:
+            if max_queued is not None and self.queued and self.queued + len(events) > max_queued:
+                raise Overloaded(f"ingest queue full ({self.queued} events wait for a commit)")
+            self.pending.append(entry)
+            self.queued += len(events)
+            self._cond.notify()
+        try:
+            return done.result(timeout)
+        except TimeoutError:
+            with self._cond:
+                if done.cancel():  # still queued: no writer took it
+                    self.pending.remove(entry)
+                    self.queued -= len(events)
+            raise
+
+    def _take(self) -> list:
+        """The oldest queued batches up to MAX_GROUP_EVENTS (at least one), marked running."""
+        with self._cond:
+            while not self.pending:
+                self._cond.wait()
+            group, size = [], 0
+            while self.pending and (not group or size + len(self.pending[0][0]) <= MAX_GROUP_EVENTS):
+                entry = self.pending.popleft()
+                self.queued -= len(entry[0])
+                size += len(entry[0])
+                if entry[2].set_running_or_notify_cancel():
+                    group.append(entry)
+            return group
 
     def _run(self) -> None:
         while True:
-            group = [self.pending.get()]
-            size = len(group[0][0])
-            while size < MAX_GROUP_EVENTS:
-                try:
-                    group.append(self.pending.get_nowait())
-                except queue.Empty:
-                    break
-                size += len(group[-1][0])
-            self._commit(group)
+            group = self._take()
+            if group:
+                self._commit(group)
 
     def _commit(self, group: list) -> None:
         """Write a group in one transaction; if a batch in it fails it, write each batch alone, so one
@@ -75,7 +102,7 @@ class GroupWriter:
             for attempt in range(TRANSIENT_RETRIES + 1):
                 try:
                     accepted = writer.write_batches(self.driver, self.database, [(e, c) for e, c, _ in group],
-                                                    timeout=self.tx_timeout)
+                                                    timeout=self.tx_timeout, secret=self.secret)
                     break
                 except (TransientError, ResultFailedError) as exc:
                     # A deadlock can surface as a failed result, which the driver does not retry; the
@@ -102,11 +129,12 @@ _writers: dict[tuple, GroupWriter] = {}
 
 
 def write_events(driver, database: str, events: list[dict], counts: dict, timeout: float | None = None,
-                 tx_timeout: float | None = None) -> int:
+                 tx_timeout: float | None = None, *, secret: str, max_queued: int | None = None) -> int:
     """`writer.write_events` through this process's group writer (created lazily, again after a fork);
-    waits at most `timeout` s; each transaction runs at most `tx_timeout` s in Neo4j."""
-    key = (os.getpid(), id(driver), database)
+    waits at most `timeout` s; each transaction runs at most `tx_timeout` s in Neo4j; Overloaded while
+    `max_queued` events wait already."""
+    key = (os.getpid(), id(driver), database, secret)
     with _lock:
         if key not in _writers:
-            _writers[key] = GroupWriter(driver, database, tx_timeout)
-    return _writers[key].write(events, counts, timeout)
+            _writers[key] = GroupWriter(driver, database, tx_timeout, secret=secret)
+    return _writers[key].write(events, counts, timeout, max_queued)

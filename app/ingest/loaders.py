@@ -124,7 +124,8 @@ def _ingest_batch(driver, cfg: Config, batch: Batch) -> tuple[Counter, list[dict
     """Ingest one batch; return its counts and the metadata of the items whose events were kept."""
     events, report, items = prepare(cfg, batch)
     counts = {k: v for k, v in report.counts().items() if k != "accepted"}
-    report.accepted = group.write_events(driver, cfg.neo4j_database, events, {**counts, **batch.extra})
+    report.accepted = group.write_events(driver, cfg.neo4j_database, events, {**counts, **batch.extra},
+                                         secret=cfg.erasure_secret)
     report.duplicates += len(events) - report.accepted
     return Counter({**report.counts(), **batch.extra, "rows": batch.rows}), items
 

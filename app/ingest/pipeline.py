@@ -61,7 +61,8 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None, wai
     counts = {k: v for k, v in report.counts().items() if k not in ("accepted",)}
     counts.update(extra_counts or {})
     report.accepted = group.write_events(driver, cfg.neo4j_database, events, counts, timeout=wait,
-                                         tx_timeout=cfg.tx_timeout)
+                                         tx_timeout=cfg.tx_timeout, secret=cfg.erasure_secret,
+                                         max_queued=cfg.ingest_queue if wait is not None else None)
     report.duplicates += len(events) - report.accepted
     return report
 

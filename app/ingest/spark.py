@@ -60,10 +60,10 @@ def _write(cfg: Config, slice_size: int):
         for ev in sorted(events, key=lambda e: (e["u"], e["i"], e["id"])):
             part.append(ev)
             if len(part) >= slice_size:
-                accepted += writer.write_batches(driver, cfg.neo4j_database, [(part, {})])[0]
+                accepted += writer.write_batches(driver, cfg.neo4j_database, [(part, {})], secret=cfg.erasure_secret)[0]
                 seen, part = seen + len(part), []
         if part:
-            accepted += writer.write_batches(driver, cfg.neo4j_database, [(part, {})])[0]
+            accepted += writer.write_batches(driver, cfg.neo4j_database, [(part, {})], secret=cfg.erasure_secret)[0]
             seen += len(part)
         yield {"accepted": accepted, "duplicates": seen - accepted}
     return run
@@ -117,7 +117,8 @@ def load(cfg: Config, path: str, source: str = "csv", fmt: str = "csv", options:
     # Counts the writes did not record themselves (rejections, cleaning reasons, in-batch duplicates).
     extra = {k: v for k, v in totals.items() if k not in ("accepted", "rows") and v}
     extra["duplicates"] = extra.get("duplicates", 0) - sum(p["duplicates"] for p in written)
-    writer.write_batches(driver, cfg.neo4j_database, [([], {k: v for k, v in extra.items() if v})])
+    writer.write_batches(driver, cfg.neo4j_database, [([], {k: v for k, v in extra.items() if v})],
+                         secret=cfg.erasure_secret)
     items: dict[str, dict] = {}
     for (item, name), (_, value) in props:
         items.setdefault(item, {})[name] = value

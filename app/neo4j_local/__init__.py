@@ -85,6 +85,8 @@ def _write_conf(cfg: Config, p: dict[str, Path]) -> None:
         "dbms.security.auth_enabled=true",
         # A cap on every transaction, whoever runs it (the API's own are shorter).
         f"db.transaction.timeout={cfg.tx_timeout:g}s",
+        # How often timeouts are checked (2 s by default): a request's reads are bounded by IG_NEO4J_TIMEOUT.
+        "db.transaction.monitor.check.interval=100ms",
         "db.tx_log.rotation.retention_policy=2 files",
         # Shopper data stays here: neither Browser (product-usage data) nor the server (usage report)
         # sends anything unless the operator opts in with IG_NEO4J_TELEMETRY=true. (Community 5.26
@@ -97,7 +99,7 @@ def _write_conf(cfg: Config, p: dict[str, Path]) -> None:
 
 def _java_env(p: dict[str, Path]) -> dict[str, str]:
     # Secrets stay out of the server's environment: it needs none of them.
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PASSWORD", "_TOKEN", "_KEY"))}
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PASSWORD", "_TOKEN", "_KEY", "_SECRET"))}
     return {**env, "NEO4J_HOME": str(p["home"]), "NEO4J_CONF": str(p["conf"])}
 
 

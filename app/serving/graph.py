@@ -60,6 +60,19 @@ def filter_weights(lm) -> tuple:
     return _WEIGHTS[graph_w], _WEIGHTS[getattr(mcfg, "lin_user_weights", None) or graph_w]
 
 
+class Index(dict):
+    """User id -> row, shared by a copy's states; `rows` counts the rows ever given (none is given twice)."""
+
+    rows = 0
+
+    def add(self, key) -> int:
+        """The row of `key`, a new one if it has none."""
+        if key not in self:
+            self[key] = self.rows
+            self.rows += 1
+        return self[key]
+
+
 @dataclass(frozen=True)
 class Items:
     """Item ids (append-only, shared), and per-item arrays of this state."""
@@ -96,7 +109,7 @@ class State:
     epoch: str | None
     seq: int
     lm: models.LoadedModel
-    users: dict  # user id -> row (append-only, shared); an erased user keeps an empty row
+    users: Index  # user id -> row (shared); an erased user's row stays, empty, without its id
     n_users: int
     items: Items
     rows: Rows  # the base rows (all edges, raw weights)
@@ -368,8 +381,8 @@ class Copy:
     """
 
     def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
-                 table_mb: float = 256):
-        self.driver, self.database = driver, database
+                 table_mb: float = 256, *, secret: str):
+        self.driver, self.database, self.secret = driver, database, secret  # secret: IG_ERASURE_SECRET
         self.wait, self.poll, self.max_age = wait, poll, max_age
         self.table_mb = table_mb  # State.table's bound
         self.state: State | None = None
@@ -441,15 +454,15 @@ class Copy:
     def _read(self, st: State | None, epoch, seq) -> State | None:
         started = time.monotonic()
         with self.driver.session(database=self.database) as session:
-            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq, self.table_mb))
+            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq, self.table_mb, self.secret))
         if nxt is not None and nxt is not st:
             log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
         return nxt
 
 
-def _advance(tx, st: State | None, epoch, seq, table_mb: float) -> State | None:
+def _advance(tx, st: State | None, epoch, seq, table_mb: float, secret: str) -> State | None:
     """The next state: the logged runs and pending writes since `st` applied, or everything read again.
-    `epoch` None: the run Neo4j is at now; `table_mb`: State.table's bound."""
+    `epoch` None: the run Neo4j is at now; `table_mb`: State.table's bound; `secret`: the erasure keys'."""
     if st is None:
         return _load(tx, table_mb)
     sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
@@ -484,15 +497,21 @@ def _advance(tx, st: State | None, epoch, seq, table_mb: float) -> State | None:
     items = {i for e in entries for i in e["items"]} | changed_items
     erased = {(key, at) for key, at in sync["erased"]}
     fresh = erased - st.erasures
+    gone = set()  # ids of the users erased since `st`
     if fresh:
         keys = {key for key, _ in fresh}
-        users |= {u for u in st.users if erasure_key(u) in keys}
+        gone = {u for u in set(st.users) | users | set(patches) if erasure_key(secret, u) in keys}
+        users |= gone
     if not entries and not users and not items and not patches:
         return st  # nothing new (another sync got there first, or nothing was written)
     last = entries[-1]["seq"] if entries else st.seq
     patches = {u: p for u, p in patches.items() if u not in users}  # those rows are read whole
-    return _apply(tx, replace(st, pending=pending), last, sorted(users), sorted(items), sync["now"],
-                  frozenset(erased), patches, table_mb)
+    nxt = _apply(tx, replace(st, pending=pending), last, sorted(users), sorted(items), sync["now"],
+                 frozenset(erased), patches, table_mb)
+    for u in gone:  # the id leaves the index (its row stays, empty), unless the user came back since
+        if not len(nxt.row(u)[0]):
+            nxt.users.pop(u, None)
+    return nxt
 
 
 def _load(tx, table_mb: float) -> State | None:
@@ -503,10 +522,10 @@ def _load(tx, table_mb: float) -> State | None:
     if info is None:
         return None
     lm = models.load(info["path"], info["version"])
-    users, item_index, refreshed = {}, {}, []
+    users, item_index, refreshed = Index(), {}, []
     ptr, c, w, first = [0], [], [], []
     for rec in tx.run(cypher.SERVING_EDGES, first=lm.mcfg.reads_trend):
-        users[rec["u"]] = len(users)
+        users.add(rec["u"])
         refreshed.append(rec["refreshed_at"])
         c.extend(item_index.setdefault(i, len(item_index)) for i in rec["items"])
         w.extend(rec["w"])
@@ -559,14 +578,14 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     users, index, ids = st.users, st.items.index, st.items.ids
     changed = list(user_ids) + sorted(patches)
     for u in changed:
-        users.setdefault(u, len(users))
+        users.add(u)
     new_items = [i for its, _, _, _ in rows.values() for i in its if i not in index]
     new_items += [i for p in patches.values() for i in p if i not in index]
     for i in list(item_ids) + new_items:
         if i not in index:
             index[i] = len(ids)
             ids.append(i)
-    n_u, n_i = len(users), len(ids)
+    n_u, n_i = users.rows, len(ids)
     # Only this state's users and items are read past here: the shared dicts may grow meanwhile.
     read = sorted(set(item_ids) | set(new_items))
     meta = [dict(x) for x in tx.run(cypher.SERVING_ITEMS_BY_ID, ids=read)] if read else []
@@ -637,12 +656,12 @@ _copies_lock = threading.Lock()
 
 
 def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
-            table_mb: float = 256) -> Copy:
+            table_mb: float = 256, *, secret: str) -> Copy:
     """This process's copy of `database` behind `driver` (see Copy for the settings)."""
     key = (id(driver), database)
     with _copies_lock:
         if key not in _copies:
-            _copies[key] = Copy(driver, database, table_mb=table_mb)
+            _copies[key] = Copy(driver, database, table_mb=table_mb, secret=secret)
         c = _copies[key]
-        c.wait, c.poll, c.max_age, c.table_mb = wait, poll, max_age, table_mb
+        c.wait, c.poll, c.max_age, c.table_mb, c.secret = wait, poll, max_age, table_mb, secret
         return c

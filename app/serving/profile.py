@@ -31,8 +31,13 @@ def interests(session, user_key: str, user_id: str, k: int) -> dict:
             "history": [{"at": _iso(at), "drift": d} for at, d in zip(row["drift_at"], row["drift"])]}
 
 
-def churn_risk(session, k: int, min_events: int) -> list[dict]:
+def churn_risk(session, k: int, min_events: int, max_edges: int) -> list[dict]:
     """Users most overdue against their own rhythm; the score is that ratio, the reasons say what lies behind it."""
+    # The query scans every edge: past `max_edges` (IG_CHURN_MAX_EDGES) it would outlast the read's budget.
+    edges = read(session, cypher.INTERACTED_EDGE_COUNT)[0]["n"]
+    if edges > max_edges:
+        raise ApiError(413, f"churn risk scans every edge: this graph has {edges}, more than the bound "
+                            "IG_CHURN_MAX_EDGES", limit=max_edges)
     out = []
     for r in read(session, cypher.CHURN_RISK, k=k, min_events=min_events):
         moves = r.pop("moves")
