@@ -384,6 +384,24 @@ def evaluate():
     """Offline accuracy on public benchmarks."""
 
 
+def event_file_options(f):
+    """An event file and `load csv`'s column flags (or the Online Retail format)."""
+    for option in reversed([
+        click.option("--events", "path", required=True, type=click.Path(exists=True, dir_okay=False),
+                     help="Interaction file (CSV, optionally gzipped)."),
+        click.option("--format", "fmt", type=click.Choice(["csv", "online-retail"]), default="csv",
+                     show_default=True),
+        click.option("--user-col"),
+        click.option("--item-col"),
+        click.option("--ts-col", help="ISO 8601 text (no offset: UTC) or epoch numbers (see --ts-unit)."),
+        click.option("--ts-unit", type=click.Choice(["s", "ms"]), default="s", show_default=True),
+        click.option("--weight-col", default=None, help="Explicit weight, e.g. a rating."),
+        click.option("--type-col", default=None, help="Event type (view, click, cart, purchase, return)."),
+    ]):
+        f = option(f)
+    return f
+
+
 def model_options(f):
     """Our model's filter, spectral weight and item-bias flags (graph_models.ModelConfig; unset: its defaults)."""
     for option in reversed([
@@ -437,15 +455,7 @@ def evaluate_retail(path, epochs, lin_weights, lin_user_weights, alpha, item_bia
 
 
 @evaluate.command("log")
-@click.option("--events", "path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Interaction file (CSV, optionally gzipped).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "online-retail"]), default="csv", show_default=True)
-@click.option("--user-col")
-@click.option("--item-col")
-@click.option("--ts-col", help="ISO 8601 text (no offset: UTC) or epoch numbers (see --ts-unit).")
-@click.option("--ts-unit", type=click.Choice(["s", "ms"]), default="s", show_default=True)
-@click.option("--weight-col", default=None, help="Explicit weight, e.g. a rating.")
-@click.option("--type-col", default=None, help="Event type (view, click, cart, purchase, return).")
+@event_file_options
 @click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True,
               help="Each shopper's latest share of interactions held out as the test.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
@@ -476,15 +486,7 @@ def evaluate_log(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, typ
 
 
 @evaluate.command("stream")
-@click.option("--events", "path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Interaction file (CSV, optionally gzipped).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "online-retail"]), default="csv", show_default=True)
-@click.option("--user-col")
-@click.option("--item-col")
-@click.option("--ts-col", help="ISO 8601 text (no offset: UTC) or epoch numbers (see --ts-unit).")
-@click.option("--ts-unit", type=click.Choice(["s", "ms"]), default="s", show_default=True)
-@click.option("--weight-col", default=None, help="Explicit weight, e.g. a rating.")
-@click.option("--type-col", default=None, help="Event type (view, click, cart, purchase, return).")
+@event_file_options
 @click.option("--k", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--train-fraction", type=click.FloatRange(0.05, 0.95), default=0.8, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Events per micro-batch.")

@@ -172,6 +172,14 @@ def test_an_impossible_budget_fails_and_the_previous_model_stays_current(cfg, dr
             train_and_publish(driver, replace(cfg, train_minutes=1e-9), progress=False, owner=holder.owner,
                               search_trials=5)
     assert models.current(driver, cfg).version == before["version"]
+    # one item per shopper: nothing to hold out, so nothing to choose on
+    pipeline.ingest(driver, cfg, [{"event_id": f"one{k}", "user_id": f"solo{k}", "item_id": f"i{k % 30}",
+                                   "type": "view", "ts": NOW} for k in range(40)])
+    with driver.session(database=cfg.neo4j_database) as s:
+        s.run("MATCH (u:User) WHERE NOT u.id STARTS WITH 'solo' DETACH DELETE u").consume()
+    with Worker(cfg).holding() as holder, pytest.raises(SearchError, match="no users with held-out"):
+        train_and_publish(driver, cfg, progress=False, owner=holder.owner, search_trials=5)
+    assert models.current(driver, cfg).version == before["version"]
     env = {**os.environ, "IG_TRAIN_MINUTES": "0"}
     done = subprocess.run([sys.executable, "-m", "app", "train"], capture_output=True, text=True, env=env)
     assert done.returncode != 0 and "IG_TRAIN_MINUTES must be a positive number" in done.stderr
