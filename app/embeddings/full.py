@@ -59,8 +59,10 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
     t_export = time.monotonic() - started
     out = compute(lm, snap)
     t_infer = time.monotonic() - started - t_export
-    users, items = ([{"id": x, "props": props} for x, props in zip(*out[t])] for t in (store.USER, store.ITEM))
-    edges = [{"u": u, "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
+    nonce = dict(zip(snap.user_ids, snap.user_nonces))
+    users = [{"id": x, "nonce": nonce[x], "props": props} for x, props in zip(*out[store.USER])]
+    items = [{"id": x, "props": props} for x, props in zip(*out[store.ITEM])]
+    edges = [{"u": u, "nonce": nonce[u], "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
     with driver.session(database=cfg.neo4j_database) as session:
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
             for chunk in tqdm(list(store.chunks(rows, cfg.full_batch)), desc=f"write {ntype}s", disable=not progress):
@@ -69,7 +71,7 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
         for chunk in tqdm(list(store.chunks(edges, 10 * cfg.full_batch)), desc="mark edges", disable=not progress):
             session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         # The revisions the export read: a change committed after it keeps its node flagged.
-        seen = [{"id": x, "rev": rev} for x, rev in zip(snap.user_ids, snap.user_revs)]
+        seen = [{"id": x, "rev": rev, "nonce": n} for x, rev, n in zip(snap.user_ids, snap.user_revs, snap.user_nonces)]
         seen_items = [{"id": it["id"], "rev": it["rev"]} for it in snap.items]
         run = {"mode": "full", "reason": reason, "version": lm.version, "published": publish,
                "users": len(users), "items": len(items),
