@@ -461,9 +461,11 @@ def _advance(tx, st: State | None, epoch, seq, table_mb: float) -> State | None:
             break
         time.sleep(LOG_WAIT)
         entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
-    if (seq > st.seq and not entries) or (entries and (entries[0]["seq"] != st.seq + 1
-                                                       or any(e["full"] for e in entries))):
-        return _load(tx, table_mb)  # a full run, or entries no longer logged
+    # Only a run of entries with no gap moves the copy: a missing one (no longer logged, or still not
+    # showing after the wait) may have changed rows that no later entry names.
+    contiguous = [e["seq"] for e in entries] == list(range(st.seq + 1, st.seq + 1 + len(entries)))
+    if (seq > st.seq and not entries) or not contiguous or any(e["full"] for e in entries):
+        return _load(tx, table_mb)  # a full run, or an entry missing
     users = {u for e in entries for u in e["users"]}
     items = {i for e in entries for i in e["items"]} | changed_items
     erased = {(key, at) for key, at in sync["erased"]}
