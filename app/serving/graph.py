@@ -392,7 +392,7 @@ class Copy:
         if self.state is None:
             with self._load_lock:
                 if self.state is None:
-                    self.state, self.synced = self._read(None, None, 0), now
+                    self.state, self.synced = self._read(None), now
                 return self.state
         if now - self.synced > self.max_age:
             self._await(lambda: self.synced >= now - self.max_age, self.wait)
@@ -400,22 +400,7 @@ class Copy:
             self._await(lambda: True, 0.0)
         return self.state
 
-    def at(self, epoch: str | None, seq: int) -> State | None:
-        """The copy at run `seq` of `epoch` or after, or as near as `wait` allows (None: no model yet)."""
-        st = self.state
-        if st is not None and st.epoch == epoch and st.seq >= seq:
-            return st
-        if st is None or st.epoch != epoch:
-            with self._load_lock:
-                st = self.state
-                if st is None or st.epoch != epoch or st.seq < seq:
-                    started = time.monotonic()
-                    self.state, self.synced = self._read(None, epoch, seq), started
-                return self.state
-        self._await(lambda: self.state is None or self.state.seq >= seq, self.wait, (epoch, seq))
-        return self.state
-
-    def _await(self, done, wait: float, target=(None, 0)) -> None:
+    def _await(self, done, wait: float) -> None:
         """Run background syncs, one at a time, until `done()`, waiting for them up to `wait` s (0: start one).
         A failed sync ends the wait: the request answers from the copy as it is."""
         began = time.monotonic()
@@ -424,18 +409,18 @@ class Copy:
             while True:
                 if not self._syncing and (wait == 0 or not done()):
                     self._syncing = True
-                    threading.Thread(target=self._sync, args=target, daemon=True).start()
+                    threading.Thread(target=self._sync, daemon=True).start()
                 left = deadline - time.monotonic()
                 if done() or left <= 0 or self.failed >= began:
                     return
                 self._cond.wait(left)
 
-    def _sync(self, epoch, seq) -> None:
+    def _sync(self) -> None:
         """Bring the copy to what Neo4j has now (off the request threads)."""
         try:
             with self._load_lock:
                 started = time.monotonic()
-                self.state = self._read(self.state, epoch, seq)  # None: the graph has no model any more
+                self.state = self._read(self.state)  # None: the graph has no model any more
                 self.synced = started
         except Exception as exc:  # Neo4j away or the like: requests go on with the copy they have
             self.failed = time.monotonic()
@@ -445,25 +430,24 @@ class Copy:
                 self._syncing = False
                 self._cond.notify_all()
 
-    def _read(self, st: State | None, epoch, seq) -> State | None:
+    def _read(self, st: State | None) -> State | None:
         started = time.monotonic()
         with self.driver.session(database=self.database) as session:
-            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq, self.table_mb))
+            nxt = session.execute_read(lambda tx: _advance(tx, st, self.table_mb))
         if nxt is not None and nxt is not st:
             log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
         return nxt
 
 
-def _advance(tx, st: State | None, epoch, seq, table_mb: float) -> State | None:
-    """The next state: the logged runs and pending writes since `st` applied, or everything read again.
-    `epoch` None: the run Neo4j is at now; `table_mb`: State.table's bound."""
+def _advance(tx, st: State | None, table_mb: float) -> State | None:
+    """The next state, at the run Neo4j is at now: the logged runs and pending writes since `st` applied,
+    or everything read again. `table_mb`: State.table's bound."""
     if st is None:
         return _load(tx, table_mb)
     sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
                   erased_since=st.server_ms - ERASURE_MARGIN_MS, first=st.lm.mcfg.reads_trend).single()
-    if epoch is None:
-        epoch, seq = sync["epoch"], sync["head"]
-    if st.epoch != epoch or sync["epoch"] != epoch:
+    seq = sync["head"]
+    if st.epoch != sync["epoch"]:
         return _load(tx, table_mb)
     # What this window holds, to skip next time: ("e", user, item) -> edge revision, ("i", item) -> item's.
     pending = {("e", u, i): rev for u, i, rev, _, _ in sync["edges"]} | {("i", i): rev for i, rev in sync["items"]}
