@@ -368,7 +368,8 @@ REMOVE i._lock
 WITH count(*) AS locked
 UNWIND $rows AS row
 MATCH (i:Item {id: row.i})
-MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp(), u.rev = 1, u.ig_unseen = true, u.nonce = randomUUID()
+MERGE (u:User {id: row.u})
+  ON CREATE SET u.changed_at = timestamp(), u.rev = 1, u.ig_unseen = true, u.nonce = randomUUID()
 MERGE (u)-[r:INTERACTED]->(i)
 WITH r, row, coalesce(r.w, 0.0) AS w0
 // A sum that cancels to float rounding of its parts (a return of what was bought) is exactly 0.

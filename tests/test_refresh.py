@@ -104,7 +104,8 @@ writes = [
 ]
 # A full run with writes committed in the middle of it: after its export or before its edge marks.
 op = st.one_of(*writes, st.tuples(st.just("refresh"), st.just(0), st.integers(0, 1)),
-               st.tuples(st.just("full"), st.sampled_from(["export", "marks"]), st.lists(st.one_of(*writes), max_size=3)))
+               st.tuples(st.just("full"), st.sampled_from(["export", "marks"]),
+                         st.lists(st.one_of(*writes), max_size=3)))
 TOLERANCE = 1e-9  # the path is float64 end to end; measured differences are ~1e-15
 
 
