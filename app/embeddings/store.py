@@ -99,7 +99,7 @@ def mark_edges(tx, rows: list[dict]) -> None:
     for r in rows:
         by_user[r["u"]][r["i"]] = r["rev"]
         nonce[r["u"]] = r["nonce"]
-    users = [{"u": u, "nonce": nonce[u], "m": m} for u, m in by_user.items()]
+    users = [{"u": u, "nonce": nonce[u], "m": m} for u, m in sorted(by_user.items())]
     for chunk in chunks(users, 1000):
         tx.run(cypher.MARK_EDGES, rows=chunk).consume()
 
