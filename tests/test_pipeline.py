@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import requests
 
+from app import cypher
 from app.config import ROOT
+from app.embeddings import models
 from tests.conftest import wipe
+from tests.test_serving import assert_ranking
+from tests.test_serving_copy import offline_answers, publish_retail_version
 
 DEMO = ROOT / "data" / "online_retail" / "online_retail.csv.gz"
 
@@ -100,13 +104,7 @@ def test_rest_ranking_equals_the_offline_evaluation(cfg, driver, demo, base_url)
         expected = np.argsort(-row, kind="stable")[:10]
         got = requests.get(f"{base_url}/v1/users/{snap.user_ids[u]}/recommendations", params={"k": 10},
                            timeout=30).json()["results"]
-        ids = [snap.items[j]["id"] for j in expected]
-        # The offline Scorer sums in float32, so scores agree to about 1e-5 of the top score, not to
-        # the last bit; equal lists, or a near-tie swapped.
-        tol = dict(rtol=1e-4, atol=1e-3 * abs(row[expected[0]]))
-        assert [r["item_id"] for r in got] == ids or np.allclose(
-            [r["score"] for r in got], row[expected], **tol), (snap.user_ids[u], got, ids)
-        assert np.allclose([r["score"] for r in got], row[expected], **tol)
+        assert_ranking(got, [snap.items[j]["id"] for j in expected], row[expected])
 
 
 def test_similar_items_and_audience_over_http(cfg, driver, demo, base_url):
@@ -190,3 +188,45 @@ def test_churn_risk_uses_only_the_current_model_version(cfg, driver, demo, base_
         with driver.session(database=cfg.neo4j_database) as s:
             s.run(f"MATCH (n:Item) WHERE n.id IN $ids {undo}", ids=top[:3], v=demo).consume()
             s.run(f"MATCH (n:User {{id: $id}}) {undo}", id=users[0], v=demo).consume()
+
+
+
+@pytest.fixture(scope="module")
+def retail_version(cfg, driver, demo):
+    """Online Retail's recommended filter and item biases with the README's live trend, trained on the
+    demo (it changes the current model: the tests that use it come last)."""
+    return publish_retail_version(driver, cfg, item_bias=0.2, trend_weight=0.2)
+
+
+def test_biases_and_the_trend_on_the_demos_dates_are_served_as_scored(cfg, driver, retail_version, base_url):
+    """On the demo's December 2010 events served today, the REST answers are the offline Scorer's, the
+    trend anchored at the data's last event as training anchors it (anchored at today, 2^(-age /
+    half-life) is 0 for every item); explain's parts and the item's bias add up to each score."""
+    lm = retail_version
+    answers = {user: (ids, scores) for user, ids, scores in offline_answers(driver, cfg, lm, 1, 5)}
+    with driver.session(database=cfg.neo4j_database) as s:  # `because` shows all of a few items' parts
+        few = s.run("MATCH (u:User)-[a:INTERACTED]->() WHERE a.w > 0 WITH u, count(a) AS n WHERE n <= 3 "
+                    "RETURN collect(u.id)[..8] AS ids").single()["ids"]
+    assert few
+    for user in sorted(answers)[::40] + few:
+        answer = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5, "explain": "true"},
+                              timeout=30).json()
+        assert answer["version"] == lm.version
+        assert_ranking(answer["results"], *answers[user])
+        for r in answer["results"]:
+            assert r["bias"] is not None
+            if user in few:
+                size = sum(abs(b["contribution"]) for b in r["because"]) + abs(r["bias"])
+                assert sum(b["contribution"] for b in r["because"]) + r["bias"] == pytest.approx(
+                    r["score"], abs=1e-6 * size)
+
+
+def test_trending_answers_rank_by_decayed_popularity_under_any_filter_weights(cfg, driver, retail_version, base_url):
+    """A shopper without a vector gets the items TRENDING_ITEMS ranks (decayed popularity: the raw
+    weights), not the log(1 + w) degrees the version's graph filter reads."""
+    answer = requests.get(f"{base_url}/v1/users/nobody/recommendations", params={"k": 10}, timeout=30).json()
+    with driver.session(database=cfg.neo4j_database) as s:
+        want = s.run(cypher.TRENDING_ITEMS, k=10, user_id="nobody", category=None, max_price=None,
+                     exclude_seen=True).data()
+    assert answer["source"] == "trending" and models.current(driver, cfg).version == retail_version.version
+    assert_ranking(answer["results"], [r["item_id"] for r in want], [r["score"] for r in want])

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from neo4j.exceptions import ClientError
@@ -94,13 +95,17 @@ def exact_cfg(cfg):
     return load_config(full_share=10.0)
 
 
-op = st.one_of(
+writes = [
     st.tuples(st.just("events"), st.integers(1, 6), st.integers(0, 10**6)),
     st.tuples(st.just("cancel"), st.integers(0, 70), st.integers(0, 10**6)),
     st.tuples(st.just("item"), st.integers(0, 50), st.integers(0, 10**6)),
     st.tuples(st.just("delete"), st.integers(0, 70), st.integers(0, 10**6)),
-    st.tuples(st.just("refresh"), st.just(0), st.integers(0, 1)),
-)
+    st.tuples(st.just("recreate"), st.integers(0, 70), st.integers(0, 10**6)),
+]
+# A full run with writes committed in the middle of it: after its export or before its edge marks.
+op = st.one_of(*writes, st.tuples(st.just("refresh"), st.just(0), st.integers(0, 1)),
+               st.tuples(st.just("full"), st.sampled_from(["export", "marks"]),
+                         st.lists(st.one_of(*writes), max_size=3)))
 TOLERANCE = 1e-9  # the path is float64 end to end; measured differences are ~1e-15
 
 
@@ -122,32 +127,105 @@ def cancel(driver, cfg, user: str, item: str, rng: random.Random) -> None:
     pipeline.ingest(driver, cfg, batch)
 
 
+def recreate(driver, cfg, user: str, rng: random.Random) -> None:
+    """Erase a user, then bring the id back with an event on some of its items (after the erasure, so
+    they count): the new node and edges start again at revision 1, as the old ones often were."""
+    with driver.session(database=cfg.neo4j_database) as s:
+        had = [r["i"] for r in s.run("MATCH (:User {id: $u})-->(i:Item) RETURN i.id AS i ORDER BY i", u=user)]
+    writer.delete_user(driver, cfg.neo4j_database, user, secret=cfg.erasure_secret)
+    items = rng.sample(had, rng.randint(1, len(had))) if had else [f"i{rng.randrange(50)}"]
+    pipeline.ingest(driver, cfg, [{"event_id": f"re{next(_seq)}", "user_id": user, "item_id": i,
+                                   "type": rng.choice(TYPES[:4]), "quantity": rng.randint(1, 3),
+                                   "ts": int(time.time() * 1000) + 1000} for i in items])
+
+
+def apply_write(driver, cfg, kind: str, n: int, seed: int) -> None:
+    """One write of the exactness test's ops."""
+    rng = random.Random(seed)
+    if kind == "events":  # ids beyond the seed graph are brand-new users and items
+        pipeline.ingest(driver, cfg, events(rng, n, 75, 50))
+    elif kind == "cancel":
+        cancel(driver, cfg, f"u{n}", f"i{rng.randrange(50)}", rng)
+    elif kind == "item":
+        writer.upsert_items(driver, cfg.neo4j_database, [
+            {"id": f"i{n}", "props": {"title": f"mug {rng.randrange(9)}", "category": f"c{rng.randrange(6)}",
+                                      "price": rng.random() * 50}}])
+    elif kind == "delete":
+        writer.delete_user(driver, cfg.neo4j_database, f"u{n}", secret=cfg.erasure_secret)
+    else:
+        recreate(driver, cfg, f"u{n}", rng)
+
+
+def full_run_with_writes(driver, cfg, lm, owner: str, when: str, during: list) -> None:
+    """A full run, with the writes `during` (callables) committed after its export (`when` "export") or
+    before it marks the edges ("marks"), as concurrent clients would."""
+    export, mark_edges = store.export, store.mark_edges
+
+    def write_all():
+        while during:
+            during.pop(0)()
+
+    def export_then_write(*args, **kwargs):
+        snap = export(*args, **kwargs)
+        write_all()
+        return snap
+
+    def write_then_mark(tx, rows):
+        write_all()
+        mark_edges(tx, rows)
+    with pytest.MonkeyPatch.context() as patch:
+        if when == "export":
+            patch.setattr(store, "export", export_then_write)
+        else:
+            patch.setattr(store, "mark_edges", write_then_mark)
+        assert full.embed_full(driver, cfg, lm, owner=owner)["mode"] == "full"
+    write_all()  # a graph without edges to mark
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(op, min_size=1, max_size=6))
 def test_incremental_equals_full_recompute(trained, exact_cfg, driver, lease, ops):
-    """New users and items, repeats, returns that cancel purchases, metadata changes and erasures, with
-    refreshes in between, some capped to a few users: every stored value equals a full recompute.
+    """New users and items, repeats, returns that cancel purchases, metadata changes, erasures and ids
+    erased then created again, with refreshes in between, some capped to a few users, and full runs
+    with such writes committed in their middle: every stored value equals a full recompute.
     Each example starts from the same freshly embedded graph, so examples are independent and
     shrinking is meaningful."""
     reset(driver, exact_cfg, trained, lease.owner)
     capped = dataclasses.replace(exact_cfg, refresh_max_users=3)
     for kind, n, seed in ops:
-        rng = random.Random(seed)
-        if kind == "events":  # ids beyond the seed graph are brand-new users and items
-            pipeline.ingest(driver, exact_cfg, events(rng, n, 75, 50))
-        elif kind == "cancel":
-            cancel(driver, exact_cfg, f"u{n}", f"i{rng.randrange(50)}", rng)
-        elif kind == "item":
-            writer.upsert_items(driver, exact_cfg.neo4j_database, [
-                {"id": f"i{n}", "props": {"title": f"mug {rng.randrange(9)}", "category": f"c{rng.randrange(6)}",
-                                          "price": rng.random() * 50}}])
-        elif kind == "delete":
-            writer.delete_user(driver, exact_cfg.neo4j_database, f"u{n}", secret=exact_cfg.erasure_secret)
-        else:  # uncapped or capped (a few users, the rest left for later runs), alternately
+        if kind == "refresh":  # uncapped or capped (a few users, the rest left for later runs), alternately
             refresh(driver, capped if seed % 2 else exact_cfg, trained, owner=lease.owner)
+        elif kind == "full":
+            full_run_with_writes(driver, exact_cfg, trained, lease.owner, n,
+                                 [lambda w=w: apply_write(driver, exact_cfg, *w) for w in seed])
+        else:
+            apply_write(driver, exact_cfg, kind, n, seed)
     while (run := refresh(driver, capped, trained, owner=lease.owner))["mode"] != "noop":
         assert run["mode"] == "incremental"
     assert max_error(driver, exact_cfg, trained) < TOLERANCE
+
+
+@pytest.mark.parametrize("when", ["export", "marks"])
+def test_a_user_erased_and_created_again_during_a_full_run_gets_its_own_vector(trained, exact_cfg, driver, lease,
+                                                                               base_url, when):
+    """Revisions restart at 1 on a node created again: a full run that exported an erased user must
+    not write that user's vector on the new one of the same id, nor mark the new one's edges seen
+    (its one edge has the old one's item and revision). The next run embeds the new user from its own
+    edge: what /interests reads adds up to 1."""
+    user = f"again-{next(_seq)}"
+    first = {"event_id": f"{user}-1", "user_id": user, "item_id": "i3", "type": "view", "ts": int(time.time() * 1000)}
+    pipeline.ingest(driver, exact_cfg, [first])
+    refresh(driver, exact_cfg, trained, owner=lease.owner)
+    again = {**first, "event_id": f"{user}-2", "type": "purchase", "quantity": 3, "ts": int(time.time() * 1000) + 1000}
+
+    def erase_and_create_again():
+        writer.delete_user(driver, exact_cfg.neo4j_database, user, secret=exact_cfg.erasure_secret)
+        assert pipeline.ingest(driver, exact_cfg, [again]).accepted == 1
+    full_run_with_writes(driver, exact_cfg, trained, lease.owner, when, [erase_and_create_again])
+    refresh(driver, exact_cfg, trained, owner=lease.owner)
+    assert max_error(driver, exact_cfg, trained) < TOLERANCE
+    shares = requests.get(f"{base_url}/v1/users/{user}/interests", timeout=30).json()["items"]
+    assert [s["item_id"] for s in shares] == ["i3"] and shares[0]["weight"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_weights_that_cancel_leave_exactly_zero(trained, exact_cfg, driver, lease):

@@ -2,6 +2,7 @@
 whole, through new users and items, returns, erasures, item updates and compactions."""
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -10,13 +11,17 @@ import pytest
 import requests
 
 from app import cypher
+from app.config import Config
 from app.embeddings import models
 from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.serving import graph
 from app.worker import Worker
-from tests.conftest import wipe
+from bench.bench_ingest import free_port, wait_ready
+from tests.conftest import SERVICE, wipe
+from tests.test_serving import assert_ranking
+from tests.test_soak import spawn, stop
 
 NOW = 1_767_225_600_000  # 2026-01-01
 
@@ -73,8 +78,8 @@ def trained(cfg, driver):
 @pytest.mark.parametrize("table_mb", [256, 0], ids=["explain-table", "no-table"])
 def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url, table_mb):
     monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
-    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, table_mb=table_mb)
-    assert (copy.at(*_head(driver, cfg)).table is not None) == (table_mb > 0)
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, max_age=0, table_mb=table_mb)
+    assert (copy.current().table is not None) == (table_mb > 0)
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
     rng = random.Random(7)
@@ -88,10 +93,10 @@ def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, 
         if step == 4:
             writer.upsert_items(driver, cfg.neo4j_database, [{"id": "i1", "props": {"category": "new", "price": 3.5}}])
         assert _run_refresh(driver, cfg)["mode"] == "incremental"
-        moved = copy.at(*_head(driver, cfg))
+        moved = copy.current()
         assert not loads  # applied from the log, not read whole
         overlay_sizes.append(len(moved.overlay))
-        whole = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, table_mb=table_mb).at(*_head(driver, cfg))
+        whole = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, table_mb=table_mb).current()
         loads.clear()
         assert moved.seq == whole.seq and moved.lm.version == whole.lm.version
         assert _edges(moved) == pytest.approx(_edges(whole), rel=1e-15)
@@ -141,8 +146,8 @@ def test_a_copy_synced_right_after_each_run_never_reads_everything_again(cfg, dr
     """Runs commit while the copy follows them as closely as it can (a request sees a run's number and
     syncs at once): every run is applied from the log, none makes the copy read the graph whole."""
     import threading
-    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30)
-    copy.at(*_head(driver, cfg))
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, max_age=0)
+    copy.current()
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
     done = threading.Event()
@@ -161,18 +166,9 @@ def test_a_copy_synced_right_after_each_run_never_reads_everything_again(cfg, dr
         epoch, seq = _head(driver, cfg)
         if seq not in seen:
             seen.add(seq)
-            assert copy.at(epoch, seq).seq >= seq
+            assert copy.current().seq >= seq
     thread.join()
     assert len(seen) > 10 and not loads
-
-
-def test_a_worker_loads_its_copy_at_start_not_in_its_first_request(cfg, driver, trained, app, monkeypatch):
-    """`serve` preloads each worker's copy (app/wsgi.py): a first shopper does not wait for the load."""
-    from app.api import recs
-    monkeypatch.setattr(graph, "_copies", {})
-    recs.preload(app)
-    (copy,) = graph._copies.values()
-    assert copy.state is not None and (copy.state.epoch, copy.state.seq) == _head(driver, cfg)
 
 
 def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driver, trained, base_url):
@@ -185,8 +181,7 @@ def test_a_first_event_personalises_the_next_answer_before_any_refresh(cfg, driv
     after = requests.get(f"{base_url}/v1/users/newcomer/recommendations", params={"k": 5}, timeout=30).json()
     assert after["source"] == "personal" and after["refreshed_at"] is not None
     # The vector summed from the live edges is the one the run stored.
-    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30)
-    st = copy.at(*_head(driver, cfg))
+    st = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret).current()
     with driver.session(database=cfg.neo4j_database) as s:
         stored = s.run("MATCH (u:User {id: 'newcomer'}) RETURN u.embedding AS e, u.ig_norm AS n").single()
     p = np.asarray(stored["e"][:-1]) * stored["n"]
@@ -240,39 +235,34 @@ def test_with_neo4j_away_a_request_answers_from_the_copy_at_once(cfg, driver, tr
 
 
 def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_up(cfg, driver, trained):
-    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=0.0)
-    first = copy.at(*_head(driver, cfg))
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=0.0, max_age=0)
+    first = copy.current()
     pipeline.ingest(driver, cfg, [{"event_id": "bound-1", "user_id": "u7", "item_id": "i9", "type": "cart",
                                    "ts": NOW}])
     _run_refresh(driver, cfg)
     epoch, seq = _head(driver, cfg)
-    assert copy.at(epoch, seq).seq in (first.seq, seq)  # no wait: as it was, or already synced
+    assert copy.current().seq in (first.seq, seq)  # no wait: as it was, or already synced
     deadline = time.monotonic() + 30
     while copy.state.seq < seq and time.monotonic() < deadline:
         time.sleep(0.05)
     assert copy.state.seq == seq
 
 
-@pytest.mark.parametrize("item_bias,trend_weight", [(0.0, 0.0), (0.2, 0.0), (0.2, 0.4)])
-def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias, trend_weight):
-    """A version trained with the filter Online Retail's stream chose (log(1 + w) graph, binary user row),
-    without and with item biases, and with the live trend next to them: the REST answers equal the
-    offline Scorer's on the graph in Neo4j, also after new events the copy patched in edge by edge."""
-    from app.embeddings import store
-    from app.embeddings.training import weights
-    from graph_models.bias import trend
-    from graph_models.train import Scorer
+def publish_retail_version(driver, cfg, item_bias: float, trend_weight: float, halflife: float = 3.0):
+    """A current version with the filter Online Retail's stream chose (log(1 + w) graph, binary user row),
+    with item biases of every size and sign (whatever training's check kept) when `item_bias`, and the
+    live trend at `trend_weight`; returned loaded."""
     import copy
 
     import torch
 
     from app.embeddings.training import publish
-    settings = {"trend_halflife": 3.0, "trend_weight": trend_weight} if trend_weight else {}
+    settings = {"trend_halflife": halflife, "trend_weight": trend_weight} if trend_weight else {}
     with Worker(cfg).holding() as holder:
         train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1, lin_weights="log1p",
                           lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias, **settings)
         lm = models.current(driver, cfg)
-        if item_bias:  # biases of every size and sign, whatever training's check kept
+        if item_bias:
             model = copy.deepcopy(lm.model)
             model.bias = torch.from_numpy(np.random.default_rng(0).normal(0.0, 0.3, model.num_items))
             publish(driver, cfg, lm.mcfg, model, {"ref_ms": lm.meta["ref_ms"], "item_ids": lm.meta["item_ids"]},
@@ -281,6 +271,49 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
     assert lm.mcfg.lin_weights == "log1p" and lm.mcfg.lin_user_weights == "binary"
     assert lm.model.biased == (item_bias > 0) and (lm.model.bias.abs().max() > 0) == (item_bias > 0)
     assert lm.mcfg.trend_weight == trend_weight
+    return lm
+
+
+def offline_answers(driver, cfg, lm, every: int, k: int) -> list[tuple[str, list[str], np.ndarray]]:
+    """(user, the top k item ids without the user's items, their scores) by the offline Scorer on the
+    graph in Neo4j, for every `every`-th user with a positive edge; the trend (if the version reads one)
+    as training computes it, of the graph's positive edges."""
+    from app.embeddings import store
+    from app.embeddings.training import weights
+    from graph_models.bias import trend
+    from graph_models.train import Scorer
+    with driver.session(database=cfg.neo4j_database) as s:
+        snap = s.execute_read(lambda tx: store.export(tx, times=True))
+        own = {}
+        for r in s.run("MATCH (u:User)-->(i:Item) RETURN u.id AS u, collect(i.id) AS items"):
+            own[r["u"]] = set(r["items"])
+    # The Scorer reads column k as the version's item k: the version's items in its order, new ones
+    # after them (an export lists items in store order, which a reused node id changes).
+    known = {i: k for k, i in enumerate(lm.meta["item_ids"])}
+    perm = sorted(range(len(snap.items)), key=lambda j: known.get(snap.items[j]["id"], len(known) + j))
+    items = [snap.items[j]["id"] for j in perm]
+    graph_csr = weights(snap, lm.meta)[:, perm]
+    item_rows = {it: j for j, it in enumerate(items)}
+    cols = np.array([item_rows[i] for i in snap.edges_i])
+    pos = np.asarray(snap.w) > 0
+    t = trend(cols[pos], np.asarray(snap.first)[pos], len(items), lm.mcfg.trend_halflife) \
+        if lm.mcfg.reads_trend else None
+    assert t is None or 0 < np.count_nonzero(t == 1.0) < len(t)
+    rows = [u for u in range(len(snap.user_ids)) if graph_csr[u].nnz][::every]
+    out = []
+    for row, u in zip(Scorer(lm.model, graph_csr, trend=t)(rows).numpy().astype(np.float64), rows):
+        user = snap.user_ids[u]
+        order = [j for j in np.argsort(-row, kind="stable") if items[j] not in own[user]][:k]
+        out.append((user, [items[j] for j in order], row[order]))
+    return out
+
+
+@pytest.mark.parametrize("item_bias,trend_weight", [(0.0, 0.0), (0.2, 0.0), (0.2, 0.4)])
+def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias, trend_weight):
+    """A version trained with the filter Online Retail's stream chose, without and with item biases, and
+    with the live trend next to them: the REST answers equal the offline Scorer's on the graph in Neo4j,
+    also after new events the copy patched in edge by edge."""
+    lm = publish_retail_version(driver, cfg, item_bias, trend_weight)
     rng = random.Random(11)
     for step in range(2):
         if step:  # new shoppers, items and first edges, not yet refreshed: the copy patches them in
@@ -288,47 +321,119 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
             for e in events[:20]:
                 e["ts"] = NOW + rng.randrange(86_400_000)  # a burst of new adopters, a day later
             pipeline.ingest(driver, cfg, events)
-        with driver.session(database=cfg.neo4j_database) as s:
-            snap = s.execute_read(lambda tx: store.export(tx, times=True))
-        # The Scorer reads column k as the version's item k: the version's items in its order, new ones
-        # after them (an export lists items in store order, which a reused node id changes).
-        known = {i: k for k, i in enumerate(lm.meta["item_ids"])}
-        perm = sorted(range(len(snap.items)), key=lambda j: known.get(snap.items[j]["id"], len(known) + j))
-        items = [snap.items[j] for j in perm]
-        graph_csr = weights(snap, lm.meta)[:, perm]
-        item_rows = {it["id"]: j for j, it in enumerate(items)}
-        cols = np.array([item_rows[i] for i in snap.edges_i])
-        pos = np.asarray(snap.w) > 0
-        t = trend(cols[pos], np.asarray(snap.first)[pos], len(items), 3.0) if trend_weight else None
-        assert t is None or 0 < np.count_nonzero(t == 1.0) < len(t)
-        rows = [k for k in range(len(snap.user_ids)) if graph_csr[k].nnz][::15]
-        scores = Scorer(lm.model, graph_csr, trend=t)(rows).numpy().astype(np.float64)
-        for row, user in zip(scores, rows):
-            seen = set(graph_csr[user].indices) | {j for j, it in enumerate(items)
-                                                   if it["id"] in _all_items(driver, cfg, snap.user_ids[user])}
-            order = [j for j in np.argsort(-row, kind="stable") if j not in seen][:5]
-            answer = requests.get(f"{base_url}/v1/users/{snap.user_ids[user]}/recommendations", params={"k": 5},
-                                  timeout=30).json()
+        for user, ids, scores in offline_answers(driver, cfg, lm, 15, 5):
+            answer = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
             assert answer["version"] == lm.version
-            assert [r["item_id"] for r in answer["results"]][:1] == [items[order[0]]["id"]]
-            got = [r["score"] for r in answer["results"]]
-            assert got == pytest.approx(list(row[order]), rel=1e-4, abs=1e-3 * abs(row[order][0]))
+            assert_ranking(answer["results"], ids, scores)
 
 
-def _all_items(driver, cfg, user):
+# --- the production entry point and settings: `serve` (app/wsgi.py), the copy polling ----------------
+SLACK = 0.5  # seconds over a bound allowed for a loaded 2-core test machine
+
+
+@pytest.fixture(scope="module")
+def production(trained, tmp_path_factory):
+    """`serve` in a subprocess with the production serving settings (a request reads the copy as it is,
+    up to IG_SERVING_MAX_AGE old, waiting at most IG_SERVING_SYNC_WAIT), one worker: (URL, its log)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IG_SERVING_MAX_AGE", "IG_SERVING_SYNC_WAIT",
+                                                            "IG_SERVING_POLL")}
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc = spawn(["serve"], {**env, "IG_PORT": str(port), "IG_WORKERS": "1", "IG_LOG_LEVEL": "INFO"}, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield url, log
+    finally:
+        stop(proc)
+
+
+def _timed_get(url: str, path: str, **params) -> tuple[dict, float]:
+    started = time.monotonic()
+    reply = requests.get(f"{url}{path}", params=params, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.json(), time.monotonic() - started
+
+
+def _quiet_then_current(url: str) -> None:
+    """After a spell longer than max_age without requests, a request waits for a sync that begins after
+    it (up to the wait) and starts one: let that end, so the copy is at what Neo4j has now."""
+    time.sleep(Config.serving_max_age + 0.2)
+    _timed_get(url, "/v1/users/nobody/recommendations", k=1)
+    time.sleep(Config.serving_poll + 1.0)
+
+
+def test_serve_loads_its_copy_at_start_not_in_a_first_request(production):
+    """Each worker of `serve` loads its copy when it starts (app/wsgi.py), before any request asks."""
+    url, log = production
+    deadline = time.monotonic() + 60
+    while "serving copy loaded" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "serving copy loaded" in log.read_text()
+    _, seconds = _timed_get(url, "/v1/users/u1/recommendations", k=5)
+    assert seconds <= Config.serving_sync_wait + SLACK
+
+
+def test_with_production_settings_a_write_shows_within_the_polls_and_no_request_waits_longer(cfg, driver, trained,
+                                                                                           production):
+    """The polling path as a client meets it: answers from the copy as it is, a new shopper's first event
+    personal within a poll and a sync or two (no refresh run), and after a quiet spell a request waits
+    at most IG_SERVING_SYNC_WAIT."""
+    url, _ = production
+    user = f"prod-{time.time_ns()}"
+    reply = requests.post(f"{url}/v1/events", headers=SERVICE, timeout=30, json=[
+        {"event_id": f"{user}-1", "user_id": user, "item_id": "i3", "type": "purchase", "ts": NOW}])
+    assert reply.status_code == 200 and reply.json()["accepted"] == 1
+    started, latencies = time.monotonic(), []
+    while True:
+        answer, seconds = _timed_get(url, f"/v1/users/{user}/recommendations", k=5)
+        latencies.append(seconds)
+        if answer["source"] == "personal" or time.monotonic() - started > 10:
+            break
+        time.sleep(0.05)
+    shown = time.monotonic() - started
+    assert answer["source"] == "personal" and "i3" not in [r["item_id"] for r in answer["results"]]
+    assert shown <= Config.serving_max_age + Config.serving_poll + 1.0 + SLACK, shown
+    assert max(latencies) <= Config.serving_sync_wait + SLACK, latencies
+    time.sleep(Config.serving_max_age + 0.2)  # quiet: the copy is older than max_age
+    _, seconds = _timed_get(url, f"/v1/users/{user}/recommendations", k=5)
+    assert seconds <= Config.serving_sync_wait + SLACK
+
+
+def test_a_run_missing_from_the_serving_log_is_not_skipped(cfg, driver, trained, production):
+    """Runs n+1, n+2 and n+3 commit, n+2's log entry does not show (deleted here, as one that stays
+    invisible past the wait): the copy must not move to n+3 without n+2's rows (a shopper whose first
+    event n+2 reflected would stay unknown until the next full run); it reads the graph again."""
+    url, _ = production
+    _quiet_then_current(url)
+    user = f"gap-{time.time_ns()}"
+    for step in range(3):
+        who = user if step == 1 else f"u{step}"
+        pipeline.ingest(driver, cfg, [{"event_id": f"{user}-{step}", "user_id": who, "item_id": "i5",
+                                       "type": "purchase", "ts": NOW}])
+        assert _run_refresh(driver, cfg)["mode"] == "incremental"
+        if step == 1:
+            missing = _head(driver, cfg)[1]
     with driver.session(database=cfg.neo4j_database) as s:
-        return {r["i"] for r in s.run("MATCH (:User {id: $u})-->(i:Item) RETURN i.id AS i", u=user)}
+        s.run("MATCH (a:_Applied {seq: $seq}) DELETE a", seq=missing).consume()
+    started = time.monotonic()
+    while time.monotonic() - started < 15:
+        answer, _ = _timed_get(url, f"/v1/users/{user}/recommendations", k=50)
+        if answer["source"] == "personal":
+            break
+        time.sleep(0.1)
+    assert answer["source"] == "personal" and "i5" not in [r["item_id"] for r in answer["results"]]
 
 
 def test_a_full_run_or_a_wiped_graph_is_read_whole(cfg, driver, trained, monkeypatch):
-    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30)
-    before = copy.at(*_head(driver, cfg))
+    """(Wipes the graph: last.)"""
+    copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, max_age=0)
+    before = copy.current()
     with Worker(cfg).holding() as holder:
         refresh(driver, cfg, trained, full=True, owner=holder.owner)
     loads = []
     monkeypatch.setattr(graph, "_load", lambda tx, mb, real=graph._load: loads.append(1) or real(tx, mb))
-    after = copy.at(*_head(driver, cfg))
+    after = copy.current()
     assert loads and after.seq == before.seq + 1
     wipe(driver, cfg.neo4j_database)
-    assert copy.at(*_head(driver, cfg)) is None  # no model left: the API falls back to Cypher
-
+    assert copy.current() is None  # no model left: the API falls back to Cypher

@@ -31,6 +31,9 @@ TOLERANCE = 1e-9
 DAY_MS = 86_400_000
 READERS = [f"r{k}" for k in range(4)]   # recommendations are requested for these throughout
 ERASABLE = [f"x{k}" for k in range(8)]  # erased now and then, and brought back by later events
+# Erased while a full run is under way and brought back at once on some of their items, by nobody else:
+# the new node's revisions restart at 1, and no later event would hide what the run left on it.
+AGAIN = [f"y{k}" for k in range(4)]
 POSITIVE = ["view", "click", "cart", "purchase"]
 CLIENTS, BATCH = 3, 12
 # Every process of the soak: frequent runs that never fall back to a full recompute (the jobs run
@@ -44,7 +47,7 @@ MODEL_VERSIONS = "MATCH (m:Model) RETURN collect(m.version) AS versions"
 EVENTS_FOUND = "UNWIND $ids AS id MATCH (e:Event {id: id}) RETURN count(e) AS n"
 EVENTS_ALL = "MATCH (e:Event) RETURN count(e) AS n"
 EDGES = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item) WHERE NOT u.id IN $erasable
+MATCH (u:User)-[r:INTERACTED]->(i:Item) WHERE NOT u.id IN $erasable + $again
 RETURN u.id AS u, i.id AS i, properties(r) AS p
 """
 ZERO_USERS = """
@@ -52,6 +55,7 @@ MATCH (u:User) WHERE u.id STARTS WITH 'z'
 OPTIONAL MATCH (u)-[r:INTERACTED]->()
 RETURN u.id AS id, u.ig_deg AS deg, u.embedding IS NULL AS unembedded, collect(r.w) AS w
 """
+USER_ITEMS = "MATCH (:User {id: $id})-->(i:Item) RETURN i.id AS i ORDER BY i"
 STORED_VERSIONS = "MATCH (n) WHERE n:User OR n:Item RETURN labels(n)[0] + ' ' + coalesce(n.embedding_version, '-') AS v"
 
 
@@ -136,7 +140,7 @@ class Soak:
     def _expect(self, batch: list[dict]) -> None:
         """Count what accepted events add to their edges (erasable users' edges are not checked)."""
         for e in batch:
-            if e["user_id"] in ERASABLE:
+            if e["user_id"] in ERASABLE or e["user_id"] in AGAIN:
                 continue
             count, qty = self.counts[(e["user_id"], e["item_id"])], e.get("quantity")
             count["n_" + e["type"]] += 1
@@ -228,6 +232,28 @@ class Soak:
                 self._fail(f"DELETE /v1/users: {reply.status_code} {reply.text[:300]}")
             self.sent["erasures"] += 1
 
+    def _recreations(self) -> None:
+        """While a full run is pending, erase one of AGAIN and post events of that id at once on some of
+        the items it had (one each: revision 1, as the erased edges' often were)."""
+        rng, n = random.Random(self.seed * 1000 + 103), 0
+        while not self.halt.wait(0.05):
+            user = rng.choice(AGAIN)
+            with self.driver.session(database=self.cfg.neo4j_database) as s:
+                if not store.refresh_state(s)["full_pending"]:
+                    continue
+                had = [r["i"] for r in s.run(USER_ITEMS, id=user)]
+            reply = self._request("DELETE", f"/v1/users/{user}")
+            if reply is None or reply.status_code != 204:
+                self._fail(f"DELETE /v1/users/{user}: {reply and reply.status_code}")
+                continue
+            items = rng.sample(had, rng.randint(1, len(had))) if had else [self._item(rng)]
+            n, now = n + 1, int(time.time() * 1000) + 1000  # after the erasure, so the events count
+            self._post([{"event_id": f"again{self.seed}-{n}-{k}", "user_id": user, "item_id": item,
+                         "type": rng.choice(POSITIVE), "quantity": rng.randint(1, 3), "ts": now}
+                        for k, item in enumerate(items)])
+            with self.lock:
+                self.sent["recreated_in_full_runs"] += 1
+
     def _reader(self) -> None:
         """Recommendations for the readers, over and over; each answer's status, version and items."""
         k = 0
@@ -311,7 +337,8 @@ class Soak:
         """Load for at least one cycle and `seconds`, with `gap` seconds of ingest only between cycles;
         then drain and check."""
         targets = [(self._client, (k,)) for k in range(CLIENTS)]
-        targets += [(self._item_updates, ()), (self._erasures, ()), (self._reader, ()), (self._status_poll, ())]
+        targets += [(self._item_updates, ()), (self._erasures, ()), (self._recreations, ()), (self._reader, ()),
+                    (self._status_poll, ())]
         threads = [threading.Thread(target=t, args=a, daemon=True) for t, a in targets]
         started = time.monotonic()
         for thread in threads:
@@ -361,7 +388,7 @@ class Soak:
             versions = set(s.run(MODEL_VERSIONS).single()["versions"])
             found = s.run(EVENTS_FOUND, ids=sorted(self.accepted)).single()["n"]
             total = s.run(EVENTS_ALL).single()["n"]
-            edges = {(r["u"], r["i"]): r["p"] for r in s.run(EDGES, erasable=ERASABLE)}
+            edges = {(r["u"], r["i"]): r["p"] for r in s.run(EDGES, erasable=ERASABLE, again=AGAIN)}
             zero = [r.data() for r in s.run(ZERO_USERS)]
             jobs = [r.data() for r in s.run(JOBS)]
             stored = Counter(r["v"] for r in s.run(STORED_VERSIONS))
@@ -383,6 +410,7 @@ class Soak:
             "stored_versions": dict(stored),
             "events": self.sent["events"], "batches": self.sent["batches"], "resent": self.sent["resent"],
             "item_updates": self.sent["item_updates"], "erasures": self.sent["erasures"],
+            "recreated_in_full_runs": self.sent["recreated_in_full_runs"],
             "accepted": len(self.accepted), "lost_events": len(self.accepted) - found,
             "unexpected_events": total - found, "wrong_edges": wrong_edges[:10], "n_wrong_edges": len(wrong_edges),
             "zero_users": len(zero),
@@ -421,7 +449,7 @@ def problems(report: dict) -> list[str]:
 
 def test_soak_every_writer_at_once_stays_exact(cfg, driver, base_url, tmp_path):
     """Ingest from several clients (returns cancelling purchases, resent batches), item updates and
-    erasures over HTTP, a worker, `train` and `embed --full` from the CLI, admin reindexes and a retrain,
+    erasures over HTTP (some ids erased and created again while a full run is under way), a worker, `train` and `embed --full` from the CLI, admin reindexes and a retrain,
     all at once while a reader asks for recommendations; drained, every stored value equals a full
     recompute, each answer has one known version, nothing answered 5xx, each event counts once."""
     _wait(lambda: _owner(driver, cfg) is None, timeout=60, step=0.2)  # an earlier test's worker lapses
@@ -436,6 +464,7 @@ def test_soak_every_writer_at_once_stays_exact(cfg, driver, base_url, tmp_path):
     assert not problems(report), json.dumps(report, indent=1, default=str)
     # The soak did what it says: every kind of load, several versions, both kinds of run.
     assert report["events"] > 100 and report["erasures"] > 5 and report["item_updates"] > 10, report
+    assert report["recreated_in_full_runs"] > 0, report
     assert report["answer_statuses"].get(200, 0) > 20 and report["zero_users"] > 0, report
     assert report["models"] >= 3 and report["cli"] == 2, report
     assert report["runs"].get("full", 0) >= 4 and report["runs"].get("incremental", 0) > 0, report

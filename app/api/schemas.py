@@ -130,6 +130,9 @@ class SimilarItem(BaseModel):
 
 class RecItem(SimilarItem):
     because: Optional[list[Because]] = Field(None, description="Only with explain=true.")
+    bias: Optional[float] = Field(None, description="Only with explain=true and a version with item biases: the "
+                                  "item's bias (learned, plus the live trend's), the part of the score that is no "
+                                  "item of the user's; with every item's contribution it adds up to the score.")
 
 
 class RecsAnswer(BaseModel):

@@ -59,8 +59,14 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
     t_export = time.monotonic() - started
     out = compute(lm, snap)
     t_infer = time.monotonic() - started - t_export
-    users, items = ([{"id": x, "props": props} for x, props in zip(*out[t])] for t in (store.USER, store.ITEM))
-    edges = [{"u": u, "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
+    # Nodes by id (each batch marks its edges user by user, in id order: store.mark_edges), and the
+    # last transaction's marks items first: locks are taken in the ingest path's order (items by id,
+    # then users by id), so concurrent ingest queues instead of deadlocking.
+    nonce = dict(zip(snap.user_ids, snap.user_nonces))
+    users = sorted(({"id": x, "nonce": nonce[x], "props": props} for x, props in zip(*out[store.USER])),
+                   key=lambda r: r["id"])
+    items = sorted(({"id": x, "props": props} for x, props in zip(*out[store.ITEM])), key=lambda r: r["id"])
+    edges = [{"u": u, "nonce": nonce[u], "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
     with driver.session(database=cfg.neo4j_database) as session:
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
             for chunk in tqdm(list(store.chunks(rows, cfg.full_batch)), desc=f"write {ntype}s", disable=not progress):
@@ -69,8 +75,9 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
         for chunk in tqdm(list(store.chunks(edges, 10 * cfg.full_batch)), desc="mark edges", disable=not progress):
             session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         # The revisions the export read: a change committed after it keeps its node flagged.
-        seen = [{"id": x, "rev": rev} for x, rev in zip(snap.user_ids, snap.user_revs)]
-        seen_items = [{"id": it["id"], "rev": it["rev"]} for it in snap.items]
+        seen = sorted(({"id": x, "rev": rev, "nonce": n} for x, rev, n in
+                       zip(snap.user_ids, snap.user_revs, snap.user_nonces)), key=lambda r: r["id"])
+        seen_items = sorted(({"id": it["id"], "rev": it["rev"]} for it in snap.items), key=lambda r: r["id"])
         run = {"mode": "full", "reason": reason, "version": lm.version, "published": publish,
                "users": len(users), "items": len(items),
                "edges": len(edges), "seconds": round(time.monotonic() - started, 3),
@@ -78,8 +85,8 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
 
         def finish(tx):
             store.check_lease(tx, owner)
-            store.mark_seen(tx, store.USER, seen)
             store.mark_seen(tx, store.ITEM, seen_items)
+            store.mark_seen(tx, store.USER, seen)
             store.advance(tx, snap.taken_at, run, owner, full_run=run_id)
             if publish:  # with the last write: new-model vectors are never left under the old model
                 store.set_current_model(tx, lm.version)

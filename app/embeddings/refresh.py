@@ -100,12 +100,13 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     weights = sp.csr_matrix((raw * lm.scale, (row_of, cols)), shape=(len(ids), x.shape[0]))
     p = np.asarray(weights @ x) if len(ids) else np.zeros((0, x.shape[1]))
     deg = np.bincount(row_of, weights=raw, minlength=len(ids))
-    writes = {"users": [{"id": uid, "props": pr} for uid, pr in zip(ids, state.user_props(p, deg))],
+    writes = {"users": [{"id": uid, "nonce": edges_of[uid][2], "props": pr}
+                        for uid, pr in zip(ids, state.user_props(p, deg))],
               "items": item_ids,
               "affected": user_ids,  # erased ones included: the serving log drops their rows
               "edges": [{"e": e["e"], "u": e["u"], "i": e["i"], "rev": e["rev"]} for e in edges],
               # The revisions this run read: one committed since keeps its node flagged for the next.
-              "seen": {USER: [{"id": r["id"], "rev": r["rev"]} for r in users],
+              "seen": {USER: [{"id": r["id"], "rev": r["rev"], "nonce": r["nonce"]} for r in users],
                        ITEM: [{"id": r["id"], "rev": r["rev"]} for r in items]}}
     run = {"changed_edges": len(edges), "changed_nodes": len(users) + len(items),
            "users": len(ids), "items": len(item_ids)}

@@ -21,6 +21,7 @@ class Snapshot:
     user_ids: list[str]
     items: list[dict]
     user_revs: list[int] = field(default_factory=list)  # parallel to user_ids; items carry their `rev`
+    user_nonces: list[str] = field(default_factory=list)  # parallel to user_ids (EXPORT_USERS)
     edges_u: list[str] = field(default_factory=list)
     edges_i: list[str] = field(default_factory=list)
     w: list[float] = field(default_factory=list)
@@ -56,12 +57,15 @@ def export(session, progress=None, times: bool = False) -> Snapshot:
 
     Each statement sees the latest commits (read committed), so under concurrent ingest the
     nodes are read after the edges (every endpoint of an edge is then listed), and edges of a
-    user erased in between are dropped. Later changes are left to the next incremental run.
+    user erased in between (and maybe created again: another nonce) are dropped. Later changes are
+    left to the next incremental run.
     """
     snap = Snapshot(user_ids=[], items=[], taken_at=server_time(session))
+    read = {}  # user -> the nonce its edges were read under
     # One record per user, not per edge: the driver's per-record cost dominated a 1M-edge export.
     for record in session.run(cypher.EXPORT_EDGE_TIMES if times else cypher.EXPORT_EDGES):
         items = record["items"]
+        read[record["u"]] = record["nonce"]
         snap.edges_u.extend([record["u"]] * len(items))
         snap.edges_i.extend(items)
         snap.w.extend(record["w"])
@@ -70,12 +74,12 @@ def export(session, progress=None, times: bool = False) -> Snapshot:
             snap.first.extend(record["first"])
         if progress is not None:
             progress.update(len(items))
-    users = [(r["id"], r["rev"]) for r in session.run(cypher.EXPORT_USERS)]
-    snap.user_ids, snap.user_revs = [u for u, _ in users], [rev for _, rev in users]
+    users = [(r["id"], r["rev"], r["nonce"]) for r in session.run(cypher.EXPORT_USERS)]
+    snap.user_ids, snap.user_revs, snap.user_nonces = (list(x) for x in zip(*users)) if users else ([], [], [])
     snap.items = [dict(r) for r in session.run(cypher.EXPORT_ITEMS)]
-    users = set(snap.user_ids)
-    if not users.issuperset(snap.edges_u):
-        keep = [k for k, u in enumerate(snap.edges_u) if u in users]
+    nonces = dict(zip(snap.user_ids, snap.user_nonces))
+    if any(nonces.get(u) != n for u, n in read.items()):
+        keep = [k for k, u in enumerate(snap.edges_u) if nonces.get(u) == read[u]]
         for name in ("edges_u", "edges_i", "w", "rev", "first"):
             values = getattr(snap, name)
             setattr(snap, name, [values[k] for k in keep] if values else values)
@@ -83,18 +87,19 @@ def export(session, progress=None, times: bool = False) -> Snapshot:
 
 
 def write_nodes(tx, ntype: str, rows: list[dict], version: str, history: int = 0) -> None:
-    """Write `{id, props}` rows (embedding and refresh state) under model `version`; users also keep
-    the last `history` moves of their vector (see WRITE_USERS)."""
+    """Write `{id, props}` rows (embedding and refresh state; users with their `nonce`) under model
+    `version`; users also keep the last `history` moves of their vector (see WRITE_USERS)."""
     for chunk in chunks(rows):
         tx.run(_WRITE[ntype], rows=chunk, version=version, history=history).consume()
 
 
 def mark_edges(tx, rows: list[dict]) -> None:
-    """Record on each edge (`{u, i, rev}`) the revision the stored state accounts for."""
-    by_user = defaultdict(dict)
+    """Record on each edge (`{u, nonce, i, rev}`, the user's nonce) the revision the stored state accounts for."""
+    by_user, nonce = defaultdict(dict), {}
     for r in rows:
         by_user[r["u"]][r["i"]] = r["rev"]
-    users = [{"u": u, "m": m} for u, m in by_user.items()]
+        nonce[r["u"]] = r["nonce"]
+    users = [{"u": u, "nonce": nonce[u], "m": m} for u, m in sorted(by_user.items())]
     for chunk in chunks(users, 1000):
         tx.run(cypher.MARK_EDGES, rows=chunk).consume()
 
@@ -115,7 +120,7 @@ def item_degrees(tx, ids: list[str], version: str) -> list[str]:
 
 
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
-    """Record that the stored state of each node (`{id, rev}`) reflects its revision `rev`."""
+    """Record that the stored state of each node (`{id, rev}`, users with their `nonce`) reflects its revision `rev`."""
     for chunk in chunks(rows, 5000):
         tx.run(_SEEN[ntype], rows=chunk).consume()
 
@@ -183,12 +188,12 @@ def oldest_pending(session) -> int | None:
     return session.run(cypher.OLDEST_PENDING).single()["oldest"]
 
 
-def user_edges(session, ids: list[str]) -> dict[str, tuple[list[str], list[float]]]:
-    """All edges of the given users that exist: id -> (item ids, raw weights)."""
+def user_edges(session, ids: list[str]) -> dict[str, tuple[list[str], list[float], str]]:
+    """All edges of the given users that exist: id -> (item ids, raw weights, the user's nonce)."""
     out = {}
     for chunk in chunks(sorted(ids), 5000):
         for r in session.run(cypher.USER_EDGES, ids=chunk):
-            out[r["id"]] = (r["other"], r["w"])
+            out[r["id"]] = (r["other"], r["w"], r["nonce"])
     return out
 
 

@@ -123,8 +123,11 @@ class State:
     du: np.ndarray
     di: np.ndarray
     dn: np.ndarray  # positive edges per item
+    dr: np.ndarray  # per item, the sum of its positive raw weights (`ig_deg`): trending's decayed popularity
     tn: np.ndarray  # per item, the trend's sum over positive edges of 2^((first - anchor) / half-life)
-    anchor: float  # ms; only the ratio of two items' sums counts (graph_models.bias.trend)
+    # ms: the latest first time of a positive edge read (as graph_models.bias.trend anchors it: only
+    # the ratio of two items' sums counts, and anchored at the data's last event it does not underflow).
+    anchor: float
     server_ms: int  # Neo4j's clock when this state began reading (for erasures and pending writes)
     erasures: frozenset = field(default_factory=frozenset)  # (key, at) applied
     pending: dict = field(default_factory=dict)  # signatures of the pending writes read (SERVING_SYNC)
@@ -193,16 +196,22 @@ class State:
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
         (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
+        s = self._unbiased(p, cols, a)
+        return s if self._bias is None else with_bias(s[None, :], self._bias)[0].numpy()
+
+    def _unbiased(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """`scores` before item biases: p . q_j plus the version's filter and EASE terms."""
         s = (self.lm.q32 @ p.astype(np.float32))[self.items.rows].astype(np.float64)
         mcfg = self.lm.mcfg
         if mcfg.lin_weight:
             s += mcfg.lin_weight * self.lin(cols, a)
         if self.lm.ease is not None:
             s += mcfg.ease_weight * self.lm.ease[self.items.rows[cols[a > 0]]].sum(axis=0)[self.items.rows]
-        return s if self._bias is None else with_bias(s[None, :], self._bias)[0].numpy()
+        return s
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS."""
+        """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS;
+        with item biases, divided as `scores` divides, so that the parts and `bias(targets)` add up to the score."""
         x, q = self.lm.tables
         s = self.lm.scale
         inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
@@ -213,7 +222,15 @@ class State:
             inner += (fa * self._inv_sqrt_di[cols])[:, None] * co * self._target_di[targets][None, :]
         if self.lm.ease is not None:
             inner += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
-        return inner
+        if self._bias is None:
+            return inner
+        top = np.abs(self._unbiased(self.vector(cols, a), cols, a)).max()
+        return inner / top if top > 0 else inner
+
+    def bias(self, targets: np.ndarray) -> np.ndarray | None:
+        """Each target's bias (the version's, plus the live trend's prior): its score's part that no own
+        item has (None without biases)."""
+        return None if self._bias is None else self._bias[targets]
 
     def _co(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """C[cols, targets] of the current rows, C[i, j] = sum_u R[u, i] R[u, j] / d_u."""
@@ -296,6 +313,12 @@ def _trend_sums(rows: Rows, n_items: int, lm, anchor: float) -> np.ndarray:
     pos = rows.w > 0
     return np.bincount(rows.cols[pos], weights=decayed(rows.first[pos], anchor, lm.mcfg.trend_halflife),
                        minlength=n_items)
+
+
+def _popularity(rows: Rows, n_items: int) -> np.ndarray:
+    """State.dr summed whole over the positive edges of `rows`."""
+    pos = rows.w > 0
+    return np.bincount(rows.cols[pos], weights=rows.w[pos], minlength=n_items)
 
 
 def _overlay_matrices(overlay: dict, n_users: int, n_items: int, lm) -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -398,7 +421,7 @@ class Copy:
         if self.state is None:
             with self._load_lock:
                 if self.state is None:
-                    self.state, self.synced = self._read(None, None, 0), now
+                    self.state, self.synced = self._read(None), now
                 return self.state
         if now - self.synced > self.max_age:
             self._await(lambda: self.synced >= now - self.max_age, self.wait)
@@ -406,22 +429,7 @@ class Copy:
             self._await(lambda: True, 0.0)
         return self.state
 
-    def at(self, epoch: str | None, seq: int) -> State | None:
-        """The copy at run `seq` of `epoch` or after, or as near as `wait` allows (None: no model yet)."""
-        st = self.state
-        if st is not None and st.epoch == epoch and st.seq >= seq:
-            return st
-        if st is None or st.epoch != epoch:
-            with self._load_lock:
-                st = self.state
-                if st is None or st.epoch != epoch or st.seq < seq:
-                    started = time.monotonic()
-                    self.state, self.synced = self._read(None, epoch, seq), started
-                return self.state
-        self._await(lambda: self.state is None or self.state.seq >= seq, self.wait, (epoch, seq))
-        return self.state
-
-    def _await(self, done, wait: float, target=(None, 0)) -> None:
+    def _await(self, done, wait: float) -> None:
         """Run background syncs, one at a time, until `done()`, waiting for them up to `wait` s (0: start one).
         A failed sync ends the wait: the request answers from the copy as it is."""
         began = time.monotonic()
@@ -430,18 +438,18 @@ class Copy:
             while True:
                 if not self._syncing and (wait == 0 or not done()):
                     self._syncing = True
-                    threading.Thread(target=self._sync, args=target, daemon=True).start()
+                    threading.Thread(target=self._sync, daemon=True).start()
                 left = deadline - time.monotonic()
                 if done() or left <= 0 or self.failed >= began:
                     return
                 self._cond.wait(left)
 
-    def _sync(self, epoch, seq) -> None:
+    def _sync(self) -> None:
         """Bring the copy to what Neo4j has now (off the request threads)."""
         try:
             with self._load_lock:
                 started = time.monotonic()
-                self.state = self._read(self.state, epoch, seq)  # None: the graph has no model any more
+                self.state = self._read(self.state)  # None: the graph has no model any more
                 self.synced = started
         except Exception as exc:  # Neo4j away or the like: requests go on with the copy they have
             self.failed = time.monotonic()
@@ -451,25 +459,24 @@ class Copy:
                 self._syncing = False
                 self._cond.notify_all()
 
-    def _read(self, st: State | None, epoch, seq) -> State | None:
+    def _read(self, st: State | None) -> State | None:
         started = time.monotonic()
         with self.driver.session(database=self.database) as session:
-            nxt = session.execute_read(lambda tx: _advance(tx, st, epoch, seq, self.table_mb, self.secret))
+            nxt = session.execute_read(lambda tx: _advance(tx, st, self.table_mb, self.secret))
         if nxt is not None and nxt is not st:
             log.debug("serving copy at run %s (%.3fs)", nxt.seq, time.monotonic() - started)
         return nxt
 
 
-def _advance(tx, st: State | None, epoch, seq, table_mb: float, secret: str) -> State | None:
-    """The next state: the logged runs and pending writes since `st` applied, or everything read again.
-    `epoch` None: the run Neo4j is at now; `table_mb`: State.table's bound; `secret`: the erasure keys'."""
+def _advance(tx, st: State | None, table_mb: float, secret: str) -> State | None:
+    """The next state, at the run Neo4j is at now: the logged runs and pending writes since `st` applied,
+    or everything read again. `table_mb`: State.table's bound; `secret`: the erasure keys'."""
     if st is None:
         return _load(tx, table_mb)
     sync = tx.run(cypher.SERVING_SYNC, since=st.server_ms - PENDING_MARGIN_MS, seq=st.seq,
                   erased_since=st.server_ms - ERASURE_MARGIN_MS, first=st.lm.mcfg.reads_trend).single()
-    if epoch is None:
-        epoch, seq = sync["epoch"], sync["head"]
-    if st.epoch != epoch or sync["epoch"] != epoch:
+    seq = sync["head"]
+    if st.epoch != sync["epoch"]:
         return _load(tx, table_mb)
     # What this window holds, to skip next time: ("e", user, item) -> edge revision, ("i", item) -> item's.
     pending = {("e", u, i): rev for u, i, rev, _, _ in sync["edges"]} | {("i", i): rev for i, rev in sync["items"]}
@@ -490,9 +497,11 @@ def _advance(tx, st: State | None, epoch, seq, table_mb: float, secret: str) -> 
             break
         time.sleep(LOG_WAIT)
         entries = list(tx.run(cypher.APPLIED_SINCE, seq=st.seq))
-    if (seq > st.seq and not entries) or (entries and (entries[0]["seq"] != st.seq + 1
-                                                       or any(e["full"] for e in entries))):
-        return _load(tx, table_mb)  # a full run, or entries no longer logged
+    # Only a run of entries with no gap moves the copy: a missing one (no longer logged, or still not
+    # showing after the wait) may have changed rows that no later entry names.
+    contiguous = [e["seq"] for e in entries] == list(range(st.seq + 1, st.seq + 1 + len(entries)))
+    if (seq > st.seq and not entries) or not contiguous or any(e["full"] for e in entries):
+        return _load(tx, table_mb)  # a full run, or an entry missing
     users = {u for e in entries for u in e["users"]}
     items = {i for e in entries for i in e["items"]} | changed_items
     erased = {(key, at) for key, at in sync["erased"]}
@@ -540,13 +549,14 @@ def _load(tx, table_mb: float) -> State | None:
     n_u, n_i = len(users), len(item_ids)
     rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64),
                 np.asarray(first, dtype=np.float64) if first else np.zeros(len(c)))
+    anchor = float(rows.first[rows.w > 0].max(initial=0.0))
     base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_t = _overlay_matrices({}, n_u, n_i, lm)
     base_t, degrees = base.tocsc().T, _degrees(base)
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
                base, base_t, np.ones(n_u, dtype=bool), {}, over_csr, over_t, server_ms=now,
-               tn=_trend_sums(rows, n_i, lm, float(now)), anchor=float(now),
+               dr=_popularity(rows, n_i), tn=_trend_sums(rows, n_i, lm, anchor), anchor=anchor,
                table=_table(base_t, base, degrees["du"], table_mb), **degrees)
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
@@ -600,7 +610,8 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
     # Item degrees by differences, with each item's count of positive edges so that an item left
     # with none is exactly 0; summed again at each compaction, so rounding never accumulates far.
     di, dn, tn = _grown(st.di, n_i, 0.0), _grown(st.dn, n_i, 0), _grown(st.tn, n_i, 0.0)
-    trended, halflife = st.lm.mcfg.reads_trend, st.lm.mcfg.trend_halflife
+    dr = _grown(st.dr, n_i, 0.0)
+    trended, halflife, anchor = st.lm.mcfg.reads_trend, st.lm.mcfg.trend_halflife, st.anchor
     for u in changed:
         row = users[u]
         old_cols, old_w, old_first = overlay[row] if row in overlay else base_rows.row(row)
@@ -621,26 +632,34 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
         old_pos, pos = old_w > 0, w > 0
         np.subtract.at(di, old_cols[old_pos], f(old_w[old_pos] * st.lm.scale))
         np.subtract.at(dn, old_cols[old_pos], 1)
+        np.subtract.at(dr, old_cols[old_pos], old_w[old_pos])
         if trended:
-            np.subtract.at(tn, old_cols[old_pos], decayed(old_first[old_pos], st.anchor, halflife))
+            np.subtract.at(tn, old_cols[old_pos], decayed(old_first[old_pos], anchor, halflife))
         fw = f(w[pos] * st.lm.scale)
         np.add.at(di, cols[pos], fw)
         np.add.at(dn, cols[pos], 1)
+        np.add.at(dr, cols[pos], w[pos])
         if trended:
-            np.add.at(tn, cols[pos], decayed(first[pos], st.anchor, halflife))
+            latest = first[pos].max(initial=anchor)
+            if latest > anchor:  # a later first time: the sums anchored there instead (all scaled alike)
+                tn *= decayed(anchor, latest, halflife)
+                anchor = latest
+            np.add.at(tn, cols[pos], decayed(first[pos], anchor, halflife))
         du[row] = fw.sum()
     di[dn == 0] = 0.0
+    dr[dn == 0] = 0.0
     tn[dn == 0] = 0.0
     over_csr, over_t = _overlay_matrices(overlay, n_u, n_i, st.lm)
     st = replace(st, seq=seq, n_users=n_u, items=items, rows=base_rows, refreshed=refreshed, base_csr=base_csr,
                  base_t=base_t, keep=keep, overlay=overlay, over_csr=over_csr, over_t=over_t, du=du,
-                 di=di, dn=dn, tn=tn, server_ms=now, erasures=erasures)
+                 di=di, dn=dn, dr=dr, tn=tn, anchor=anchor, server_ms=now, erasures=erasures)
     st = replace(st, **dict(zip(("fix", "fix_sign"), _table_fix(st))))
     if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
         base_rows, base_csr = _compact(st)
         over_csr, over_t = _overlay_matrices({}, n_u, n_i, st.lm)
         st = replace(st, rows=base_rows, base_csr=base_csr, base_t=base_csr.tocsc().T, keep=np.ones(n_u, dtype=bool),
-                     overlay={}, over_csr=over_csr, over_t=over_t, tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
+                     overlay={}, over_csr=over_csr, over_t=over_t, dr=_popularity(base_rows, n_i),
+                     tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
                      table=_folded_table(st, table_mb), fix=None, fix_sign=None, **_degrees(base_csr))
     return st
 

@@ -70,8 +70,9 @@ def recommend(open_session, st: graph.State | None, user_key: str, k: int, filte
     cols, a = cols[pos], w[pos]
     p = st.vector(cols, a)
     if not p.any():  # no positive edge to an item the version knows: no vector
-        ok = st.mask(filters.category, filters.max_price, seen, embedded=False) & (st.di > 0)
-        results = st.top(st.di / st.di.max() if st.di.size and st.di.max() > 0 else st.di, ok, k)
+        # as TRENDING_ITEMS: by decayed popularity (the raw weights), whatever the graph filter reads
+        ok = st.mask(filters.category, filters.max_price, seen, embedded=False) & (st.dr > 0)
+        results = st.top(st.dr / st.dr.max() if st.dr.size and st.dr.max() > 0 else st.dr, ok, k)
         return {"source": "trending", "version": None, "refreshed_at": None, "results": results}
     scores = st.scores(p, cols, a)
     results = st.top(scores, st.mask(filters.category, filters.max_price, seen), k)
@@ -83,16 +84,18 @@ def recommend(open_session, st: graph.State | None, user_key: str, k: int, filte
 def _explain(st, cols, a, results: list[dict]) -> None:
     """Each result's `because`: the user's own items with the largest parts of its score (EXPLAIN_ITEMS)."""
     targets = np.asarray([st.items.index[r["item_id"]] for r in results], dtype=np.int64)
-    parts = st.parts(cols, a, targets)
+    parts, bias = st.parts(cols, a, targets), st.bias(targets)
     k = min(EXPLAIN_TOP, len(cols))  # per result, its k largest parts (argpartition), then in order
     top = np.argpartition(-parts, k - 1, axis=0)[:k]
     order = np.take_along_axis(top, np.argsort(-np.take_along_axis(parts, top, 0), axis=0, kind="stable"), 0)
     own, weight = cols[order].T.tolist(), (a * st.lm.scale)[order].T.tolist()
     part = np.take_along_axis(parts, order, axis=0).T.tolist()
     ids, title = st.items.ids, st.items.title
-    for r, cs, ws, ps in zip(results, own, weight, part):
+    for n, (r, cs, ws, ps) in enumerate(zip(results, own, weight, part)):
         r["because"] = [{"item_id": ids[c], "title": title[c], "weight": w, "contribution": x}
                         for c, w, x in zip(cs, ws, ps)]
+        if bias is not None:
+            r["bias"] = float(bias[n])
 
 
 def similar(open_session, st: graph.State | None, item_id: str, k: int, filters: Filters) -> dict:
