@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .ease import MAX_ITEMS, ease_matrix, gram
 from .evaluation import evaluate
-from .spectral import LIN_WEIGHTS, LinearFilter, degrees, inv_sqrt, item_basis, target_tilt
+from .spectral import LIN_WEIGHTS, LinearFilter, degrees, inv_sqrt, item_basis, lin_weights, target_tilt
 
 RANKS = (32, 64, 128, 256, 512, 1024, 2048)
 LAMBDAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
@@ -39,8 +39,8 @@ class Terms:
 
     def __init__(self, fit_csr, users, cfg, basis=None):
         self.x = sp.csr_matrix(fit_csr, dtype=np.float64)
-        self.users, self.cfg, self._cache = np.asarray(users), cfg, {}
-        self.rows = self.x[self.users]
+        self.cfg, self._cache = cfg, {}
+        self.rows = self.x[np.asarray(users)]
         v, self.s2 = basis or item_basis(self.x, cfg.dim, cfg.seed, cfg.svd_iters)
         d = degrees(self.x)[1]
         self.v = v
@@ -63,7 +63,6 @@ class Terms:
 
     def tilt(self, weights, beta):
         """Per item, what the target exponent `beta` multiplies the filter's scores by."""
-        from .spectral import lin_weights
         key = ("tilt", weights, beta)
         if key not in self._cache:
             self._cache[key] = torch.from_numpy(
