@@ -7,6 +7,7 @@ import uuid
 
 import numpy as np
 import torch
+from neo4j.exceptions import TransientError
 from tqdm.auto import tqdm
 
 from app import cypher
@@ -16,6 +17,9 @@ from app.embeddings.models import LoadedModel
 from graph_models import build_graph
 
 log = logging.getLogger(__name__)
+# A batch's own tries past the driver's retries, which end after IG_NEO4J_TIMEOUT / 4 (set for requests):
+# under bursts of ingest and erasures a batch can deadlock again within that, and a run must not fail.
+TRANSIENT_TRIES = 5
 
 
 def compute(lm: LoadedModel, snap: store.Snapshot) -> dict:
@@ -40,6 +44,17 @@ def _fenced(tx, owner, write, *args):
     """A batch write that lands only while `owner` still holds the refresh lease."""
     store.check_lease(tx, owner)
     write(tx, *args)
+
+
+def _write(session, work) -> None:
+    """`session.execute_write(work)`, tried again after a transient failure (a deadlock): every
+    transaction of the run writes the same values again, or was rolled back whole."""
+    for attempt in range(TRANSIENT_TRIES):
+        try:
+            return session.execute_write(work)
+        except TransientError:
+            if attempt == TRANSIENT_TRIES - 1:
+                raise
 
 
 def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, owner: str | None = None,
@@ -70,10 +85,10 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
     with driver.session(database=cfg.neo4j_database) as session:
         for ntype, rows in ((store.USER, users), (store.ITEM, items)):
             for chunk in tqdm(list(store.chunks(rows, cfg.full_batch)), desc=f"write {ntype}s", disable=not progress):
-                session.execute_write(lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
-                                                                           lm.version, cfg.interest_history))
+                _write(session, lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
+                                                                     lm.version, cfg.interest_history))
         for chunk in tqdm(list(store.chunks(edges, 10 * cfg.full_batch)), desc="mark edges", disable=not progress):
-            session.execute_write(lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
+            _write(session, lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         # The revisions the export read: a change committed after it keeps its node flagged.
         seen = sorted(({"id": x, "rev": rev, "nonce": n} for x, rev, n in
                        zip(snap.user_ids, snap.user_revs, snap.user_nonces)), key=lambda r: r["id"])
@@ -90,7 +105,7 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
             store.advance(tx, snap.taken_at, run, owner, full_run=run_id)
             if publish:  # with the last write: new-model vectors are never left under the old model
                 store.set_current_model(tx, lm.version)
-        session.execute_write(finish)
+        _write(session, finish)
     log.info("full recompute (%(reason)s): %(users)d users, %(items)d items, %(edges)d edges in %(seconds).2fs",
              run)
     return run
