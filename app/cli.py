@@ -259,7 +259,8 @@ def load_demo():
 # Every writer of embeddings holds the refresh lease: `train` and `embed` are jobs, like `retrain`
 # and `reindex`, run here as the lease holder when no worker is active, else by the worker.
 @main.command()
-@click.option("--epochs", type=int, default=None, help="Override the number of epochs.")
+@click.option("--epochs", type=int, default=None,
+              help="Rounds of the response search when the settings search is off (IG_SEARCH_TRIALS=0).")
 @click.option("--if-missing", is_flag=True, help="Do nothing when a current model exists.")
 def train(epochs, if_missing):
     """Train a new model version on the graph, re-embed everything with it and make it current."""
