@@ -101,3 +101,16 @@ def serve():
     yield start
     for server in servers:
         server.shutdown()
+
+
+class HeldItem:
+    """A write lock on an item held by an open transaction, so ingest writing that item waits."""
+
+    def __init__(self, driver, cfg, item: str):
+        self.session = driver.session(database=cfg.neo4j_database)
+        self.tx = self.session.begin_transaction()
+        self.tx.run("MERGE (i:Item {id: $id}) SET i._lock = true", id=item).consume()
+
+    def release(self) -> None:
+        self.tx.rollback()
+        self.session.close()

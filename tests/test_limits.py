@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import SERVICE
+from tests.conftest import SERVICE, HeldItem
 from tests.test_ingest import count, ev
 from tests.test_serving import USERS, get, served  # noqa: F401 - a trained graph for the bounded reads
 
@@ -18,20 +18,6 @@ SLACK = 0.5  # seconds over a time bound allowed for a loaded 2-core test machin
 
 def _variant(cfg, **changes):
     return type(cfg)(**{**cfg.__dict__, **changes})
-
-
-class _Held:
-    """A write lock on an item held by an open transaction, so ingest writing that item waits."""
-
-
-    def __init__(self, driver, cfg, item: str):
-        self.session = driver.session(database=cfg.neo4j_database)
-        self.tx = self.session.begin_transaction()
-        self.tx.run("MERGE (i:Item {id: $id}) SET i._lock = true", id=item).consume()
-
-    def release(self) -> None:
-        self.tx.rollback()
-        self.session.close()
 
 
 def _post_later(url: str, events: list, out: dict, key: str) -> threading.Thread:
@@ -53,7 +39,7 @@ def test_a_batch_that_timed_out_in_the_queue_is_never_written(cfg, clean_db, ser
     """Both writer threads wait on a locked item; a third batch waits in the queue past its request's
     wait (503): it is dropped from the queue, so it is not written once the lock goes."""
     url = serve(_variant(cfg, ingest_wait=1.5))
-    held = _Held(clean_db, cfg, "hot")
+    held = HeldItem(clean_db, cfg, "hot")
     out, threads = {}, []
     try:
         for key, event in (("a", ev(1, "ua", "hot")), ("b", ev(2, "ub", "hot"))):
@@ -79,7 +65,7 @@ def test_a_batch_that_timed_out_in_the_queue_is_never_written(cfg, clean_db, ser
 
 def test_a_full_ingest_queue_answers_503_at_once(cfg, clean_db, serve):
     url = serve(_variant(cfg, ingest_wait=3.0, ingest_queue=2))
-    held = _Held(clean_db, cfg, "hot")
+    held = HeldItem(clean_db, cfg, "hot")
     out, threads = {}, []
     try:
         for key, event in (("a", ev(1, "ua", "hot")), ("b", ev(2, "ub", "hot"))):

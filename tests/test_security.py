@@ -22,7 +22,7 @@ from app import create_app, neo4j_local
 from app.cli import main as cli
 from app.config import load_config
 from app.ingest import group, schema
-from tests.conftest import PRIVACY, SERVICE
+from tests.conftest import PRIVACY, SERVICE, HeldItem
 from tests.test_ingest import count, ev, post
 from tests.test_serving import served  # noqa: F401 - a trained graph for the erasure's traces
 
@@ -339,25 +339,12 @@ def test_admin_paths_fail_closed_in_the_central_check(cfg, auth):
 
 
 # --- erasure: no race, no trace ---------------------------------------------------------------------
-class _HeldItem:
-    """A write lock on an item held by an open transaction: an ingest writing that item waits for it."""
-
-    def __init__(self, driver, cfg, item: str):
-        self.session = driver.session(database=cfg.neo4j_database)
-        self.tx = self.session.begin_transaction()
-        self.tx.run("MERGE (i:Item {id: $id}) SET i._lock = true", id=item).consume()
-
-    def release(self) -> None:
-        self.tx.rollback()
-        self.session.close()
-
-
 def test_an_old_event_in_flight_during_an_erasure_never_brings_the_user_back(cfg, clean_db, base_url):
     """The ingest reads the erasure records, then waits for an item lock; the erasure commits meanwhile:
     the event (from before the erasure) must not re-create the user once the ingest goes on."""
     now = int(time.time() * 1000)
     assert post(base_url, [ev(1, "victim", "i1", ts=now - 3_600_000)]).json()["accepted"] == 1
-    held = _HeldItem(clean_db, cfg, "hot")
+    held = HeldItem(clean_db, cfg, "hot")
     out = {}
     try:
         thread = threading.Thread(target=lambda: out.update(
