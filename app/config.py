@@ -113,6 +113,12 @@ class Config:
     sharp_dim: int = 64
     train_minutes: float = 5.0  # the settings search's time budget (it stops after the trial that passes it)
     search_trials: int = 60  # trials of the search (0: no search, the settings below or the model's defaults)
+    # Past table_edges edges (0: never) the graph filter is served from an item table whose rows keep each
+    # item's table_k nearest items, fewer if it would pass table_mb MiB: a request then costs the
+    # shopper's items x the row length, whatever the size of the graph (graph_models.spectral.table_topk).
+    table_edges: int = 500_000
+    table_k: int = 1000
+    table_mb: int = 512
     # Settings the search would choose, fixed instead when set: the graph filter's weights (raw, log1p,
     # binary), those of the scored shopper's row, the low-pass block's weight and the item biases'
     # temperature (0: none). Unset: chosen on validation.
@@ -234,6 +240,9 @@ def load_config(**overrides) -> Config:
         sharp_dim=_env(env, "IG_SHARP_DIM", Config.sharp_dim, int),
         train_minutes=_env(env, "IG_TRAIN_MINUTES", Config.train_minutes, float),
         search_trials=_env(env, "IG_SEARCH_TRIALS", Config.search_trials, int),
+        table_edges=_env(env, "IG_LIN_TABLE_EDGES", Config.table_edges, int),
+        table_k=_env(env, "IG_LIN_TABLE_K", Config.table_k, int),
+        table_mb=_env(env, "IG_LIN_TABLE_MB", Config.table_mb, int),
         lin_weights=_choice(env, "IG_LIN_WEIGHTS", "raw", LIN_WEIGHTS) if env.get("IG_LIN_WEIGHTS") else None,
         lin_user_weights=_choice(env, "IG_LIN_USER_WEIGHTS", "raw", LIN_WEIGHTS) if env.get("IG_LIN_USER_WEIGHTS") else None,
         model_alpha=_env(env, "IG_MODEL_ALPHA", None, float),
@@ -296,6 +305,9 @@ def load_config(**overrides) -> Config:
     if values["model_alpha"] is not None and values["model_alpha"] <= 0:
         raise ConfigError(f"IG_MODEL_ALPHA must be positive (the stored vectors are the low-pass block), "
                           f"not {values['model_alpha']}")
+    for key, name in (("table_edges", "IG_LIN_TABLE_EDGES"), ("table_k", "IG_LIN_TABLE_K"), ("table_mb", "IG_LIN_TABLE_MB")):
+        if values[key] < (0 if key == "table_edges" else 1):
+            raise ConfigError(f"{name} must be a {'non-negative' if key == 'table_edges' else 'positive'} number, not {values[key]}")
     if values["search_trials"] < 0:
         raise ConfigError(f"IG_SEARCH_TRIALS must be 0 (no search) or a number of trials, not {values['search_trials']}")
     if values["trend_weight"] and not ((values["item_bias"] or 0) > 0 and values["item_trend"] > 0):

@@ -31,6 +31,13 @@ class ModelConfig:
     lin_weights: str = "raw"
     lin_user_weights: str | None = None
     lin_topk: int = 0
+    # Past `table_edges` edges (0: never) `fit` sets lin_topk so that the filter is served from an item
+    # table whose rows keep each item's `table_k` nearest items, fewer if the table would pass
+    # `table_mb` MiB (spectral.table_topk): a request then reads that many entries per item of the
+    # shopper, whatever the size of the graph.
+    table_edges: int = 500_000
+    table_k: int = 1000
+    table_mb: int = 512
     lin_beta: float = 0.5    # exponent of the target item's degree in the filter (GF-CF: 1/2; less favours popular items)
     lin_weight: float = 1.0  # the filter's weight in the score (0: no filter)
     # EASE (graph_models.ease) as a term of the score: its L2 weight (0: none) and its weight in the score.

@@ -57,9 +57,9 @@ class Terms:
         return self._cache[key]
 
     def lin(self, weights, user_weights):
-        """The filter of the sample (target exponent 1/2) and its scale."""
+        """The filter of the sample (target exponent 1/2; the item table's when cfg.lin_topk) and its scale."""
         return self._kept(("lin", weights, user_weights), lambda: torch.from_numpy(
-            LinearFilter(self.x, weights, 0, user_weights)(self.rows).astype(np.float32)))
+            LinearFilter(self.x, weights, self.cfg.lin_topk, user_weights)(self.rows).astype(np.float32)))
 
     def tilt(self, weights, beta):
         """Per item, what the target exponent `beta` multiplies the filter's scores by."""

@@ -54,23 +54,49 @@ def lin_weights(csr, how="raw"):
     return out
 
 
-def top_k_columns(sim, k):
-    """Item x item `sim` keeping, in each column j, the k largest entries off the diagonal (ties, in
-    float32, to the lower row): j's k nearest neighbours i, so that sum_i r_ui sim(i, j) reads only those."""
-    csc = sp.csc_matrix(sim, dtype=np.float64)
-    csc.sort_indices()
-    cols = np.repeat(np.arange(csc.shape[1], dtype=np.int64), np.diff(csc.indptr))
-    keep = (csc.indices != cols) & (csc.data > 0)
-    rows, cols, vals = csc.indices[keep], cols[keep], csc.data[keep]
-    # One int64 key: column, then falling value (a positive float32's bits order like its value); a
-    # stable sort keeps the lower row first among equal values (entries come by column, then row).
-    key = (cols << 32) | (0x7FFFFFFF - vals.astype(np.float32).view(np.int32)).astype(np.int64)
+def top_k_rows(sim, k, first=0):
+    """Item x item `sim` (rows `first`.. of the whole matrix) keeping, in each row i, its k largest positive
+    entries off the diagonal (ties, in float32, to the lower column), as float32: i's k nearest items.
+    A shopper's filter then reads k entries per item they have, whatever the size of the graph."""
+    csr = sp.csr_matrix(sim, dtype=np.float64)
+    csr.sort_indices()
+    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+    keep = (csr.indices != rows + first) & (csr.data > 0)
+    rows, cols, vals = rows[keep], csr.indices[keep], csr.data[keep].astype(np.float32)
+    # One int64 key: row, then falling value (a positive float32's bits order like its value); a
+    # stable sort keeps the lower column first among equal values (entries come by row, then column).
+    key = (rows << 32) | (0x7FFFFFFF - vals.view(np.int32)).astype(np.int64)
     order = np.argsort(key, kind="stable")
     del key
     rows, cols, vals = rows[order], cols[order], vals[order]
-    starts = np.searchsorted(cols, np.arange(csc.shape[1]))
-    keep = (np.arange(len(cols)) - starts[cols]) < k
-    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=csc.shape)
+    keep = (np.arange(len(rows)) - np.searchsorted(rows, np.arange(csr.shape[0]))[rows]) < k
+    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=csr.shape)
+
+
+def item_table(rt, k, block_entries=20_000_000):
+    """R~^T R~ of `rt` (normalised users x items) with each row pruned to its k nearest items
+    (`top_k_rows`), built a block of rows at a time so that the whole product is never held: a block
+    spans about `block_entries` of the product's terms."""
+    t = sp.csr_matrix(rt.T, dtype=np.float64)
+    reach = np.asarray(t.astype(bool).astype(np.float64) @ np.diff(rt.indptr).astype(np.float64)).ravel()
+    bounds, n = [0], t.shape[0]
+    for end in np.searchsorted(np.cumsum(reach), np.arange(block_entries, reach.sum() + block_entries, block_entries)):
+        end = int(min(max(end, bounds[-1] + 1), n))
+        if end > bounds[-1]:
+            bounds.append(end)
+    if bounds[-1] < n:
+        bounds.append(n)
+    blocks = [top_k_rows(t[a:b] @ rt, k, a) for a, b in zip(bounds, bounds[1:])]
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(t.shape[:1] * 2, dtype=np.float32)
+
+
+def table_topk(edges, items, cfg):
+    """The item table's row length for a graph of `edges` and `items` under `cfg` (a ModelConfig): 0 (the
+    exact filter) up to cfg.table_edges edges or with cfg.lin_topk set, else cfg.table_k bounded so that
+    the table holds at most cfg.table_mb MiB (8 bytes an entry)."""
+    if cfg.lin_topk or not cfg.table_edges or edges <= cfg.table_edges:
+        return int(cfg.lin_topk)
+    return int(max(1, min(cfg.table_k, cfg.table_mb * 2 ** 20 // (8 * max(1, items)))))
 
 
 class LinearFilter:
@@ -78,9 +104,9 @@ class LinearFilter:
 
     `weights` replaces every weight w of the graph (so its degrees too) by log(1 + w) or 1 before the
     filter, and `user_weights` (default: `weights`) those of the scored user's own row; `topk` > 0
-    keeps of the item-item matrix R~^T R~ only each item j's `topk` most similar items i (off the
-    diagonal), as a neighbourhood model does:
-    lin(u, j) = sum over u's items i among j's neighbours of f_user(r_ui) (R~^T R~)_ij.
+    keeps of the item-item matrix R~^T R~ only each item i's `topk` most similar items j (off the
+    diagonal, `item_table`), as item-to-item filtering does:
+    lin(u, j) = sum over u's items i that have j among their neighbours of f_user(r_ui) (R~^T R~)_ij.
     `beta` replaces the target item's d_j^-1/2 by d_j^-beta (SGFCF's and ChebyCF's degree exponent).
     """
 
@@ -90,7 +116,7 @@ class LinearFilter:
         lin_weights(graph[:0], self.user_weights)  # an unknown name fails here
         g = lin_weights(graph, weights)
         self.rt = normalised(g)
-        self.sim = top_k_columns(self.rt.T @ self.rt, self.topk) if self.topk else None
+        self.sim = item_table(self.rt, self.topk) if self.topk else None
         # The target's degree to the power -beta instead of -1/2: a factor d_j^(1/2 - beta) per column.
         self.tilt = None if beta == 0.5 else target_tilt(degrees(g)[1], beta)
 

@@ -174,7 +174,7 @@ def fine_tune(model: InterestSAGE, edges: Edges, recent_from, check_from, cfg, r
                 train(tuned, fit_csr, targets, tcfg, progress=False)
             if tuned.biased:  # warm-started from the current biases (the new items' at 0)
                 tuned.bias = torch.from_numpy(fit_bias(
-                    Scorer(tuned, fit_csr, biased=False), fit_csr, targets, cfg, start=tuned.bias.numpy(),
+                    Scorer(tuned, fit_csr, biased=False, candidates=False), fit_csr, targets, cfg, start=tuned.bias.numpy(),
                     steps=cfg.bias_finetune_steps, extra=prior(cfg, fit_csr.shape[1], trend_fit),
                     l2=cfg.bias_finetune_l2))
     scores = {name: check(m, g_before, truth, cfg.k, trend_before)

@@ -9,11 +9,12 @@ from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
 from .bias import fit_bias, prior, with_bias
+from .candidates import restricted
 from .ease import ease_matrix
 from .evaluation import evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
-from .spectral import LinearFilter, degrees, item_basis
+from .spectral import LinearFilter, degrees, item_basis, table_topk
 from .split import holdout
 
 
@@ -40,9 +41,11 @@ def build(graph_csr, cfg, like=None, basis=None):
 class Scorer:
     """Scores of users over all items of a graph: p_u . q_j + lin(u, j), the ranking the service serves
     (with item biases: `bias.with_bias` of it, the biases plus the live trend's prior, `trend` being
-    `bias.trend` of the graph's positive edges when the model reads one)."""
+    `bias.trend` of the graph's positive edges when the model reads one). With the filter served from
+    an item table, only each user's candidates are ranked (graph_models.candidates), unless `candidates`
+    is False (every item's score, as biases are fitted on)."""
 
-    def __init__(self, model, graph_csr, biased: bool | None = None, trend=None):
+    def __init__(self, model, graph_csr, biased: bool | None = None, trend=None, candidates: bool = True):
         self.graph = graph_csr.astype(np.float64).tocsr()
         self.lin = LinearFilter.of(graph_csr, model.cfg)  # normalised from the graph as given, as before
         out = model.inference(graph_from_csr(self.graph))  # the DGL path the service's full recompute takes
@@ -56,6 +59,9 @@ class Scorer:
 
         self.lin_weight = getattr(model.cfg, "lin_weight", 1.0)
         self.ease, self.ease_weight = (model.ease.float(), model.cfg.ease_weight) if model.eased else (None, 0.0)
+        # Served from an item table (and no EASE, which reads every item): only the candidates are ranked.
+        self.table = self.lin.sim if self.ease is None and candidates else None
+        self.k = model.cfg.k
 
     def __call__(self, users):
         users = np.asarray(users)
@@ -64,6 +70,8 @@ class Scorer:
             s += self.lin_weight * torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
         if self.ease is not None:
             s += self.ease_weight * ease_scores(self.graph[users], self.ease)
+        if self.table is not None:
+            return restricted(s, self.graph[users], self.table, self.bias, self.k)
         return s if self.bias is None else with_bias(s, self.bias)
 
 
@@ -212,7 +220,7 @@ def fit_checked_bias(model, fit_csr, targets, cfg, trend=None) -> dict:
     must raise Recall@k (then NDCG@k) of the other half over the ranking without them (with the
     trend's prior alone, if any: `trend` of `fit_csr`); if so they are fitted again on all targets,
     else left at zero."""
-    base = Scorer(model, fit_csr, biased=False)
+    base = Scorer(model, fit_csr, biased=False, candidates=False)
     extra = prior(cfg, fit_csr.shape[1], trend)
     users = np.random.default_rng(cfg.seed).permutation(np.array(sorted(u for u, t in targets.items() if t)))
     half = len(users) // 2
@@ -242,6 +250,7 @@ def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fix
     graph without the targets, for a model that reads one. `budget_s` bounds the search's seconds (and
     searched biases are not tried past it)."""
     from .search import search
+    cfg = replace(cfg, lin_topk=table_topk(train_csr.nnz, train_csr.shape[1], cfg))
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
     fixed = dict(fixed or {})
     t0 = time.time()

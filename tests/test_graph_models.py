@@ -11,7 +11,8 @@ from graph_models.baselines import itemknn_scorer, popularity_scorer
 from graph_models.checkpoint import load_checkpoint, save_checkpoint
 from graph_models.evaluation import evaluate, ndcg_at_k, recall_at_k
 from graph_models.graph import graph_from_csr
-from graph_models.spectral import LinearFilter, inv_sqrt, item_basis, linear_filter, normalised
+from graph_models.candidates import restricted
+from graph_models.spectral import LinearFilter, inv_sqrt, item_basis, item_table, linear_filter, normalised
 from graph_models.train import Scorer, build, fit, train
 
 torch.set_num_threads(2)
@@ -85,14 +86,41 @@ def test_untrained_model_scores_like_gf_cf_truncated():
 
 
 def _pruned(s, k):
-    """Each column j of `s` keeping its k largest entries off the diagonal (ties to the lower row)."""
+    """Each row i of `s` keeping its k largest positive entries off the diagonal (ties to the lower column)."""
     out = np.zeros_like(s)
-    for j in range(s.shape[1]):
-        col = s[:, j].copy()
-        col[j] = 0.0
-        for i in sorted(range(len(col)), key=lambda i: (-col[i], i))[:k]:
-            out[i, j] = col[i]
+    for i in range(s.shape[0]):
+        row = s[i].copy()
+        row[i] = 0.0
+        for j in sorted(range(len(row)), key=lambda j: (-np.float32(row[j]), j))[:k]:
+            if row[j] > 0:
+                out[i, j] = np.float32(row[j])
     return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 50])
+def test_item_table_in_blocks_equals_the_pruned_product(k):
+    """The table built a few rows at a time is each row's k nearest items of R~^T R~, whatever the blocks."""
+    rng = np.random.default_rng(k)
+    dense = (rng.random((60, 25)) < 0.2) * rng.integers(1, 4, (60, 25))
+    rt = normalised(sp.csr_matrix(dense.astype(float)))
+    expected = _pruned((rt.T @ rt).toarray(), k)
+    for entries in (1, 30, 10**9):
+        got = item_table(rt, k, block_entries=entries)
+        assert got.dtype == np.float32 and np.allclose(got.toarray(), expected, rtol=1e-6)
+    assert (np.diff(item_table(rt, k).indptr) <= k).all()
+
+
+def test_table_served_scores_rank_only_the_rows_reach():
+    """With a table, a user's items outside its rows' reach (and the top biases) get -inf; biases are divided
+    by the largest candidate magnitude; a user with fewer than k new candidates keeps every item."""
+    s = torch.tensor([[4.0, 1.0, 2.0, 8.0], [1.0, 2.0, 3.0, 4.0]])
+    rows = sp.csr_matrix(np.array([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+    table = sp.csr_matrix(np.array([[0, 1.0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1.0, 0]]))
+    out = restricted(s, rows, table, None, k=1)
+    assert out[0].tolist() == [-np.inf, 1.0, -np.inf, -np.inf] and out[1].tolist() == [-np.inf, -np.inf, 3.0, -np.inf]
+    biased = restricted(s, rows, table, np.array([0.0, 0.0, 0.0, 0.5]), k=1, n_bias=1)
+    assert torch.allclose(biased[0], torch.tensor([-np.inf, 1.0 / 8.0, -np.inf, 1.0 + 0.5]))  # item 3: top bias
+    assert torch.isfinite(restricted(s, rows, table, None, k=2)).all()  # one new candidate < k = 2
 
 
 @pytest.mark.parametrize("how", ["raw", "log1p", "binary"])

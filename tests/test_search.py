@@ -141,6 +141,23 @@ def test_a_version_with_every_term_serves_its_offline_ranking(cfg, driver, base_
     assert differs  # the served ranking is not the recipe's
 
 
+def test_a_version_served_from_an_item_table_serves_its_offline_ranking(cfg, driver, base_url):
+    """The filter held as each item's 3 nearest items (with a target exponent and log1p/binary weights):
+    the API ranks the candidates the rows reach as the offline Scorer does, and explain's parts (the
+    table's entries) add up to the score."""
+    wipe(driver, cfg.neo4j_database)
+    pipeline.ingest(driver, cfg, _events(500))
+    with Worker(cfg).holding() as holder:
+        train_and_publish(driver, cfg, progress=False, owner=holder.owner, train_model=False, rank=16,
+                          lin_topk=3, k=5, lin_beta=0.35, lin_weights="log1p", lin_user_weights="binary",
+                          sharp_alpha=0.2, alpha=0.5)
+    lm = models.current(driver, cfg)
+    assert lm.mcfg.lin_topk == 3 and not lm.model.eased
+    _, _, scores = _offline(cfg, driver, lm)
+    assert np.isinf(scores).any()  # some items are no user's candidates
+    _assert_served_equals_offline(cfg, driver, base_url, lm)
+
+
 def test_train_chooses_records_and_serves_its_settings(cfg, driver, base_url):
     """`train` with the search on: the chosen settings are the version's config, the search (settings and
     each trial's validation figures) is on (:Model) and in TensorBoard, and the API serves that ranking."""

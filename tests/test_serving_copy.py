@@ -248,7 +248,7 @@ def test_a_request_behind_the_log_waits_at_most_the_bound_then_the_copy_catches_
     assert copy.state.seq == seq
 
 
-def publish_retail_version(driver, cfg, item_bias: float, trend_weight: float, halflife: float = 3.0):
+def publish_retail_version(driver, cfg, item_bias: float, trend_weight: float, halflife: float = 3.0, topk: int = 0):
     """A current version with the filter Online Retail's stream chose (log(1 + w) graph, binary user row),
     with item biases of every size and sign (whatever training's check kept) when `item_bias`, and the
     live trend at `trend_weight`; returned loaded."""
@@ -260,7 +260,8 @@ def publish_retail_version(driver, cfg, item_bias: float, trend_weight: float, h
     settings = {"trend_halflife": halflife, "trend_weight": trend_weight} if trend_weight else {}
     with Worker(cfg).holding() as holder:
         train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1, lin_weights="log1p",
-                          lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias, **settings)
+                          lin_user_weights="binary", alpha=0.001, bias_temperature=item_bias, lin_topk=topk,
+                          **settings)
         lm = models.current(driver, cfg)
         if item_bias:
             model = copy.deepcopy(lm.model)
@@ -308,12 +309,19 @@ def offline_answers(driver, cfg, lm, every: int, k: int) -> list[tuple[str, list
     return out
 
 
-@pytest.mark.parametrize("item_bias,trend_weight", [(0.0, 0.0), (0.2, 0.0), (0.2, 0.4)])
-def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias, trend_weight):
+@pytest.mark.parametrize("item_bias,trend_weight,topk", [(0.0, 0.0, 0), (0.2, 0.0, 0), (0.2, 0.4, 0), (0.2, 0.0, 4),
+                                                         (0.0, 0.0, 4)])
+def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained, base_url, item_bias, trend_weight,
+                                                            topk, monkeypatch):
     """A version trained with the filter Online Retail's stream chose, without and with item biases, and
     with the live trend next to them: the REST answers equal the offline Scorer's on the graph in Neo4j,
-    also after new events the copy patched in edge by edge."""
-    lm = publish_retail_version(driver, cfg, item_bias, trend_weight)
+    also after new events the copy patched in edge by edge. Served from an item table (`topk`), only the
+    candidates its rows reach are ranked, as offline; the table is rebuilt with the base (here at every
+    sync: TABLE_MAX_AGE_S 0), so that it equals the one built offline from the graph."""
+    if topk:
+        monkeypatch.setattr(graph, "TABLE_MAX_AGE_S", 0.0)
+    lm = publish_retail_version(driver, cfg, item_bias, trend_weight, topk=topk)
+    assert lm.mcfg.lin_topk == topk
     rng = random.Random(11)
     for step in range(2):
         if step:  # new shoppers, items and first edges, not yet refreshed: the copy patches them in

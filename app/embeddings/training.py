@@ -27,7 +27,8 @@ def model_config(cfg: Config, **overrides) -> ModelConfig:
     settings fixed in the environment (the rest keep ModelConfig's defaults until the search moves them)."""
     mcfg = ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim, max_minutes=cfg.train_minutes,
                        search_trials=cfg.search_trials, bias_l2=cfg.bias_l2, trend_halflife=cfg.item_trend,
-                       trend_weight=cfg.trend_weight)
+                       trend_weight=cfg.trend_weight, table_edges=cfg.table_edges, table_k=cfg.table_k,
+                       table_mb=cfg.table_mb)
     for key, value in {**fixed_settings(cfg), **overrides}.items():
         if value is not None:
             setattr(mcfg, key, value)

@@ -36,6 +36,8 @@ from app import cypher
 from app.embeddings import models
 from app.ids import erasure_key
 from graph_models.bias import decayed, prior, with_bias
+from graph_models.candidates import top_bias
+from graph_models.spectral import degrees, item_table, normalised, target_tilt
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ ERASURE_MARGIN_MS = 120_000  # beyond the longest transaction: an erasure that c
 # ones wait for the refresh run that reflects them (a second or so, longer in bursts).
 PENDING_MARGIN_MS = 1_000
 COMPACT_MIN, COMPACT_SHARE = 256, 0.05  # overlay rows past which it is folded into the base
+# With an item table, an overlay older than this is folded in too, so that the table (built with the
+# base) reflects every edge at most this long after the sync that read it, plus the build's time.
+TABLE_MAX_AGE_S = 300.0
 LOG_RETRIES, LOG_WAIT = 200, 0.005  # how long a background sync waits for committed runs' log entries to show
 
 
@@ -54,8 +59,6 @@ _WEIGHTS = {"raw": lambda w: w, "log1p": np.log1p, "binary": lambda w: (w != 0).
 def filter_weights(lm) -> tuple:
     """The version's weight functions for the graph and for the scored user's own row."""
     mcfg = lm.mcfg
-    if getattr(mcfg, "lin_topk", 0):
-        raise ValueError("a filter pruned to top-k neighbours is not served (evaluation only)")
     graph_w = getattr(mcfg, "lin_weights", "raw")
     return _WEIGHTS[graph_w], _WEIGHTS[getattr(mcfg, "lin_user_weights", None) or graph_w]
 
@@ -136,6 +139,12 @@ class State:
     # each row of R as now and as in the base, scaled by d_u^-1/2; None without an overlay or a table).
     fix: sp.csr_matrix | None = None
     fix_sign: np.ndarray | None = None
+    # A version served from an item table (mcfg.lin_topk): the filter's rows of the base, each item's
+    # lin_topk nearest items (graph_models.spectral.item_table), with the target tilt of the base's
+    # degrees; built when the base is (load, compaction), at monotonic time `nbr_built`.
+    nbr: sp.csr_matrix | None = None
+    nbr_tilt: np.ndarray | None = None
+    nbr_built: float = 0.0
 
     @property
     def n_items(self) -> int:
@@ -174,6 +183,11 @@ class State:
     def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
         R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
+        if self.nbr is not None:
+            out = np.zeros(self.n_items)
+            cand, vals = self._reach(cols, a)
+            out[cand] = vals
+            return out
         isd = self._inv_sqrt_di
         y = np.zeros(self.n_items)
         y[cols] = filter_weights(self.lm)[1](a * self.lm.scale) * isd[cols]
@@ -187,6 +201,56 @@ class State:
             t += self.over_t @ w
         return t * self._target_di
 
+    def _reach(self, cols: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The item table's filter of a row (as `lin`): the items its rows reach and their values."""
+        inside = cols < self.nbr.shape[0]  # items new since the table was built have no row yet
+        f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
+        x = sp.csr_matrix((f, cols[inside], [0, len(f)]), shape=(1, self.nbr.shape[0]))
+        r = x @ self.nbr
+        cand, vals = r.indices.astype(np.int64), r.data.astype(np.float64)
+        return cand, vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
+
+    @cached_property
+    def _top_bias(self) -> np.ndarray:
+        """The items of highest bias, which every shopper's candidates include (graph_models.candidates)."""
+        return top_bias(self._bias)
+
+    def _candidates(self, cols: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """A table-served row's candidates (sorted) and their filter values, None when every item is scored
+        (no table, or EASE, which reads every item)."""
+        if self.nbr is None or self.lm.ease is not None:
+            return None
+        cand, vals = self._reach(cols, a)
+        lin = np.zeros(self.n_items)
+        lin[cand] = vals
+        cand = np.union1d(cand, self._top_bias)
+        return cand, lin[cand]
+
+    def ranked(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray, k: int,
+               admit) -> tuple[np.ndarray, np.ndarray]:
+        """The k best items that `admit(columns)` (a mask of them) lets through, best first, and their scores:
+        a table-served row's candidates only, unless fewer than k of them are new to it or admitted
+        (graph_models.candidates: the offline ranking's rule), else every item."""
+        found = self._candidates(cols, a)
+        if found is not None:
+            cand, lin = found
+            s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin
+            if self._bias is not None:
+                s = s / _largest(s) + self._bias[cand]
+            ok = admit(cand)
+            if ok.sum() >= k and len(cand) - np.isin(cols, cand).sum() >= self.lm.mcfg.k:
+                idx, s = cand[ok], s[ok]
+                best = np.argsort(-s, kind="stable")[:k] if len(s) <= k else _best(s, k)
+                return idx[best], s[best]
+        s = self.scores(p, cols, a)
+        idx = np.flatnonzero(admit(np.arange(self.n_items)))
+        best = _best(s[idx], k)
+        return idx[best], s[idx][best]
+
+    def _low(self, p: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """p . q_j of items `cand`."""
+        return (self.lm.q32[self.items.rows[cand]] @ p.astype(np.float32)).astype(np.float64)
+
     def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
         (app/embeddings/refresh.py)."""
@@ -197,7 +261,12 @@ class State:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
         (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
         s = self._unbiased(p, cols, a)
-        return s if self._bias is None else with_bias(s[None, :], self._bias)[0].numpy()
+        if self._bias is None:
+            return s
+        found = self._candidates(cols, a)
+        if found is None:
+            return with_bias(s[None, :], self._bias)[0].numpy()
+        return s / _largest(s[found[0]]) + self._bias
 
     def _unbiased(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """`scores` before item biases: p . q_j plus the version's filter and EASE terms."""
@@ -218,19 +287,30 @@ class State:
         mcfg, rows = self.lm.mcfg, self.items.rows
         if mcfg.lin_weight:
             fa = filter_weights(self.lm)[1](a * s) * mcfg.lin_weight
-            co = self._co(cols, targets)
-            inner += (fa * self._inv_sqrt_di[cols])[:, None] * co * self._target_di[targets][None, :]
+            inner += fa[:, None] * self._filter_block(cols, targets)
         if self.lm.ease is not None:
             inner += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
         if self._bias is None:
             return inner
-        top = np.abs(self._unbiased(self.vector(cols, a), cols, a)).max()
-        return inner / top if top > 0 else inner
+        s = self._unbiased(self.vector(cols, a), cols, a)
+        found = self._candidates(cols, a)
+        return inner / _largest(s if found is None else s[found[0]])
 
     def bias(self, targets: np.ndarray) -> np.ndarray | None:
         """Each target's bias (the version's, plus the live trend's prior): its score's part that no own
         item has (None without biases)."""
         return None if self._bias is None else self._bias[targets]
+
+    def _filter_block(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """What one unit of filter weight on each of `cols` adds to each target's filter score: the item
+        table's entries, or d_i^-1/2 C[i, j] d_j^-beta of the current rows."""
+        if self.nbr is None:
+            return self._inv_sqrt_di[cols][:, None] * self._co(cols, targets) * self._target_di[targets][None, :]
+        n = self.nbr.shape[0]
+        out = np.zeros((len(cols), len(targets)))
+        ci, ti = cols < n, targets < n
+        out[np.ix_(ci, ti)] = self.nbr[cols[ci]][:, targets[ti]].toarray()
+        return out if self.nbr_tilt is None else out * _grown(self.nbr_tilt, self.n_items, 0.0)[targets][None, :]
 
     def _co(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """C[cols, targets] of the current rows, C[i, j] = sum_u R[u, i] R[u, j] / d_u."""
@@ -254,30 +334,50 @@ class State:
         return self.base_t[items] @ sp.diags(self.keep.astype(np.float64)) + self.over_t[items]
 
     def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
-             embedded: bool = True) -> np.ndarray:
-        """Items admitted by the filters, without the `seen` columns."""
-        items = self.items
-        ok = items.embedded.copy() if embedded else np.ones(self.n_items, dtype=bool)
+             embedded: bool = True, at: np.ndarray | None = None) -> np.ndarray:
+        """Items admitted by the filters, without the `seen` columns: of every item, or of columns `at`."""
+        items, sel = self.items, slice(None) if at is None else at
+        ok = items.embedded[sel].copy() if embedded else np.ones(self.n_items if at is None else len(at), dtype=bool)
         if category is not None:
-            ok &= items.category == category
+            ok &= items.category[sel] == category
         if max_price is not None:
             with np.errstate(invalid="ignore"):
-                ok &= items.price <= max_price
+                ok &= items.price[sel] <= max_price
         if seen is not None and len(seen):
-            ok[seen] = False
+            if at is None:
+                ok[seen] = False
+            else:
+                ok &= ~np.isin(at, seen)
         return ok
 
     def top(self, scores: np.ndarray, ok: np.ndarray, k: int) -> list[dict]:
         """The k best admitted items, best first, as answer rows."""
         idx = np.flatnonzero(ok)
-        if len(idx) > k:
-            idx = idx[np.argpartition(-scores[idx], k - 1)[:k]]
-        idx = idx[np.argsort(-scores[idx], kind="stable")]
+        idx = idx[_best(scores[idx], k)]
+        return self.answer(idx, scores[idx])
+
+    def answer(self, idx: np.ndarray, scores: np.ndarray) -> list[dict]:
+        """Answer rows of item columns `idx` scored `scores`, in that order."""
         items = self.items
         price = items.price[idx]
         return [{"item_id": items.ids[j], "score": s, "title": t, "category": c, "price": None if math.isnan(p) else p}
-                for j, s, t, c, p in zip(idx.tolist(), scores[idx].tolist(), items.title[idx].tolist(),
+                for j, s, t, c, p in zip(idx.tolist(), scores.tolist(), items.title[idx].tolist(),
                                          items.category[idx].tolist(), price.tolist())]
+
+
+def _largest(s: np.ndarray) -> float:
+    """The largest magnitude of `s`, 1 where there is none (what scores are divided by before biases)."""
+    top = float(np.abs(s).max(initial=0.0))
+    return top if top > 0 else 1.0
+
+
+def _best(s: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest of `s`, largest first (ties: the lower position)."""
+    idx = np.arange(len(s))
+    if len(s) > k:
+        idx = np.argpartition(-s, k - 1)[:k]
+        idx.sort()
+    return idx[np.argsort(-s[idx], kind="stable")]
 
 
 def _inverse(x: np.ndarray) -> np.ndarray:
@@ -512,7 +612,7 @@ def _advance(tx, st: State | None, table_mb: float, secret: str) -> State | None
         gone = {u for u in set(st.users) | users | set(patches) if erasure_key(secret, u) in keys}
         users |= gone
     if not entries and not users and not items and not patches:
-        return st  # nothing new (another sync got there first, or nothing was written)
+        return _compacted(st, table_mb)  # nothing new (another sync got there first, or nothing was written)
     last = entries[-1]["seq"] if entries else st.seq
     patches = {u: p for u, p in patches.items() if u not in users}  # those rows are read whole
     nxt = _apply(tx, replace(st, pending=pending), last, sorted(users), sorted(items), sync["now"],
@@ -557,7 +657,7 @@ def _load(tx, table_mb: float) -> State | None:
     st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
                base, base_t, np.ones(n_u, dtype=bool), {}, over_csr, over_t, server_ms=now,
                dr=_popularity(rows, n_i), tn=_trend_sums(rows, n_i, lm, anchor), anchor=anchor,
-               table=_table(base_t, base, degrees["du"], table_mb), **degrees)
+               table=_table(base_t, base, degrees["du"], table_mb), **degrees, **_neighbours(base, lm))
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
     return st
 
@@ -654,14 +754,33 @@ def _apply(tx, st: State, seq: int, user_ids: list, item_ids: list, now: int, er
                  base_t=base_t, keep=keep, overlay=overlay, over_csr=over_csr, over_t=over_t, du=du,
                  di=di, dn=dn, dr=dr, tn=tn, anchor=anchor, server_ms=now, erasures=erasures)
     st = replace(st, **dict(zip(("fix", "fix_sign"), _table_fix(st))))
-    if len(overlay) > max(COMPACT_MIN, COMPACT_SHARE * n_u):  # compact: the overlay becomes part of the base
+    return _compacted(st, table_mb)
+
+
+def _compacted(st: State, table_mb: float) -> State:
+    """`st` with its overlay folded into the base when it has grown past its bound or, with an item table,
+    has waited TABLE_MAX_AGE_S."""
+    stale = st.nbr is not None and time.monotonic() - st.nbr_built > TABLE_MAX_AGE_S
+    if st.overlay and (len(st.overlay) > max(COMPACT_MIN, COMPACT_SHARE * st.n_users) or stale):
+        n_u, n_i = st.n_users, st.n_items
         base_rows, base_csr = _compact(st)
         over_csr, over_t = _overlay_matrices({}, n_u, n_i, st.lm)
         st = replace(st, rows=base_rows, base_csr=base_csr, base_t=base_csr.tocsc().T, keep=np.ones(n_u, dtype=bool),
                      overlay={}, over_csr=over_csr, over_t=over_t, dr=_popularity(base_rows, n_i),
                      tn=_trend_sums(base_rows, n_i, st.lm, st.anchor),
-                     table=_folded_table(st, table_mb), fix=None, fix_sign=None, **_degrees(base_csr))
+                     table=_folded_table(st, table_mb), fix=None, fix_sign=None, **_degrees(base_csr),
+                     **_neighbours(base_csr, st.lm))
     return st
+
+
+def _neighbours(base: sp.csr_matrix, lm) -> dict:
+    """State.nbr and its tilt for base rows R (nothing for a version served without an item table)."""
+    k = getattr(lm.mcfg, "lin_topk", 0)
+    if not k:
+        return {}
+    beta = getattr(lm.mcfg, "lin_beta", 0.5)
+    tilt = None if beta == 0.5 else target_tilt(degrees(base)[1], beta)
+    return {"nbr": item_table(normalised(base), k), "nbr_tilt": tilt, "nbr_built": time.monotonic()}
 
 
 def _degrees(r: sp.csr_matrix) -> dict:

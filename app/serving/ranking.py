@@ -74,8 +74,8 @@ def recommend(open_session, st: graph.State | None, user_key: str, k: int, filte
         ok = st.mask(filters.category, filters.max_price, seen, embedded=False) & (st.dr > 0)
         results = st.top(st.dr / st.dr.max() if st.dr.size and st.dr.max() > 0 else st.dr, ok, k)
         return {"source": "trending", "version": None, "refreshed_at": None, "results": results}
-    scores = st.scores(p, cols, a)
-    results = st.top(scores, st.mask(filters.category, filters.max_price, seen), k)
+    idx, scores = st.ranked(p, cols, a, k, lambda at: st.mask(filters.category, filters.max_price, seen, at=at))
+    results = st.answer(idx, scores)
     if explain and results:
         _explain(st, cols, a, results)
     return {"source": "personal", "version": st.lm.version, "refreshed_at": refreshed_at, "results": results}
@@ -106,10 +106,9 @@ def similar(open_session, st: graph.State | None, item_id: str, k: int, filters:
             return _similar_cypher(session, item_id, k, filters)
     x = st.lm.tables[0][st.items.rows[j]]
     # one unit of aggregated weight on i: raw weight 1 / scale
-    scores = st.scores(x, np.asarray([j]), np.asarray([1.0 / st.lm.scale]))
-    ok = st.mask(filters.category, filters.max_price)
-    ok[j] = False
-    return {"version": st.lm.version, "results": st.top(scores, ok, k)}
+    idx, scores = st.ranked(x, np.asarray([j]), np.asarray([1.0 / st.lm.scale]), k,
+                            lambda at: st.mask(filters.category, filters.max_price, at=at) & (at != j))
+    return {"version": st.lm.version, "results": st.answer(idx, scores)}
 
 
 def _recommend_cypher(session, user_key: str, k: int, filters: Filters, explain: bool = False) -> dict:
