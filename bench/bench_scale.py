@@ -32,6 +32,12 @@ from bench.bench_refresh import DAY_MS, measure_size
 
 def power_law_pairs(m: int, seed: int) -> list[tuple[str, str]]:
     """`m` distinct (user, item) pairs: uniform users, Pareto-distributed items."""
+    users, items, _ = power_law_keys(m, seed)
+    return [(f"u{u}", f"i{i}") for u, i in zip(users.tolist(), items.tolist())]
+
+
+def power_law_keys(m: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`power_law_pairs` as (user numbers, item numbers, items in the catalogue)."""
     rng = np.random.default_rng(seed)
     users, items = max(1, m // 10), max(500, m // 50)
     keys = np.empty(0, dtype=np.int64)
@@ -41,7 +47,7 @@ def power_law_pairs(m: int, seed: int) -> list[tuple[str, str]]:
         i = np.minimum((rng.pareto(1.2, size=n) * items / 20).astype(np.int64), items - 1)
         keys = np.unique(np.concatenate([keys, u * items + i]))
     keys = rng.permutation(keys)[:m]
-    return [(f"u{k // items}", f"i{k % items}") for k in keys.tolist()]
+    return keys // items, keys % items, items
 
 
 def import_graph(cfg, pairs: list[tuple[str, str]]) -> float:

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -17,6 +18,7 @@ from app.embeddings.full import embed_full
 from graph_models import ModelConfig
 from graph_models.checkpoint import save_checkpoint
 from graph_models.logeval import choose_and_fit
+from graph_models.spectral import table_topk
 from graph_models.train import build
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
                                           str(cfg.home / "runs" / version))
         mcfg, search = model.cfg, result.get("search")
     else:
+        mcfg = replace(mcfg, lin_topk=table_topk(graph.nnz, graph.shape[1], mcfg))  # as `fit` sets it
         model = build(graph, mcfg)
     metrics = {k: v for k, v in result["metrics"].items()
                if isinstance(v, (int, float)) and k not in ("epoch", "trial", "seconds")}

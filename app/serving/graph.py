@@ -202,13 +202,21 @@ class State:
         return t * self._target_di
 
     def _reach(self, cols: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The item table's filter of a row (as `lin`): the items its rows reach and their values."""
+        """The item table's filter of a row (as `lin`): the items its rows reach (sorted) and their values."""
         inside = cols < self.nbr.shape[0]  # items new since the table was built have no row yet
         f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
-        x = sp.csr_matrix((f, cols[inside], [0, len(f)]), shape=(1, self.nbr.shape[0]))
-        r = x @ self.nbr
-        cand, vals = r.indices.astype(np.int64), r.data.astype(np.float64)
-        return cand, vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
+        ptr, c = self.nbr.indptr, cols[inside]
+        lengths = ptr[c + 1] - ptr[c]
+        at = np.repeat(ptr[c] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
+        if 8 * len(at) > self.nbr.shape[0]:  # a wide reach: summing over the catalogue beats sorting
+            dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
+            cand = np.flatnonzero(dense)
+            vals = dense[cand]
+        else:
+            cand, inv = np.unique(targets, return_inverse=True)
+            vals = np.bincount(inv, weights=w, minlength=len(cand))
+        return cand.astype(np.int64), vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
 
     @cached_property
     def _top_bias(self) -> np.ndarray:
@@ -221,10 +229,11 @@ class State:
         if self.nbr is None or self.lm.ease is not None:
             return None
         cand, vals = self._reach(cols, a)
-        lin = np.zeros(self.n_items)
-        lin[cand] = vals
-        cand = np.union1d(cand, self._top_bias)
-        return cand, lin[cand]
+        extra = np.setdiff1d(self._top_bias, cand, assume_unique=True)
+        if not len(extra):
+            return cand, vals
+        order = np.argsort(np.concatenate([cand, extra]), kind="stable")
+        return np.concatenate([cand, extra])[order], np.concatenate([vals, np.zeros(len(extra))])[order]
 
     def ranked(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray, k: int,
                admit) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +249,7 @@ class State:
             ok = admit(cand)
             if ok.sum() >= k and len(cand) - np.isin(cols, cand).sum() >= self.lm.mcfg.k:
                 idx, s = cand[ok], s[ok]
-                best = np.argsort(-s, kind="stable")[:k] if len(s) <= k else _best(s, k)
+                best = _best(s, k)
                 return idx[best], s[best]
         s = self.scores(p, cols, a)
         idx = np.flatnonzero(admit(np.arange(self.n_items)))
@@ -248,8 +257,11 @@ class State:
         return idx[best], s[idx][best]
 
     def _low(self, p: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """p . q_j of items `cand`."""
-        return (self.lm.q32[self.items.rows[cand]] @ p.astype(np.float32)).astype(np.float64)
+        """p . q_j of items `cand`: their rows gathered, or (for many) every row's product, which is then cheaper."""
+        rows, q = self.items.rows[cand], self.lm.q32
+        if 4 * len(cand) > len(q):
+            return (q @ p.astype(np.float32))[rows].astype(np.float64)
+        return (q[rows] @ p.astype(np.float32)).astype(np.float64)
 
     def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
@@ -641,25 +653,34 @@ def _load(tx, table_mb: float) -> State | None:
         first.extend(rec["first"])  # empty for a version without a trend
         ptr.append(len(c))
     item_rows = [dict(x) for x in tx.run(cypher.SERVING_ITEMS)]
+    rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64),
+                np.asarray(first, dtype=np.float64) if first else np.zeros(len(c)))
+    st = built(head["epoch"], head["seq"], now, lm, users, np.asarray(refreshed, dtype=object), rows, item_rows,
+               item_index, table_mb)
+    log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, st.n_users, st.n_items,
+             st.base_csr.nnz)
+    return st
+
+
+def built(epoch, seq: int, now: int, lm, users: Index, refreshed: np.ndarray, rows: Rows, item_rows: list[dict],
+          item_index: dict, table_mb: float) -> State:
+    """A whole state from what was read: every user's edges as `rows` (item columns of `item_index`, which
+    the items of `item_rows`, SERVING_ITEMS records, join), at run `seq` of `epoch` and server time `now`."""
     for x in item_rows:
         item_index.setdefault(x["id"], len(item_index))
     item_ids = [None] * len(item_index)
     for i, j in item_index.items():
         item_ids[j] = i
     n_u, n_i = len(users), len(item_ids)
-    rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64),
-                np.asarray(first, dtype=np.float64) if first else np.zeros(len(c)))
     anchor = float(rows.first[rows.w > 0].max(initial=0.0))
     base = _filter_matrix(np.repeat(np.arange(n_u), np.diff(rows.ptr)), rows.cols, rows.w, (n_u, n_i), lm)
     items = _item_arrays(item_rows, lm, item_index, item_ids, None, n_i)
     over_csr, over_t = _overlay_matrices({}, n_u, n_i, lm)
     base_t, degrees = base.tocsc().T, _degrees(base)
-    st = State(head["epoch"], head["seq"], lm, users, n_u, items, rows, np.asarray(refreshed, dtype=object),
-               base, base_t, np.ones(n_u, dtype=bool), {}, over_csr, over_t, server_ms=now,
-               dr=_popularity(rows, n_i), tn=_trend_sums(rows, n_i, lm, anchor), anchor=anchor,
-               table=_table(base_t, base, degrees["du"], table_mb), **degrees, **_neighbours(base, lm))
-    log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, n_u, n_i, base.nnz)
-    return st
+    return State(epoch, seq, lm, users, n_u, items, rows, refreshed, base, base_t, np.ones(n_u, dtype=bool), {},
+                 over_csr, over_t, server_ms=now, dr=_popularity(rows, n_i), tn=_trend_sums(rows, n_i, lm, anchor),
+                 anchor=anchor, table=_table(base_t, base, degrees["du"], table_mb), **degrees,
+                 **_neighbours(base, lm))
 
 
 def _compact(st: State) -> tuple[Rows, sp.csr_matrix]:

@@ -1,0 +1,127 @@
+"""The read path as the graph grows: one recommendation's work on power-law graphs of 10k, 1M and 10M
+edges, with the graph filter exact (two sparse products over every edge) and from the item table (the
+candidates the shopper's items' rows reach), side by side in one run.
+
+Each graph is bench_scale's (N/10 uniform users, N/50 Pareto items, weight 1), held in memory as an API
+process holds its copy (app/serving/graph.py `built`, no Neo4j: what is measured is the request's own
+work, not the network or Flask), under a version of 64 + 16 components as `make bench-scale` sets. For
+each size and path: the time to build the copy, the process's resident memory grown by it, and
+sequential requests (one thread) for sampled shoppers: k = 20 plain, with `explain`, and with a price
+cap admitting about a third of the items; p50 and p99 in ms. The table's ranking is compared with the
+exact one on the same shoppers: overlap of the top 20 and Recall@20 of the exact top 20.
+
+`make bench-scale` runs it after bench_scale; alone: `.venv/bin/python -m bench.bench_readpath`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import psutil
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from app.embeddings.models import LoadedModel
+from app.serving import graph
+from app.serving.ranking import Filters, recommend
+from bench.bench_scale import power_law_keys
+from graph_models import ModelConfig
+from graph_models.spectral import table_topk
+from graph_models.train import build
+
+VARIANTS = {"plain": ({}, False), "explain": ({}, True), "max_price": ({"max_price": 10.0}, False)}
+
+
+def rss_mb() -> float:
+    """This process's resident memory, MB."""
+    return psutil.Process().memory_info().rss / 1e6
+
+
+def copy_of_graph(users: np.ndarray, items: np.ndarray, n_items: int, lm: LoadedModel) -> graph.State:
+    """The API's copy of a graph of edges (users[k], items[k]), every item priced 0-30."""
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    n_users = int(users.max()) + 1
+    rows = graph.Rows(np.searchsorted(users, np.arange(n_users + 1)), items.astype(np.int64),
+                      np.ones(len(items)), np.zeros(len(items)))
+    index = graph.Index()
+    for u in range(n_users):
+        index.add(f"u{u}")
+    price = np.random.default_rng(1).uniform(0, 30, n_items)
+    item_rows = [{"id": f"i{j}", "title": None, "category": None, "price": float(price[j]), "version": lm.version}
+                 for j in range(n_items)]
+    return graph.built("bench", 0, 0, lm, index, np.full(n_users, None, dtype=object), rows, item_rows, {}, 0)
+
+
+def timed(st: graph.State, users: list[str], variant: str) -> tuple[list[float], list[list[str]]]:
+    """Seconds of each request for `users`, and each answer's item ids."""
+    filters, explain = VARIANTS[variant]
+    out, ids = [], []
+    for u in users:
+        t0 = time.perf_counter()
+        answer = recommend(None, st, u, 20, Filters(**filters), explain)
+        out.append(time.perf_counter() - t0)
+        ids.append([r["item_id"] for r in answer["results"]])
+    return out, ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,1000000,10000000")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per size, path and variant")
+    parser.add_argument("--exact-requests", type=int, default=200, help="the exact path's requests at 10M edges")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for size in (int(x) for x in args.sizes.split(",") if x):
+        u, i, n_items = power_law_keys(size, args.seed)
+        csr = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(int(u.max()) + 1, n_items))
+        t0 = time.perf_counter()
+        cfg = ModelConfig(dim=64, sharp_dim=16, search_trials=0)
+        model = build(csr, cfg).double().eval()
+        basis_s = time.perf_counter() - t0
+        sample = [f"u{x}" for x in rng.choice(csr.shape[0], args.requests, replace=False)]
+        answers = {}
+        for path, topk in (("exact", 0), ("table", table_topk(csr.nnz, n_items, cfg) or cfg.table_k)):
+            mcfg = ModelConfig(**{**cfg.to_dict(), "lin_topk": topk})
+            lm = LoadedModel(f"bench-{size}-{path}", model, mcfg,
+                             {"ref_ms": 0, "decay_anchor_ms": 0, "half_life_days": 1.0,
+                              "item_ids": [f"i{j}" for j in range(n_items)]},
+                             {f"i{j}": j for j in range(n_items)})
+            gc.collect()
+            before, t0 = rss_mb(), time.perf_counter()
+            st = copy_of_graph(u, i, n_items, lm)
+            _ = lm.q32, lm.tables
+            row = {"edges": size, "users": csr.shape[0], "items": n_items, "path": path, "topk": topk,
+                   "build_s": time.perf_counter() - t0, "basis_s": basis_s, "rss_mb": rss_mb() - before}
+            n = args.exact_requests if path == "exact" and size >= 10_000_000 else args.requests
+            timed(st, sample[:20], "plain")  # warm
+            for variant in VARIANTS:
+                secs, ids = timed(st, tqdm(sample[:n], desc=f"{size:,} {path} {variant}", leave=False), variant)
+                row[variant] = (1e3 * float(np.percentile(secs, 50)), 1e3 * float(np.percentile(secs, 99)))
+                if variant == "plain":
+                    answers[path] = ids
+            if path == "table":
+                pairs = list(zip(answers["exact"], answers["table"][:len(answers["exact"])]))
+                row["overlap"] = float(np.mean([len(set(a) & set(b)) / max(1, len(a)) for a, b in pairs]))
+            rows.append(row)
+            print(f"{size:>10,} edges {path:5s} k={topk:<4d} build {row['build_s']:6.1f}s rss +{row['rss_mb']:6.0f} MB "
+                  + " ".join(f"{v} p50 {row[v][0]:6.2f} p99 {row[v][1]:6.2f}" for v in VARIANTS)
+                  + (f" top-20 overlap with exact {row['overlap']:.3f}" if "overlap" in row else ""), flush=True)
+            del st, lm
+        del csr, model, u, i
+        gc.collect()
+    base = {r["path"]: r for r in rows if r["edges"] == rows[0]["edges"]}
+    print(f"\n{'edges':>11} {'path':>6} {'p50 ms':>7} {'p99 ms':>7} {'p50 vs smallest':>15} {'explain p99':>11} "
+          f"{'price p99':>9} {'RSS MB':>7} {'build s':>7}")
+    for r in rows:
+        print(f"{r['edges']:11,d} {r['path']:>6} {r['plain'][0]:7.2f} {r['plain'][1]:7.2f} "
+              f"{r['plain'][0] / base[r['path']]['plain'][0]:14.2f}x {r['explain'][1]:11.2f} {r['max_price'][1]:9.2f} "
+              f"{r['rss_mb']:7.0f} {r['build_s']:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
