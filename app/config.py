@@ -171,6 +171,8 @@ class Config:
     serving_sync_wait: float = 0.25
     serving_poll: float = 0.5
     serving_max_age: float = 1.0
+    # a request waits this long for the copy's first load (at start), then gets 503 with Retry-After
+    serving_start_wait: float = 1.5
     # explain's item-item table (dense, items^2 x 8 bytes per API process) while within this bound
     explain_table_mb: float = 256
     interest_history: int = 20  # refreshes whose drift each user keeps
@@ -278,6 +280,7 @@ def load_config(**overrides) -> Config:
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
         serving_poll=_env(env, "IG_SERVING_POLL", Config.serving_poll, float),
         serving_max_age=_env(env, "IG_SERVING_MAX_AGE", Config.serving_max_age, float),
+        serving_start_wait=_env(env, "IG_SERVING_START_WAIT", Config.serving_start_wait, float),
         explain_table_mb=_env(env, "IG_EXPLAIN_TABLE_MB", Config.explain_table_mb, float),
         interest_history=_env(env, "IG_INTEREST_HISTORY", Config.interest_history, int),
         finetune_cron=_env(env, "IG_FINETUNE_CRON"),

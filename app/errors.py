@@ -20,6 +20,10 @@ class Overloaded(Exception):
     """This process cannot take more work now (a bounded queue is full): 503 with Retry-After."""
 
 
+class NotReady(Overloaded):
+    """This process cannot answer yet (its copy of the graph is loading): 503 with Retry-After."""
+
+
 def error_response(status: int, message: str, **details):
     """Build the JSON error response."""
     response = jsonify({"error": {"status": status, "message": message, **details}})

@@ -335,6 +335,34 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
             assert_ranking(answer["results"], ids, scores)
 
 
+def test_a_request_during_the_first_load_gets_503_at_once_and_readyz_says_why(cfg, driver, trained, base_url,
+                                                                              monkeypatch):
+    """While a process's copy loads (held here until released), a request is answered 503 with Retry-After
+    within the start wait instead of waiting for the load, /readyz says why; once loaded, both answer."""
+    import threading
+    release, load = threading.Event(), graph._load
+
+    def held(tx, table_mb):
+        release.wait(30)
+        return load(tx, table_mb)
+    monkeypatch.setattr(graph, "_load", held)
+    monkeypatch.setattr(graph, "_copies", {})  # a fresh copy, as in a process just started
+    try:
+        started = time.monotonic()
+        reply = requests.get(f"{base_url}/v1/users/nobody/recommendations", params={"k": 3}, timeout=30)
+        assert reply.status_code == 503 and time.monotonic() - started < 2.0 + SLACK
+        assert "loading" in reply.json()["error"]["message"] and int(reply.headers["Retry-After"]) >= 1
+        ready = requests.get(f"{base_url}/readyz", timeout=30)
+        assert ready.status_code == 503 and "loading" in ready.json()["error"]["message"]
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while requests.get(f"{base_url}/readyz", timeout=30).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert requests.get(f"{base_url}/readyz", timeout=30).status_code == 200
+    assert requests.get(f"{base_url}/v1/users/nobody/recommendations", params={"k": 3}, timeout=30).status_code == 200
+
+
 # --- the production entry point and settings: `serve` (app/wsgi.py), the copy polling ----------------
 SLACK = 0.5  # seconds over a bound allowed for a loaded 2-core test machine
 

@@ -5,7 +5,7 @@ from flask import jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher, migrate
-from app.api import cfg, driver
+from app.api import cfg, driver, serving_copy
 from app.api.schemas import Anything
 from app.errors import unavailable_reason
 
@@ -20,7 +20,8 @@ def healthz():
 
 @bp.get("/readyz", responses={200: Anything, 503: Anything})
 def readyz():
-    """Neo4j answers and every migration is applied, else 503 with the reason."""
+    """Neo4j answers, every migration is applied and the process's copy of the graph has loaded, else 503
+    with the reason."""
     try:
         with driver().session(database=cfg().neo4j_database) as session:
             session.run(cypher.PING).consume()
@@ -30,6 +31,9 @@ def readyz():
     waiting = [s["file"] for s in states if s["state"] != "applied"]
     if waiting:
         return _not_ready(f"migrations not current: {', '.join(waiting)}")
+    loading = serving_copy().ready()
+    if loading:
+        return _not_ready(loading)
     return {"status": "ready", "migrations": len(states)}
 
 

@@ -6,14 +6,14 @@ import logging
 from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher
-from app.api import cfg, driver
+from app.api import cfg, driver, serving_copy
 from app.db import read_session
 from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRecsOut, ChurnOut, ChurnQuery,
                               ErrorOut, InterestsOut, InterestsQuery, ItemPath, RecsOut, RecsQuery, SimilarOut,
                               SimilarQuery, UserPath)
 from app.errors import ApiError
 from app.ids import user_key
-from app.serving import graph, profile, ranking
+from app.serving import profile, ranking
 from app.serving.ranking import Filters
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def _k(k: int, bound: int | None = None) -> int:
 def _explained(st, k: int, explain: bool) -> int:
     """k within explain's bound (IG_EXPLAIN_MAX_MB)."""
     # Without the item-item table an explained answer builds a dense k x users block of 8-byte entries.
-    if explain and st is not None and st.table is None and k * st.n_users * 8 > cfg().explain_max_mb * 2**20:
+    if explain and st is not None and st.table is None and st.nbr is None and k * st.n_users * 8 > cfg().explain_max_mb * 2**20:
         most = int(cfg().explain_max_mb * 2**20 // (8 * st.n_users))
         raise ApiError(400, f"k must be at most {most} with explain=true over {st.n_users} users "
                             "(IG_EXPLAIN_MAX_MB)", field="k", limit=most)
@@ -42,19 +42,14 @@ def _explained(st, k: int, explain: bool) -> int:
 def _state():
     """The state of this process's copy of the graph that an answer is scored on (one per answer, so
     versions never mix in it)."""
-    c = cfg()
-    return graph.copy_of(driver(), c.neo4j_database, c.serving_sync_wait, c.serving_poll, c.serving_max_age,
-                         c.explain_table_mb, secret=c.erasure_secret).current()
+    return serving_copy().current()
 
 
 def preload(app) -> None:
-    """Load this process's copy of the graph now (a worker at start), rather than in its first request,
-    which would wait the seconds a load takes; a failure leaves it to that request."""
+    """Start loading this process's copy of the graph now (a worker at start), in the background: until it
+    has loaded, requests get 503 and /readyz says why."""
     with app.app_context():
-        try:
-            _state()
-        except Exception as exc:  # noqa: BLE001 - Neo4j away or the like: the first request tries again
-            log.warning("serving copy not preloaded: %s", exc)
+        serving_copy().ready()
 
 
 def _session():

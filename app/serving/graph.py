@@ -34,6 +34,7 @@ import scipy.sparse as sp
 
 from app import cypher
 from app.embeddings import models
+from app.errors import NotReady
 from app.ids import erasure_key
 from graph_models.bias import decayed, prior, with_bias
 from graph_models.candidates import top_bias
@@ -512,7 +513,9 @@ class Copy:
     `current()` is what a request calls. It reads nothing from Neo4j while the copy's last sync began
     at most `max_age` seconds ago (past `poll` seconds it starts one in the background); an older
     copy waits up to `wait` seconds for a sync that begins after that. `max_age` 0 makes every answer
-    reflect Neo4j as of the request (a sync each). A first load is always waited for.
+    reflect Neo4j as of the request (a sync each). The first load runs in the background too: a request
+    waits for it up to `start_wait` seconds, then gets NotReady (503) rather than waiting for the whole
+    load; `ready()` says whether it has ended.
     """
 
     def __init__(self, driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
@@ -521,6 +524,8 @@ class Copy:
         self.wait, self.poll, self.max_age = wait, poll, max_age
         self.table_mb = table_mb  # State.table's bound
         self.state: State | None = None
+        self.loaded = False  # whether a first load ended (state None then: no model)
+        self.start_wait = 1.5
         self.synced = float("-inf")  # monotonic time the current state's sync began
         self.failed = float("-inf")  # monotonic time the last sync failed
         self._load_lock = threading.Lock()
@@ -530,16 +535,23 @@ class Copy:
     def current(self) -> State | None:
         """The copy for a request (None: no model)."""
         now = time.monotonic()
-        if self.state is None:
-            with self._load_lock:
-                if self.state is None:
-                    self.state, self.synced = self._read(None), now
-                return self.state
+        if not self.loaded:
+            self._await(lambda: self.loaded, self.start_wait)
+            if not self.loaded:
+                raise NotReady("the serving copy of the graph is loading; send the request again after Retry-After")
+            return self.state
         if now - self.synced > self.max_age:
             self._await(lambda: self.synced >= now - self.max_age, self.wait)
         elif now - self.synced > self.poll:
             self._await(lambda: True, 0.0)
         return self.state
+
+    def ready(self) -> str | None:
+        """None once the first load has ended, else why requests cannot be answered yet (and a load starts)."""
+        if self.loaded:
+            return None
+        self._await(lambda: self.loaded, 0.0)
+        return "the serving copy of the graph is loading"
 
     def _await(self, done, wait: float) -> None:
         """Run background syncs, one at a time, until `done()`, waiting for them up to `wait` s (0: start one).
@@ -562,7 +574,7 @@ class Copy:
             with self._load_lock:
                 started = time.monotonic()
                 self.state = self._read(self.state)  # None: the graph has no model any more
-                self.synced = started
+                self.synced, self.loaded = started, True
         except Exception as exc:  # Neo4j away or the like: requests go on with the copy they have
             self.failed = time.monotonic()
             log.warning("serving copy: sync failed, answering from the copy as it is: %s", exc)
@@ -815,12 +827,12 @@ _copies_lock = threading.Lock()
 
 
 def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
-            table_mb: float = 256, *, secret: str) -> Copy:
+            table_mb: float = 256, *, secret: str, start_wait: float = 1.5) -> Copy:
     """This process's copy of `database` behind `driver` (see Copy for the settings)."""
     key = (id(driver), database)
     with _copies_lock:
         if key not in _copies:
             _copies[key] = Copy(driver, database, table_mb=table_mb, secret=secret)
         c = _copies[key]
-        c.wait, c.poll, c.max_age, c.table_mb, c.secret = wait, poll, max_age, table_mb, secret
+        c.wait, c.poll, c.max_age, c.table_mb, c.secret, c.start_wait = wait, poll, max_age, table_mb, secret, start_wait
         return c
