@@ -156,6 +156,21 @@ def test_a_version_served_from_an_item_table_serves_its_offline_ranking(cfg, dri
     _, _, scores = _offline(cfg, driver, lm)
     assert np.isinf(scores).any()  # some items are no user's candidates
     _assert_served_equals_offline(cfg, driver, base_url, lm)
+    # docs/cypher.md: in GF-CF's form, the recipe's filter is the exact one, so it scores an item the API
+    # ranks at least as high as the API does, and higher where the table dropped a path
+    with Worker(cfg).holding() as holder:
+        train_and_publish(driver, cfg, progress=False, owner=holder.owner, train_model=False, lin_topk=3, k=5)
+    from tests.test_cypher_docs import bind, recipes
+    _, params, query = next(r for r in recipes() if r[0] == "Recommendations for a shopper")
+    higher = 0
+    for user in [f"u{n}" for n in range(0, 50, 7)]:
+        api = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
+        with driver.session(database=cfg.neo4j_database) as s:
+            exact = {r["item_id"]: r["score"] for r in s.run(query, **{**bind(s, params), "user_id": user, "k": 30})}
+        for r in api["results"]:
+            assert exact[r["item_id"]] >= r["score"] - 1e-4 * abs(r["score"])
+            higher += exact[r["item_id"]] > r["score"] + 1e-4 * abs(r["score"])
+    assert higher
 
 
 def test_train_chooses_records_and_serves_its_settings(cfg, driver, base_url):
