@@ -7,7 +7,8 @@ process holds its copy (app/serving/graph.py `built`, no Neo4j: what is measured
 work, not the network or Flask), under a version of 64 + 16 components as `make bench-scale` sets. For
 each size and path: the time to build the copy, the process's resident memory grown by it, and
 sequential requests (one thread) for sampled shoppers: k = 20 plain, with `explain`, and with a price
-cap admitting about a third of the items; p50 and p99 in ms. The table's ranking is compared with the
+cap admitting about a third of the items; p50 and p99 of each request's CPU time and wall time, in ms,
+and the MB of arrays the copy holds. The table's ranking is compared with the
 exact one on the same shoppers: overlap of the top 20 and Recall@20 of the exact top 20.
 
 `make bench-scale` runs it after bench_scale; alone: `.venv/bin/python -m bench.bench_readpath`.
@@ -55,16 +56,31 @@ def copy_of_graph(users: np.ndarray, items: np.ndarray, n_items: int, lm: Loaded
     return graph.built("bench", 0, 0, lm, index, np.full(n_users, None, dtype=object), rows, item_rows, {}, 0)
 
 
-def timed(st: graph.State, users: list[str], variant: str) -> tuple[list[float], list[list[str]]]:
-    """Seconds of each request for `users`, and each answer's item ids."""
+def timed(st: graph.State, users: list[str], variant: str) -> tuple[list[float], list[float], list[list[str]]]:
+    """Wall and CPU seconds of each request for `users` (CPU: this thread's, which other processes on a
+    busy host do not inflate), and each answer's item ids."""
     filters, explain = VARIANTS[variant]
-    out, ids = [], []
+    wall, cpu, ids = [], [], []
     for u in users:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         answer = recommend(None, st, u, 20, Filters(**filters), explain)
-        out.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0)
         ids.append([r["item_id"] for r in answer["results"]])
-    return out, ids
+    return wall, cpu, ids
+
+
+def footprint_mb(st: graph.State) -> float:
+    """MB of the arrays a state holds (numpy arrays and sparse matrices among its fields and items), and
+    the version's tables, which every state of the version shares."""
+    def size(x) -> int:
+        if isinstance(x, np.ndarray):
+            return x.nbytes
+        if sp.issparse(x):
+            return sum(a.nbytes for a in (x.data, x.indices, x.indptr))
+        return 0
+    parts = [getattr(st, f) for f in st.__dataclass_fields__] + list(vars(st.items).values()) + list(vars(st.rows).values())
+    return (sum(size(x) for x in parts) + sum(t.nbytes for t in st.lm.tables) + st.lm.q32.nbytes) / 1e6
 
 
 def main() -> None:
@@ -92,35 +108,39 @@ def main() -> None:
                               "item_ids": [f"i{j}" for j in range(n_items)]},
                              {f"i{j}": j for j in range(n_items)})
             gc.collect()
-            before, t0 = rss_mb(), time.perf_counter()
+            t0 = time.perf_counter()
             st = copy_of_graph(u, i, n_items, lm)
             _ = lm.q32, lm.tables
             row = {"edges": size, "users": csr.shape[0], "items": n_items, "path": path, "topk": topk,
-                   "build_s": time.perf_counter() - t0, "basis_s": basis_s, "rss_mb": rss_mb() - before}
+                   "build_s": time.perf_counter() - t0, "basis_s": basis_s, "mb": footprint_mb(st), "rss_mb": rss_mb()}
             n = args.exact_requests if path == "exact" and size >= 10_000_000 else args.requests
             timed(st, sample[:20], "plain")  # warm
             for variant in VARIANTS:
-                secs, ids = timed(st, tqdm(sample[:n], desc=f"{size:,} {path} {variant}", leave=False), variant)
-                row[variant] = (1e3 * float(np.percentile(secs, 50)), 1e3 * float(np.percentile(secs, 99)))
+                wall, cpu, ids = timed(st, tqdm(sample[:n], desc=f"{size:,} {path} {variant}", leave=False,
+                                                mininterval=10), variant)
+                row[variant] = tuple(1e3 * float(np.percentile(x, q)) for x in (cpu, wall) for q in (50, 99))
                 if variant == "plain":
                     answers[path] = ids
             if path == "table":
                 pairs = list(zip(answers["exact"], answers["table"][:len(answers["exact"])]))
                 row["overlap"] = float(np.mean([len(set(a) & set(b)) / max(1, len(a)) for a, b in pairs]))
             rows.append(row)
-            print(f"{size:>10,} edges {path:5s} k={topk:<4d} build {row['build_s']:6.1f}s rss +{row['rss_mb']:6.0f} MB "
-                  + " ".join(f"{v} p50 {row[v][0]:6.2f} p99 {row[v][1]:6.2f}" for v in VARIANTS)
+            print(f"{size:>10,} edges {path:5s} k={topk:<4d} build {row['build_s']:6.1f}s held {row['mb']:6.0f} MB "
+                  f"(process RSS {row['rss_mb']:.0f} MB) CPU ms p50/p99, wall ms p50/p99: "
+                  + " ".join(f"{v} {row[v][0]:.2f}/{row[v][1]:.2f}, {row[v][2]:.2f}/{row[v][3]:.2f}" for v in VARIANTS)
                   + (f" top-20 overlap with exact {row['overlap']:.3f}" if "overlap" in row else ""), flush=True)
             del st, lm
         del csr, model, u, i
         gc.collect()
     base = {r["path"]: r for r in rows if r["edges"] == rows[0]["edges"]}
-    print(f"\n{'edges':>11} {'path':>6} {'p50 ms':>7} {'p99 ms':>7} {'p50 vs smallest':>15} {'explain p99':>11} "
-          f"{'price p99':>9} {'RSS MB':>7} {'build s':>7}")
+    print(f"\nCPU ms per request (one thread), p50 / p99; the wall times are in the lines above")
+    print(f"{'edges':>11} {'path':>6} {'plain':>13} {'p50 vs 10k':>10} {'explain':>13} {'max_price':>13} "
+          f"{'held MB':>8} {'build s':>7} {'top-20 overlap':>14}")
     for r in rows:
-        print(f"{r['edges']:11,d} {r['path']:>6} {r['plain'][0]:7.2f} {r['plain'][1]:7.2f} "
-              f"{r['plain'][0] / base[r['path']]['plain'][0]:14.2f}x {r['explain'][1]:11.2f} {r['max_price'][1]:9.2f} "
-              f"{r['rss_mb']:7.0f} {r['build_s']:7.1f}")
+        print(f"{r['edges']:11,d} {r['path']:>6} {r['plain'][0]:6.2f}/{r['plain'][1]:6.2f} "
+              f"{r['plain'][0] / base[r['path']]['plain'][0]:9.2f}x {r['explain'][0]:6.2f}/{r['explain'][1]:6.2f} "
+              f"{r['max_price'][0]:6.2f}/{r['max_price'][1]:6.2f} {r['mb']:8.0f} {r['build_s']:7.1f} "
+              f"{r.get('overlap', float('nan')):14.3f}")
 
 
 if __name__ == "__main__":
