@@ -363,6 +363,29 @@ def test_a_request_during_the_first_load_gets_503_at_once_and_readyz_says_why(cf
     assert requests.get(f"{base_url}/v1/users/nobody/recommendations", params={"k": 3}, timeout=30).status_code == 200
 
 
+def test_a_reload_while_serving_answers_from_the_state_it_has(cfg, driver, trained, monkeypatch):
+    """While a sync runs long (a reload of the whole graph, held here), the request that started it waits
+    at most the sync wait and later ones not at all: they answer from the state the copy has."""
+    import threading
+    copy = graph.Copy(driver, cfg.neo4j_database, wait=0.2, poll=0.0, max_age=0.0, secret=cfg.erasure_secret)
+    loaded = copy.current()
+    assert loaded is not None
+    release, advance = threading.Event(), graph._advance
+
+    def held(*args):
+        release.wait(30)
+        return advance(*args)
+    monkeypatch.setattr(graph, "_advance", held)
+    try:
+        started = time.monotonic()
+        assert copy.current() is loaded and time.monotonic() - started < 0.2 + SLACK
+        for _ in range(5):
+            started = time.monotonic()
+            assert copy.current() is loaded and time.monotonic() - started < 0.05 + SLACK / 5
+    finally:
+        release.set()
+
+
 # --- the production entry point and settings: `serve` (app/wsgi.py), the copy polling ----------------
 SLACK = 0.5  # seconds over a bound allowed for a loaded 2-core test machine
 

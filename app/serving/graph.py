@@ -531,6 +531,7 @@ class Copy:
         self._load_lock = threading.Lock()
         self._cond = threading.Condition()
         self._syncing = False
+        self._sync_began = float("-inf")  # monotonic time the running sync began
 
     def current(self) -> State | None:
         """The copy for a request (None: no model)."""
@@ -555,13 +556,17 @@ class Copy:
 
     def _await(self, done, wait: float) -> None:
         """Run background syncs, one at a time, until `done()`, waiting for them up to `wait` s (0: start one).
-        A failed sync ends the wait: the request answers from the copy as it is."""
+        A failed sync ends the wait: the request answers from the copy as it is. So does a sync already
+        running longer than `wait` once the copy has loaded (a reload of the whole graph): requests do
+        not each wait for it, they answer from the state they have until it ends."""
         began = time.monotonic()
         deadline = began + wait
         with self._cond:
+            if self.loaded and self._syncing and began - self._sync_began > wait:
+                return
             while True:
                 if not self._syncing and (wait == 0 or not done()):
-                    self._syncing = True
+                    self._syncing, self._sync_began = True, time.monotonic()
                     threading.Thread(target=self._sync, daemon=True).start()
                 left = deadline - time.monotonic()
                 if done() or left <= 0 or self.failed >= began:
