@@ -23,12 +23,18 @@ def top_bias(bias, n: int = TOP_BIAS) -> np.ndarray:
     return np.sort(np.argsort(-b, kind="stable")[:n])
 
 
-def restricted(s, rows, table, bias, k: int, n_bias: int = TOP_BIAS) -> torch.Tensor:
+def pattern(table):
+    """The item table's entries as 1s (float32 CSR): what `restricted` reads."""
+    return (table != 0).astype(np.float32)
+
+
+def restricted(s, rows, reach_of, bias, k: int, n_bias: int = TOP_BIAS) -> torch.Tensor:
     """Scores `s` (users x items, before biases) of users with rows `rows` (users x items CSR): -inf
-    outside each user's candidates, divided by the largest candidate magnitude plus `bias` with biases."""
+    outside each user's candidates (the items `reach_of`, an item table's `pattern`, has in their items'
+    rows, and the n_bias of highest bias), divided by the largest candidate magnitude plus `bias` with biases."""
     s = torch.as_tensor(s)
     n = s.shape[1]
-    reach = (rows > 0).astype(np.float32) @ (table != 0).astype(np.float32)
+    reach = (rows > 0).astype(np.float32) @ reach_of
     cand = np.zeros(s.shape, dtype=bool)
     cand[:, :reach.shape[1]] = reach.toarray() > 0
     extra = top_bias(bias, n_bias)

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
 from .bias import fit_bias, prior, with_bias
-from .candidates import restricted
+from .candidates import pattern, restricted
 from .ease import ease_matrix
 from .evaluation import evaluate
 from .graph import graph_from_csr
@@ -60,7 +60,7 @@ class Scorer:
         self.lin_weight = getattr(model.cfg, "lin_weight", 1.0)
         self.ease, self.ease_weight = (model.ease.float(), model.cfg.ease_weight) if model.eased else (None, 0.0)
         # Served from an item table (and no EASE, which reads every item): only the candidates are ranked.
-        self.table = self.lin.sim if self.ease is None and candidates else None
+        self.reach = pattern(self.lin.sim) if self.lin.sim is not None and self.ease is None and candidates else None
         self.k = model.cfg.k
 
     def __call__(self, users):
@@ -70,8 +70,8 @@ class Scorer:
             s += self.lin_weight * torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
         if self.ease is not None:
             s += self.ease_weight * ease_scores(self.graph[users], self.ease)
-        if self.table is not None:
-            return restricted(s, self.graph[users], self.table, self.bias, self.k)
+        if self.reach is not None:
+            return restricted(s, self.graph[users], self.reach, self.bias, self.k)
         return s if self.bias is None else with_bias(s, self.bias)
 
 

@@ -11,7 +11,7 @@ from graph_models.baselines import itemknn_scorer, popularity_scorer
 from graph_models.checkpoint import load_checkpoint, save_checkpoint
 from graph_models.evaluation import evaluate, ndcg_at_k, recall_at_k
 from graph_models.graph import graph_from_csr
-from graph_models.candidates import restricted
+from graph_models.candidates import pattern, restricted
 from graph_models.spectral import LinearFilter, inv_sqrt, item_basis, item_table, linear_filter, normalised
 from graph_models.train import Scorer, build, fit, train
 
@@ -116,11 +116,11 @@ def test_table_served_scores_rank_only_the_rows_reach():
     s = torch.tensor([[4.0, 1.0, 2.0, 8.0], [1.0, 2.0, 3.0, 4.0]])
     rows = sp.csr_matrix(np.array([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
     table = sp.csr_matrix(np.array([[0, 1.0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1.0, 0]]))
-    out = restricted(s, rows, table, None, k=1)
+    out = restricted(s, rows, pattern(table), None, k=1)
     assert out[0].tolist() == [-np.inf, 1.0, -np.inf, -np.inf] and out[1].tolist() == [-np.inf, -np.inf, 3.0, -np.inf]
-    biased = restricted(s, rows, table, np.array([0.0, 0.0, 0.0, 0.5]), k=1, n_bias=1)
+    biased = restricted(s, rows, pattern(table), np.array([0.0, 0.0, 0.0, 0.5]), k=1, n_bias=1)
     assert torch.allclose(biased[0], torch.tensor([-np.inf, 1.0 / 8.0, -np.inf, 1.0 + 0.5]))  # item 3: top bias
-    assert torch.isfinite(restricted(s, rows, table, None, k=2)).all()  # one new candidate < k = 2
+    assert torch.isfinite(restricted(s, rows, pattern(table), None, k=2)).all()  # one new candidate < k = 2
 
 
 @pytest.mark.parametrize("how", ["raw", "log1p", "binary"])
