@@ -94,6 +94,14 @@ function renderRecs(results) {
 // right, one row per item; the box grows with the rows instead of the picture shrinking to fit.
 const LABEL_PX = 12, ROW_PX = 24;
 
+// A long title cut in the middle keeps both ends: "reading lamp with a…no. 12 in blue".
+function middle(text, chars) {
+  const s = String(text);
+  if (s.length <= chars) return s;
+  const tail = Math.floor(chars * 0.45);
+  return `${s.slice(0, chars - tail - 1).trimEnd()}…${s.slice(-tail).trimStart()}`;
+}
+
 function columns(box, nodes) {
   const left = nodes.filter((n) => n.kind === "strong"), right = nodes.filter((n) => n.kind === "rec");
   const rows = Math.max(left.length, right.length, 1);
@@ -105,6 +113,8 @@ function columns(box, nodes) {
     n.side = side;
     at[n.id] = {x, y: height / 2 + (i - (column.length - 1) / 2) * ROW_PX};
   });
+  const chars = Math.floor(labelWidth / (LABEL_PX * 0.55));
+  for (const n of nodes) if (n.kind !== "user") n.label = middle(n.label, chars);
   place(left, xLeft, "left");
   place(right, xRight, "right");
   for (const n of nodes) if (n.kind === "user") at[n.id] = {x: (xLeft + xRight) / 2, y: height / 2};
@@ -259,6 +269,11 @@ const METRICS = [
   [/^(users|n_users)$/, (m, v) => `shoppers evaluated ${v.toLocaleString()}`],
 ];
 
+function metricRank(key) {  // the held-out quality first, in the table's order; unknown names last
+  const n = METRICS.findIndex(([pattern]) => pattern.test(key));
+  return n < 0 ? METRICS.length : n;
+}
+
 function metricText(key, value) {
   for (const [pattern, text] of METRICS) {
     const m = key.match(pattern);
@@ -290,7 +305,8 @@ async function pollSystem() {
   $("#freshness").textContent = ago(p.last_refresh_at);
   $("#model").textContent = p.model ? p.model.version : "none yet";
   const metrics = p.model && p.model.metrics ? Object.entries(p.model.metrics)
-    .filter(([, v]) => typeof v === "number").map(([k, v]) => metricText(k, v)).filter(Boolean) : [];
+    .filter(([, v]) => typeof v === "number").sort(([a], [b]) => metricRank(a) - metricRank(b))
+    .map(([k, v]) => metricText(k, v)) : [];
   $("#model-metrics").textContent = metrics.length ? `Model, measured on held-out shoppers when trained: ${metrics.join(" · ")}` : "";
   $("#runs tbody").replaceChildren(...(p.recent_runs || []).slice(0, 8).map((r) => el("tr", {},
     el("td", {}, r.finished_at ? new Date(r.finished_at).toLocaleTimeString() : "–"), el("td", {}, r.mode || "–"),
