@@ -347,8 +347,8 @@ SERVING_ITEMS_BY_ID = "UNWIND $ids AS id MATCH (i:Item {id: id})\n" + _SERVING_I
 # --- ingest -----------------------------------------------------------------
 # MERGE on the unique Event id locks the id, so a concurrent claimer waits, then matches.
 # `_new` marks the events this transaction created; it is removed before commit. (An optimistic
-# check-then-CREATE was ~25% cheaper but, under 8 racing writers, now and then hung for two minutes
-# before failing on the constraint; see docs/benchmarks.md.)
+# check-then-CREATE was cheaper but, under racing writers, now and then hung for minutes before
+# failing on the constraint.)
 INGEST_CLAIM_EVENTS = """
 UNWIND $ids AS id
 MERGE (ev:Event {id: id})

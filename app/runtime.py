@@ -39,9 +39,9 @@ def spread_connections(wsgi, every: int):
 
     Granian keeps a connection with the process that accepted it, and a client that reuses its most
     recently idle connection (Go's, vegeta's) sends most of its requests down one or two of them: one
-    of two workers took 78-100% of the requests at 100-400 requests/s and queued while the other
-    idled (docs/benchmarks.md). A new connection goes to whichever process accepts it first. Random
-    rather than counted: WSGI does not say which connection a request came on.
+    worker can take most of the requests and queue while the other idles. A new connection goes to
+    whichever process accepts it first. Random rather than counted: WSGI does not say which connection
+    a request came on.
     """
     def app(environ, start_response):
         def start(status, headers, exc_info=None):

@@ -12,25 +12,25 @@ from app.embeddings import models, store
 def status(driver, cfg: Config) -> dict:
     """One snapshot of the pipeline's state, for `GET /admin/status` and `interest-graph status`."""
     with read_session(driver, cfg) as s:
-        st = s.execute_read(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
+        row = s.execute_read(lambda tx: dict(tx.run(cypher.REFRESH_STATUS).single()))
         counts = s.execute_read(lambda tx: tx.run(cypher.NODE_COUNT).single())
-        oldest = store.oldest_pending(s) if st["watermark"] is not None else None
+        oldest = store.oldest_pending(s) if row["watermark"] is not None else None
         tunes = s.execute_read(lambda tx: [dict(r) for r in tx.run(cypher.MODEL_FINE_TUNES, limit=5)])
-    now = st["now"]
+    now = row["now"]
     model = models.current_info(driver, cfg)
-    lease_live = bool(st["lease_owner"]) and (st["lease_until"] or 0) > now
+    lease_live = bool(row["lease_owner"]) and (row["lease_until"] or 0) > now
     return {
-        "watermark": st["watermark"],
+        "watermark": row["watermark"],
         "lag_seconds": round((now - oldest) / 1000, 3) if oldest else 0.0,
         "pending_since": oldest,
-        "recent_runs": [json.loads(r) for r in (st["recent"] or [])],
+        "recent_runs": [json.loads(r) for r in (row["recent"] or [])],
         "model": model and {"version": model["version"], "trained_at": model["trained_at"],
                             "metrics": model["metrics"], "fine_tuned_from": model["fine_tuned_from"],
                             "tuned_on": model["tuned_on"], "check": model["check"]},
         "fine_tunes": [{**t, "tuned_on": json.loads(t["tuned_on"] or "null"), "check": json.loads(t["check"] or "null")}
                        for t in tunes],
         "counts": {"users": counts["users"], "items": counts["items"]},
-        "worker": {"owner": st["lease_owner"] if lease_live else None, "active": lease_live},
+        "worker": {"owner": row["lease_owner"] if lease_live else None, "active": lease_live},
     }
 
 

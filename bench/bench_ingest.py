@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,11 @@ from app import neo4j_local
 from app.config import ROOT, load_config
 from app.db import get_driver
 from app.ingest import loaders
+from support.graph import wipe
+from support.servers import free_port, wait_ready
 
 CEILING = ("UNWIND $rows AS r MERGE (u:User {id:r.u}) MERGE (i:Item {id:r.i}) "
            "MERGE (u)-[e:INTERACTED]->(i) SET e.w = coalesce(e.w,0) + r.w")
-# Bounded transactions, edges first: one statement deleting everything outlives the server's
-# transaction timeout on the graph the soak leaves, and a thousand heavy nodes with their edges its
-# transaction memory.
-WIPE = ("MATCH ()-[r]->() WITH r LIMIT 20000 DELETE r RETURN count(*) AS n",
-        "MATCH (n) WHERE NOT n:_Migration WITH n LIMIT 20000 DELETE n RETURN count(*) AS n")
 GRAPH = ("MATCH (u:User) WITH count(u) AS users MATCH (i:Item) WITH users, count(i) AS items "
          "MATCH ()-[r:INTERACTED]->() RETURN users, items, count(r) AS edges")
 T0 = 1_600_000_000_000
@@ -80,15 +76,6 @@ def per_event(neo: float, py: float, events: int) -> str:
     return f"CPU/event: Neo4j {1e6 * neo / events:.0f} us, Python {1e6 * py / events:.0f} us"
 
 
-def wipe(driver, database: str) -> None:
-    """Delete every edge, then every node but the migration records, in bounded transactions (one
-    statement for all outlives the transaction timeout on the graph `make bench` leaves)."""
-    with driver.session(database=database) as s:
-        for statement in WIPE:
-            while s.execute_write(lambda tx: tx.run(statement).single()["n"]):
-                pass
-
-
 def graph_counts(driver, database: str) -> dict:
     with driver.session(database=database) as s:
         return s.run(GRAPH).single().data()
@@ -109,24 +96,6 @@ def ceiling(driver, database: str, events: list[dict], batch: int = 5000) -> flo
 SERVICE_TOKEN = os.environ.setdefault("IG_SERVICE_TOKEN", "bench-service-token")
 SERVICE = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
 os.environ.setdefault("IG_OPEN_READS", "on")
-
-
-def free_port() -> int:
-    """A free local TCP port for a server subprocess."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, tries: int = 120) -> None:
-    """Poll `url`/readyz until the service answers 200 (up to a minute)."""
-    for _ in range(tries):
-        try:
-            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
 
 
 def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict, float]:

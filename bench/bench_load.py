@@ -27,10 +27,11 @@ from app import neo4j_local
 from app.config import load_config
 from app.db import get_driver
 from app.ingest import pipeline
-from bench.bench_ingest import SERVICE, free_port, wait_ready
+from bench.bench_ingest import SERVICE
 from bench.bench_soak import match_index_dims
-from tests.test_refresh import _owner, _wait
-from tests.test_soak import seed, spawn, stop
+from support.refresh import worker_owner
+from support.servers import free_port, spawn, stop, wait_for, wait_ready
+from support.soak import seed
 
 AFTER_BURST = 10.0  # seconds after a burst ends during which a probe counts as "right after a burst"
 
@@ -240,7 +241,7 @@ def main() -> None:
     serve, worker = spawn(["serve"], env, logs / "serve.log"), spawn(["worker"], env, logs / "worker.log")
     try:
         wait_ready(url)
-        _wait(lambda: f":{worker.pid}:" in (_owner(driver, cfg) or ""), timeout=120, step=0.2)
+        wait_for(lambda: f":{worker.pid}:" in (worker_owner(driver, cfg) or ""), timeout=120, step=0.2)
         procs = (psutil.Process(serve.pid), psutil.Process(worker.pid), neo4j_local.status(cfg)["pid"])
         load = Load(url, args, args.users, args.items)
         for user in known[:20]:  # warm the serving path before RSS is taken

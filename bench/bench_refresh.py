@@ -33,7 +33,9 @@ from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import decay, pipeline
 from app.worker import Worker
-from bench.bench_ingest import SERVICE, free_port, graph_counts, wait_ready, wipe
+from bench.bench_ingest import SERVICE, graph_counts
+from support.graph import wipe
+from support.servers import free_port, wait_ready
 
 DATA = ROOT.parent / "shared" / "data" / "gowalla"  # read in place, never copied
 DAY_MS = 86_400_000

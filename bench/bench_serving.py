@@ -40,7 +40,8 @@ import requests
 from app import cypher
 from app.config import ROOT, load_config
 from app.db import get_driver
-from bench.bench_ingest import free_port, wait_ready, wipe
+from support.graph import wipe
+from support.servers import free_port, wait_ready
 
 DEMO = ROOT / "data" / "online_retail" / "online_retail.csv.gz"
 BARE_VECTOR = """

@@ -1,11 +1,11 @@
 """Exactness soak for minutes: every writer at once against `serve` and `worker`, then drain and compare
-every stored value with a full recompute (the harness of tests/test_soak.py, cycled).
+every stored value with a full recompute (the harness of support/soak.py, cycled).
 
 Run with the test server up: `make bench`, or
 `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
 .venv/bin/python -m bench.bench_soak [--seconds 300]`. It wipes that server's database. Exits 1 if a
 stored value differs from the full recompute by more than 1e-9, an answer mixed versions, or any
-other promise of the soak broke (see `tests.test_soak.problems`).
+other promise of the soak broke (see `support.soak.problems`).
 """
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ import time
 
 from app.config import load_config
 from app.db import get_driver
-from bench.bench_ingest import free_port, wait_ready
-from tests.test_refresh import _owner, _wait
-from tests.test_soak import SUBPROCESS_ENV, TOLERANCE, Soak, problems, seed, spawn, stop
+from support.refresh import worker_owner
+from support.servers import free_port, spawn, stop, wait_for, wait_ready
+from support import settings
+from support.soak import SUBPROCESS_ENV, TOLERANCE, Soak, problems, seed
+
+# The soaks run under the suite's settings (its test server, tokens, small vectors, every answer
+# synced first): the settings their figures in docs/ were measured under.
+settings.apply()
 
 INDEX_DIM = "SHOW VECTOR INDEXES YIELD name, options WHERE name = 'item_embedding' RETURN options AS o"
 
@@ -62,7 +67,7 @@ def main() -> None:
     serve, worker = spawn(["serve"], env, logs / "serve.log"), spawn(["worker"], env, logs / "worker.log")
     try:
         wait_ready(url)
-        _wait(lambda: f":{worker.pid}:" in (_owner(driver, cfg) or ""), timeout=60, step=0.2)
+        wait_for(lambda: f":{worker.pid}:" in (worker_owner(driver, cfg) or ""), timeout=60, step=0.2)
         soak = Soak(url, driver, cfg, env, logs, seeded, users=args.users, items=args.items, seed=args.seed)
         report = soak.run(args.seconds, gap=args.gap)
     finally:

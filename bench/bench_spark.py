@@ -14,7 +14,7 @@ import time
 from app.config import load_config
 from app.db import get_driver
 from app.ingest import loaders, spark
-from bench.bench_ingest import wipe
+from support.graph import wipe
 
 DATA = "../shared/data/online_retail/online_retail.csv.gz"
 STATE = ("MATCH (u:User)-[r:INTERACTED]->(i:Item) RETURN u.id AS u, i.id AS i, r.w AS w, r.qty AS qty, "

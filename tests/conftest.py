@@ -1,44 +1,22 @@
 """Shared fixtures: a real Neo4j test server (separate from the dev one), the app, a live HTTP server."""
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import pytest
 
-# The suite wipes its database, so it runs on its own server (ports 7688/7475, own data dir)
-# and never touches the data `make run` loaded. Set these to point it elsewhere.
-os.environ.setdefault("NEO4J_URI", "bolt://127.0.0.1:7688")
-os.environ.setdefault("NEO4J_HTTP_PORT", "7475")
-os.environ.setdefault("IG_HOME", str(Path(__file__).resolve().parents[1] / "var" / "test"))
-os.environ.setdefault("IG_NEO4J_HEAP", "1g")
-os.environ.setdefault("IG_NEO4J_PAGECACHE", "1g")
-os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")
-# Auth stays on in the suite, as in production: writes carry these. Reads are opened explicitly
-# (IG_OPEN_READS=on, not the default) so that tests read without a token; tests/test_security.py
-# checks the default, which needs one.
-os.environ.setdefault("IG_SERVICE_TOKEN", "test-service-token")
-os.environ.setdefault("IG_PRIVACY_TOKEN", "test-privacy-token")
-os.environ.setdefault("IG_OPEN_READS", "on")
-SERVICE = {"Authorization": f"Bearer {os.environ['IG_SERVICE_TOKEN']}"}
-PRIVACY = {"Authorization": f"Bearer {os.environ['IG_PRIVACY_TOKEN']}"}
-# Small embeddings keep the suite fast; the code paths are those of any size.
-# Answers are compared with what a test has just written: every request syncs the API's copy first.
-os.environ.setdefault("IG_SERVING_MAX_AGE", "0")
-os.environ.setdefault("IG_SERVING_SYNC_WAIT", "30")
-os.environ.setdefault("IG_EMBED_DIM", "32")
-os.environ.setdefault("IG_SHARP_DIM", "8")
-# Versions keep the default settings (GF-CF's form, which the Cypher recipes compute) unless a test asks
-# for the settings search (tests/test_search.py).
-os.environ.setdefault("IG_SEARCH_TRIALS", "0")
+from support import settings
+
+settings.apply()  # the suite's server, tokens and small vectors, before the app reads its config
+SERVICE = settings.headers("IG_SERVICE_TOKEN")
+PRIVACY = settings.headers("IG_PRIVACY_TOKEN")
 
 from werkzeug.serving import make_server  # noqa: E402
 
 from app import create_app, migrate, neo4j_local  # noqa: E402
 from app.config import load_config  # noqa: E402
 from app.db import get_driver  # noqa: E402
-from bench.bench_ingest import wipe  # noqa: E402,F401 - shared with the benches
+from support.graph import wipe  # noqa: E402,F401 - tests import it from here
 
 
 @pytest.fixture(scope="session")

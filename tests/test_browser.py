@@ -24,6 +24,7 @@ from tests.test_cypher_docs import BLOCK, DOC, PARAM, bind
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = ROOT / "var" / "test-output"
 SHOPPER = "shopper-1"
+TITLES = ["enamel mug", "reading lamp with a long brass arm", "wool scarf", "glass vase"]  # long and short labels
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +44,18 @@ def browser():
 
 @pytest.fixture(scope="module")
 def shop(cfg, driver):
-    """A small shop (titled items in four categories), trained and embedded; returns the model version."""
+    """A small shop (60 titled items in four categories), trained and embedded; returns the model version."""
     wipe(driver, cfg.neo4j_database)
     rng = random.Random(15)
     now = int(time.time() * 1000)
-    events = [{"event_id": f"b{n}", "user_id": f"shopper-{rng.randrange(40)}", "item_id": f"sku-{rng.randrange(30)}",
+    events = [{"event_id": f"b{n}", "user_id": f"shopper-{rng.randrange(40)}", "item_id": f"sku-{rng.randrange(60)}",
                "type": rng.choice(["view", "cart", "purchase"]), "ts": now - rng.randrange(20 * 86_400_000)}
               for n in range(500)]
     pipeline.ingest(driver, cfg, events)
     writer.upsert_items(driver, cfg.neo4j_database, [
-        {"id": f"sku-{k}", "props": {"title": f"{['mug', 'lamp', 'scarf', 'vase'][k % 4]} no. {k}",
+        {"id": f"sku-{k}", "props": {"title": f"{TITLES[k % 4]} no. {k} in {['white', 'red', 'blue'][k % 3]}",
                                      "category": ["kitchen", "lighting", "fashion", "decor"][k % 4],
-                                     "price": 2.0 + k}} for k in range(30)])
+                                     "price": 2.0 + k}} for k in range(60)])
     with Worker(cfg).holding() as holder:
         version = train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1)["version"]
         lm = models.current(driver, cfg)
@@ -154,6 +155,8 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
         drift_points = page.locator("#drift polyline").get_attribute("points") if interests.ok else None
         reasons = page.locator("#recs .because").count()
         model = page.inner_text("#model")
+        page.wait_for_function("document.querySelector('#model-metrics').textContent.length > 0", timeout=20_000)
+        metrics_text = page.inner_text("#model-metrics")
         page.screenshot(path=str(OUTPUT / "ui-shopper.png"), full_page=True)
     finally:
         page.close()
@@ -164,6 +167,11 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
     assert kinds[f"u:{SHOPPER}"] == "user" and graph["edges"] >= len(shown[:8]) and graph["drawn"] and canvas
     assert {f"i:{i}" for i in shown[:8]} <= set(kinds)
     assert model == shop
+    # The model's metrics in words and units, not (:Model).metrics' internal names.
+    served = requests.get(f"{base_url}/v1/stats", timeout=30).json()["pipeline"]["model"]["metrics"]
+    assert not any(name in metrics_text for name in served if "_" in name), metrics_text
+    if "recall@20" in served:
+        assert f"Recall@20 (share of held-out items in the top 20) {100 * served['recall@20']:.1f} %" in metrics_text
     if interests.ok:  # served by this API: the strongest items are drawn and the drift is charted
         strongest = {f"i:{i['item_id']}" for i in interests.json()["items"]}
         assert strongest and all(kinds[n] in ("strong", "rec") for n in strongest)
@@ -171,3 +179,30 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
     if any(r.get("because") for r in requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations?k=10&explain=true",
                                                    timeout=30).json()["results"]):
         assert reasons > 0
+
+
+@pytest.mark.parametrize("k", [10, 30])
+def test_interest_graph_labels_are_readable_and_apart(shop, base_url, browser, k):
+    """With k recommended items (10, then 30) every label of the interest graph is drawn whole inside the
+    picture at 12 px, and no two labels overlap; screenshots var/test-output/ui-graph-<k>.png."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        page.goto(f"{base_url}/ui?user={SHOPPER}&k={k}")
+        page.wait_for_function(f"window.igGraph && igGraph.nodes(\"[kind = 'rec']\").length === {k}", timeout=20_000)
+        labels = page.evaluate("""igGraph.nodes().map(n => {
+            const b = n.renderedBoundingBox({includeNodes: false, includeEdges: false, includeLabels: true});
+            return {id: n.id(), x1: b.x1, x2: b.x2, y1: b.y1, y2: b.y2,
+                    px: parseFloat(n.renderedStyle("font-size")), text: n.data("label")};
+        })""")
+        box = page.evaluate("(() => { const g = document.querySelector('#graph'); "
+                            "return {w: g.clientWidth, h: g.clientHeight}; })()")
+        page.locator("#graph").screenshot(path=str(OUTPUT / f"ui-graph-{k}.png"))
+    finally:
+        page.close()
+    assert sum(label["id"].startswith("i:") for label in labels) >= k
+    assert all(label["px"] >= 12 and label["text"] for label in labels), labels
+    outside = [b["id"] for b in labels if b["x1"] < 0 or b["y1"] < 0 or b["x2"] > box["w"] or b["y2"] > box["h"]]
+    assert not outside, (outside, box)
+    overlaps = [(a["id"], b["id"]) for n, a in enumerate(labels) for b in labels[n + 1:]
+                if a["x1"] < b["x2"] and b["x1"] < a["x2"] and a["y1"] < b["y2"] and b["y1"] < a["y2"]]
+    assert not overlaps, overlaps

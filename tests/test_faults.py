@@ -26,7 +26,7 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline
 from app.worker import Worker
 from tests.conftest import SERVICE, wipe
-from tests.test_refresh import events, max_error
+from support.refresh import events, max_error
 
 pytestmark = pytest.mark.slow
 BOLT_PORT, HTTP_PORT = os.environ.get("IG_FAULT_BOLT_PORT", "7692"), os.environ.get("IG_FAULT_HTTP_PORT", "7479")
@@ -282,7 +282,7 @@ def _ready(url: str, timeout: float = 120) -> None:
 def test_api_killed_under_load_loses_no_accepted_event(fcfg, fdriver):
     """The API process killed (SIGKILL) while clients post, then started again: clients resend what got
     no answer, and every event ends in the graph exactly once."""
-    from bench.bench_ingest import free_port
+    from support.servers import free_port
     wipe(fdriver, fcfg.neo4j_database)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

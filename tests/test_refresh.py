@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
@@ -25,47 +24,12 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, schema, writer
 from app.status import status
 from app.worker import Worker
-from tests.conftest import wipe
+from support.graph import wipe
+from support.refresh import TYPES, events, max_error, worker_owner
+from support.servers import wait_for
 
-TYPES = ["view", "click", "cart", "purchase", "return"]
 SEED_NOW = 1_767_225_600_000  # 2026-01-01: the seed graph is the same in every example
 _seq = iter(range(10**9))
-
-
-def events(rng: random.Random, n: int, users: int, items: int, now: int | None = None) -> list[dict]:
-    """Random valid events over `users` x `items` ids."""
-    now = now or int(time.time() * 1000)
-    return [{"event_id": f"e{next(_seq)}-{rng.random()}", "user_id": f"u{rng.randrange(users)}",
-             "item_id": f"i{rng.randrange(items)}", "type": rng.choice(TYPES), "quantity": rng.randint(1, 3),
-             "ts": now - rng.randrange(30 * 86_400_000)} for _ in range(n)]
-
-
-def max_error(driver, cfg, lm) -> float:
-    """Largest difference between what is stored and a full recompute, over every stored value.
-
-    Vectors are unit length (compared absolutely); norms and degrees are compared relative to their
-    size (degrees carry the decay anchor's scale). inf if any value is missing or of another version.
-    """
-    with driver.session(database=cfg.neo4j_database) as s:
-        snap = s.execute_read(lambda tx: store.export(tx))
-        stored = {(r["l"], r["id"]): r["p"] for r in s.run(
-            "MATCH (n:User|Item) RETURN labels(n)[0] AS l, n.id AS id, properties(n) AS p")}
-    worst = 0.0
-    for label, ntype in (("User", "user"), ("Item", "item")):
-        for node_id, expected in zip(*full.compute(lm, snap)[ntype]):
-            got = stored.get((label, node_id))
-            if got is None or got.get("embedding_version") != lm.version:
-                return float("inf")
-            for key, want in expected.items():
-                have = got.get(key)
-                if want is None or have is None:
-                    if want is not have:
-                        return float("inf")
-                elif isinstance(want, list):
-                    worst = max(worst, float(np.abs(np.asarray(have) - np.asarray(want)).max()))
-                else:
-                    worst = max(worst, abs(have - want) / max(abs(want), 1e-300))
-    return worst
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +335,7 @@ def _queued_job(driver, cfg, proc: subprocess.Popen, log):
         if record is None and proc.poll() is not None:
             raise AssertionError(f"the CLI ended without queueing a job: {log.read_text()[-2000:]}")
         return record and record["id"]
-    return _wait(queued)
+    return wait_for(queued)
 
 
 @pytest.mark.parametrize("args", [("embed", "--full"), ("train", "--epochs", "1")])
@@ -518,7 +482,7 @@ def test_full_run_racing_ingest_leaves_the_events_to_the_next_run(trained, exact
 
 def test_a_worker_that_lost_the_lease_does_not_finish_its_job(trained, cfg, driver):
     """Its failing run must not mark the job failed: the job is the new holder's (requeued, then done)."""
-    _wait(lambda: _owner(driver, cfg) is None, timeout=30, step=0.2)
+    wait_for(lambda: worker_owner(driver, cfg) is None, timeout=30, step=0.2)
     stale, active = Worker(cfg), Worker(cfg)
     assert stale.renew_lease()
     with driver.session(database=cfg.neo4j_database) as s:
@@ -555,20 +519,6 @@ def _worker(env_extra: dict, log=None) -> subprocess.Popen:
             err.close()
 
 
-def _wait(predicate, timeout: float = 60.0, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
-
-
-def _owner(driver, cfg) -> str | None:
-    return status(driver, cfg)["worker"]["owner"]
-
-
 @pytest.mark.slow
 def test_worker_killed_mid_run_loses_nothing(trained, cfg, driver):
     rng = random.Random(11)
@@ -580,7 +530,7 @@ def test_worker_killed_mid_run_loses_nothing(trained, cfg, driver):
         def full_in_progress():
             with driver.session(database=cfg.neo4j_database) as s:
                 return store.refresh_state(s)["full_pending"]
-        _wait(full_in_progress, step=0.005)  # the full run has started writing: kill it now
+        wait_for(full_in_progress, step=0.005)  # the full run has started writing: kill it now
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         with driver.session(database=cfg.neo4j_database) as s:
@@ -592,9 +542,9 @@ def test_worker_killed_mid_run_loses_nothing(trained, cfg, driver):
             with driver.session(database=cfg.neo4j_database) as s:
                 state = jobs.get(s, job["id"])["state"]
             return state == "succeeded" and status(driver, cfg)["lag_seconds"] == 0
-        _wait(done, timeout=120)
+        wait_for(done, timeout=120)
         assert interrupted, "the kill landed after the run finished; the graph should be larger"
-        _wait(lambda: max_error(driver, cfg, trained) < TOLERANCE, timeout=30, step=0.5)
+        wait_for(lambda: max_error(driver, cfg, trained) < TOLERANCE, timeout=30, step=0.5)
     finally:
         proc.kill()
         proc.wait()
@@ -614,22 +564,22 @@ def test_standby_takes_over_when_active_worker_dies(trained, cfg, driver, tmp_pa
         def embedded():
             with driver.session(database=cfg.neo4j_database) as s:
                 return s.run("MATCH (u:User {id: $id}) RETURN u.embedding IS NOT NULL AS e", id=user).single()["e"]
-        _wait(embedded, timeout=30)
+        wait_for(embedded, timeout=30)
         run = next(r for r in status(driver, cfg)["recent_runs"] if r["mode"] != "noop")
         assert f":{proc.pid}:" in run["owner"], run
     try:
-        _wait(lambda: f":{first.pid}:" in (_owner(driver, cfg) or ""))  # after any earlier lease lapses
+        wait_for(lambda: f":{first.pid}:" in (worker_owner(driver, cfg) or ""))  # after any earlier lease lapses
         second = _worker({}, log=tmp_path / "second.log")
         # The second tried the lease and stands by (it would take it without the standby logic) ...
-        _wait(lambda: "standing by" in (tmp_path / "second.log").read_text(), timeout=30)
+        wait_for(lambda: "standing by" in (tmp_path / "second.log").read_text(), timeout=30)
         refreshed_by("while-both-run", first)  # ... and only the first refreshes
-        assert f":{first.pid}:" in _owner(driver, cfg)
+        assert f":{first.pid}:" in worker_owner(driver, cfg)
         # Niced below the API and Neo4j (nice adds to the niceness it was started with).
         assert os.getpriority(os.PRIO_PROCESS, first.pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
         assert "is now active" not in (tmp_path / "second.log").read_text()
         first.send_signal(signal.SIGKILL)
         first.wait()
-        _wait(lambda: f":{second.pid}:" in (_owner(driver, cfg) or ""), timeout=30)
+        wait_for(lambda: f":{second.pid}:" in (worker_owner(driver, cfg) or ""), timeout=30)
         refreshed_by("after-takeover", second)
     finally:
         for proc in (first, second):
@@ -651,7 +601,7 @@ def _nodes_written_since(driver, cfg, t0) -> tuple[int, int]:
 def test_worker_killed_during_the_batch_writes_loses_nothing(trained, cfg, driver, kind):
     """Killed once some but not all nodes carry the full run's vectors (small batches): the next
     worker finishes that run (a retrain's version too, then current) and everything is exact."""
-    _wait(lambda: _owner(driver, cfg) is None, timeout=30, step=0.2)
+    wait_for(lambda: worker_owner(driver, cfg) is None, timeout=30, step=0.2)
     rng = random.Random(17)
     pipeline.ingest(driver, cfg, events(rng, 1500, 300, 200))
     with driver.session(database=cfg.neo4j_database) as s:
@@ -663,7 +613,7 @@ def test_worker_killed_during_the_batch_writes_loses_nothing(trained, cfg, drive
         def part_written():
             done, total = _nodes_written_since(driver, cfg, t0)
             return 0 < done < total
-        _wait(part_written, timeout=120, step=0.01)
+        wait_for(part_written, timeout=120, step=0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done, total = _nodes_written_since(driver, cfg, t0)
@@ -678,11 +628,11 @@ def test_worker_killed_during_the_batch_writes_loses_nothing(trained, cfg, drive
             with driver.session(database=cfg.neo4j_database) as s:
                 state = jobs.get(s, job["id"])["state"]
             return state == "succeeded" and status(driver, cfg)["lag_seconds"] == 0
-        _wait(done, timeout=180)
+        wait_for(done, timeout=180)
         current = models.current(driver, cfg)
         if kind == "retrain":  # the interrupted version was finished and switched to, not trained again
             assert current.version == newest != trained.version
-        _wait(lambda: max_error(driver, cfg, current) < TOLERANCE, timeout=30, step=0.5)
+        wait_for(lambda: max_error(driver, cfg, current) < TOLERANCE, timeout=30, step=0.5)
     finally:
         proc.kill()
         proc.wait()
@@ -694,7 +644,7 @@ def test_worker_killed_during_the_batch_writes_loses_nothing(trained, cfg, drive
 def test_a_cli_job_longer_than_the_lease_runs_once(trained, cfg, driver):
     """The CLI renews the lease while it runs a job (here a retrain: training, then a full run in
     small batches), so a standby worker never takes the job over and runs it again."""
-    _wait(lambda: _owner(driver, cfg) is None, timeout=30, step=0.2)
+    wait_for(lambda: worker_owner(driver, cfg) is None, timeout=30, step=0.2)
     pipeline.ingest(driver, cfg, events(random.Random(19), 1500, 300, 200))
     env = {**os.environ, "IG_LEASE_SECONDS": "2", "IG_FULL_BATCH": "2"}
     cli = subprocess.Popen([sys.executable, "-m", "app", "retrain"], env=env,
@@ -705,7 +655,7 @@ def test_a_cli_job_longer_than_the_lease_runs_once(trained, cfg, driver):
             with driver.session(database=cfg.neo4j_database) as s:
                 record = s.run("MATCH (j:Job {state: 'running'}) RETURN j.id AS id, j.owner AS owner").single()
             return record and dict(record)
-        job = _wait(running)
+        job = wait_for(running)
         assert f":{cli.pid}:" in job["owner"]
         while cli.poll() is None:  # what a standby worker does: take the lease if it lapses, run jobs
             standby.tick()

@@ -18,10 +18,9 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.serving import graph
 from app.worker import Worker
-from bench.bench_ingest import free_port, wait_ready
+from support.servers import free_port, spawn, stop, wait_ready
 from tests.conftest import SERVICE, wipe
 from tests.test_serving import assert_ranking
-from tests.test_soak import spawn, stop
 
 NOW = 1_767_225_600_000  # 2026-01-01
 

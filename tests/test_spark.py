@@ -99,3 +99,20 @@ def test_spark_load_names_a_missing_column(cfg, tmp_path):
     result = CliRunner().invoke(cli, ["load", "spark", "--input", str(path), "--user-col", "user",
                                       "--item-col", "b", "--ts-col", "c"])
     assert result.exit_code == 1 and "column 'user' not in" in result.output
+
+
+def test_a_spark_load_leaves_no_jvm_and_no_py4j_connection_behind(cfg, clean_db, tmp_path):
+    """Else the connections' finalisers log at interpreter exit, to streams already closed."""
+    import gc
+
+    import psutil
+    from py4j.clientserver import ClientServerConnection
+    from pyspark import SparkContext
+    path = tmp_path / "x.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    CliRunner().invoke(cli, ["load", "spark", "--input", str(path), "--user-col", "a",
+                             "--item-col", "b", "--ts-col", "c", "--master", "local[1]"])
+    gc.collect()
+    assert SparkContext._gateway is None
+    assert not [c for c in gc.get_objects() if isinstance(c, ClientServerConnection) and c.is_connected]
+    assert not [p for p in psutil.Process().children(recursive=True) if "java" in p.name()]

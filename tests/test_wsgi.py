@@ -37,7 +37,7 @@ def test_a_negative_serving_setting_is_refused(monkeypatch, name):
 
 def test_granian_closes_the_connections_it_is_asked_to(cfg):
     """`interest-graph serve` (granian) with IG_KEEPALIVE_REQUESTS=1: every answer closes its connection."""
-    from bench.bench_ingest import free_port, wait_ready
+    from support.servers import free_port, wait_ready
     port = free_port()
     env = {**os.environ, "IG_PORT": str(port), "IG_WORKERS": "1", "IG_THREADS": "1", "IG_KEEPALIVE_REQUESTS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env,

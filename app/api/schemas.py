@@ -20,7 +20,7 @@ class _Query(BaseModel):
     @classmethod
     def model_json_schema(cls, *args, **kwargs) -> dict:
         """The schema, built once per model and arguments: the request validator asks for it on every
-        request (3 ms each, a third of a recommendation's time). That call (no arguments) only reads it,
+        request, at a cost comparable with the recommendation itself. That call (no arguments) only reads it,
         so it gets the cached dict itself; the OpenAPI builder's calls get copies they may change."""
         key = (cls, args, tuple(sorted(kwargs.items())))
         if key not in _SCHEMAS:
@@ -50,20 +50,20 @@ class JobPath(BaseModel):
 
 
 # --- queries and bodies ---------------------------------------------------------------------------
-class Filters(_Query):
+class FilterQuery(_Query):
     """Item filters: applied before the top k is cut, so they never shrink an answer that has enough items."""
 
     category: Optional[str] = Field(None, max_length=256, description="Only items of this category.")
     max_price: Optional[float] = Field(None, ge=0, allow_inf_nan=False, description="Only items priced at most this.")
 
 
-class RecsQuery(Filters):
+class RecsQuery(FilterQuery):
     k: int = Field(20, ge=1, description="How many items (bounded by IG_MAX_K).")
     exclude_seen: bool = Field(True, description="Leave out items the user already interacted with.")
     explain: bool = Field(False, description="Add, per item, the user's own items that contributed most.")
 
 
-class SimilarQuery(Filters):
+class SimilarQuery(FilterQuery):
     k: int = Field(20, ge=1, description="How many items (bounded by IG_MAX_K).")
 
 

@@ -37,9 +37,9 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
             owner: str | None = None) -> dict:
     """One run over the changes since the watermark: incremental when possible, else full."""
     with driver.session(database=cfg.neo4j_database) as session:
-        st = store.refresh_state(session)
-        reason = ("requested" if full else "interrupted full recompute" if st["full_pending"]
-                  else "no watermark yet" if st["watermark"] is None else None)
+        status = store.refresh_state(session)
+        reason = ("requested" if full else "interrupted full recompute" if status["full_pending"]
+                  else "no watermark yet" if status["watermark"] is None else None)
         if reason is None:
             started = time.monotonic()
             now = store.server_time(session)
@@ -59,8 +59,8 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
                          run["changed_edges"], run["users"], run["items"], time.monotonic() - started, left)
                 return run
     publish = False
-    if st["full_pending"]:  # finish the interrupted run under the version it was writing
-        lm, publish = interrupted(driver, cfg, st, lm)
+    if status["full_pending"]:  # finish the interrupted run under the version it was writing
+        lm, publish = interrupted(driver, cfg, status, lm)
     return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason, publish=publish)
 
 

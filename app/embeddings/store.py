@@ -30,11 +30,11 @@ class Snapshot:
     taken_at: int = 0
 
 
-class Rows(list):
+class ParamList(list):
     """A query parameter list with a short repr.
 
     The driver builds `repr()` of every RUN's parameters for a debug log line even when debug
-    logging is off: over 20,000 embeddings that alone took over a second.
+    logging is off, and over thousands of embeddings that alone is a large share of a write.
     """
 
     def __repr__(self) -> str:
@@ -44,7 +44,7 @@ class Rows(list):
 def chunks(rows: list, size: int = BATCH):
     """Consecutive slices of `rows` as query parameter lists."""
     for start in range(0, len(rows), size):
-        yield Rows(rows[start:start + size])
+        yield ParamList(rows[start:start + size])
 
 
 def server_time(session) -> int:
@@ -171,7 +171,7 @@ def advance(tx, mark: int, run: dict, owner: str | None, full_run: str | None = 
     if record["updated"] == 0:
         raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
     full = users is None
-    tx.run(cypher.APPLIED_LOG, full=full, users=Rows([] if full else users), items=Rows([] if full else items),
+    tx.run(cypher.APPLIED_LOG, full=full, users=ParamList([] if full else users), items=ParamList([] if full else items),
            keep=APPLIED_KEEP).consume()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from collections import Counter
 
@@ -79,6 +80,28 @@ def session(master: str):
             .getOrCreate())
 
 
+def stop(spark) -> None:
+    """Stop the session and the JVM behind it, closing every py4j connection now.
+
+    `SparkSession.stop` leaves the gateway and its connections open for the next session; their
+    finalisers then close them at interpreter exit and log it to streams that may be gone by then.
+    """
+    from pyspark import SparkContext
+    spark.stop()
+    with SparkContext._lock:
+        gateway, SparkContext._gateway, SparkContext._jvm = SparkContext._gateway, None, None
+    if gateway is None:
+        return
+    gateway.shutdown()
+    proc = getattr(gateway, "proc", None)
+    if proc is not None:  # the JVM exits once its stdin closes (pyspark's launch_gateway)
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a JVM that will not stop must not fail a finished load
+            proc.kill()
+
+
 def load(cfg: Config, path: str, source: str = "csv", fmt: str = "csv", options: dict | None = None,
          master: str = "local[2]", chunk_size: int = 5000, slice_size: int = 5000,
          partitions: int | None = None) -> Counter:
@@ -109,7 +132,7 @@ def load(cfg: Config, path: str, source: str = "csv", fmt: str = "csv", options:
                    .partitionBy(n).values().mapPartitions(_write(cfg, slice_size)).collect())
         prepared.unpersist()
     finally:
-        spark.stop()
+        stop(spark)
     from app.db import get_driver
     driver = get_driver(cfg)
     for part in written:

@@ -49,13 +49,16 @@ function userLink(id) {
 }
 
 // --- a shopper -------------------------------------------------------------
+// How many recommendations to list and draw: `?k=` in the page's address, 10 by default.
+const pageK = Math.min(50, Math.max(1, parseInt(new URLSearchParams(location.search).get("k"), 10) || 10));
+
 async function lookupUser(userId) {
-  history.replaceState(null, "", `?user=${esc(userId)}`);
+  history.replaceState(null, "", `?user=${esc(userId)}${pageK === 10 ? "" : `&k=${pageK}`}`);
   $("#user-input").value = userId;
   $("#user-panel").hidden = false;
   $("#user-title").textContent = userId;
   const [recs, interests] = await Promise.all([
-    api(`/v1/users/${esc(userId)}/recommendations?k=10&explain=true`),
+    api(`/v1/users/${esc(userId)}/recommendations?k=${pageK}&explain=true`),
     api(`/v1/users/${esc(userId)}/interests?k=8`),
   ]);
   if (!recs.ok) {
@@ -86,6 +89,38 @@ function renderRecs(results) {
   }));
 }
 
+// Labels stay readable at any size: the shopper in the middle, their strongest items in a column on
+// the left with labels to the left, the recommendations in a column on the right with labels to the
+// right, one row per item; the box grows with the rows instead of the picture shrinking to fit.
+const LABEL_PX = 12, ROW_PX = 24;
+
+// A long title cut in the middle keeps both ends: "reading lamp with a…no. 12 in blue".
+function middle(text, chars) {
+  const s = String(text);
+  if (s.length <= chars) return s;
+  const tail = Math.floor(chars * 0.45);
+  return `${s.slice(0, chars - tail - 1).trimEnd()}…${s.slice(-tail).trimStart()}`;
+}
+
+function columns(box, nodes) {
+  const left = nodes.filter((n) => n.kind === "strong"), right = nodes.filter((n) => n.kind === "rec");
+  const rows = Math.max(left.length, right.length, 1);
+  box.style.height = `${Math.max(320, rows * ROW_PX + 48)}px`;
+  const width = box.clientWidth || 600, height = box.clientHeight;
+  const labelWidth = Math.max(80, Math.min(220, width * 0.3));
+  const at = {}, xLeft = labelWidth + 16, xRight = width - labelWidth - 16;
+  const place = (column, x, side) => column.forEach((n, i) => {
+    n.side = side;
+    at[n.id] = {x, y: height / 2 + (i - (column.length - 1) / 2) * ROW_PX};
+  });
+  const chars = Math.floor(labelWidth / (LABEL_PX * 0.55));
+  for (const n of nodes) if (n.kind !== "user") n.label = middle(n.label, chars);
+  place(left, xLeft, "left");
+  place(right, xRight, "right");
+  for (const n of nodes) if (n.kind === "user") at[n.id] = {x: (xLeft + xRight) / 2, y: height / 2};
+  return {at, labelWidth};
+}
+
 let graph = null;
 function drawGraph(userId, strongest, recs) {
   const box = $("#graph");
@@ -108,7 +143,7 @@ function drawGraph(userId, strongest, recs) {
     nodes.set(`i:${s.item_id}`, {id: `i:${s.item_id}`, label: name(s), kind: "strong"});
     edges.push({source: `u:${userId}`, target: `i:${s.item_id}`, width: 1 + 7 * Math.abs(s.weight || 0) / wMax, kind: "has"});
   }
-  const recsShown = recs.slice(0, 8);
+  const recsShown = recs;
   const cMax = maxOf(recsShown.flatMap((r) => (r.because || []).map((b) => b.contribution || 0)).concat([0]));
   const sMax = maxOf(recsShown.map((r) => r.score || 0));
   for (const r of recsShown) {
@@ -125,22 +160,26 @@ function drawGraph(userId, strongest, recs) {
   }
   const elements = [...[...nodes.values()].map((data) => ({data})),
     ...edges.map((data, n) => ({data: {id: `e${n}`, ...data}}))];
+  const layout = columns(box, [...nodes.values()]);
   if (graph) graph.destroy();
   graph = cytoscape({
-    container: box, elements, wheelSensitivity: 0.3,
+    container: box, elements, wheelSensitivity: 0.3, minZoom: 0.5, maxZoom: 3,
     style: [
-      {selector: "node", style: {label: "data(label)", "font-size": 10, "text-valign": "bottom", "text-margin-y": 4,
-        "text-wrap": "ellipsis", "text-max-width": 110, width: 18, height: 18, color: "#1d2733"}},
-      {selector: "node[kind = 'user']", style: {"background-color": "#2d5be3", width: 30, height: 30, "font-weight": 700}},
+      {selector: "node", style: {label: "data(label)", "font-size": LABEL_PX, "text-valign": "center",
+        "text-wrap": "ellipsis", "text-max-width": layout.labelWidth, width: 14, height: 14, color: "#1d2733",
+        "text-background-color": "#fbfcfd", "text-background-opacity": 0.85, "text-background-padding": 1}},
+      {selector: "node[side = 'left']", style: {"text-halign": "left", "text-margin-x": -6}},
+      {selector: "node[side = 'right']", style: {"text-halign": "right", "text-margin-x": 6}},
+      {selector: "node[kind = 'user']", style: {"background-color": "#2d5be3", width: 26, height: 26, "font-weight": 700,
+        "text-valign": "bottom", "text-halign": "center", "text-margin-y": 4}},
       {selector: "node[kind = 'strong']", style: {"background-color": "#1f9d74"}},
       {selector: "node[kind = 'rec']", style: {"background-color": "#e0801f", shape: "round-rectangle"}},
-      {selector: "edge", style: {width: "data(width)", "curve-style": "bezier", opacity: 0.7}},
+      {selector: "edge", style: {width: "data(width)", "curve-style": "bezier", opacity: 0.55}},
       {selector: "edge[kind = 'has']", style: {"line-color": "#1f9d74"}},
       {selector: "edge[kind = 'why']", style: {"line-color": "#e0801f", "line-style": "dashed",
         "target-arrow-shape": "triangle", "target-arrow-color": "#e0801f"}},
     ],
-    layout: {name: "concentric", concentric: (n) => ({user: 3, strong: 2, rec: 1}[n.data("kind")]),
-      levelWidth: () => 1, minNodeSpacing: 28, animate: false},
+    layout: {name: "preset", positions: (n) => layout.at[n.id()], fit: false, zoom: 1, pan: {x: 0, y: 0}},
   });
   graph.on("tap", "node[kind != 'user']", (evt) => lookupItem(evt.target.id().slice(2)));
   window.igGraph = graph;  // for tests and the curious
@@ -213,6 +252,36 @@ async function lookupItem(itemId) {
 }
 
 // --- the system ------------------------------------------------------------
+const percent = (v) => `${(100 * v).toFixed(1)} %`;
+const duration = (v) => (v < 90 ? `${v.toFixed(1)} s` : `${(v / 60).toFixed(1)} min`);
+// A model's metrics as (:Model).metrics names them, in words and units; unknown names are shown
+// readable rather than dropped.
+const METRICS = [
+  [/^recall@(\d+)$/, (m, v) => `Recall@${m[1]} (share of held-out items in the top ${m[1]}) ${percent(v)}`],
+  [/^ndcg@(\d+)$/, (m, v) => `NDCG@${m[1]} (ranking quality, 0 to 1) ${v.toFixed(3)}`],
+  [/^hit(?:_rate)?@(\d+)$/, (m, v) => `hit rate@${m[1]} ${percent(v)}`],
+  [/^mrr@?(\d*)$/, (m, v) => `mean reciprocal rank ${v.toFixed(3)}`],
+  [/^tune_recall$/, (m, v) => `Recall on the tuning shoppers ${percent(v)}`],
+  [/^step$/, (m, v) => `last search step ${v.toPrecision(2)}`],
+  [/^seconds$/, (m, v) => `training time ${duration(v)}`],
+  [/^(epoch|epochs)$/, (m, v) => `epochs ${v}`],
+  [/^(trial|trials)$/, (m, v) => `settings tried ${v}`],
+  [/^(users|n_users)$/, (m, v) => `shoppers evaluated ${v.toLocaleString()}`],
+];
+
+function metricRank(key) {  // the held-out quality first, in the table's order; unknown names last
+  const n = METRICS.findIndex(([pattern]) => pattern.test(key));
+  return n < 0 ? METRICS.length : n;
+}
+
+function metricText(key, value) {
+  for (const [pattern, text] of METRICS) {
+    const m = key.match(pattern);
+    if (m) return text(m, value);
+  }
+  return `${key.replace(/_/g, " ")} ${Number.isInteger(value) ? value.toLocaleString() : value.toPrecision(4)}`;
+}
+
 const rates = [];
 let last = null;
 async function pollSystem() {
@@ -236,8 +305,9 @@ async function pollSystem() {
   $("#freshness").textContent = ago(p.last_refresh_at);
   $("#model").textContent = p.model ? p.model.version : "none yet";
   const metrics = p.model && p.model.metrics ? Object.entries(p.model.metrics)
-    .filter(([, v]) => typeof v === "number").map(([k, v]) => `${k} ${Number.isInteger(v) ? v : v.toFixed(4)}`) : [];
-  $("#model-metrics").textContent = metrics.length ? `Model metrics: ${metrics.join(" · ")}` : "";
+    .filter(([, v]) => typeof v === "number").sort(([a], [b]) => metricRank(a) - metricRank(b))
+    .map(([k, v]) => metricText(k, v)) : [];
+  $("#model-metrics").textContent = metrics.length ? `Model, measured on held-out shoppers when trained: ${metrics.join(" · ")}` : "";
   $("#runs tbody").replaceChildren(...(p.recent_runs || []).slice(0, 8).map((r) => el("tr", {},
     el("td", {}, r.finished_at ? new Date(r.finished_at).toLocaleTimeString() : "–"), el("td", {}, r.mode || "–"),
     el("td", {}, String(r.changed_edges ?? r.edges ?? "–")), el("td", {}, String(r.users ?? "–")),
