@@ -9,7 +9,7 @@ import sys
 import click
 
 from app import migrate as migrations
-from app import neo4j_local
+from app import kafka_local, neo4j_local
 from app import config as config_module
 from app.config import load_config
 from app.db import get_driver
@@ -69,6 +69,35 @@ def neo4j_status():
     state = neo4j_local.status(load_config())
     click.echo(json.dumps(state, indent=2))
     sys.exit(0 if state["bolt_open"] else 1)
+
+
+@main.group()
+def kafka():
+    """Run the local Kafka broker (KRaft, provisioned from Maven Central)."""
+
+
+@kafka.command("start")
+def kafka_start():
+    """Start Kafka in the background and wait until the broker answers."""
+    try:
+        state = kafka_local.start(load_config())
+    except kafka_local.KafkaError as exc:
+        _fail(str(exc))
+    click.echo(f"Kafka {state['version']} running (pid {state['pid']}): {state['bootstrap']}")
+
+
+@kafka.command("stop")
+def kafka_stop():
+    """Stop the local Kafka broker."""
+    click.echo("stopped" if kafka_local.stop(load_config()) else "not running")
+
+
+@kafka.command("status")
+def kafka_status():
+    """Show whether the local broker runs; exit 1 if its port does not answer."""
+    state = kafka_local.status(load_config())
+    click.echo(json.dumps(state, indent=2))
+    sys.exit(0 if state["broker_open"] else 1)
 
 
 @main.command()
@@ -298,6 +327,22 @@ def worker():
     """Run the refresh scheduler (one active worker per database; others stand by)."""
     from app.worker import Worker
     Worker(load_config()).run_forever()
+
+
+@main.command()
+def consume():
+    """Fold the Kafka event log into Neo4j as one member of the consumer group (start several to split
+    the partitions); Ctrl-C leaves the group."""
+    from app.ingest.consume import Folder
+    cfg = load_config()
+    folder = Folder(cfg, get_driver(cfg))
+    try:
+        folder.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        folder.close()
+    click.echo(json.dumps(dict(folder.totals)))
 
 
 def _queue_job(kind: str, params: dict) -> dict:

@@ -59,8 +59,12 @@ def _partial(body: dict, rejected: list[dict]):
 
 @bp.post("/v1/events", responses={200: IngestReport, 422: IngestReport, **BATCH_ERRORS})
 def post_events():
-    """Validate, clean and commit a batch of events; each event_id counts once."""
-    report = pipeline.ingest(driver(), cfg(), _batch(), wait=cfg().ingest_wait)
+    """Validate, clean and commit a batch of events (or, with IG_INGEST=kafka, append it to the event
+    log); each event_id counts once."""
+    if cfg().ingest == "kafka":
+        report = pipeline.enqueue(cfg(), _batch(), wait=cfg().kafka_wait)
+    else:
+        report = pipeline.ingest(driver(), cfg(), _batch(), wait=cfg().ingest_wait)
     metrics.count_events(report)
     return _partial({"accepted": report.accepted, "duplicates": report.duplicates,
                      "rejected": report.rejected, "quarantined": report.quarantined}, report.rejected)
