@@ -11,7 +11,7 @@ from app.api import cfg, driver
 from app.api.schemas import ErrorOut, IngestReport, ItemsReport, StatsOut, UserPath
 from app.errors import ApiError
 from app.ids import user_key
-from app.ingest import cleaning, decay, pipeline, schema, writer
+from app.ingest import cleaning, decay, log, pipeline, schema, writer
 from app.runtime import freeze_heap
 
 bp = APIBlueprint("events", __name__, abp_tags=[Tag(name="ingest")])
@@ -92,5 +92,9 @@ def stats():
     from app.status import public, status
     counts = writer.read_stats(driver(), cfg().neo4j_database, timeout=cfg().neo4j_timeout)
     head = {k: counts.pop(k, 0) for k in ("accepted", "duplicates", "rejected")}
-    return {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts},
-            "pipeline": public(status(driver(), cfg()))}
+    out = {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts},
+           "pipeline": public(status(driver(), cfg())), "ingest": cfg().ingest}
+    if cfg().ingest == "kafka":
+        out["log"] = log.lag_summary(cfg())
+    return out
+

@@ -156,3 +156,12 @@ def lag(cfg: Config, timeout: float = 2.0) -> dict:
                 "partitions": per}
     finally:
         consumer.close()
+
+
+def lag_summary(cfg: Config) -> dict:
+    """`lag` with partitions named as text (JSON keys), or no figure while the broker does not answer."""
+    try:
+        lag_now = lag(cfg)
+    except Exception:  # noqa: BLE001 - the broker away: the stats and the scrape still answer
+        return {"topic": cfg.kafka_topic, "group": cfg.kafka_group, "messages": None, "partitions": {}}
+    return {**lag_now, "partitions": {str(p): n for p, n in lag_now["partitions"].items()}}

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from app.config import Config
 from app.ids import user_keys
-from app.ingest import cleaning, decay, group, schema
+from app.ingest import cleaning, decay, group, log, schema
 
 
 @dataclass
@@ -70,7 +70,6 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None, wai
 def enqueue(cfg: Config, raw: list, wait: float) -> Report:
     """IG_INGEST=kafka: validate, clean and weigh as `ingest` does, then append the batch to the event log
     and return once the broker holds it (`interest-graph consume` claims the ids and writes the edges)."""
-    from app.ingest import log  # the Kafka client loads only where the log is used
     report, events = prepare(cfg, raw)
     counts = {k: v for k, v in report.counts().items() if k != "accepted" and v}
     log.event_log(cfg).append(events, counts, wait)
