@@ -154,6 +154,8 @@ class Config:
     kafka_heap: str = "512m"
     kafka_wait: float = 10.0  # longest an ingest request waits for the broker's acknowledgement (then 503)
     consume_batch: int = 20_000  # messages a consumer folds into one Neo4j transaction at most
+    # A consumer silent this long (killed, hung) loses its partitions to the others (Kafka's default: 45 s).
+    kafka_session_timeout: float = 10.0
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
@@ -274,6 +276,7 @@ def load_config(**overrides) -> Config:
         kafka_heap=_env(env, "IG_KAFKA_HEAP", Config.kafka_heap),
         kafka_wait=_env(env, "IG_KAFKA_WAIT", Config.kafka_wait, float),
         consume_batch=_env(env, "IG_CONSUME_BATCH", Config.consume_batch, int),
+        kafka_session_timeout=_env(env, "IG_KAFKA_SESSION_TIMEOUT", Config.kafka_session_timeout, float),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
         refresh_max_users=_env(env, "IG_REFRESH_MAX_USERS", Config.refresh_max_users, int),

@@ -35,7 +35,9 @@ def broker(cfg):
 def kcfg(broker, clean_db):
     """The test Config on a topic and consumer group of this test only, in front of an empty graph."""
     name = uuid.uuid4().hex[:10]
-    return dataclasses.replace(broker, kafka_topic=f"events-{name}", kafka_group=f"fold-{name}", kafka_partitions=3)
+    # The broker's least session timeout: a killed consumer's partitions move to the next one soonest.
+    return dataclasses.replace(broker, kafka_topic=f"events-{name}", kafka_group=f"fold-{name}", kafka_partitions=3,
+                               kafka_session_timeout=6.0)
 
 
 def stream(n: int = 600, seed: int = 3) -> list[list[dict]]:
@@ -116,7 +118,7 @@ def test_kill_9_mid_batch_and_a_replay_from_offset_0_add_each_event_once(kcfg, c
         pipeline.enqueue(kcfg, batch, wait=30)
     hot = HeldItem(clean_db, kcfg, "i1")  # the hottest item: the consumer's batch waits on its lock
     env = {**os.environ, "IG_KAFKA_TOPIC": kcfg.kafka_topic, "IG_KAFKA_GROUP": kcfg.kafka_group,
-           "IG_KAFKA_PARTITIONS": "3", "PYTHONPATH": str(ROOT)}
+           "IG_KAFKA_PARTITIONS": "3", "IG_KAFKA_SESSION_TIMEOUT": "6", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "app", "consume"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

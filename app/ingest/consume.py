@@ -39,7 +39,9 @@ class Folder:
             "auto.offset.reset": "earliest", "partition.assignment.strategy": "cooperative-sticky",
             # A batch waits for Neo4j as long as Neo4j is away; past this the member leaves the group
             # and rejoins on its next read (its uncommitted batch is read again, which adds nothing).
-            "max.poll.interval.ms": 600_000}))
+            "max.poll.interval.ms": 600_000,
+            "session.timeout.ms": int(cfg.kafka_session_timeout * 1000),
+            "heartbeat.interval.ms": int(cfg.kafka_session_timeout * 1000 / 4)}))
         self.consumer.subscribe([cfg.kafka_topic])
         self.dead = Producer(event_log.client_conf(cfg, **{"enable.idempotence": True, "acks": "all"}))
         self.totals = Counter()
