@@ -66,8 +66,10 @@ $(VEGETA):
 
 bench: install $(VEGETA)
 	$(TEST_ENV) $(IG) neo4j start
+	$(TEST_ENV) $(IG) kafka start
 	$(TEST_ENV) $(IG) migrate
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
+	$(TEST_ENV) $(PY) -m bench.bench_kafka
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
 	$(TEST_ENV) $(PY) -m bench.bench_soak
 	$(TEST_ENV) $(PY) -m bench.bench_serving

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import random
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -216,3 +217,25 @@ def test_api_in_kafka_mode_over_http(kcfg, clean_db, serve):
     fold_all(kcfg, clean_db)
     stats = requests.get(f"{base}/v1/stats", timeout=30).json()
     assert (stats["accepted"], stats["rejected"], stats["log"]["messages"]) == (30, 1, 0)
+
+
+def test_with_neo4j_away_the_api_accepts_into_kafka_and_the_consumer_waits(kcfg, clean_db, serve):
+    away = dataclasses.replace(kcfg, ingest="kafka", neo4j_uri="bolt://127.0.0.1:9")  # nothing listens there
+    base = serve(away)
+    batch = [{"event_id": f"a{k}", "user_id": f"u{k % 4}", "item_id": f"i{k % 5}", "type": "view",
+              "ts": T0 + k * 60_000} for k in range(40)]
+    reply = requests.post(f"{base}/v1/events", json=batch, headers=SERVICE, timeout=30)
+    assert reply.status_code == 200 and reply.json()["accepted"] == 40
+    from app.db import get_driver
+    folder = Folder(kcfg, get_driver(away))
+    done = []
+    thread = threading.Thread(target=lambda: done.append(folder.step(5)), daemon=True)
+    thread.start()
+    try:
+        time.sleep(3)
+        assert not done and edges(clean_db, kcfg) == {}  # the batch waits for Neo4j, its offsets uncommitted
+    finally:
+        folder.driver = clean_db  # Neo4j is back
+        thread.join(60)
+        folder.close()
+    assert done == [40] and len(edges(clean_db, kcfg)) == 20 and log.lag(kcfg)["messages"] == 0
