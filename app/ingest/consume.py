@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from neo4j.exceptions import DriverError, ResultFailedError, TransientError
 
 from app.config import Config
@@ -72,8 +72,11 @@ class Folder:
         offsets = {}
         for m in messages:
             offsets[(m.topic(), m.partition())] = max(offsets.get((m.topic(), m.partition()), -1), m.offset())
-        self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
-                             asynchronous=False)
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
+                                 asynchronous=False)
+        except KafkaException as exc:  # the partitions moved meanwhile (a rebalance)
+            log.warning("offsets not committed (%s): the batch will be read again and add nothing", exc)
         self.totals.update(messages=len(messages), accepted=accepted, dead=len(poison))
         return len(messages)
 

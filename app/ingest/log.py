@@ -92,12 +92,10 @@ class EventLog:
     def append(self, events: list[dict], counts: dict, wait: float) -> None:
         """Write a prepared batch keyed by user; Overloaded when the broker has not acknowledged it all
         within `wait` s (some messages may still land: a resend is then a duplicate the consumer drops)."""
-        pending, failures = [len(events) or 1], []
+        results = []  # one entry a delivery report (list.append is atomic: any thread's poll may serve them)
 
         def delivered(err, _msg):
-            pending[0] -= 1
-            if err is not None:
-                failures.append(err)
+            results.append(err)
         messages = [(e["u"].encode(), encode(e, counts if n == 0 else None)) for n, e in enumerate(events)]
         if not messages:  # nothing kept: the counters still travel through the log
             messages = [(None, encode({}, counts))]
@@ -111,9 +109,10 @@ class EventLog:
                     if time.monotonic() > deadline:
                         raise Overloaded("kafka producer queue full") from None
                     self.producer.poll(0.01)
-        while pending[0] > 0 and time.monotonic() < deadline:
+        while len(results) < len(messages) and time.monotonic() < deadline:
             self.producer.poll(0.005)
-        if pending[0] > 0 or failures:
+        failures = [err for err in results if err is not None]
+        if len(results) < len(messages) or failures:
             raise Overloaded(f"kafka did not acknowledge the batch ({failures[0] if failures else 'timed out'})")
 
 
