@@ -23,9 +23,15 @@ from app.ingest import log
 from bench.bench_ingest import ceiling, cpu_cost, per_event, rest, synthetic, wipe
 
 
-def fold(cfg, consumers: int, events: int, timeout: float = 900) -> float:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds used so far by one process."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fold(cfg, consumers: int, events: int, timeout: float = 900) -> tuple[float, float]:
     """`consumers` processes of `interest-graph consume` in a new group fold the whole topic: events/s
-    from their start until the group's lag is 0."""
+    from their start until the group's lag is 0, and the consumers' CPU seconds (start-up included)."""
     group = f"bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "IG_KAFKA_TOPIC": cfg.kafka_topic, "IG_KAFKA_GROUP": group}
     start = time.perf_counter()
@@ -37,7 +43,7 @@ def fold(cfg, consumers: int, events: int, timeout: float = 900) -> float:
             time.sleep(0.2)
             lag = log.lag(lag_cfg)["messages"]
             if lag == 0 and time.perf_counter() - start > 1:
-                return events / (time.perf_counter() - start)
+                return events / (time.perf_counter() - start), sum(proc_cpu(p.pid) for p in procs)
         raise RuntimeError(f"the topic was not folded within {timeout} s")
     finally:
         for proc in procs:
@@ -87,9 +93,9 @@ def main() -> None:
             continue
         wipe(driver, db)
         key = f"fold{consumers}"
-        results[key], neo_cpu[key], py = cpu_cost(cfg, lambda c=consumers: fold(cfg, c, n))
+        (results[key], py), neo_cpu[key], _ = cpu_cost(cfg, lambda c=consumers: fold(cfg, c, n))
         print(f"(d) folded into Neo4j by {consumers} consumer(s): {results[key]:,.0f} events/s  "
-              f"{per_event(neo_cpu[key], 0.0, n)}", flush=True)
+              f"{per_event(neo_cpu[key], py, n)} (consumers)", flush=True)
     if "ceiling" in neo_cpu:
         for key in ("direct", "fold1", "fold2"):
             if key in neo_cpu:
