@@ -118,11 +118,12 @@ def _format(java: str, p: dict[str, Path], conf: Path) -> None:
 
 
 def _pid(p: dict[str, Path]) -> int | None:
+    """The broker's process id while it runs (an exited child of this process lingers as a zombie)."""
     try:
         pid = int(p["pid"].read_text())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return None if state == "Z" else pid
+    except (FileNotFoundError, ValueError, IndexError):
         return None
 
 
