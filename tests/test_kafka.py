@@ -271,6 +271,7 @@ def test_a_csv_backfill_through_the_log_equals_a_direct_load(kcfg, clean_db, tmp
     assert writer.read_stats(clean_db, kcfg.neo4j_database) == counters  # unknown_type drops counted once
 
 
+@pytest.mark.slow
 def test_a_broker_restart_loses_nothing_and_adds_nothing_twice(kcfg, clean_db, serve):
     batches = stream(n=300, seed=11)
     expected, counters = direct_load(kcfg, clean_db, batches)
