@@ -6,7 +6,9 @@ IG := $(VENV)/bin/interest-graph
 STAMP := $(VENV)/.installed-stamp
 # The test suite runs on its own Neo4j (ports 7688/7475, data under var/ of this checkout, so each
 # clone's server matches its own .env password): it never wipes `make run`'s data.
-TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDIR)/var/test
+# Its Kafka broker likewise listens on 9094 (controller 9095), beside `make run`'s 9092/9093.
+TEST_ENV := NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=$(CURDIR)/var/test \
+	IG_KAFKA_BOOTSTRAP=$${IG_KAFKA_BOOTSTRAP:-127.0.0.1:9094} IG_KAFKA_CONTROLLER_PORT=$${IG_KAFKA_CONTROLLER_PORT:-9095}
 
 .PHONY: install neo4j migrate run test bench bench-scale stop evaluate clean browser
 
@@ -52,6 +54,7 @@ browser:
 
 test: install browser
 	$(TEST_ENV) $(IG) neo4j start
+	$(TEST_ENV) $(IG) kafka start
 	$(TEST_ENV) $(IG) migrate
 	$(PY) -m pytest
 
@@ -63,8 +66,10 @@ $(VEGETA):
 
 bench: install $(VEGETA)
 	$(TEST_ENV) $(IG) neo4j start
+	$(TEST_ENV) $(IG) kafka start
 	$(TEST_ENV) $(IG) migrate
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
+	$(TEST_ENV) $(PY) -m bench.bench_kafka
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
 	$(TEST_ENV) $(PY) -m bench.bench_soak
 	$(TEST_ENV) $(PY) -m bench.bench_serving
@@ -94,7 +99,9 @@ evaluate: install
 
 stop:
 	-$(IG) neo4j stop
+	-$(IG) kafka stop
 	-$(TEST_ENV) $(IG) neo4j stop
+	-$(TEST_ENV) $(IG) kafka stop
 
 clean: stop
 	rm -rf $(VENV) *.egg-info

@@ -9,7 +9,7 @@ import sys
 import click
 
 from app import migrate as migrations
-from app import neo4j_local
+from app import kafka_local, neo4j_local
 from app import config as config_module
 from app.config import load_config
 from app.db import get_driver
@@ -69,6 +69,35 @@ def neo4j_status():
     state = neo4j_local.status(load_config())
     click.echo(json.dumps(state, indent=2))
     sys.exit(0 if state["bolt_open"] else 1)
+
+
+@main.group()
+def kafka():
+    """Run the local Kafka broker (KRaft, provisioned from Maven Central)."""
+
+
+@kafka.command("start")
+def kafka_start():
+    """Start Kafka in the background and wait until the broker answers."""
+    try:
+        state = kafka_local.start(load_config())
+    except kafka_local.KafkaError as exc:
+        _fail(str(exc))
+    click.echo(f"Kafka {state['version']} running (pid {state['pid']}): {state['bootstrap']}")
+
+
+@kafka.command("stop")
+def kafka_stop():
+    """Stop the local Kafka broker."""
+    click.echo("stopped" if kafka_local.stop(load_config()) else "not running")
+
+
+@kafka.command("status")
+def kafka_status():
+    """Show whether the local broker runs; exit 1 if its port does not answer."""
+    state = kafka_local.status(load_config())
+    click.echo(json.dumps(state, indent=2))
+    sys.exit(0 if state["broker_open"] else 1)
 
 
 @main.command()
@@ -162,12 +191,12 @@ def _load_report(totals) -> None:
         click.echo(f"{'dropped ' + key:>22}: {totals[key]:,}")
 
 
-def _run_load(batches, label: str) -> None:
+def _run_load(batches, label: str, to: str = "neo4j") -> None:
     from app.ingest import decay, loaders
     cfg = load_config()
     try:
         decay.check_config(cfg)
-        totals = loaders.load(get_driver(cfg), cfg, batches, label=label)
+        totals = loaders.load(get_driver(cfg), cfg, batches, label=label, to=to)
     except (decay.DecayRangeError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     _load_report(totals)
@@ -178,13 +207,21 @@ def load():
     """Bulk-load interactions (same validation, cleaning and idempotency as POST /v1/events)."""
 
 
+def _target(command):
+    """The --to option: write into Neo4j, or produce into the Kafka event log for `consume` to fold."""
+    return click.option("--to", "to", type=click.Choice(["neo4j", "kafka"]), default="neo4j", show_default=True,
+                        help="kafka: append the events to the event log (backfills and live traffic then "
+                             "share one writer and one order per user).")(command)
+
+
 @load.command("online-retail")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--chunk-size", default=5000, show_default=True, help="Rows per batch / transaction.")
-def load_online_retail(path: str, chunk_size: int):
+@_target
+def load_online_retail(path: str, chunk_size: int, to: str):
     """Load the UCI Online Retail CSV: invoices -> purchases, cancellations -> returns."""
     from app.ingest import loaders
-    _run_load(loaders.online_retail_batches(path, chunk_size), "online-retail")
+    _run_load(loaders.online_retail_batches(path, chunk_size), "online-retail", to)
 
 
 @load.command("csv")
@@ -198,12 +235,13 @@ def load_online_retail(path: str, chunk_size: int):
 @click.option("--event-id-col", default=None, help="Else the id is a hash of the row's content.")
 @click.option("--ts-unit", type=click.Choice(["ms", "s"]), default="ms", show_default=True)
 @click.option("--chunk-size", default=5000, show_default=True)
+@_target
 def load_csv(path, user_col, item_col, ts_col, type_col, default_type, weight_col, event_id_col, ts_unit,
-             chunk_size):
+             chunk_size, to):
     """Load any interaction CSV; re-running it adds nothing."""
     from app.ingest import loaders
     _run_load(loaders.csv_batches(path, user_col, item_col, ts_col, type_col, weight_col, event_id_col,
-                                  default_type, ts_unit, chunk_size), "csv")
+                                  default_type, ts_unit, chunk_size), "csv", to)
 
 
 @load.command("spark")
@@ -298,6 +336,22 @@ def worker():
     """Run the refresh scheduler (one active worker per database; others stand by)."""
     from app.worker import Worker
     Worker(load_config()).run_forever()
+
+
+@main.command()
+def consume():
+    """Fold the Kafka event log into Neo4j as one member of the consumer group (start several to split
+    the partitions); Ctrl-C leaves the group."""
+    from app.ingest.consume import Folder
+    cfg = load_config()
+    folder = Folder(cfg, get_driver(cfg))
+    try:
+        folder.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        folder.close()
+    click.echo(json.dumps(dict(folder.totals)))
 
 
 def _queue_job(kind: str, params: dict) -> dict:

@@ -13,6 +13,7 @@ ENV_FILE = ROOT / ".env"
 MIGRATIONS_DIR = ROOT / "migrations"
 NEO4J_VERSION = "5.26.30"
 NEO4J_BROWSER_VERSION = "5.24.0"
+KAFKA_VERSION = "4.4.0"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -148,6 +149,19 @@ class Config:
     dedup_retention_days: float = 7.0
     purge_interval: float = 60.0  # seconds between the worker's purges of expired event ids
     purge_batch: int = 10_000     # event ids deleted per transaction (at most 100 transactions a purge)
+    # Kafka in front of ingest (docs/scaling.md): IG_INGEST=kafka answers POST /v1/events once the
+    # batch is in the topic, and `interest-graph consume` folds the topic into Neo4j.
+    ingest: str = "direct"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093  # the local broker's KRaft controller (`interest-graph kafka start`)
+    kafka_topic: str = "ig-events"
+    kafka_partitions: int = 4  # the most consumers that can share the topic
+    kafka_group: str = "interest-graph"
+    kafka_heap: str = "512m"
+    kafka_wait: float = 10.0  # longest an ingest request waits for the broker's acknowledgement (then 503)
+    consume_batch: int = 20_000  # messages a consumer folds into one Neo4j transaction at most
+    # A consumer silent this long (killed, hung) loses its partitions to the others (Kafka's default: 45 s).
+    kafka_session_timeout: float = 10.0
     # refresh
     refresh_interval: float = 1.0
     full_share: float = 0.5
@@ -264,6 +278,16 @@ def load_config(**overrides) -> Config:
         dedup_retention_days=_env(env, "IG_DEDUP_RETENTION_DAYS", Config.dedup_retention_days, float),
         purge_interval=_env(env, "IG_PURGE_INTERVAL", Config.purge_interval, float),
         purge_batch=_env(env, "IG_PURGE_BATCH", Config.purge_batch, int),
+        ingest=_choice(env, "IG_INGEST", Config.ingest, ("direct", "kafka")),
+        kafka_bootstrap=_env(env, "IG_KAFKA_BOOTSTRAP", Config.kafka_bootstrap),
+        kafka_controller_port=_env(env, "IG_KAFKA_CONTROLLER_PORT", Config.kafka_controller_port, int),
+        kafka_topic=_env(env, "IG_KAFKA_TOPIC", Config.kafka_topic),
+        kafka_partitions=_env(env, "IG_KAFKA_PARTITIONS", Config.kafka_partitions, int),
+        kafka_group=_env(env, "IG_KAFKA_GROUP", Config.kafka_group),
+        kafka_heap=_env(env, "IG_KAFKA_HEAP", Config.kafka_heap),
+        kafka_wait=_env(env, "IG_KAFKA_WAIT", Config.kafka_wait, float),
+        consume_batch=_env(env, "IG_CONSUME_BATCH", Config.consume_batch, int),
+        kafka_session_timeout=_env(env, "IG_KAFKA_SESSION_TIMEOUT", Config.kafka_session_timeout, float),
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
         refresh_max_users=_env(env, "IG_REFRESH_MAX_USERS", Config.refresh_max_users, int),
@@ -313,6 +337,8 @@ def load_config(**overrides) -> Config:
             raise ConfigError(f"{name} must be a {'non-negative' if key == 'table_edges' else 'positive'} number, not {values[key]}")
     if values["search_trials"] < 0:
         raise ConfigError(f"IG_SEARCH_TRIALS must be 0 (no search) or a number of trials, not {values['search_trials']}")
+    if values["kafka_partitions"] < 1 or values["consume_batch"] < 1:
+        raise ConfigError("IG_KAFKA_PARTITIONS and IG_CONSUME_BATCH must be at least 1")
     if values["trend_weight"] and not ((values["item_bias"] or 0) > 0 and values["item_trend"] > 0):
         raise ConfigError("IG_TREND_WEIGHT needs item biases (IG_ITEM_BIAS > 0) and a trend half-life (IG_ITEM_TREND > 0)")
     return Config(**values)

@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client import multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
+from app.ingest import log
+
 REQUEST_SECONDS = Histogram("ig_http_request_seconds", "API request latency", ["method", "route", "status"])
 EVENTS = Counter("ig_events_total", "Events posted, by outcome", ["outcome"])
 
@@ -42,6 +44,26 @@ class _PipelineCollector:
                                 value=1.0 if state["worker"]["active"] else 0.0)
 
 
+class _LogCollector:
+    """IG_INGEST=kafka: the consumer group's lag per partition, read from the broker at scrape time."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+
+    def collect(self):
+        cfg = self.app.config["IG"]
+        if cfg.ingest != "kafka":
+            return
+        lag = log.lag_summary(cfg)
+        if lag["messages"] is None:  # the broker away: scrape the rest
+            return
+        gauge = GaugeMetricFamily("ig_kafka_lag_messages", "Events in the log not yet folded into Neo4j",
+                                  labels=["topic", "partition"])
+        for partition, n in lag["partitions"].items():
+            gauge.add_metric([lag["topic"], partition], n)
+        yield gauge
+
+
 def init_app(app: Flask) -> None:
     """Time every request and serve /metrics (aggregated over gunicorn workers when multiprocess)."""
 
@@ -58,6 +80,7 @@ def init_app(app: Flask) -> None:
         return response
 
     pipeline = _PipelineCollector(app)
+    kafka_log = _LogCollector(app)
 
     @app.get("/metrics", responses={200: {"description": "Prometheus text exposition",
                                           "content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -71,6 +94,7 @@ def init_app(app: Flask) -> None:
             for collector in (REQUEST_SECONDS, EVENTS):
                 registry.register(collector)
         registry.register(pipeline)
+        registry.register(kafka_log)
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 

@@ -12,6 +12,9 @@ def apply() -> None:
     os.environ.setdefault("NEO4J_URI", "bolt://127.0.0.1:7688")
     os.environ.setdefault("NEO4J_HTTP_PORT", "7475")
     os.environ.setdefault("IG_HOME", str(Path(__file__).resolve().parents[1] / "var" / "test"))
+    # Its Kafka broker, likewise beside the default 9092/9093 (`make test` starts it; tests/test_kafka.py too).
+    os.environ.setdefault("IG_KAFKA_BOOTSTRAP", "127.0.0.1:9094")
+    os.environ.setdefault("IG_KAFKA_CONTROLLER_PORT", "9095")
     os.environ.setdefault("IG_NEO4J_HEAP", "1g")
     os.environ.setdefault("IG_NEO4J_PAGECACHE", "1g")
     os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")

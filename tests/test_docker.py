@@ -9,7 +9,7 @@ import jsonschema
 import requests
 import yaml
 
-from app.config import ROOT
+from app.config import KAFKA_VERSION, ROOT
 from app.embeddings import store
 from tests.conftest import SERVICE
 
@@ -45,6 +45,11 @@ def test_compose_runs_the_whole_service():
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["api"]["command"][-1] == "serve" and services["worker"]["command"][-1] == "worker"
+    kafka, consume = services["kafka"], services["consume"]
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}" and kafka["profiles"] == consume["profiles"] == ["kafka"]
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert consume["command"][-1] == "consume" and consume["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert services["api"]["environment"]["IG_KAFKA_BOOTSTRAP"] == "kafka:9092"
     prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     job = prometheus["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["api:8000"]

@@ -11,7 +11,7 @@ from app.api import cfg, driver
 from app.api.schemas import ErrorOut, IngestReport, ItemsReport, StatsOut, UserPath
 from app.errors import ApiError
 from app.ids import user_key
-from app.ingest import cleaning, decay, pipeline, schema, writer
+from app.ingest import cleaning, decay, log, pipeline, schema, writer
 from app.runtime import freeze_heap
 
 bp = APIBlueprint("events", __name__, abp_tags=[Tag(name="ingest")])
@@ -59,8 +59,12 @@ def _partial(body: dict, rejected: list[dict]):
 
 @bp.post("/v1/events", responses={200: IngestReport, 422: IngestReport, **BATCH_ERRORS})
 def post_events():
-    """Validate, clean and commit a batch of events; each event_id counts once."""
-    report = pipeline.ingest(driver(), cfg(), _batch(), wait=cfg().ingest_wait)
+    """Validate, clean and commit a batch of events (or, with IG_INGEST=kafka, append it to the event
+    log); each event_id counts once."""
+    if cfg().ingest == "kafka":
+        report = pipeline.enqueue(cfg(), _batch(), wait=cfg().kafka_wait)
+    else:
+        report = pipeline.ingest(driver(), cfg(), _batch(), wait=cfg().ingest_wait)
     metrics.count_events(report)
     return _partial({"accepted": report.accepted, "duplicates": report.duplicates,
                      "rejected": report.rejected, "quarantined": report.quarantined}, report.rejected)
@@ -88,5 +92,9 @@ def stats():
     from app.status import public, status
     counts = writer.read_stats(driver(), cfg().neo4j_database, timeout=cfg().neo4j_timeout)
     head = {k: counts.pop(k, 0) for k in ("accepted", "duplicates", "rejected")}
-    return {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts},
-            "pipeline": public(status(driver(), cfg()))}
+    out = {**head, "dropped": {**dict.fromkeys(cleaning.REASONS, 0), **counts},
+           "pipeline": public(status(driver(), cfg())), "ingest": cfg().ingest}
+    if cfg().ingest == "kafka":
+        out["log"] = log.lag_summary(cfg())
+    return out
+

@@ -232,12 +232,22 @@ class PipelineOut(BaseModel):
     worker_active: bool
 
 
+class LogOut(BaseModel):
+    """The Kafka event log (IG_INGEST=kafka): events the consumer group has not folded into Neo4j yet."""
+    topic: str
+    group: str
+    messages: Optional[int] = None  # None while the broker does not answer
+    partitions: dict[str, int] = {}
+
+
 class StatsOut(BaseModel):
     accepted: int
     duplicates: int
     rejected: int
     dropped: dict[str, int]
     pipeline: Optional[PipelineOut] = None
+    ingest: str = "direct"  # direct, or kafka (events are counted above once the consumer folds them)
+    log: Optional[LogOut] = None
 
 
 class JobOut(BaseModel):

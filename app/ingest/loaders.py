@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from app.config import Config
 from app.ingest import group, pipeline, writer
+from app.ingest import log as event_log
 from app.runtime import freeze_heap
 
 log = logging.getLogger(__name__)
@@ -120,19 +121,27 @@ def prepare(cfg: Config, batch: Batch) -> tuple[list[dict], pipeline.Report, lis
     return events, report, list(latest.values())
 
 
-def _ingest_batch(driver, cfg: Config, batch: Batch) -> tuple[Counter, list[dict]]:
-    """Ingest one batch; return its counts and the metadata of the items whose events were kept."""
+def _ingest_batch(driver, cfg: Config, batch: Batch, to: str = "neo4j") -> tuple[Counter, list[dict]]:
+    """Ingest one batch (`to="kafka"`: append it to the event log, which `consume` folds); return its
+    counts and the metadata of the items whose events were kept."""
     events, report, items = prepare(cfg, batch)
     counts = {k: v for k, v in report.counts().items() if k != "accepted"}
+    if to == "kafka":
+        event_log.event_log(cfg).append(events, {k: v for k, v in {**counts, **batch.extra}.items() if v},
+                                        cfg.kafka_wait)
+        report.accepted = len(events)
+        return Counter({**report.counts(), **batch.extra, "rows": batch.rows}), items
     report.accepted = group.write_events(driver, cfg.neo4j_database, events, {**counts, **batch.extra},
                                          secret=cfg.erasure_secret)
     report.duplicates += len(events) - report.accepted
     return Counter({**report.counts(), **batch.extra, "rows": batch.rows}), items
 
 
-def load(driver, cfg: Config, batches: Iterable[Batch], workers: int = 2, label: str = "load") -> Counter:
+def load(driver, cfg: Config, batches: Iterable[Batch], workers: int = 2, label: str = "load",
+         to: str = "neo4j") -> Counter:
     """Run batches through ingest with a few concurrent writers (edges do not depend on their order);
-    item metadata is written in file order, so the last row of an item sets each of its properties."""
+    item metadata is written in file order, so the last row of an item sets each of its properties.
+    `to="kafka"`: the events go to the event log instead (item metadata still goes to Neo4j)."""
     totals, upserted = Counter(), {}
 
     def finish(future) -> None:
@@ -149,7 +158,7 @@ def load(driver, cfg: Config, batches: Iterable[Batch], workers: int = 2, label:
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(unit=" rows", desc=label) as bar:
         pending = []
         for batch in batches:
-            pending.append(pool.submit(_ingest_batch, driver, cfg, batch))
+            pending.append(pool.submit(_ingest_batch, driver, cfg, batch, to))
             # Keep a bounded queue so a huge file never sits in memory at once.
             while len(pending) > 2 * workers:
                 finish(pending.pop(0))

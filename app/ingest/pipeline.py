@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from app.config import Config
 from app.ids import user_keys
-from app.ingest import cleaning, decay, group, schema
+from app.ingest import cleaning, decay, group, log, schema
 
 
 @dataclass
@@ -64,6 +64,16 @@ def ingest(driver, cfg: Config, raw: list, extra_counts: dict | None = None, wai
                                          tx_timeout=cfg.tx_timeout, secret=cfg.erasure_secret,
                                          max_queued=cfg.ingest_queue if wait is not None else None)
     report.duplicates += len(events) - report.accepted
+    return report
+
+
+def enqueue(cfg: Config, raw: list, wait: float) -> Report:
+    """IG_INGEST=kafka: validate, clean and weigh as `ingest` does, then append the batch to the event log
+    and return once the broker holds it (`interest-graph consume` claims the ids and writes the edges)."""
+    report, events = prepare(cfg, raw)
+    counts = {k: v for k, v in report.counts().items() if k != "accepted" and v}
+    log.event_log(cfg).append(events, counts, wait)
+    report.accepted = len(events)
     return report
 
 
