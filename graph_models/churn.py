@@ -161,25 +161,39 @@ def precision_at(y, score, fraction: float = 0.1) -> float:
     return float(y[np.argsort(-np.asarray(score), kind="stable")[:n]].mean())
 
 
-def choose(days, events, val_cut, horizon_days, grid=GRID, min_days=2, step_days=14):
+def choose(days, events, val_cut, horizon_days, grid=GRID, min_days=2, step_days=14, min_history_days=60):
     """The grid's settings with the best AUC at `val_cut`, trained on cuts whose labels end by `val_cut`."""
     start = days["day"].min()
-    cuts = training_cuts(start, val_cut - horizon_days * DAY, step_days)
+    cuts = training_cuts(start, val_cut - horizon_days * DAY, step_days, min_history_days)
     x, y = stacked(days, events, cuts, horizon_days, min_days)
     xv, yv = frame(days, events, val_cut, horizon_days, min_days)
+    if yv.nunique() < 2:
+        raise ValueError(f"the validation cut {val_cut.date()} has one label only")
     trials = [{"params": p, "auc": auc(yv, fit(x, y, p).score(xv))} for p in grid]
     best = max(trials, key=lambda t: t["auc"])
     return best["params"], {"val_cut": str(val_cut.date()), "train_cuts": len(cuts), "train_rows": len(x),
-                            "val_rows": len(xv), "trials": trials}
+                            "val_rows": len(xv), "best_auc": best["auc"], "trials": trials}
 
 
-def train(days, events, cut, horizon_days, min_days=2, step_days=14, grid=GRID) -> ChurnModel:
+def train(days, events, cut, horizon_days, min_days=2, step_days=14, grid=GRID, min_history_days=60) -> ChurnModel:
     """Settings chosen on the latest cut whose labels end by `cut`, then refitted on every cut up to it."""
     val_cut = cut - horizon_days * DAY
-    params, search = choose(days, events, val_cut, horizon_days, grid, min_days, step_days)
-    cuts = training_cuts(days["day"].min(), val_cut, step_days)
+    params, search = choose(days, events, val_cut, horizon_days, grid, min_days, step_days, min_history_days)
+    cuts = training_cuts(days["day"].min(), val_cut, step_days, min_history_days)
     x, y = stacked(days, events, cuts, horizon_days, min_days)
     model = fit(x, y, params)
     model.meta = {"cut": str(cut), "horizon_days": horizon_days, "min_days": min_days, "train_rows": len(x),
                   "train_cuts": [str(c.date()) for c in cuts], "validation": search}
     return model
+
+
+
+def check(candidate_auc: float, current: ChurnModel | None, x_val: pd.DataFrame, y_val: pd.Series,
+          tolerance: float = 0.005) -> dict:
+    """Promote a candidate unless its validation AUC is below the current model's on the same rows
+    (`x_val`, `y_val`: the latest labelled cut) by more than `tolerance`."""
+    if current is None:
+        return {"promote": True, "candidate_auc": round(candidate_auc, 4), "current_auc": None}
+    cur = auc(y_val, current.score(x_val))
+    return {"promote": bool(candidate_auc >= cur - tolerance), "candidate_auc": round(candidate_auc, 4),
+            "current_auc": round(cur, 4)}
