@@ -42,12 +42,15 @@ class BgNbd:
         def loss(logp):
             return -log_likelihood(np.exp(logp), x, t_x, T).mean() + self.penalizer * np.sum(np.exp(logp) ** 2)
 
-        # A few starts: the surface is flat along a -> 0, b -> inf (no dropout), where one start can stall.
+        # Another start only when the first stalls on a bound: the surface is flat along a -> 0, b -> inf
+        # (no dropout), where one start can stop early.
         best = None
         for start in ([0.0, 0.0, 0.0, 0.0], [-1.0, 1.0, -1.0, 1.0], [0.0, 2.0, 0.5, 0.5]):
             res = minimize(loss, np.array(start), method="L-BFGS-B", bounds=[(-8, 8)] * 4)
             if best is None or res.fun < best.fun:
                 best = res
+            if best.success and np.all(np.abs(best.x) < 7.9):
+                break
         self.params = tuple(float(v) for v in np.exp(best.x))
         self.loss = float(best.fun)
         return self

@@ -97,15 +97,6 @@ def training_cuts(start: pd.Timestamp, last_cut: pd.Timestamp, step_days: int = 
     return cuts[::-1]
 
 
-def stacked(days, events, cuts, horizon_days, min_days=2):
-    """Rows of several cuts stacked: a user appears once per cut it qualifies at."""
-    parts = [frame(days, events, c, horizon_days, min_days) for c in cuts]
-    parts = [(x, y) for x, y in parts if len(x)]
-    if not parts:
-        raise ValueError("no user with enough history at any training cut")
-    return pd.concat([x for x, _ in parts]), pd.concat([y for _, y in parts])
-
-
 @dataclass
 class ChurnModel:
     """A fitted booster and the settings it was chosen with; `score` is P(churn), `reasons` its contributions."""
@@ -161,32 +152,36 @@ def precision_at(y, score, fraction: float = 0.1) -> float:
     return float(y[np.argsort(-np.asarray(score), kind="stable")[:n]].mean())
 
 
-def choose(days, events, val_cut, horizon_days, grid=GRID, min_days=2, step_days=14, min_history_days=60):
-    """The grid's settings with the best AUC at `val_cut`, trained on cuts whose labels end by `val_cut`."""
-    start = days["day"].min()
-    cuts = training_cuts(start, val_cut - horizon_days * DAY, step_days, min_history_days)
-    x, y = stacked(days, events, cuts, horizon_days, min_days)
-    xv, yv = frame(days, events, val_cut, horizon_days, min_days)
+def choose(frames: dict, val_cut, horizon_days, grid=GRID):
+    """The grid's settings with the best AUC at `val_cut`, trained on the `frames` (cut -> (x, y)) whose
+    labels end by `val_cut`."""
+    train_cuts = [c for c in frames if c + horizon_days * DAY <= val_cut and len(frames[c][0])]
+    if not train_cuts:
+        raise ValueError(f"no labelled cut before the validation cut {val_cut.date()}")
+    x, y = pd.concat([frames[c][0] for c in train_cuts]), pd.concat([frames[c][1] for c in train_cuts])
+    xv, yv = frames[val_cut]
     if yv.nunique() < 2:
         raise ValueError(f"the validation cut {val_cut.date()} has one label only")
     trials = [{"params": p, "auc": auc(yv, fit(x, y, p).score(xv))} for p in grid]
     best = max(trials, key=lambda t: t["auc"])
-    return best["params"], {"val_cut": str(val_cut.date()), "train_cuts": len(cuts), "train_rows": len(x),
+    return best["params"], {"val_cut": str(val_cut.date()), "train_cuts": len(train_cuts), "train_rows": len(x),
                             "val_rows": len(xv), "best_auc": best["auc"], "trials": trials}
 
 
 def train(days, events, cut, horizon_days, min_days=2, step_days=14, grid=GRID, min_history_days=60) -> ChurnModel:
-    """Settings chosen on the latest cut whose labels end by `cut`, then refitted on every cut up to it."""
+    """Settings chosen at the latest cut whose labels end by `cut` (fitted on the cuts whose labels end
+    by that one), then refitted on every cut up to it. Cuts every `step_days` back from that cut."""
     val_cut = cut - horizon_days * DAY
-    params, search = choose(days, events, val_cut, horizon_days, grid, min_days, step_days, min_history_days)
     cuts = training_cuts(days["day"].min(), val_cut, step_days, min_history_days)
-    x, y = stacked(days, events, cuts, horizon_days, min_days)
+    frames = {c: frame(days, events, c, horizon_days, min_days) for c in cuts}
+    if val_cut not in frames:
+        raise ValueError(f"less than {min_history_days} days of history before the validation cut {val_cut.date()}")
+    params, search = choose(frames, val_cut, horizon_days, grid)
+    x, y = pd.concat([frames[c][0] for c in cuts]), pd.concat([frames[c][1] for c in cuts])
     model = fit(x, y, params)
     model.meta = {"cut": str(cut), "horizon_days": horizon_days, "min_days": min_days, "train_rows": len(x),
                   "train_cuts": [str(c.date()) for c in cuts], "validation": search}
     return model
-
-
 
 def check(candidate_auc: float, current: ChurnModel | None, x_val: pd.DataFrame, y_val: pd.Series,
           tolerance: float = 0.005) -> dict:

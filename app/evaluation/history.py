@@ -18,7 +18,7 @@ def read(path, fmt: str, user_col=None, item_col=None, ts_col=None, ts_unit="s",
         df = df[df[type_col].astype(str).str.strip() != "return"]
     ts = df[ts_col]
     ts = (pd.to_datetime(ts, unit=ts_unit) if pd.api.types.is_numeric_dtype(ts)
-          else pd.to_datetime(ts, utc=True).dt.tz_localize(None))
+          else pd.to_datetime(ts, utc=True, format="ISO8601").dt.tz_localize(None))
     out = pd.DataFrame({"user": df[user_col].astype(str).to_numpy(), "item": df[item_col].astype(str).to_numpy(),
                         "ts": ts.to_numpy(),
                         "value": df[weight_col].astype(float).to_numpy() if weight_col else 1.0})
