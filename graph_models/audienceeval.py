@@ -112,7 +112,23 @@ def scorers(events: pd.DataFrame, cut: pd.Timestamp, cfg, budget_s: float | None
     chosen = {"itemknn": {"k": knn["k"], "shrink": knn["shrink"]}, "ours": result["metrics"]}
     return {
         "ours_served": lambda _: (p @ q.T) / np.where(norm > 0, norm, 1.0),
+        # the recommendation score (graph filter and EASE included) over each user's best item: the item
+        # bias is the same for every user of an item, so it does not change an audience's order
         "ours_full": lambda _: scorer(every).numpy(),
+        "ours_raw": lambda _: raw(scorer, every),
         "most_active": most_active,
         "itemknn": lambda m: itemknn_scorer(m, k=knn["k"], shrink=knn["shrink"])(every).numpy(),
     }, chosen
+
+
+def raw(scorer, users) -> np.ndarray:
+    """The recommendation score before its per-user scaling (vectors, graph filter, EASE), as an array."""
+    from .train import ease_scores
+    s = scorer.p[users] @ scorer.q.T
+    if scorer.lin_weight:
+        s = s.numpy() + scorer.lin_weight * scorer.lin(scorer.graph[users])
+    else:
+        s = s.numpy()
+    if scorer.ease is not None:
+        s = s + scorer.ease_weight * ease_scores(scorer.graph[users], scorer.ease).numpy()
+    return np.asarray(s)
