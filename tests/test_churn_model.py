@@ -1,4 +1,6 @@
 """The churn model without Neo4j: labels and features on a hand-made history, BG/NBD, the promotion check."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -94,3 +96,22 @@ def test_the_model_learns_and_the_check_refuses_a_worse_one():
 def test_metrics():
     assert churn.auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
     assert churn.precision_at([1, 0, 0, 0, 1, 0, 0, 0, 0, 0], np.arange(10)[::-1], 0.2) == 0.5
+
+
+def test_evaluate_churn_on_any_csv(tmp_path):
+    """`evaluate churn --format csv`: every score of the table, on a log it has never seen."""
+    from click.testing import CliRunner
+
+    from app.cli import main
+    events = population(150, 200, seed=4)
+    path = tmp_path / "log.csv"
+    events.assign(ts=events["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_csv(path, index=False)
+    out = tmp_path / "churn.json"
+    result = CliRunner().invoke(main, ["evaluate", "churn", "--events", str(path), "--format", "csv", "--user-col",
+                                       "user", "--item-col", "item", "--ts-col", "ts", "--horizon", "30",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["test"]["cut"] == "2024-06-18" and report["test"]["users"] > 50  # the last day with 30 after it
+    assert {"ours", "recency", "frequency", "overdue", "bgnbd_p_alive", "bgnbd_p_silent"} <= set(report)
+    assert report["ours"]["auc"] > 0.8
