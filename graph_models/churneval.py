@@ -44,4 +44,6 @@ def run(events: pd.DataFrame, cut: pd.Timestamp, horizon_days: int = 90, min_day
 
 
 def _metrics(y, score, top) -> dict:
-    return {"auc": round(churn.auc(y, score), 4), f"precision@{int(top * 100)}%": round(churn.precision_at(y, score, top), 4)}
+    """ROC AUC and precision at the top fraction, rounded as the tables show them."""
+    return {"auc": round(churn.auc(y, score), 4),
+            f"precision@{int(top * 100)}%": round(churn.precision_at(y, score, top), 4)}
