@@ -79,6 +79,22 @@ def test_the_top_k_is_an_index_read(scored_graph, driver):
     assert "NodeIndexSeekByRange" in text and "AllNodesScan" not in text and "Expand" not in text
 
 
+def test_the_job_keeps_the_current_model_when_the_candidate_is_worse(scored_graph, driver):
+    """A tolerance of -1 asks a candidate to beat the current model by a whole unit of AUC: refused,
+    recorded, and the scores still come from the current version."""
+    small, first = scored_graph
+    refused = churn.run(driver, _variant(small, churn_tolerance=-1.0))
+    assert not refused["promote"] and refused["version"] == first["version"] != refused["candidate"]
+    assert refused["current_auc"] is not None
+    with driver.session(database=small.neo4j_database) as s:
+        rows = s.run("MATCH (m:ChurnModel) RETURN m.version AS v, m.current AS current, m.promoted AS promoted").data()
+        versions = {r["version"] for r in s.run("MATCH (u:User) WHERE u.churn_score IS NOT NULL "
+                                                "RETURN DISTINCT u.churn_version AS version")}
+    assert {r["v"]: (bool(r["current"]), r["promoted"]) for r in rows} == {
+        first["version"]: (True, True), refused["candidate"]: (False, False)}
+    assert versions == {first["version"]}
+
+
 def test_a_user_who_stops_buying_rises_in_risk_after_the_next_run(scored_graph, driver):
     small, first = scored_graph
     before = stored(driver, small)["steady"][0]
@@ -89,4 +105,4 @@ def test_a_user_who_stops_buying_rises_in_risk_after_the_next_run(scored_graph, 
     assert after > before + 0.2, (before, after, second)
     with driver.session(database=small.neo4j_database) as s:
         versions = s.run("MATCH (m:ChurnModel) RETURN m.version AS v, m.current AS current").data()
-    assert len(versions) == 2 and sum(bool(v["current"]) for v in versions) == 1
+    assert len(versions) == 3 and sum(bool(v["current"]) for v in versions) == 1
