@@ -47,6 +47,8 @@ def run(driver, cfg: Config) -> dict:
         version, model, _ = current(s)
     if events.empty:
         return {"skipped": "no events"}
+    log.info("churn: training on %d edge events of %d users (current model %s)", len(events),
+             events["user"].nunique(), version)
     days = churn.daily(events)
     cut = days["day"].max() + churn.DAY  # data time, as the events say, not the wall clock: replays work
     try:
