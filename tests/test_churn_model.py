@@ -103,7 +103,7 @@ def test_evaluate_churn_on_any_csv(tmp_path):
     from click.testing import CliRunner
 
     from app.cli import main
-    events = population(150, 200, seed=4)
+    events = population(80, 200, seed=4)
     path = tmp_path / "log.csv"
     events.assign(ts=events["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_csv(path, index=False)
     out = tmp_path / "churn.json"
