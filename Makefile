@@ -87,7 +87,8 @@ bench-scale: install
 
 # Accuracy, each with the settings chosen on its validation split as `train` chooses them: Gowalla
 # (LightGCN split), Online Retail split by time, Online Retail with each customer's latest 20% held
-# out (any log: `evaluate log`), and the prequential stream replay of Online Retail; see docs/evaluation.md.
+# out (any log: `evaluate log`), the prequential stream replay of Online Retail, and churn and audiences at a
+# cut of Online Retail (any log: `evaluate churn|audience --format csv ...`); see docs/evaluation.md.
 evaluate: install
 	$(IG) evaluate gowalla --data-dir ../shared/data/gowalla
 	$(IG) evaluate online-retail
@@ -96,6 +97,8 @@ evaluate: install
 		--batch-minutes 240 --retrain-every 30 --finetune-every 9 --finetune-rounds 0 --replay 3 \
 		--lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2 --bias-l2 0.1 --item-trend 3 \
 		--trend-weight 0.2 --out var/eval-stream
+	$(IG) evaluate churn --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail --cut 2011-09-01
+	$(IG) evaluate audience --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail --cut 2011-09-01
 
 stop:
 	-$(IG) neo4j stop

@@ -594,6 +594,80 @@ def evaluate_stream(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, 
         click.echo(f"wrote {report.write(result, out)}/results.json, results.md, results.png")
 
 
+def _history(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon):
+    """The event file as a plain history and the cut (given, else the latest with `horizon` days after it)."""
+    import pandas as pd
+
+    from app.evaluation import history
+    if fmt == "csv" and not (user_col and item_col and ts_col):
+        _fail("--format csv needs --user-col, --item-col and --ts-col")
+    events = history.read(path, fmt, user_col=user_col, item_col=item_col, ts_col=ts_col, ts_unit=ts_unit,
+                          weight_col=weight_col, type_col=type_col)
+    return events, pd.Timestamp(cut) if cut else history.default_cut(events, horizon)
+
+
+def cut_options(f):
+    """The cut date and the horizon after it."""
+    for option in reversed([
+        click.option("--cut", default=None, help="Calibration ends here (YYYY-MM-DD; default: the latest day with "
+                                                 "--horizon days of data after it)."),
+        click.option("--horizon", type=click.IntRange(1), default=90, show_default=True,
+                     help="Days after the cut that make the label."),
+        click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON."),
+    ]):
+        f = option(f)
+    return f
+
+
+@evaluate.command("churn")
+@event_file_options
+@cut_options
+@click.option("--min-days", type=click.IntRange(1), default=2, show_default=True,
+              help="Users scored: those with at least this many active days before the cut.")
+def evaluate_churn(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon, out,
+                   min_days):
+    """Churn (no event in the --horizon days after --cut): ours (LightGBM, settings chosen on an earlier
+    cut) against recency, frequency, the overdue formula and BG/NBD; ROC AUC and precision at the top 10%."""
+    from graph_models import churneval
+    events, cut = _history(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon)
+    try:
+        report = churneval.run(events, cut, horizon, min_days)
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(report, indent=2, default=str))
+    click.echo(f"\n{'model':<16} {'AUC':>7} {'P@10%':>7}")
+    for key in ("ours", *churneval.BASELINES):
+        click.echo(f"{key:<16} {report[key]['auc']:>7.4f} {report[key]['precision@10%']:>7.4f}")
+    _write(report, out)
+
+
+@evaluate.command("audience")
+@event_file_options
+@cut_options
+@click.option("--k", type=click.IntRange(1), default=100, show_default=True, help="Audience size for recall.")
+def evaluate_audience(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon, out, k):
+    """Audience: for each item bought in the --horizon days after --cut, rank every user active before it;
+    recall@k and AUC of ours (as served, and the full score) against the most active users and ItemKNN."""
+    from graph_models import ModelConfig, audienceeval
+    events, cut = _history(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon)
+    cfg = load_config()
+    scorers, chosen = audienceeval.scorers(events, cut, ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim),
+                                           budget_s=cfg.train_minutes * 60)
+    report = {**audienceeval.run(events, cut, scorers, horizon, k), "chosen": chosen}
+    click.echo(json.dumps(report, indent=2, default=str))
+    click.echo(f"\n{'model':<14} {'R@' + str(k):>7} {'AUC':>7} {'R@' + str(k) + ' new':>9} {'AUC new':>8}")
+    for key in scorers:
+        a, n = report[key]["all"], report[key]["new"]
+        click.echo(f"{key:<14} {a[f'recall@{k}']:>7.4f} {a['auc']:>7.4f} {n[f'recall@{k}']:>9.4f} {n['auc']:>8.4f}")
+    _write(report, out)
+
+
+def _write(report: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as fh:
+            json.dump(report, fh, indent=2, default=str)
+
+
 def _evaluate(run, name: str, epochs: int | None, out: str | None, **sizes) -> None:
     """Run one evaluation with TensorBoard logs under IG_HOME/runs and print its table."""
     from datetime import datetime, timezone

@@ -180,6 +180,12 @@ class Config:
     batch_max_work: int = 100_000_000
     churn_max_k: int = 1000
     churn_max_edges: int = 100_000
+    # Stored churn scores (app/churn.py): the worker retrains and rescores every `churn_interval` seconds
+    # (and after each retrain), labelling "no event in the next `churn_horizon_days`"; a candidate is
+    # promoted unless its validation AUC is below the current model's by more than `churn_tolerance`.
+    churn_interval: float = 3600.0
+    churn_horizon_days: int = 90
+    churn_tolerance: float = 0.005
     # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
     # seconds waits up to `sync_wait` for a sync; past `poll` seconds it starts one in the background.
     serving_sync_wait: float = 0.25
@@ -301,6 +307,9 @@ def load_config(**overrides) -> Config:
         batch_max_work=_env(env, "IG_BATCH_MAX_WORK", Config.batch_max_work, int),
         churn_max_k=_env(env, "IG_CHURN_MAX_K", Config.churn_max_k, int),
         churn_max_edges=_env(env, "IG_CHURN_MAX_EDGES", Config.churn_max_edges, int),
+        churn_interval=_env(env, "IG_CHURN_INTERVAL", Config.churn_interval, float),
+        churn_horizon_days=_env(env, "IG_CHURN_HORIZON_DAYS", Config.churn_horizon_days, int),
+        churn_tolerance=_env(env, "IG_CHURN_TOLERANCE", Config.churn_tolerance, float),
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
         serving_poll=_env(env, "IG_SERVING_POLL", Config.serving_poll, float),
         serving_max_age=_env(env, "IG_SERVING_MAX_AGE", Config.serving_max_age, float),

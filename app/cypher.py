@@ -771,3 +771,49 @@ RETURN items, CASE WHEN embedded THEN u.embedding_version END AS version,
        CASE WHEN embedded THEN toString(u.embedding_updated_at) END AS refreshed_at,
        coalesce(u.ig_drift, []) AS drift, coalesce(u.ig_drift_at, []) AS drift_at
 """
+
+# --- Stored churn scores (app/churn.py) --------------------------------------------------------------
+
+# Every edge's first and last event time: the history the churn model reads (two events per edge).
+CHURN_HISTORY = """
+MATCH (u:User)-[r:INTERACTED]->(i:Item)
+RETURN u.id AS user, i.id AS item, r.first_ts AS first_ts, r.last_ts AS last_ts
+"""
+
+CHURN_MODEL_CURRENT = """
+MATCH (m:ChurnModel {current: true}) RETURN m.version AS version, m.model AS model, m.auc AS auc
+"""
+
+# A new version; `promote` makes it the current one in the same transaction.
+CHURN_MODEL_SAVE = """
+CREATE (m:ChurnModel {version: $version, model: $model, auc: $auc, current_auc: $current_auc,
+                      promoted: $promote, created_at: datetime()})
+WITH m WHERE $promote
+OPTIONAL MATCH (old:ChurnModel {current: true}) WHERE old <> m
+SET old.current = false, m.current = true
+"""
+
+# One batch of scores; users that were not scored this run lose theirs afterwards (CHURN_CLEAR).
+CHURN_WRITE_SCORES = """
+UNWIND $rows AS row
+MATCH (u:User {id: row.user})
+SET u.churn_score = row.score, u.churn_reasons = row.reasons, u.churn_days = row.days,
+    u.churn_silent_days = row.silent_days, u.churn_gap_days = row.gap_days,
+    u.churn_version = $version, u.churn_at = $at
+"""
+
+CHURN_CLEAR = """
+MATCH (u:User) WHERE u.churn_score IS NOT NULL AND u.churn_at <> $at
+REMOVE u.churn_score, u.churn_reasons, u.churn_days, u.churn_silent_days, u.churn_gap_days, u.churn_version,
+       u.churn_at
+"""
+
+# The top k by the stored score, read in index order (the range index on churn_score), never a scan.
+CHURN_TOP = """
+MATCH (u:User) WHERE u.churn_score >= 0.0 AND u.churn_days >= $min_days
+RETURN u.id AS user_id, u.churn_score AS score, u.churn_reasons AS reasons, u.churn_silent_days AS silent_days,
+       u.churn_gap_days AS typical_gap_days, u.churn_version AS version, u.churn_at AS scored_at
+ORDER BY u.churn_score DESC LIMIT $k
+"""
+
+CHURN_SCORED = "MATCH (u:User) WHERE u.churn_score >= 0.0 RETURN u.id AS id LIMIT 1"

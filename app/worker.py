@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from app import cypher, jobs
+from app import churn, cypher, jobs
 from app.config import Config
 from app.db import get_driver
 from app.embeddings import models, store
@@ -161,8 +161,11 @@ class Worker:
             if publish:  # a retrain interrupted after training (this job, requeued): finish that version
                 return embed_full(self.driver, self.cfg, target, progress=self.progress, owner=owner,
                                   reason=f"interrupted retrain to {target.version}", publish=True)
-            return train_and_publish(self.driver, self.cfg, progress=self.progress, owner=owner,
-                                     epochs=job["params"].get("epochs"))
+            result = train_and_publish(self.driver, self.cfg, progress=self.progress, owner=owner,
+                                       epochs=job["params"].get("epochs"))
+            return {**result, "churn": self._churn_quietly()}  # the churn model retrains with it
+        if job["kind"] == "churn":
+            return churn.run(self.driver, self.cfg)
         if lm is None:
             raise RuntimeError("no trained model yet: run a retrain first")
         if job["kind"] == "finetune":
@@ -175,6 +178,20 @@ class Worker:
         if self.active:
             with self._session() as s:
                 jobs.create(s, "retrain", {"reason": "schedule"})
+
+    def _churn_quietly(self) -> dict:
+        """The churn job after a retrain: its failure is recorded there, not the retrain's."""
+        try:
+            return churn.run(self.driver, self.cfg)
+        except Exception as exc:  # noqa: BLE001 - the published model stands; the scheduled churn job retries
+            log.exception("churn scoring after the retrain failed")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def enqueue_churn(self) -> None:
+        """Scheduled churn retraining and rescoring (IG_CHURN_INTERVAL): queue a job if this worker is active."""
+        if self.active:
+            with self._session() as s:
+                jobs.create(s, "churn", {"reason": "schedule"})
 
     def enqueue_finetune(self) -> None:
         """Scheduled streaming learning (IG_FINETUNE_CRON): queue a job if this worker is the active one."""
@@ -210,6 +227,8 @@ class Worker:
                           id="lease", max_instances=1, coalesce=True)
         scheduler.add_job(self.enqueue_retrain, CronTrigger.from_crontab(self.cfg.retrain_cron, timezone="UTC"),
                           id="retrain", max_instances=1, coalesce=True)
+        scheduler.add_job(self.enqueue_churn, "interval", seconds=self.cfg.churn_interval, id="churn",
+                          max_instances=1, coalesce=True)
         scheduler.add_job(self.purge_event_ids, "interval", seconds=self.cfg.purge_interval,
                           id="purge", max_instances=1, coalesce=True)
 

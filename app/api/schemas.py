@@ -78,7 +78,8 @@ class InterestsQuery(_Query):
 
 class ChurnQuery(_Query):
     k: int = Field(50, ge=1, description="How many users (bounded by IG_CHURN_MAX_K).")
-    min_events: int = Field(3, ge=2, le=1_000_000, description="Only users with at least this many events.")
+    min_events: int = Field(3, ge=2, le=1_000_000, description="Only users with at least this many events (with "
+                                                               "stored scores: this many active days).")
 
 
 class BatchRecsBody(BaseModel):

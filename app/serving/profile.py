@@ -1,6 +1,7 @@
 """A user's interests now and how the vector moved; churn risk with its reasons."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from datetime import datetime, timezone
 
@@ -32,7 +33,10 @@ def interests(session, user_key: str, user_id: str, k: int) -> dict:
 
 
 def churn_risk(session, k: int, min_events: int, max_edges: int) -> list[dict]:
-    """Users most overdue against their own rhythm; the score is that ratio, the reasons say what lies behind it."""
+    """The stored churn scores' top k (app/churn.py) once a churn model has scored; before that, users most
+    overdue against their own rhythm (the ratio is the score, the reasons say what lies behind it)."""
+    if read(session, cypher.CHURN_SCORED):
+        return stored_churn(session, k, min_events)
     # The query scans every edge: past `max_edges` (IG_CHURN_MAX_EDGES) it would outlast the read's budget.
     edges = read(session, cypher.INTERACTED_EDGE_COUNT)[0]["n"]
     if edges > max_edges:
@@ -52,3 +56,12 @@ def churn_risk(session, k: int, min_events: int, max_edges: int) -> list[dict]:
         }
         out.append({"user_id": r["user_id"], "score": r["risk"], "reasons": reasons, **r})
     return out
+
+
+def stored_churn(session, k: int, min_days: int) -> list[dict]:
+    """The stored top k, most at risk first (an index read): P(no event in the horizon) and what drives it."""
+    return [{"user_id": r["user_id"], "score": r["score"], "risk": r["score"], "silent_days": r["silent_days"],
+             "typical_gap_days": r["typical_gap_days"],
+             "reasons": {"contributions": json.loads(r["reasons"]), "version": r["version"],
+                         "scored_at": r["scored_at"]}}
+            for r in read(session, cypher.CHURN_TOP, k=k, min_days=min_days)]
