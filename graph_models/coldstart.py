@@ -1,15 +1,23 @@
 """The learned content map: an item's content features to its rows (x, q) of a version's item table.
 
-An item the version has no row for (added since, or never bought) is embedded by this map, so users
-rank it by `p_u . q_hat` and a shopper of such items aggregates `x_hat` into `p_u`, the same GraphSAGE
-sum layer as for known items. Trained by gradient descent (Adam) with the loss
+An item the version has no row for (added since, or never bought) gets the rows of the known items
+its content is like, weighted by a learned attention:
 
-    L = mean_u [ -1/|N(u)| sum_{j in N(u)} log softmax_j( s * cos(p_u, q_hat) ) ]  (over the known items)
-        + mse_weight * mean_j ( |q_hat_j - q_j|^2 + |x_hat_j - x_j|^2 ) / mean_j |q_j|^2
+    a_ji = softmax over j's `neighbours` nearest known items i of  tau * cos(A c_j, A c_i)
+    q_hat_j = sum_i a_ji q_i,   x_hat_j = sum_i a_ji x_i
 
-so the first term ranks an item's shoppers' interests towards it from its content alone (items enter
-only through their content, as DropoutNet trains with the collaborative input dropped), and the second
-keeps the rows on the scale of the version's own rows, so that a new item competes with known ones.
+so users rank it by `p_u . q_hat_j` (the scores their interests give to the items it resembles) and a
+shopper of such items aggregates `x_hat` into `p_u`, the same GraphSAGE sum layer as for known items:
+a GraphSAGE layer over a content-similarity graph from the new item to known ones. A (features x
+features, starting at the identity) and tau are trained by gradient descent (Adam) on items hidden from
+a version built without them (DropoutNet's idea: the collaborative rows of the trained-on items are
+dropped, so content alone must carry them) with the loss
+
+    L = mean_u [ -1/|H(u)| sum_{j in H(u)} log softmax_{j in H}( s * p_u/|p_u| . q_hat_j ) ]
+
+over the hidden training items H (s a learned scale). A and tau act on features, not on a version's
+rows, so the map trained on the version built without the hidden items serves the version built on
+all of them.
 """
 from __future__ import annotations
 
@@ -26,16 +34,14 @@ from tqdm.auto import tqdm
 
 @dataclass
 class ColdConfig:
-    """Settings of the content map and its training (chosen on validation items by `choose`)."""
+    """Settings of the content map and its training (chosen on validation items by `choose_and_train`)."""
 
-    hidden: int = 256
-    dropout: float = 0.1
-    lr: float = 3e-3
-    weight_decay: float = 1e-5
-    mse_weight: float = 0.1
-    epochs: int = 60
-    batch_users: int = 512
-    patience: int = 6
+    neighbours: int = 50
+    lr: float = 3e-2
+    weight_decay: float = 0.0
+    epochs: int = 40
+    batch_users: int = 1024
+    patience: int = 5
     seed: int = 0
     k: int = 20
 
@@ -49,33 +55,41 @@ class ColdConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class ContentMap(nn.Module):
-    """Features -> (x_hat, q_hat): one hidden layer shared by two linear heads."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, dropout: float = 0.1):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.to_x = nn.Linear(hidden, out_dim)
-        self.to_q = nn.Linear(hidden, out_dim)
-        self.log_scale = nn.Parameter(torch.tensor(np.log(10.0)))  # the softmax's inverse temperature
-
-    def forward(self, feats):
-        """(x_hat, q_hat) of items' feature rows."""
-        h = self.body(feats)
-        return self.to_x(h), self.to_q(h)
-
-    @torch.no_grad()
-    def rows(self, feats) -> tuple[np.ndarray, np.ndarray]:
-        """(x_hat, q_hat) as float64 arrays, in eval mode (deterministic)."""
-        was = self.training
-        self.eval()
-        x, q = self(torch.as_tensor(np.asarray(feats), dtype=self.to_q.weight.dtype))
-        self.train(was)
-        return x.double().numpy(), q.double().numpy()
-
-
 def _unit(m: torch.Tensor) -> torch.Tensor:
     return m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class ContentMap(nn.Module):
+    """Attention from items' features to known items' features; their rows, mixed, are the new rows."""
+
+    def __init__(self, in_dim: int, neighbours: int = 50):
+        super().__init__()
+        self.neighbours = neighbours
+        self.proj = nn.Parameter(torch.eye(in_dim))
+        self.log_tau = nn.Parameter(torch.tensor(float(np.log(10.0))))
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(10.0))))  # of the training softmax only
+
+    def attention(self, feats, known_feats):
+        """a: items x known items, each row a softmax over its `neighbours` most alike known items."""
+        proj, tau = self.proj.to(feats.dtype), self.log_tau.to(feats.dtype).exp()
+        e, k = _unit(feats @ proj), _unit(known_feats @ proj)
+        sim = tau * (e @ k.T)
+        n = min(self.neighbours, sim.shape[1])
+        top = torch.topk(sim.detach(), n, dim=1).indices
+        out = torch.zeros_like(sim)
+        return out.scatter(1, top, torch.softmax(sim.gather(1, top), dim=1))
+
+    def forward(self, feats, known_feats, x, q):
+        """(x_hat, q_hat) of items' feature rows from the known items' features and rows."""
+        a = self.attention(feats, known_feats)
+        return a @ x, a @ q
+
+    @torch.no_grad()
+    def rows(self, feats, known_feats, x, q) -> tuple[np.ndarray, np.ndarray]:
+        """(x_hat, q_hat) as float64 arrays."""
+        t = lambda m: torch.as_tensor(np.asarray(m), dtype=torch.float64)  # noqa: E731
+        a = self.attention(t(feats), t(known_feats))
+        return (a @ t(x)).numpy(), (a @ t(q)).numpy()
 
 
 def recall_among(p, q_cold, truth, exclude=None, k=20):
@@ -93,47 +107,54 @@ def recall_among(p, q_cold, truth, exclude=None, k=20):
     return evaluate(scores, truth, exclude, k)
 
 
-def train_map(p, x, q, feats, graph, cfg: ColdConfig, val=None, progress=True, writer=None, tag=""):
-    """Train a ContentMap on the known items: p users x D (their interests), x and q items x D (the
-    version's rows), feats items x F, graph users x items (positive edges); `val` = (p_val, feats of
-    validation items, truth user -> set of their columns) picks the best epoch (Recall@k among them).
-    Returns (map at its best epoch, history)."""
+def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, progress=True, writer=None, tag=""):
+    """Train a ContentMap: p users x D (interests on a version without the items `feats`), x and q the
+    version's rows of its known items (features `known_feats`), `truth` user -> set of positions in
+    `feats` (the hidden items the user has); `val` = (features, truth) of other hidden items picks the
+    best epoch (Recall@k among them). Returns (map at its best epoch, history)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    p = _unit(torch.as_tensor(p, dtype=torch.float32))
+    pu = _unit(torch.as_tensor(p, dtype=torch.float32))
     x, q = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(q, dtype=torch.float32)
-    f = torch.as_tensor(feats, dtype=torch.float32)
-    pos = sp.csr_matrix(graph > 0, dtype=np.float32)
-    users = np.flatnonzero(np.diff(pos.indptr) > 0)
-    scale_q = float((q * q).sum(1).mean()) or 1.0
-    scale_x = float((x * x).sum(1).mean()) or 1.0
-    net = ContentMap(f.shape[1], q.shape[1], cfg.hidden, cfg.dropout)
+    kf, f = torch.as_tensor(known_feats, dtype=torch.float32), torch.as_tensor(feats, dtype=torch.float32)
+    users = np.array(sorted(truth), dtype=np.int64)
+    target = np.zeros((len(users), f.shape[0]), dtype=np.float32)
+    for r, u in enumerate(users):
+        target[r, list(truth[int(u)])] = 1.0
+    target = torch.from_numpy(target / target.sum(1, keepdims=True))
+    net = ContentMap(f.shape[1], cfg.neighbours)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, best, best_state, bad, t0 = [], None, None, 0, time.time()
+
+    def validate(row):
+        if val is None:
+            return
+        _, q_val = net.rows(val[0], kf, x, q)
+        m = recall_among(p, q_val, val[1], k=cfg.k)
+        row.update({f"val_recall@{cfg.k}": m[f"recall@{cfg.k}"], f"val_ndcg@{cfg.k}": m[f"ndcg@{cfg.k}"]})
+
+    first = {"epoch": 0, "loss": float("nan"), "seconds": 0.0}
+    validate(first)
+    history.append(first)
+    if val is not None:
+        best, best_state = (first[f"val_recall@{cfg.k}"], first[f"val_ndcg@{cfg.k}"]), copy.deepcopy(net.state_dict())
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=f"content map{tag}", disable=not progress, leave=False):
-        net.train()
-        total, order = 0.0, rng.permutation(users)
+        total, order = 0.0, rng.permutation(len(users))
         for s in range(0, len(order), cfg.batch_users):
-            batch = order[s:s + cfg.batch_users]
-            xh, qh = net(f)
-            logits = net.log_scale.exp() * (p[torch.as_tensor(batch)] @ _unit(qh).T)
-            target = torch.from_numpy(np.asarray(pos[batch].todense()))
-            target = target / target.sum(1, keepdim=True)
-            rank_loss = -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
-            mse = ((qh - q) ** 2).sum(1).mean() / scale_q + ((xh - x) ** 2).sum(1).mean() / scale_x
-            loss = rank_loss + cfg.mse_weight * mse
+            rows = torch.as_tensor(order[s:s + cfg.batch_users])
+            _, qh = net(f, kf, x, q)
+            logits = net.log_scale.exp() * (pu[torch.as_tensor(users)[rows]] @ _unit(qh).T)
+            loss = -(target[rows] * torch.log_softmax(logits, dim=1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(batch)
-        row = {"epoch": epoch, "loss": total / max(len(users), 1), "rank_loss": float(rank_loss),
-               "mse": float(mse), "seconds": time.time() - t0}
+            total += float(loss) * len(rows)
+        row = {"epoch": epoch, "loss": total / max(len(users), 1), "tau": float(net.log_tau.exp()),
+               "seconds": time.time() - t0}
+        validate(row)
         if val is not None:
-            _, q_val = net.rows(val[1])
-            m = recall_among(val[0], q_val, val[2], k=cfg.k)
-            row.update({f"val_recall@{cfg.k}": m[f"recall@{cfg.k}"], f"val_ndcg@{cfg.k}": m[f"ndcg@{cfg.k}"]})
             score = (row[f"val_recall@{cfg.k}"], row[f"val_ndcg@{cfg.k}"])
-            if best is None or score > best:
+            if score > best:
                 best, best_state, bad = score, copy.deepcopy(net.state_dict()), 0
             else:
                 bad += 1
@@ -147,11 +168,6 @@ def train_map(p, x, q, feats, graph, cfg: ColdConfig, val=None, progress=True, w
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.eval(), history
-
-
-def best_epoch(history, k=20) -> int:
-    """The epoch with the best validation Recall@k (then NDCG@k)."""
-    return max(history, key=lambda r: (r[f"val_recall@{k}"], r[f"val_ndcg@{k}"]))["epoch"]
 
 
 def hide_items(graph, share, seed=0):
@@ -183,42 +199,53 @@ def tables(model, graph):
     return out["user"].float().numpy(), x.float().numpy(), q.float().numpy()
 
 
-GRID = ({"mse_weight": 0.03}, {"mse_weight": 0.3}, {"mse_weight": 0.3, "weight_decay": 1e-3})
+GRID = ({"neighbours": 20}, {"neighbours": 50}, {"neighbours": 200})
 
 
-def choose_and_train(build, model, graph, feats, cfg: ColdConfig | None = None, grid=GRID, share=0.2,
-                     progress=True, writer=None):
-    """What a version's content map is: hide a seeded `share` of the items that have edges, build the
-    version (`build(graph)`) without them, train a map per setting of `grid` on the rest and keep the
-    one whose hidden items rank best (Recall@k among them, at its best epoch); then train it again, for
-    that many epochs, on `model`, the version built on all of `graph`. Returns (map, report)."""
+def _positions(truth, cols):
+    """truth restricted to `cols` (positions into the hidden list), renumbered 0..len(cols)-1."""
+    pos = {int(c): n for n, c in enumerate(cols)}
+    out = {u: {pos[i] for i in t if i in pos} for u, t in truth.items()}
+    return {u: t for u, t in out.items() if t}
+
+
+def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GRID, share=0.2, progress=True,
+                     writer=None):
+    """A version's content map: hide a seeded `share` of the items that have edges, build the version
+    without them (`build(graph)`), train a map per setting of `grid` on half of the hidden items and keep
+    the one under which the other half ranks best (Recall@k among them, at its best epoch). The map acts
+    on features, so it serves the version built on the whole graph as it is. Returns (map, report)."""
     cfg = cfg or ColdConfig()
     fit_g, hidden, truth = hide_items(graph, share, cfg.seed + 1)
     p, x, q = tables(build(fit_g), fit_g)
-    warm = np.flatnonzero(np.asarray((fit_g > 0).sum(axis=0)).ravel() > 0)
-    trials = []
+    known = np.flatnonzero(np.asarray((fit_g > 0).sum(axis=0)).ravel() > 0)
+    half = np.random.default_rng(cfg.seed).permutation(len(hidden))
+    on, off = np.sort(half[: len(half) // 2]), np.sort(half[len(half) // 2:])
+    truth_on, truth_off = _positions(truth, on), _positions(truth, off)
+    trials, nets = [], []
     for n, change in enumerate(grid):
         c = ColdConfig(**{**cfg.to_dict(), **change})
-        _, hist = train_map(p, x[warm], q[warm], feats[warm], fit_g[:, warm], c, val=(p, feats[hidden], truth),
-                            progress=progress, writer=writer, tag=f"/trial{n}")
-        e = best_epoch(hist, c.k)
-        trials.append({**change, "epoch": e, **{k: v for k, v in hist[e - 1].items() if k.startswith("val_")}})
+        net, hist = train_map(p, x[known], q[known], feats[known], feats[hidden[on]], truth_on, c,
+                              val=(feats[hidden[off]], truth_off), progress=progress, writer=writer, tag=f"/trial{n}")
+        key = (f"val_recall@{c.k}", f"val_ndcg@{c.k}")
+        best = max(hist, key=lambda r: tuple(r[m] for m in key))
+        trials.append({**change, "epoch": best["epoch"], **{m: best[m] for m in key},
+                       "untrained": {m: hist[0][m] for m in key}})
+        nets.append((net, c, hist))
     key = (f"val_recall@{cfg.k}", f"val_ndcg@{cfg.k}")
     chosen = max(range(len(trials)), key=lambda t: tuple(trials[t][m] for m in key))
-    final = ColdConfig(**{**cfg.to_dict(), **grid[chosen], "epochs": trials[chosen]["epoch"]})
-    p, x, q = tables(model, graph)
-    warm = np.flatnonzero(np.asarray((graph > 0).sum(axis=0)).ravel() > 0)
-    net, hist = train_map(p, x[warm], q[warm], feats[warm], graph[:, warm], final, progress=progress,
-                          writer=writer, tag="/final")
-    return net, {"trials": trials, "chosen": final.to_dict(), "history": hist,
-                        "validation_items": int(len(hidden)), "validation_users": len(truth)}
+    net, c, hist = nets[chosen]
+    return net, {"trials": trials, "chosen": c.to_dict(), "history": hist, "validation_items": int(len(hidden)),
+                 "train_users": len(truth_on), "validation_users": len(truth_off)}
 
 
 class ContentPart:
-    """What a version keeps of content: the fitted encoder and the trained map, with the map's settings."""
+    """What a version keeps of content: the fitted encoder, the trained map with its settings, and the
+    feature rows of the version's known items (rows `known` of its table) the map attends to."""
 
-    def __init__(self, encoder, net: ContentMap, cfg: ColdConfig):
+    def __init__(self, encoder, net: ContentMap, cfg: ColdConfig, known: np.ndarray, known_feats: np.ndarray):
         self.encoder, self.net, self.cfg = encoder, net.eval(), cfg
+        self.known, self.known_feats = np.asarray(known, dtype=np.int64), np.asarray(known_feats, dtype=np.float32)
 
     def features(self, items) -> np.ndarray:
         """Feature rows of item dicts (title, description, attributes, category, price; any may be missing)."""
@@ -226,21 +253,22 @@ class ContentPart:
         texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
         return self.encoder.transform(texts, [it.get("category") for it in items], [it.get("price") for it in items])
 
-    def rows(self, items) -> tuple[np.ndarray, np.ndarray]:
-        """(x_hat, q_hat) of item dicts, float64: their rows of the version's item table."""
-        return self.net.rows(self.features(items))
+    def rows(self, items, x, q) -> tuple[np.ndarray, np.ndarray]:
+        """(x_hat, q_hat), float64, of item dicts, from the version's table (x, q: all its rows)."""
+        return self.net.rows(self.features(items), self.known_feats, x[self.known], q[self.known])
 
     def to_state(self) -> dict:
         """Tensors and plain values for a checkpoint."""
         return {"encoder": self.encoder.to_state(), "map": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                "config": self.cfg.to_dict(), "in_dim": int(self.net.body[0].in_features),
-                "out_dim": int(self.net.to_q.out_features)}
+                "config": self.cfg.to_dict(), "in_dim": int(self.net.proj.shape[0]),
+                "known": torch.from_numpy(self.known), "known_feats": torch.from_numpy(self.known_feats)}
 
     @classmethod
     def from_state(cls, state: dict) -> "ContentPart":
         """The part `to_state` saved."""
         from .content import ContentEncoder
         cfg = ColdConfig.from_dict(state["config"])
-        net = ContentMap(state["in_dim"], state["out_dim"], cfg.hidden, cfg.dropout)
+        net = ContentMap(state["in_dim"], cfg.neighbours)
         net.load_state_dict(state["map"])
-        return cls(ContentEncoder.from_state(state["encoder"]), net, cfg)
+        return cls(ContentEncoder.from_state(state["encoder"]), net, cfg, np.asarray(state["known"]),
+                   np.asarray(state["known_feats"]))

@@ -1,6 +1,7 @@
 """Item content as features: hashed character n-grams of the text, its category, its price bucket."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,14 +50,16 @@ class ContentEncoder:
     price_edges: np.ndarray  # log2 bucket edges
 
     @classmethod
-    def fit(cls, texts, categories=None, prices=None, text_dim=64, seed=0) -> "ContentEncoder":
-        """Fit on the items of a version: idf and SVD on their texts, their categories, their prices' range."""
+    def fit(cls, texts, categories=None, prices=None, text_dim=256, min_items=3, seed=0) -> "ContentEncoder":
+        """Fit on the items of a version: idf and SVD on their texts, the categories of at least
+        `min_items` items (a rarer one says little a map can learn, and widens every row), their prices' range."""
         counts = _hasher().transform(list(texts))
         tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
         x = tfidf.transform(counts)
         k = int(max(1, min(text_dim, x.shape[0] - 1, N_FEATURES - 1)))
         svd = TruncatedSVD(n_components=k, random_state=seed).fit(x)
-        cats = sorted({c for c in (categories if categories is not None else []) if c})
+        counts = Counter(c for c in (categories if categories is not None else []) if c)
+        cats = sorted(c for c, n in counts.items() if n >= min_items)
         p = np.asarray([v for v in (prices if prices is not None else []) if v is not None and v > 0], dtype=float)
         if len(p):
             lo, hi = np.floor(np.log2(np.quantile(p, 0.01))), np.ceil(np.log2(np.quantile(p, 0.99)))

@@ -80,22 +80,26 @@ def test_the_learned_map_ranks_hidden_items_of_the_shoppers_kind_first(tmp_path)
     fit_g, hidden, truth = hide_items(graph, 0.25, seed=3)
     cfg = ModelConfig(dim=8, sharp_dim=4, degree=1)
     model = build(fit_g, cfg)
-    ccfg = ColdConfig(hidden=32, epochs=15, batch_users=40, patience=15)
-    net, report = choose_and_train(lambda g: build(g, cfg), model, fit_g, feats, ccfg, grid=({"mse_weight": 0.1},),
-                                   share=0.25, progress=False)
-    assert report["trials"] and report["chosen"]["epochs"] >= 1
-    losses = [r["loss"] for r in report["history"]]
+    ccfg = ColdConfig(neighbours=5, epochs=15, batch_users=40, patience=15)
+    net, report = choose_and_train(lambda g: build(g, cfg), fit_g, feats, ccfg, grid=({},), share=0.25,
+                                   progress=False)
+    assert report["trials"] and report["chosen"]["neighbours"] == 5
+    losses = [r["loss"] for r in report["history"][1:]]
     assert losses[-1] < losses[0]  # gradient steps lowered the stated loss
-    p, _, _ = tables(model, fit_g)
-    _, q_hat = net.rows(feats[hidden])
+    p, x, q = tables(model, fit_g)
+    known = np.flatnonzero(np.asarray(fit_g.sum(axis=0)).ravel() > 0)
+    _, q_hat = net.rows(feats[hidden], feats[known], x[known], q[known])
     learned = recall_among(p, q_hat, truth, k=3)["recall@3"]
     rng = np.random.default_rng(0)
     chance = recall_among(p, rng.normal(size=q_hat.shape), truth, k=3)["recall@3"]
     assert learned > chance + 0.2
     # saved with the version: the same rows after a round trip
-    model.content = ContentPart(enc, net, ccfg)
+    model.content = ContentPart(enc, net, ccfg, known, feats[known])
     save_checkpoint(tmp_path / "m.pt", model, cfg, {"item_ids": []})
     loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
-    x1, q1 = model.content.rows(items[:3])
-    x2, q2 = loaded.content.rows(items[:3])
+    x1, q1 = model.content.rows(items[:3], x, q)
+    x2, q2 = loaded.content.rows(items[:3], x, q)
     assert np.array_equal(q1, q2) and np.array_equal(x1, x2) and q1.shape == (3, model.out_dim)
+    # a new row is a convex mix of known rows: attention weights are non-negative and sum to 1
+    a = net.attention(torch.as_tensor(feats[hidden]), torch.as_tensor(feats[known])).detach().numpy()
+    assert (a >= 0).all() and np.allclose(a.sum(1), 1.0, atol=1e-5) and ((a > 0).sum(1) <= 5).all()

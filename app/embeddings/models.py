@@ -92,7 +92,7 @@ class LoadedModel:
         title, description, attributes, category, price) through the version's learned content map; None
         for a version trained without content (such items keep the zero row)."""
         part = self.model.content
-        return None if part is None else part.rows(items)
+        return None if part is None else part.rows(items, *self.tables)
 
     def rows(self, item_ids) -> np.ndarray:
         """Table rows of items (the zero row for items new since the version)."""
