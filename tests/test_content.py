@@ -103,3 +103,15 @@ def test_the_learned_map_ranks_hidden_items_of_the_shoppers_kind_first(tmp_path)
     # a new row is a convex mix of known rows: attention weights are non-negative and sum to 1
     a = net.attention(torch.as_tensor(feats[hidden]), torch.as_tensor(feats[known])).detach().numpy()
     assert (a >= 0).all() and np.allclose(a.sum(1), 1.0, atol=1e-5) and ((a > 0).sum(1) <= 5).all()
+
+
+def test_the_baselines_rank_by_what_they_claim():
+    from graph_models.coldeval import Content, category, category_popularity, content_knn
+    assert category("WHITE HANGING HEART T-LIGHT HOLDER") == "holder" and category("") is None
+    items = catalogue()
+    content = Content([it["title"].upper() for it in items], [it["price"] for it in items], np.arange(18))
+    graph = sp.csr_matrix(([1.0, 1.0], ([0, 1], [0, 6])), shape=(2, 24))  # a red holder; a red cake stand
+    knn = content_knn(graph, content.tfidf())(np.array([0, 1])).numpy()
+    assert knn[0, 1:6].min() > knn[0, 6:].max()  # other holders first for the holder's shopper
+    pop = category_popularity(graph, content.cats)(np.array([1])).numpy()[0]
+    assert pop[7:12].min() > pop[12:].max()  # other tiers (cake stands) first for the cake stand's shopper
