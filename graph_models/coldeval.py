@@ -181,7 +181,8 @@ def heldout_protocol(path, cfg, ccfg, share=0.2, seed=0, progress=True, writer=N
     known = np.setdiff1d(np.arange(len(ids)), cold)
     content = Content(desc, price, known)
     t0 = time.time()
-    model, result = fit(graph, cfg, progress=progress, fixed=fixed, budget_s=cfg.max_minutes * 60 if cfg.max_minutes else None)
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    model, result = fit(graph, cfg, progress=progress, fixed=fixed, budget_s=budget)
     net, chosen = choose_and_train(lambda g: build(g, model.cfg), graph, content.feats, ccfg,
                                    progress=progress, writer=writer)
     seconds = time.time() - t0

@@ -259,7 +259,8 @@ class ContentPart:
 
     def to_state(self) -> dict:
         """Tensors and plain values for a checkpoint."""
-        return {"encoder": self.encoder.to_state(), "map": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+        net = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        return {"encoder": self.encoder.to_state(), "map": net,
                 "config": self.cfg.to_dict(), "in_dim": int(self.net.proj.shape[0]),
                 "known": torch.from_numpy(self.known), "known_feats": torch.from_numpy(self.known_feats)}
 

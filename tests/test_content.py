@@ -81,8 +81,12 @@ def test_the_learned_map_ranks_hidden_items_of_the_shoppers_kind_first(tmp_path)
     cfg = ModelConfig(dim=8, sharp_dim=4, degree=1)
     model = build(fit_g, cfg)
     ccfg = ColdConfig(neighbours=5, epochs=15, batch_users=40, patience=15)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(tmp_path / "runs")
     net, report = choose_and_train(lambda g: build(g, cfg), fit_g, feats, ccfg, grid=({},), share=0.25,
-                                   progress=False)
+                                   progress=False, writer=writer)
+    writer.close()
+    assert list((tmp_path / "runs").glob("events.out.tfevents.*"))  # the curves, as `train` writes its own
     assert report["trials"] and report["chosen"]["neighbours"] == 5
     losses = [r["loss"] for r in report["history"][1:]]
     assert losses[-1] < losses[0]  # gradient steps lowered the stated loss
