@@ -39,9 +39,9 @@ class ColdConfig:
     neighbours: int = 50
     lr: float = 3e-2
     weight_decay: float = 0.0
-    epochs: int = 40
+    epochs: int = 25
     batch_users: int = 1024
-    patience: int = 5
+    patience: int = 3
     seed: int = 0
     k: int = 20
 
@@ -199,7 +199,9 @@ def tables(model, graph):
     return out["user"].float().numpy(), x.float().numpy(), q.float().numpy()
 
 
-GRID = ({"neighbours": 20}, {"neighbours": 50}, {"neighbours": 200})
+# Settings tried on the validation items; one (K = 50) keeps `train` and `evaluate cold-items` within
+# minutes on a busy machine, the epoch is still chosen on validation.
+GRID = ({"neighbours": 50},)
 
 
 def _positions(truth, cols):
@@ -273,3 +275,25 @@ class ContentPart:
         net.load_state_dict(state["map"])
         return cls(ContentEncoder.from_state(state["encoder"]), net, cfg, np.asarray(state["known"]),
                    np.asarray(state["known_feats"]))
+
+
+MIN_DESCRIBED = 50  # items with text below which a version gets no content part: too little to learn from
+
+
+def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=True, writer=None, grid=GRID):
+    """A version's ContentPart from its items' metadata (dicts in graph column order) and its graph,
+    `build(graph)` making the version from a graph; (None, reason) when fewer than MIN_DESCRIBED items
+    have any text. Returns (part, report)."""
+    from .content import ContentEncoder, item_text
+    texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
+    described = sum(bool(t) for t in texts)
+    if described < MIN_DESCRIBED:
+        return None, {"skipped": f"{described} items with text (fewer than {MIN_DESCRIBED})"}
+    cfg = cfg or ColdConfig()
+    encoder = ContentEncoder.fit(texts, [it.get("category") for it in items], [it.get("price") for it in items],
+                                 seed=cfg.seed)
+    part = ContentPart(encoder, ContentMap(encoder.dim), cfg, np.zeros(0, dtype=np.int64), np.zeros((0, encoder.dim)))
+    feats = part.features(items)
+    net, report = choose_and_train(build, graph, feats, cfg, grid, progress=progress, writer=writer)
+    known = np.flatnonzero(np.asarray((graph > 0).sum(axis=0)).ravel() > 0)
+    return ContentPart(encoder, net, ColdConfig.from_dict(report["chosen"]), known, feats[known]), report

@@ -119,3 +119,16 @@ def test_the_baselines_rank_by_what_they_claim():
     assert knn[0, 1:6].min() > knn[0, 6:].max()  # other holders first for the holder's shopper
     pop = category_popularity(graph, content.cats)(np.array([1])).numpy()[0]
     assert pop[7:12].min() > pop[12:].max()  # other tiers (cake stands) first for the cake stand's shopper
+
+
+def test_a_version_gets_a_content_part_only_from_enough_described_items():
+    from graph_models.coldstart import fit_content
+    cfg = ModelConfig(dim=8, sharp_dim=4, degree=1)
+    graph = shoppers()
+    part, report = fit_content(lambda g: build(g, cfg), graph, [{"title": None}] * 24)
+    assert part is None and "skipped" in report
+    items = catalogue() * 3  # 72 described items, the last 48 without edges
+    graph = sp.hstack([graph, sp.csr_matrix((graph.shape[0], 48))]).tocsr()
+    part, report = fit_content(lambda g: build(g, cfg), graph, items,
+                               ColdConfig(neighbours=5, epochs=3, batch_users=40), progress=False, grid=({},))
+    assert part is not None and list(part.known) == list(range(24)) and part.known_feats.shape[0] == 24
