@@ -237,7 +237,9 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     key = (f"val_recall@{cfg.k}", f"val_ndcg@{cfg.k}")
     chosen = max(range(len(trials)), key=lambda t: tuple(trials[t][m] for m in key))
     net, c, hist = nets[chosen]
-    return net, {"trials": trials, "chosen": c.to_dict(), "history": hist, "validation_items": int(len(hidden)),
+    # the map is kept at its best epoch (0: the untrained attention, A = I, was best on validation)
+    return net, {"trials": trials, "chosen": c.to_dict(), "epoch": trials[chosen]["epoch"], "history": hist,
+                 "validation_items": int(len(hidden)),
                  "train_users": len(truth_on), "validation_users": len(truth_off)}
 
 
