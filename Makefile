@@ -83,15 +83,18 @@ bench-scale: install
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 $(IG) migrate
 	$(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 $(PY) -m bench.bench_scale
+	$(PY) -m bench.bench_readpath
 	$(PY) -m bench.bench_partitions
 
 # Accuracy, each with the settings chosen on its validation split as `train` chooses them: Gowalla
 # (LightGCN split), Online Retail split by time, Online Retail with each customer's latest 20% held
-# out (any log: `evaluate log`), the prequential stream replay of Online Retail, and churn and audiences at a
-# cut of Online Retail (any log: `evaluate churn|audience --format csv ...`); see docs/evaluation.md.
+# out (any log: `evaluate log`), Online Retail's cold items (new ones by time, a seeded 20% hidden),
+# the prequential stream replay of Online Retail, and churn and audiences at a cut of Online Retail
+# (any log: `evaluate churn|audience --format csv ...`); see docs/evaluation.md.
 evaluate: install
 	$(IG) evaluate gowalla --data-dir ../shared/data/gowalla
 	$(IG) evaluate online-retail
+	$(IG) evaluate cold-items
 	$(IG) evaluate log --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail
 	$(IG) evaluate stream --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail \
 		--batch-minutes 240 --retrain-every 30 --finetune-every 9 --finetune-rounds 0 --replay 3 \

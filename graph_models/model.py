@@ -44,6 +44,8 @@ class InterestSAGE(nn.Module):
         self.register_buffer("bias", torch.zeros(self.basis.shape[0], dtype=torch.float64))
         # EASE's item x item matrix over the version's rows (graph_models.ease), empty when the score has none.
         self.register_buffer("ease", torch.zeros(0, 0, dtype=torch.float32))
+        # The version's content encoder and learned map (coldstart.ContentPart), None for a version without.
+        self.content = None
 
     @property
     def num_items(self) -> int:

@@ -87,6 +87,13 @@ class LoadedModel:
         q = self.tables[1]
         return float(np.sqrt((q * q).sum(axis=1)).max()) or 1.0
 
+    def content_rows(self, items) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x, q) table rows, float64, of items the version has no row for, from their metadata (dicts of
+        title, description, attributes, category, price) through the version's learned content map; None
+        for a version trained without content (such items keep the zero row)."""
+        part = self.model.content
+        return None if part is None else part.rows(items, *self.tables)
+
     def rows(self, item_ids) -> np.ndarray:
         """Table rows of items (the zero row for items new since the version)."""
         n = self.model.num_items

@@ -91,6 +91,8 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
                                           mcfg.max_minutes * 60 if mcfg.max_minutes else None, progress,
                                           str(cfg.home / "runs" / version))
         mcfg, search = model.cfg, result.get("search")
+        if cfg.content_map:
+            result["content"] = _fit_content(model, graph, snap, progress, str(cfg.home / "runs" / version))
     else:
         mcfg = replace(mcfg, lin_topk=table_topk(graph.nnz, graph.shape[1], mcfg))  # as `fit` sets it
         model = build(graph, mcfg)
@@ -105,9 +107,25 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     return {"version": version, "metrics": metrics, "popularity": result["popularity"],
             "settings": chosen_settings(mcfg),
             "train_seconds": round(result["seconds"], 2),
-            "epochs": result["epochs"], "embed": embedded, "seconds": round(time.monotonic() - started, 2),
+            "epochs": result["epochs"], "embed": embedded, "content": result.get("content"), "seconds": round(time.monotonic() - started, 2),
             "users": len(snap.user_ids), "items": len(snap.items), "edges": len(snap.edges_u),
             "checkpoint": str(path), "runs": str(cfg.home / "runs" / version) if train_model else None}
+
+
+def _fit_content(model, graph: sp.csr_matrix, snap: store.Snapshot, progress: bool, log_dir: str) -> dict:
+    """Fit the version's content part (encoder and learned map) on the snapshot's item metadata; its
+    curves go to TensorBoard next to the settings search's. Returns the map's choice and validation."""
+    from graph_models.coldstart import ColdConfig, fit_content
+    from graph_models.train import _tensorboard
+    writer = _tensorboard(log_dir)
+    items = [{"title": it.get("title"), "category": it.get("category"), "price": it.get("price")} for it in snap.items]
+    part, report = fit_content(lambda g: build(g, model.cfg), graph, items, ColdConfig(seed=model.cfg.seed),
+                               progress=progress, writer=writer)
+    if writer is not None:
+        writer.close()
+    model.content = part
+    log.info("content map: %s", report.get("skipped") or report["chosen"])
+    return {k: v for k, v in report.items() if k != "history"}
 
 
 def new_version() -> str:
