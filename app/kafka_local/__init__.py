@@ -4,14 +4,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+from app import local_server
 from app.config import KAFKA_VERSION, LOOPBACK, Config
 
 POM = Path(__file__).with_name("pom.xml")
@@ -33,34 +31,10 @@ def broker_address(cfg: Config) -> tuple[str, int]:
     return host or "127.0.0.1", int(port or 9092)
 
 
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _require(tool: str, hint: str) -> str:
-    path = shutil.which(tool)
-    if not path:
-        raise KafkaError(f"`{tool}` not found on PATH: {hint}")
-    return path
-
-
 def provision(cfg: Config) -> Path:
     """Fetch the broker's jars into the cache once; return the lib directory."""
-    lib = _paths(cfg)["lib"]
-    marker = lib / ".complete"
-    if marker.exists():
-        return lib
-    mvn = _require("mvn", "install Maven (needed once to fetch Kafka from Maven Central)")
-    lib.mkdir(parents=True, exist_ok=True)
-    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={lib}",
-           "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise KafkaError(f"Maven could not fetch Kafka {KAFKA_VERSION}:\n{result.stdout[-2000:]}")
-    marker.touch()
-    return lib
+    return local_server.fetch_jars(POM, _paths(cfg)["lib"], {"kafka.version": KAFKA_VERSION}, f"Kafka {KAFKA_VERSION}",
+                                   KafkaError)
 
 
 def _write_conf(cfg: Config, p: dict[str, Path]) -> Path:
@@ -118,13 +92,7 @@ def _format(java: str, p: dict[str, Path], conf: Path) -> None:
 
 
 def _pid(p: dict[str, Path]) -> int | None:
-    """The broker's process id while it runs (an exited child of this process lingers as a zombie)."""
-    try:
-        pid = int(p["pid"].read_text())
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return None if state == "Z" else pid
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
+    return local_server.running_pid(p["pid"])
 
 
 def status(cfg: Config) -> dict:
@@ -132,7 +100,7 @@ def status(cfg: Config) -> dict:
     p = _paths(cfg)
     host, port = broker_address(cfg)
     return {"version": KAFKA_VERSION, "pid": _pid(p), "bootstrap": f"{host}:{port}",
-            "broker_open": _port_open(host, port), "data": str(p["data"])}
+            "broker_open": local_server.port_open(host, port), "data": str(p["data"])}
 
 
 def _wait_ready(cfg: Config, p: dict[str, Path], proc: subprocess.Popen | None, timeout: float) -> None:
@@ -148,7 +116,7 @@ def _wait_ready(cfg: Config, p: dict[str, Path], proc: subprocess.Popen | None, 
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise KafkaError(f"Kafka exited during start-up; see {log}\n{tail}")
         try:
-            if _port_open(host, port) and admin.list_topics(timeout=1).brokers:
+            if local_server.port_open(host, port) and admin.list_topics(timeout=1).brokers:
                 return
         except Exception:  # noqa: BLE001 - keep polling until the deadline
             time.sleep(0.3)
@@ -165,10 +133,10 @@ def start(cfg: Config, timeout: float = 90.0) -> dict:
         _wait_ready(cfg, p, None, timeout)
         return status(cfg)
     for check_port in (port, cfg.kafka_controller_port):
-        if _port_open("127.0.0.1", check_port):
+        if local_server.port_open("127.0.0.1", check_port):
             raise KafkaError(f"port {check_port} is already in use by another process; stop it or set "
                              "IG_KAFKA_BOOTSTRAP / IG_KAFKA_CONTROLLER_PORT to free ports")
-    java = _require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)")
+    java = local_server.require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)", KafkaError)
     provision(cfg)
     for key in ("data", "logs"):
         p[key].mkdir(parents=True, exist_ok=True)
@@ -188,15 +156,4 @@ def start(cfg: Config, timeout: float = 90.0) -> dict:
 
 def stop(cfg: Config, timeout: float = 60.0) -> bool:
     """Shut the broker down cleanly (SIGTERM flushes the log); return False if it was not running."""
-    p = _paths(cfg)
-    pid = _pid(p)
-    if not pid:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid(p):
-        time.sleep(0.2)
-    if _pid(p):
-        os.kill(pid, signal.SIGKILL)
-    p["pid"].unlink(missing_ok=True)
-    return True
+    return local_server.stop(_paths(cfg)["pid"], timeout)

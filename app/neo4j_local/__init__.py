@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from app import local_server
 from app.config import LOOPBACK, NEO4J_BROWSER_VERSION, NEO4J_VERSION, Config
 
 POM = Path(__file__).with_name("pom.xml")
@@ -36,35 +34,10 @@ def _bolt_address(cfg: Config) -> tuple[str, int]:
     return url.hostname or "127.0.0.1", url.port or 7687
 
 
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _require(tool: str, hint: str) -> str:
-    path = shutil.which(tool)
-    if not path:
-        raise Neo4jError(f"`{tool}` not found on PATH: {hint}")
-    return path
-
-
 def provision(cfg: Config) -> Path:
     """Fetch the server jars into the cache once; return the lib directory."""
-    lib = _paths(cfg)["lib"]
-    marker = lib / ".complete"
-    if marker.exists():
-        return lib
-    mvn = _require("mvn", "install Maven (needed once to fetch Neo4j from Maven Central)")
-    lib.mkdir(parents=True, exist_ok=True)
-    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-           f"-DoutputDirectory={lib}", "-DincludeScope=runtime",
-           f"-Dneo4j.version={NEO4J_VERSION}", f"-Dneo4j.browser.version={NEO4J_BROWSER_VERSION}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise Neo4jError(f"Maven could not fetch Neo4j {NEO4J_VERSION}:\n{result.stdout[-2000:]}")
-    marker.touch()
-    return lib
+    return local_server.fetch_jars(POM, _paths(cfg)["lib"], {"neo4j.version": NEO4J_VERSION,
+                                   "neo4j.browser.version": NEO4J_BROWSER_VERSION}, f"Neo4j {NEO4J_VERSION}", Neo4jError)
 
 
 def _write_conf(cfg: Config, p: dict[str, Path]) -> None:
@@ -137,7 +110,7 @@ def import_full(cfg: Config, nodes: dict[str, Path], relationships: dict[str, Pa
     p = _paths(cfg)
     if _pid(p):
         raise Neo4jError("stop the server before a bulk import")
-    java = _require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)")
+    java = local_server.require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)", Neo4jError)
     provision(cfg)
     for key in ("data", "logs"):
         p[key].mkdir(parents=True, exist_ok=True)
@@ -154,12 +127,7 @@ def import_full(cfg: Config, nodes: dict[str, Path], relationships: dict[str, Pa
 
 
 def _pid(p: dict[str, Path]) -> int | None:
-    try:
-        pid = int(p["pid"].read_text())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
+    return local_server.running_pid(p["pid"])
 
 
 def status(cfg: Config) -> dict:
@@ -167,7 +135,7 @@ def status(cfg: Config) -> dict:
     p = _paths(cfg)
     host, port = _bolt_address(cfg)
     return {"version": NEO4J_VERSION, "pid": _pid(p), "bolt": f"{host}:{port}",
-            "bolt_open": _port_open(host, port), "browser": f"http://127.0.0.1:{cfg.neo4j_http_port}/browser/",
+            "bolt_open": local_server.port_open(host, port), "browser": f"http://127.0.0.1:{cfg.neo4j_http_port}/browser/",
             "data": str(p["data"])}
 
 
@@ -205,10 +173,10 @@ def start(cfg: Config, timeout: float = 180.0) -> dict:
         _wait_for_bolt(cfg, _pid(p), p, timeout)
         return status(cfg)
     for check_port in (port, cfg.neo4j_http_port):
-        if _port_open("127.0.0.1", check_port):
+        if local_server.port_open("127.0.0.1", check_port):
             raise Neo4jError(f"port {check_port} is already in use by another process; "
                              "stop it or set NEO4J_URI to a free Bolt port")
-    java = _require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)")
+    java = local_server.require("java", "install a Java 17 runtime (e.g. openjdk-17-jre-headless)", Neo4jError)
     provision(cfg)
     for key in ("data", "logs"):
         p[key].mkdir(parents=True, exist_ok=True)
@@ -228,15 +196,4 @@ def start(cfg: Config, timeout: float = 180.0) -> dict:
 
 def stop(cfg: Config, timeout: float = 60.0) -> bool:
     """Shut the server down cleanly; return False if it was not running."""
-    p = _paths(cfg)
-    pid = _pid(p)
-    if not pid:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid(p):
-        time.sleep(0.2)
-    if _pid(p):
-        os.kill(pid, signal.SIGKILL)
-    p["pid"].unlink(missing_ok=True)
-    return True
+    return local_server.stop(_paths(cfg)["pid"], timeout)
