@@ -177,8 +177,9 @@ class Config:
     max_k: int = 500  # largest k of any ranked answer
     max_batch_users: int = 100  # users of one POST /v1/recommendations
     # Work per request (docs/reliability.md, "Bounds"): explain without the item-item table reads k x users
-    # entries; a batch call's users each cost two products over the copy's edges (users x edges at most
-    # `batch_max_work`); churn risk scans every edge, so past `churn_max_edges` it answers 413.
+    # entries; a batch call reads at most `batch_max_work` entries (State.work: each user's two products
+    # over the copy's edges, or their items' rows of an item table); churn risk scans every edge, so past
+    # `churn_max_edges` it answers 413.
     explain_max_mb: float = 64
     batch_max_work: int = 100_000_000
     churn_max_k: int = 1000

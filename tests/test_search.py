@@ -156,6 +156,10 @@ def test_a_version_served_from_an_item_table_serves_its_offline_ranking(cfg, dri
     _, _, scores = _offline(cfg, driver, lm)
     assert np.isinf(scores).any()  # some items are no user's candidates
     _assert_served_equals_offline(cfg, driver, base_url, lm)
+    # a batch's work bound counts each user's items x the row length, not the graph's edges
+    from app.serving import graph as serving
+    st = serving.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret).current()
+    assert st.work(["u1", "u2"]) == 3 * (len(st.row("u1")[0]) + len(st.row("u2")[0])) < st.base_csr.nnz
     # docs/cypher.md: in GF-CF's form, the recipe's filter is the exact one, so it scores an item the API
     # ranks at least as high as the API does, and higher where the table dropped a path
     with Worker(cfg).holding() as holder:

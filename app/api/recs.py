@@ -76,11 +76,12 @@ def batch_recommendations(body: BatchRecsBody):
     st = _state()
     k = _explained(st, _k(body.k), body.explain)
     users = list(dict.fromkeys(body.user_ids))
-    edges = st.base_csr.nnz + st.over_csr.nnz if st is not None else 0
-    if len(users) * edges > cfg().batch_max_work:  # each user: two sparse products over the copy's edges
-        most = max(1, cfg().batch_max_work // edges)
-        raise ApiError(413, f"user_ids: at most {most} users a call over this graph's {edges} edges "
-                            "(IG_BATCH_MAX_WORK)", field="user_ids", limit=most)
+    work = st.work([user_key(cfg(), u) for u in users]) if st is not None else 0
+    if work > cfg().batch_max_work:
+        most = max(1, len(users) * cfg().batch_max_work // work)
+        raise ApiError(413, f"user_ids: at most about {most} of these users a call over this graph "
+                            f"({work} entries to read, IG_BATCH_MAX_WORK {cfg().batch_max_work})",
+                       field="user_ids", limit=most)
     return {"results": {u: ranking.recommend(_session, st, user_key(cfg(), u), k, filters, body.explain)
                         for u in users}}
 

@@ -264,6 +264,13 @@ class State:
             return (q @ p.astype(np.float32))[rows].astype(np.float64)
         return (q[rows] @ p.astype(np.float32)).astype(np.float64)
 
+    def work(self, user_ids: list[str]) -> int:
+        """Entries recommending to `user_ids` reads: per user, every edge of the copy (the exact filter's two
+        sparse products), or their items' rows of the item table."""
+        if self.nbr is None:
+            return len(user_ids) * (self.base_csr.nnz + self.over_csr.nnz)
+        return sum(len(self.row(u)[0]) for u in user_ids) * self.lm.mcfg.lin_topk
+
     def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
         (app/embeddings/refresh.py)."""
