@@ -1,7 +1,6 @@
 """Serving endpoints: recommendations, similar items, audiences, interests and churn risk."""
 from __future__ import annotations
 
-import logging
 
 from flask_openapi3 import APIBlueprint, Tag
 
@@ -16,7 +15,6 @@ from app.ids import user_key
 from app.serving import profile, ranking
 from app.serving.ranking import Filters
 
-log = logging.getLogger(__name__)
 bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
                   abp_responses={400: ErrorOut})
 
