@@ -1,7 +1,6 @@
 """Serving endpoints: recommendations, similar items, audiences, interests and churn risk."""
 from __future__ import annotations
 
-
 from flask_openapi3 import APIBlueprint, Tag
 
 from app import cypher
