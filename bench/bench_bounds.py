@@ -24,11 +24,7 @@ from werkzeug.serving import make_server
 from app import create_app, cypher
 from app.config import load_config
 from app.db import get_driver
-from app.embeddings import models
-from app.embeddings.full import embed_full
-from app.embeddings.training import train_and_publish
-from app.worker import Worker
-from bench.bench_scale import import_graph, power_law_pairs
+from bench.bench_scale import embedded_graph, power_law_pairs
 
 
 def timed_get(url: str, repeat: int, method: str = "GET", **kwargs) -> tuple[float, int]:
@@ -57,13 +53,7 @@ def main() -> None:
         driver = get_driver(build_cfg)
         built = embedded = 0.0
         if not args.reuse:
-            built = import_graph(build_cfg, pairs)
-            started = time.perf_counter()
-            with Worker(build_cfg).holding() as holder:
-                published = train_and_publish(driver, build_cfg, progress=False, train_model=False, owner=holder.owner)
-                embed_full(driver, build_cfg, models.load(published["checkpoint"], published["version"]),
-                           owner=holder.owner)
-            embedded = time.perf_counter() - started
+            built, embedded = embedded_graph(build_cfg, pairs)
         # Served as in production (reads need the read token; no rate limit here), without the table.
         # The copy is loaded once and not synced meanwhile: the figures are the requests' own work.
         cfg = load_config(explain_table_mb=0, read_token="bench-read-token", open_reads=False,

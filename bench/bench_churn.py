@@ -26,11 +26,7 @@ from werkzeug.serving import make_server
 from app import churn, create_app, cypher
 from app.config import load_config
 from app.db import get_driver
-from app.embeddings import models
-from app.embeddings.full import embed_full
-from app.embeddings.training import train_and_publish
-from app.worker import Worker
-from bench.bench_scale import import_graph, power_law_pairs
+from bench.bench_scale import embedded_graph, power_law_pairs
 
 
 def latencies(url: str, repeat: int, **kwargs) -> dict:
@@ -70,13 +66,7 @@ def main() -> None:
         pairs = power_law_pairs(size, args.seed)
         users = sorted({u for u, _ in pairs})
         driver = get_driver(build_cfg)
-        built = import_graph(build_cfg, pairs)
-        started = time.perf_counter()
-        with Worker(build_cfg).holding() as holder:
-            published = train_and_publish(driver, build_cfg, progress=False, train_model=False, owner=holder.owner)
-            embed_full(driver, build_cfg, models.load(published["checkpoint"], published["version"]),
-                       owner=holder.owner)
-        embedded = time.perf_counter() - started
+        built, embedded = embedded_graph(build_cfg, pairs)
         written = store_scores(driver, build_cfg, users, args.seed)
         cfg = load_config(read_token="bench-read-token", open_reads=False, serving_max_age=3600.0,
                           serving_poll=3600.0)

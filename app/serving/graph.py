@@ -3,7 +3,9 @@ request reads nothing from Neo4j.
 
 A score is `p_u . q_j + lin(u, j)` (graph_models/model.py). The graph filter `lin` walks u-i-v-j over
 the whole neighbourhood: in Cypher that is 10^5-10^6 rows a request. Here it is two sparse products
-over a copy of the edges, which each process loads once and then moves by what changed: every
+over a copy of the edges or, for a version served from an item table (past IG_LIN_TABLE_EDGES), the
+table rows of the shopper's items, and then only the items they reach are ranked (`State.ranked`).
+Each process loads the copy once, in the background, and then moves it by what changed: every
 refresh run logs the users and items it recomputed (cypher.APPLIED_LOG), ingest marks what it wrote
 as not yet reflected (`ig_unseen`, cypher.SERVING_SYNC), and the copy re-reads just those rows. A
 sync runs in the background at most every `poll` seconds while requests come; a request finds the
@@ -16,7 +18,7 @@ A state is never changed in place: a sync builds the next one (sharing what only
 it in, so concurrent requests each score on one consistent state. Rows changed since the last
 compaction live in a small overlay over the base matrices, so a sync costs what changed.
 
-For `explain`, each process also keeps the item-item table C = R^T D_U^-1 R of the base rows dense
+For `explain` without an item table, each process also keeps C = R^T D_U^-1 R of the base rows dense
 (when the catalogue is small enough for IG_EXPLAIN_TABLE_MB): an answer's parts read its entries
 instead of R's rows, and the overlay's change to it is a small product; a compaction folds that in.
 """
@@ -244,7 +246,7 @@ class State:
         found = self._candidates(cols, a)
         if found is not None:
             cand, lin = found
-            s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin
+            s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin  # `_unbiased` at the candidates
             if self._bias is not None:
                 s = s / _largest(s) + self._bias[cand]
             ok = admit(cand)
@@ -312,9 +314,11 @@ class State:
             inner += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
         if self._bias is None:
             return inner
-        s = self._unbiased(self.vector(cols, a), cols, a)
-        found = self._candidates(cols, a)
-        return inner / _largest(s if found is None else s[found[0]])
+        p, found = self.vector(cols, a), self._candidates(cols, a)
+        if found is None:
+            return inner / _largest(self._unbiased(p, cols, a))
+        cand, lin = found  # the candidates' scores alone, as `ranked` divides them
+        return inner / _largest(self._low(p, cand) + self.lm.mcfg.lin_weight * lin)
 
     def bias(self, targets: np.ndarray) -> np.ndarray | None:
         """Each target's bias (the version's, plus the live trend's prior): its score's part that no own
