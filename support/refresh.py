@@ -33,7 +33,8 @@ def max_error(driver, cfg, lm) -> float:
             "MATCH (n:User|Item) RETURN labels(n)[0] AS l, n.id AS id, properties(n) AS p")}
     worst = 0.0
     for label, ntype in (("User", "user"), ("Item", "item")):
-        for node_id, expected in zip(*full.compute(lm, snap)[ntype]):
+        out = full.compute(lm, snap)
+        for node_id, expected in zip(out[ntype][0], full.props_of(out, ntype)):
             got = stored.get((label, node_id))
             if got is None or got.get("embedding_version") != lm.version:
                 return float("inf")

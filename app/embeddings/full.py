@@ -23,7 +23,9 @@ TRANSIENT_TRIES = 5
 
 
 def compute(lm: LoadedModel, snap: store.Snapshot) -> dict:
-    """Every stored vector and degree of the snapshot: {user|item: (ids, rows of props)}."""
+    """Every stored vector and degree of the snapshot: {user|item: (ids, props)}, where `props(idx)` are
+    the rows of props of the nodes at positions `idx` (built per batch: at 10M edges the rows of every
+    node as Python lists would outweigh the graph)."""
     uidx = {u: k for k, u in enumerate(snap.user_ids)}
     item_ids = [it["id"] for it in snap.items]
     iidx = {x: k for k, x in enumerate(item_ids)}
@@ -35,9 +37,16 @@ def compute(lm: LoadedModel, snap: store.Snapshot) -> dict:
     with torch.no_grad():
         p = lm.model.user_embedding(g, torch.from_numpy(rows)).numpy()
     x, q = lm.tables
-    users = state.user_props(p, np.bincount(u, weights=raw, minlength=len(uidx)))
-    items = state.item_props(q[rows], x[rows], lm.item_norm, np.bincount(i, weights=raw, minlength=len(iidx)))
-    return {store.USER: (snap.user_ids, users), store.ITEM: (item_ids, items)}
+    udeg = np.bincount(u, weights=raw, minlength=len(uidx))
+    ideg = np.bincount(i, weights=raw, minlength=len(iidx))
+    return {store.USER: (snap.user_ids, lambda idx: state.user_props(p[idx], udeg[idx])),
+            store.ITEM: (item_ids, lambda idx: state.item_props(q[rows[idx]], x[rows[idx]], lm.item_norm, ideg[idx]))}
+
+
+def props_of(out: dict, ntype: str) -> list:
+    """Every node's props of one type from `compute`, in id-list order (for checks on small graphs)."""
+    ids, props = out[ntype]
+    return props(np.arange(len(ids)))
 
 
 def _fenced(tx, owner, write, *args):
@@ -76,26 +85,32 @@ def embed_full(driver, cfg: Config, lm: LoadedModel, progress: bool = False, own
     t_infer = time.monotonic() - started - t_export
     # Nodes by id (each batch marks its edges user by user, in id order: store.mark_edges), and the
     # last transaction's marks items first: locks are taken in the ingest path's order (items by id,
-    # then users by id), so concurrent ingest queues instead of deadlocking.
+    # then users by id), so concurrent ingest queues instead of deadlocking. Rows are built batch by
+    # batch from the arrays, so the run holds the snapshot and the vectors, not every row at once.
     nonce = dict(zip(snap.user_ids, snap.user_nonces))
-    users = sorted(({"id": x, "nonce": nonce[x], "props": props} for x, props in zip(*out[store.USER])),
-                   key=lambda r: r["id"])
-    items = sorted(({"id": x, "props": props} for x, props in zip(*out[store.ITEM])), key=lambda r: r["id"])
-    edges = [{"u": u, "nonce": nonce[u], "i": i, "rev": rev} for u, i, rev in zip(snap.edges_u, snap.edges_i, snap.rev)]
     with driver.session(database=cfg.neo4j_database) as session:
-        for ntype, rows in ((store.USER, users), (store.ITEM, items)):
-            for chunk in tqdm(list(store.chunks(rows, cfg.full_batch)), desc=f"write {ntype}s", disable=not progress):
+        for ntype, (ids, props) in out.items():
+            order = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
+            for start in tqdm(range(0, len(order), cfg.full_batch), desc=f"write {ntype}s", disable=not progress):
+                idx = order[start:start + cfg.full_batch]
+                chunk = [{"id": ids[k], "props": row} for k, row in zip(idx, props(idx))]
+                if ntype == store.USER:
+                    for row in chunk:
+                        row["nonce"] = nonce[row["id"]]
                 _write(session, lambda tx, c=chunk, t=ntype: _fenced(tx, owner, store.write_nodes, t, c,
                                                                      lm.version, cfg.interest_history))
-        for chunk in tqdm(list(store.chunks(edges, 10 * cfg.full_batch)), desc="mark edges", disable=not progress):
+        step = 10 * cfg.full_batch
+        for start in tqdm(range(0, len(snap.edges_u), step), desc="mark edges", disable=not progress):
+            chunk = [{"u": u, "nonce": nonce[u], "i": i, "rev": rev} for u, i, rev in
+                     zip(snap.edges_u[start:start + step], snap.edges_i[start:start + step], snap.rev[start:start + step])]
             _write(session, lambda tx, c=chunk: _fenced(tx, owner, store.mark_edges, c))
         # The revisions the export read: a change committed after it keeps its node flagged.
         seen = sorted(({"id": x, "rev": rev, "nonce": n} for x, rev, n in
                        zip(snap.user_ids, snap.user_revs, snap.user_nonces)), key=lambda r: r["id"])
         seen_items = sorted(({"id": it["id"], "rev": it["rev"]} for it in snap.items), key=lambda r: r["id"])
         run = {"mode": "full", "reason": reason, "version": lm.version, "published": publish,
-               "users": len(users), "items": len(items),
-               "edges": len(edges), "seconds": round(time.monotonic() - started, 3),
+               "users": len(snap.user_ids), "items": len(snap.items),
+               "edges": len(snap.edges_u), "seconds": round(time.monotonic() - started, 3),
                "export_s": round(t_export, 3), "inference_s": round(t_infer, 3), "finished_at": int(time.time() * 1000)}
 
         def finish(tx):
