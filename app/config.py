@@ -42,6 +42,9 @@ def _env(env: dict, name: str, default=None, cast=str):
     return default if value in (None, "") else cast(value)
 
 
+CONTENT_MAPS = ("on", "knn", "off")
+
+
 def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str:
     """A setting limited to `allowed` (case-insensitive), else a ValueError naming the variable."""
     value = _env(env, name, default)
@@ -133,9 +136,10 @@ class Config:
     bias_l2: float = 1e-3
     item_trend: float = 0.0
     trend_weight: float = 0.0
-    # `train` also fits the learned content map (graph_models.coldstart) and saves it with the version;
-    # off until the refresh and the API embed items without a row through it.
-    content_map: bool = False
+    # What `train` saves with the version to give items without a trained row rows from their content
+    # (graph_models.coldstart): "on" the learned content map, "knn" its untrained attention (content-kNN,
+    # seconds to fit), "off" nothing (such items keep the zero row).
+    content_map: str = "knn"
     model_dir: Path | None = None
     # ingest
     batch_limit: int = 10_000
@@ -276,7 +280,7 @@ def load_config(**overrides) -> Config:
         bias_l2=_env(env, "IG_BIAS_L2", Config.bias_l2, float),
         item_trend=_env(env, "IG_ITEM_TREND", Config.item_trend, float),
         trend_weight=_env(env, "IG_TREND_WEIGHT", Config.trend_weight, float),
-        content_map=_switch(env.get("IG_CONTENT_MAP", "off")),
+        content_map=_choice(env, "IG_CONTENT_MAP", Config.content_map, CONTENT_MAPS),
         model_dir=_env(env, "IG_MODEL_DIR", None, Path),
         batch_limit=_env(env, "IG_BATCH_LIMIT", Config.batch_limit, int),
         half_life_days=_env(env, "IG_HALF_LIFE_DAYS", Config.half_life_days, float),

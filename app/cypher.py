@@ -817,3 +817,21 @@ ORDER BY u.churn_score DESC LIMIT $k
 """
 
 CHURN_SCORED = "MATCH (u:User) WHERE u.churn_score >= 0.0 RETURN u.id AS id LIMIT 1"
+
+
+# --- items' rows from their content (app/embeddings/refresh.py) ----------------------------------------
+# Kept together at the end: one block to move when this module is split.
+
+# What an item's content row is computed from (LoadedModel.cold): the same fields the export reads.
+CONTENT_ITEMS = """
+UNWIND $ids AS id
+MATCH (i:Item {id: id})
+RETURN i.id AS id, i.title AS title, i.category AS category, i.price AS price
+"""
+
+# The users of items whose rows come from their content: a change of that content moves their vectors.
+CONTENT_ITEM_USERS = """
+UNWIND $ids AS id
+MATCH (:Item {id: id})<-[:INTERACTED]-(u:User)
+RETURN collect(DISTINCT u.id) AS users
+"""

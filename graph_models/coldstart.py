@@ -257,9 +257,16 @@ class ContentPart:
         texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
         return self.encoder.transform(texts, [it.get("category") for it in items], [it.get("price") for it in items])
 
-    def rows(self, items, x, q) -> tuple[np.ndarray, np.ndarray]:
-        """(x_hat, q_hat), float64, of item dicts, from the version's table (x, q: all its rows)."""
-        return self.net.rows(self.features(items), self.known_feats, x[self.known], q[self.known])
+    def rows(self, items, x, q, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(x_hat, q_hat), float64, of item dicts, from the version's table (x, q: all its rows); in
+        batches, so that the attention over known items stays small however many items come at once."""
+        out_x, out_q = [np.zeros((0, x.shape[1]))], [np.zeros((0, q.shape[1]))]
+        kx, kq = x[self.known], q[self.known]
+        for start in range(0, len(items), batch):
+            bx, bq = self.net.rows(self.features(items[start:start + batch]), self.known_feats, kx, kq)
+            out_x.append(bx)
+            out_q.append(bq)
+        return np.vstack(out_x), np.vstack(out_q)
 
     def to_state(self) -> dict:
         """Tensors and plain values for a checkpoint."""
@@ -282,10 +289,12 @@ class ContentPart:
 MIN_DESCRIBED = 50  # items with text below which a version gets no content part: too little to learn from
 
 
-def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=True, writer=None, grid=GRID):
+def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=True, writer=None, grid=GRID,
+                train: bool = True):
     """A version's ContentPart from its items' metadata (dicts in graph column order) and its graph,
     `build(graph)` making the version from a graph; (None, reason) when fewer than MIN_DESCRIBED items
-    have any text. Returns (part, report)."""
+    have any text. Without `train`, the map stays untrained (A = I, tau = 10): content-kNN, each new
+    item the softmax mix of the rows of its K most alike known items. Returns (part, report)."""
     from .content import ContentEncoder, item_text
     texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
     described = sum(bool(t) for t in texts)
@@ -296,6 +305,9 @@ def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=Tru
                                  seed=cfg.seed)
     part = ContentPart(encoder, ContentMap(encoder.dim), cfg, np.zeros(0, dtype=np.int64), np.zeros((0, encoder.dim)))
     feats = part.features(items)
-    net, report = choose_and_train(build, graph, feats, cfg, grid, progress=progress, writer=writer)
+    if train:
+        net, report = choose_and_train(build, graph, feats, cfg, grid, progress=progress, writer=writer)
+    else:
+        net, report = ContentMap(encoder.dim, cfg.neighbours), {"map": "content-kNN", "chosen": cfg.to_dict()}
     known = np.flatnonzero(np.asarray((graph > 0).sum(axis=0)).ravel() > 0)
     return ContentPart(encoder, net, ColdConfig.from_dict(report["chosen"]), known, feats[known]), report

@@ -43,13 +43,23 @@ class Scorer:
     (with item biases: `bias.with_bias` of it, the biases plus the live trend's prior, `trend` being
     `bias.trend` of the graph's positive edges when the model reads one). With the filter served from
     an item table, only each user's candidates are ranked (graph_models.candidates), unless `candidates`
-    is False (every item's score, as biases are fitted on)."""
+    is False (every item's score, as biases are fitted on). `content` = (columns, x, q): the rows from
+    content of the items that take them (`LoadedModel.cold`), in place of their table rows."""
 
-    def __init__(self, model, graph_csr, biased: bool | None = None, trend=None, candidates: bool = True):
+    def __init__(self, model, graph_csr, biased: bool | None = None, trend=None, candidates: bool = True,
+                 content=None):
         self.graph = graph_csr.astype(np.float64).tocsr()
         self.lin = LinearFilter.of(graph_csr, model.cfg)  # normalised from the graph as given, as before
-        out = model.inference(graph_from_csr(self.graph))  # the DGL path the service's full recompute takes
-        self.p, self.q = out["user"].float(), out["item"].float()
+        cols, xc, qc = content if content is not None else (np.zeros(0, dtype=np.int64), None, None)
+        rows = np.arange(self.graph.shape[1])
+        rows[cols] = model.num_items  # the zero row, then the content rows added
+        # the DGL path the service's full recompute takes
+        out = model.inference(graph_from_csr(self.graph), rows if len(cols) else None)
+        p, q = out["user"].numpy(), out["item"].numpy()
+        if len(cols):
+            p = p + np.asarray(self.graph[:, cols] @ xc)
+            q[cols] = qc
+        self.p, self.q = torch.from_numpy(np.asarray(p, dtype=np.float32)), torch.from_numpy(np.asarray(q, dtype=np.float32))
         self.bias = None
         if model.biased if biased is None else biased:
             n = self.graph.shape[1]

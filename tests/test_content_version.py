@@ -22,7 +22,7 @@ def test_a_trained_version_embeds_an_item_it_has_no_row_for_from_its_metadata(cf
     writer.upsert_items(driver, cfg.neo4j_database, [
         {"id": f"i{k}", "props": {"title": f"colour {k} {KINDS[k % 4]}", "category": KINDS[k % 4].split()[-1],
                                   "price": 2.0 * (1 + k % 4)}} for k in range(60)])
-    on = dataclasses.replace(cfg, content_map=True, search_trials=3, train_minutes=0.5)
+    on = dataclasses.replace(cfg, content_map="on", search_trials=3, train_minutes=0.5)
     with Worker(on).holding() as holder:
         result = train_and_publish(driver, on, progress=False, owner=holder.owner)
     assert result["content"]["chosen"]["neighbours"] in (20, 50, 200)

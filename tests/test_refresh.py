@@ -39,9 +39,11 @@ def trained(cfg, driver):
     clean_db = driver
     rng = random.Random(7)
     pipeline.ingest(clean_db, cfg, events(rng, 600, 60, 40))
+    # i40-i59 are put without edges: the version has no trained row for them, and its content part
+    # (content-kNN, the default) gives them rows from their metadata
     writer.upsert_items(clean_db, cfg.neo4j_database, [
         {"id": f"i{k}", "props": {"title": f"mug {k % 3}", "category": f"c{k % 4}", "price": 1.0 + k}}
-        for k in range(40)])
+        for k in range(60)])
     with Worker(cfg).holding() as holder:
         result = train_and_publish(clean_db, cfg, progress=False, owner=holder.owner, epochs=1)
     return models.load(result["checkpoint"], result["version"])
@@ -62,7 +64,8 @@ def exact_cfg(cfg):
 writes = [
     st.tuples(st.just("events"), st.integers(1, 6), st.integers(0, 10**6)),
     st.tuples(st.just("cancel"), st.integers(0, 70), st.integers(0, 10**6)),
-    st.tuples(st.just("item"), st.integers(0, 50), st.integers(0, 10**6)),
+    # trained items, items without a trained row (i40-i49 have metadata in the seed) and brand-new ones
+    st.tuples(st.just("item"), st.integers(30, 55), st.integers(0, 10**6)),
     st.tuples(st.just("delete"), st.integers(0, 70), st.integers(0, 10**6)),
     st.tuples(st.just("recreate"), st.integers(0, 70), st.integers(0, 10**6)),
 ]
@@ -79,6 +82,8 @@ def reset(driver, cfg, lm, owner: str) -> None:
         s.run("MATCH (n) WHERE n:User OR n:Item OR n:Event OR n:_IngestStats "
               "CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS").consume()
     pipeline.ingest(driver, cfg, events(random.Random(7), 300, 60, 40, now=SEED_NOW))
+    writer.upsert_items(driver, cfg.neo4j_database, [
+        {"id": f"i{k}", "props": {"title": f"mug {k % 3}", "category": f"c{k % 4}"}} for k in range(40, 50)])
     refresh(driver, cfg, lm, full=True, owner=owner)
 
 
@@ -151,9 +156,11 @@ def full_run_with_writes(driver, cfg, lm, owner: str, when: str, during: list) -
 def test_incremental_equals_full_recompute(trained, exact_cfg, driver, lease, ops):
     """New users and items, repeats, returns that cancel purchases, metadata changes, erasures and ids
     erased then created again, with refreshes in between, some capped to a few users, and full runs
-    with such writes committed in their middle: every stored value equals a full recompute.
-    Each example starts from the same freshly embedded graph, so examples are independent and
-    shrinking is meaningful."""
+    with such writes committed in their middle: every stored value equals a full recompute. Items
+    without a trained row take rows from their content, so metadata puts and changes move them and
+    their shoppers' vectors. Each example starts from the same freshly embedded graph, so examples are
+    independent and shrinking is meaningful."""
+    assert trained.model.content is not None  # the version gives rows from content
     reset(driver, exact_cfg, trained, lease.owner)
     capped = dataclasses.replace(exact_cfg, refresh_max_users=3)
     for kind, n, seed in ops:

@@ -6,6 +6,7 @@ import time
 import uuid
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from neo4j.exceptions import TransientError
 from tqdm.auto import tqdm
@@ -33,14 +34,28 @@ def compute(lm: LoadedModel, snap: store.Snapshot) -> dict:
     i = np.fromiter((iidx[x] for x in snap.edges_i), dtype=np.int64, count=len(snap.edges_i))
     raw = np.maximum(np.asarray(snap.w, dtype=np.float64), 0.0)
     rows = lm.rows(item_ids)
+    # Items without a trained row take rows from their content (LoadedModel.cold): the zero row in the
+    # DGL sum, their content rows added to it (as the incremental refresh adds them).
+    pos, xc, qc = lm.cold(snap.items)
+    rows[pos] = lm.model.num_items
     g = build_graph(u, i, raw * lm.scale, len(uidx), len(iidx))
     with torch.no_grad():
         p = lm.model.user_embedding(g, torch.from_numpy(rows)).numpy()
+    cold = np.full(len(item_ids), -1, dtype=np.int64)
+    cold[pos] = np.arange(len(pos))
+    if len(pos):
+        on = cold[i] >= 0
+        p = p + sp.csr_matrix(((raw * lm.scale)[on], (u[on], cold[i[on]])), shape=(len(uidx), len(pos))) @ xc
     x, q = lm.tables
     udeg = np.bincount(u, weights=raw, minlength=len(uidx))
     ideg = np.bincount(i, weights=raw, minlength=len(iidx))
+
+    def item_rows(idx):
+        xi, qi, at = x[rows[idx]], q[rows[idx]], cold[idx]
+        xi[at >= 0], qi[at >= 0] = xc[at[at >= 0]], qc[at[at >= 0]]
+        return state.item_props(qi, xi, lm.item_norm, ideg[idx])
     return {store.USER: (snap.user_ids, lambda idx: state.user_props(p[idx], udeg[idx])),
-            store.ITEM: (item_ids, lambda idx: state.item_props(q[rows[idx]], x[rows[idx]], lm.item_norm, ideg[idx]))}
+            store.ITEM: (item_ids, item_rows)}
 
 
 def props_of(out: dict, ntype: str) -> list:

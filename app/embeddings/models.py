@@ -94,10 +94,44 @@ class LoadedModel:
         part = self.model.content
         return None if part is None else part.rows(items, *self.tables)
 
+    @cached_property
+    def trained_rows(self) -> np.ndarray | None:
+        """Which table rows the content part attends to (the version's items with edges, plus False for
+        the zero row), or None for a version without content."""
+        part = self.model.content
+        if part is None:
+            return None
+        out = np.zeros(self.model.num_items + 1, dtype=bool)
+        out[part.known] = True
+        out.flags.writeable = False
+        return out
+
+    def cold(self, items: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, x, q): which of `items` (dicts of id, title, category, price) take their table rows
+        from their content, and those rows (float64). They are the items without a trained row (new since
+        the version, or without edges when it was trained) that have a title or a category, under a
+        version with a content part; every other item keeps its table row (the zero row if it has none)."""
+        d = self.model.out_dim
+        none = (np.zeros(0, dtype=np.int64), np.zeros((0, d)), np.zeros((0, d)))
+        known = self.trained_rows
+        if known is None or not items:
+            return none
+        rows = self.rows([it["id"] for it in items])
+        pos = np.array([k for k, it in enumerate(items) if not known[rows[k]] and described(it)], dtype=np.int64)
+        if not len(pos):
+            return none
+        x, q = self.content_rows([items[k] for k in pos])
+        return pos, x, q
+
     def rows(self, item_ids) -> np.ndarray:
         """Table rows of items (the zero row for items new since the version)."""
         n = self.model.num_items
         return np.fromiter((self.item_rows.get(i, n) for i in item_ids), dtype=np.int64)
+
+
+def described(item: dict) -> bool:
+    """Whether an item's metadata can place it: a title or a category (a price alone says too little)."""
+    return bool(item.get("title") or item.get("category"))
 
 
 _cache: dict[str, LoadedModel] = {}

@@ -5,7 +5,9 @@ weighted sum of the fixed inputs of the items it touched. So a changed edge (u, 
 - u's embedding and degree, recomputed from all of u's current edges (not by differences, so weights
   that cancel leave exactly nothing behind);
 - i's degree, summed again over its edges by Neo4j in the write transaction;
-- i's embedding only if i is new since the version was embedded (the version's zero row).
+- i's embedding only if i is new since the version was embedded (the version's zero row), or takes its
+  rows from its content (a version with a content part, an item without a trained row) and its
+  metadata changed: then also the embeddings of i's users, whose sums hold i's content row.
 Nothing else: the graph filter that also ranks items is computed at query time from the live graph,
 so the cost of a run grows with the changed edges and the degrees of their endpoints, never with the
 graph, and one run is one transaction. Since a user's values depend on that user's edges alone, a
@@ -86,6 +88,10 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     bounded already, and a full run would hold back every change behind it for its whole length."""
     user_ids = sorted({e["u"] for e in edges} | {u["id"] for u in users})
     item_ids = sorted({e["i"] for e in edges} | {i["id"] for i in items})
+    # A changed item whose rows come from its content (a metadata change) moves the vectors of its users.
+    recontent = [i["id"] for i in items if _untrained(lm, [i["id"]])[0]] if lm.trained_rows is not None else []
+    if recontent:
+        user_ids = sorted(set(user_ids) | set(store.content_item_users(session, recontent)))
     total = store.node_count(session)
     if not cfg.refresh_max_users and len(user_ids) + len(item_ids) > cfg.full_share * max(total, 1):
         raise TooLarge(f"affected set {len(user_ids) + len(item_ids)} > {cfg.full_share:.0%} of {total} nodes")
@@ -94,15 +100,26 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     # All users at once: one sparse users x version-rows matrix of weights times the item inputs.
     counts = [len(edges_of[u][0]) for u in ids]
     raw = np.maximum(np.fromiter((w for u in ids for w in edges_of[u][1]), dtype=np.float64, count=sum(counts)), 0.0)
-    cols = lm.rows([i for u in ids for i in edges_of[u][0]])
+    touched = [i for u in ids for i in edges_of[u][0]]
+    cols = lm.rows(touched)
     row_of = np.repeat(np.arange(len(ids)), counts)
     x = lm.tables[0]
+    content = _content(session, lm, set(touched) | set(item_ids))
+    at = {i: k for k, i in enumerate(content)}
+    cold = np.fromiter((at.get(i, -1) for i in touched), dtype=np.int64, count=len(touched))
+    cols[cold >= 0] = lm.model.num_items  # the zero row, their content rows added below (as full.compute)
     weights = sp.csr_matrix((raw * lm.scale, (row_of, cols)), shape=(len(ids), x.shape[0]))
     p = np.asarray(weights @ x) if len(ids) else np.zeros((0, x.shape[1]))
+    if content:
+        on = cold >= 0
+        xc = np.array([content[i][0] for i in content])
+        p = p + sp.csr_matrix(((raw * lm.scale)[on], (row_of[on], cold[on])), shape=(len(ids), len(content))) @ xc
     deg = np.bincount(row_of, weights=raw, minlength=len(ids))
     writes = {"users": [{"id": uid, "nonce": edges_of[uid][2], "props": pr}
                         for uid, pr in zip(ids, state.user_props(p, deg))],
               "items": item_ids,
+              "content": content,  # item -> (x, q) rows from content
+              "recontent": recontent,  # items to embed again: their content changed
               "affected": user_ids,  # erased ones included: the serving log drops their rows
               "edges": [{"e": e["e"], "u": e["u"], "i": e["i"], "rev": e["rev"]} for e in edges],
               # The revisions this run read: one committed since keeps its node flagged for the next.
@@ -113,12 +130,32 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     return writes, run
 
 
-def _embed_new_items(tx, lm: LoadedModel, ids: list[str]) -> int:
-    """Embed, under `lm`, the items it has not embedded yet (brand-new ones get the version's zero row)."""
+def _untrained(lm: LoadedModel, ids) -> np.ndarray:
+    """Whether each item lacks a trained row of a version with content (its rows may come from content)."""
+    return ~lm.trained_rows[lm.rows(ids)]
+
+
+def _content(session, lm: LoadedModel, ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """item -> (x, q) rows from content (LoadedModel.cold) of those of `ids` that take them."""
+    if lm.trained_rows is None or not ids:
+        return {}
+    ids = sorted(ids)
+    meta = store.content_items(session, [i for i, cold in zip(ids, _untrained(lm, ids)) if cold])
+    pos, x, q = lm.cold(meta)
+    return {meta[k]["id"]: (x[n], q[n]) for n, k in enumerate(pos)}
+
+
+def _embed_new_items(tx, lm: LoadedModel, ids: list[str], content: dict) -> int:
+    """Embed, under `lm`, the items it has not embedded yet or whose content changed: rows from content
+    (`content`, item -> (x, q)) where they have them, else the version's (its zero row for new ones)."""
     x, q = lm.tables
     rows = lm.rows(ids)
+    xi, qi = x[rows], q[rows]
+    for k, i in enumerate(ids):
+        if i in content:
+            xi[k], qi[k] = content[i]
     store.write_nodes(tx, ITEM, [{"id": i, "props": pr} for i, pr in zip(ids, state.item_props(
-        q[rows], x[rows], lm.item_norm, None))], lm.version)
+        qi, xi, lm.item_norm, None))], lm.version)
     return len(ids)
 
 
@@ -130,8 +167,8 @@ def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str |
     lease node before them all (the fence, as in every fenced transaction).
     """
     store.check_lease(tx, owner)
-    run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, store.item_degrees(
-        tx, writes["items"], lm.version))
+    stale = set(store.item_degrees(tx, writes["items"], lm.version)) | set(writes["recontent"])
+    run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, sorted(stale), writes["content"])
     store.write_nodes(tx, USER, writes["users"], lm.version, history)
     for ntype in (ITEM, USER):
         store.mark_seen(tx, ntype, writes["seen"][ntype])

@@ -201,3 +201,19 @@ def node_count(session) -> int:
     """Users plus items (count store lookups, no scan)."""
     record = session.run(cypher.NODE_COUNT).single()
     return record["users"] + record["items"]
+
+
+def content_items(session, ids: list[str]) -> list[dict]:
+    """The content fields (id, title, category, price) of the given items that exist."""
+    out = []
+    for chunk in chunks(sorted(ids), 5000):
+        out.extend(dict(r) for r in session.run(cypher.CONTENT_ITEMS, ids=chunk))
+    return out
+
+
+def content_item_users(session, ids: list[str]) -> list[str]:
+    """The users with an edge to any of the given items."""
+    out = set()
+    for chunk in chunks(sorted(ids), 5000):
+        out.update(session.run(cypher.CONTENT_ITEM_USERS, ids=chunk).single()["users"])
+    return sorted(out)

@@ -37,6 +37,7 @@ import scipy.sparse as sp
 from app import cypher
 from app.embeddings import models
 from app.errors import NotReady
+from app.serving.content import ContentRows
 from app.ids import erasure_key
 from graph_models.bias import decayed, prior, with_bias
 from graph_models.candidates import top_bias
@@ -90,6 +91,7 @@ class Items:
     price: np.ndarray  # NaN where unknown (no price filter admits it, as in Cypher)
     embedded: np.ndarray  # embedded by the state's model version
     rows: np.ndarray  # the version's table rows (its zero row for items it does not know)
+    content: ContentRows  # rows from content of items without a trained row (app/serving/content.py)
 
 
 @dataclass(frozen=True)
@@ -263,8 +265,8 @@ class State:
         """p . q_j of items `cand`: their rows gathered, or (for many) every row's product, which is then cheaper."""
         rows, q = self.items.rows[cand], self.lm.q32
         if 4 * len(cand) > len(q):
-            return (q @ p.astype(np.float32))[rows].astype(np.float64)
-        return (q[rows] @ p.astype(np.float32)).astype(np.float64)
+            return self.items.content.low(p, (q @ p.astype(np.float32))[rows].astype(np.float64), cand)
+        return self.items.content.low(p, (q[rows] @ p.astype(np.float32)).astype(np.float64), cand)
 
     def work(self, user_ids: list[str]) -> int:
         """Entries recommending to `user_ids` reads: per user, every edge of the copy (the exact filter's two
@@ -277,7 +279,11 @@ class State:
         """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
         (app/embeddings/refresh.py)."""
         x = self.lm.tables[0]
-        return (a * self.lm.scale) @ x[self.items.rows[cols]] if len(cols) else np.zeros(x.shape[1])
+        return (a * self.lm.scale) @ self.x_rows(cols) if len(cols) else np.zeros(x.shape[1])
+
+    def x_rows(self, cols: np.ndarray) -> np.ndarray:
+        """x of item columns `cols`: the table's rows, or their content's."""
+        return self.items.content.x_rows(cols, self.lm.tables[0][self.items.rows[cols]])
 
     def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
@@ -292,7 +298,7 @@ class State:
 
     def _unbiased(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """`scores` before item biases: p . q_j plus the version's filter and EASE terms."""
-        s = (self.lm.q32 @ p.astype(np.float32))[self.items.rows].astype(np.float64)
+        s = self.items.content.low(p, (self.lm.q32 @ p.astype(np.float32))[self.items.rows].astype(np.float64))
         mcfg = self.lm.mcfg
         if mcfg.lin_weight:
             s += mcfg.lin_weight * self.lin(cols, a)
@@ -303,9 +309,8 @@ class State:
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS;
         with item biases, divided as `scores` divides, so that the parts and `bias(targets)` add up to the score."""
-        x, q = self.lm.tables
-        s = self.lm.scale
-        inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
+        q, s = self.lm.tables[1], self.lm.scale
+        inner = (a * s)[:, None] * (self.x_rows(cols) @ self.items.content.q_rows(targets, q[self.items.rows[targets]]).T)
         mcfg, rows = self.lm.mcfg, self.items.rows
         if mcfg.lin_weight:
             fa = filter_weights(self.lm)[1](a * s) * mcfg.lin_weight
@@ -508,6 +513,8 @@ def _item_arrays(rows: list[dict], lm, index: dict, ids: list, old: Items | None
     category = grown(old and old.category, None, object)
     price = grown(old and old.price, np.nan, np.float64)
     embedded = grown(old and old.embedded, False, bool)
+    content = (old.content if old is not None else ContentRows.empty(0, lm.model.out_dim)).updated(
+        lm, rows, [index[r["id"]] for r in rows], n)
     for r in rows:
         j = index[r["id"]]
         title[j], category[j] = r["title"], r["category"]
@@ -515,7 +522,7 @@ def _item_arrays(rows: list[dict], lm, index: dict, ids: list, old: Items | None
         embedded[j] = r["version"] == lm.version
     done = 0 if old is None else len(old.rows)
     rows_ = lm.rows(ids[done:n]) if old is None else np.concatenate([old.rows, lm.rows(ids[done:n])])
-    return Items(index, ids, title, category, price, embedded, rows_)
+    return Items(index, ids, title, category, price, embedded, rows_, content)
 
 
 class Copy:

@@ -104,7 +104,7 @@ def similar(open_session, st: graph.State | None, item_id: str, k: int, filters:
     if st is None or j is None or j >= st.n_items or not st.items.embedded[j]:
         with open_session() as session:
             return _similar_cypher(session, item_id, k, filters)
-    x = st.lm.tables[0][st.items.rows[j]]
+    x = st.x_rows(np.asarray([j]))[0]
     # one unit of aggregated weight on i: raw weight 1 / scale
     idx, scores = st.ranked(x, np.asarray([j]), np.asarray([1.0 / st.lm.scale]), k,
                             lambda at: st.mask(filters.category, filters.max_price, at=at) & (at != j))
