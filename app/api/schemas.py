@@ -119,6 +119,8 @@ class Because(BaseModel):
     title: Optional[str] = None
     weight: float = Field(description="The user's decayed weight on this item.")
     contribution: float = Field(description="This item's share of the recommended item's score.")
+    from_content: Optional[bool] = Field(None, description="This item has no trained row: what it adds to the "
+                                         "user's vector comes from its content (title, category, price).")
 
 
 class SimilarItem(BaseModel):
@@ -134,6 +136,10 @@ class RecItem(SimilarItem):
     bias: Optional[float] = Field(None, description="Only with explain=true and a version with item biases: the "
                                   "item's bias (learned, plus the live trend's), the part of the score that is no "
                                   "item of the user's; with every item's contribution it adds up to the score.")
+    from_content: Optional[bool] = Field(None, description="Only with explain=true: the item has no trained row "
+                                         "(new since the model version), so its vector comes from its content: "
+                                         "the mix of the rows of the items its title, category and price are like.")
+    reason: Optional[str] = Field(None, description="Only with explain=true, for an item scored from its content.")
 
 
 class RecsAnswer(BaseModel):

@@ -11,6 +11,7 @@ from app.serving import graph
 
 MAX_CANDIDATES = 20_000  # widest index query before the filtered scan takes over
 EXPLAIN_TOP = 3  # the user's items shown per recommended item
+CONTENT_REASON = "new item: its title, category and price are like those of items your interests score"
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,13 @@ def _explain(st, cols, a, results: list[dict]) -> None:
     order = np.take_along_axis(top, np.argsort(-np.take_along_axis(parts, top, 0), axis=0, kind="stable"), 0)
     own, weight = cols[order].T.tolist(), (a * st.lm.scale)[order].T.tolist()
     part = np.take_along_axis(parts, order, axis=0).T.tolist()
-    ids, title = st.items.ids, st.items.title
+    ids, title, content = st.items.ids, st.items.title, st.items.content.at >= 0
     for n, (r, cs, ws, ps) in enumerate(zip(results, own, weight, part)):
-        r["because"] = [{"item_id": ids[c], "title": title[c], "weight": w, "contribution": x}
-                        for c, w, x in zip(cs, ws, ps)]
+        r["because"] = [{"item_id": ids[c], "title": title[c], "weight": w, "contribution": x,
+                         "from_content": bool(content[c])} for c, w, x in zip(cs, ws, ps)]
+        r["from_content"] = bool(content[targets[n]])
+        if r["from_content"]:
+            r["reason"] = CONTENT_REASON
         if bias is not None:
             r["bias"] = float(bias[n])
 

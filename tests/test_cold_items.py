@@ -1,0 +1,173 @@
+"""Items without a trained row, served from their content over real HTTP against the real server: an
+item put with metadata and no edges is embedded by the next refresh run, found among the similar items
+of a content-alike item, ranked as the offline Scorer ranks it, and embedded again when its metadata
+changes."""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from app.embeddings import models, store
+from app.embeddings.refresh import refresh
+from app.embeddings.training import train_and_publish, weights
+from app.ingest import pipeline
+from app.worker import Worker
+from graph_models.train import Scorer
+from support.refresh import max_error
+from tests.conftest import SERVICE, wipe
+from tests.test_serving import assert_ranking
+
+KINDS = ("heart holder", "cake stand", "jumbo bag", "enamel mug")
+PER_KIND, USERS = 15, 80
+NOW = 1_767_225_600_000  # 2026-01-01
+TOLERANCE = 1e-9
+
+
+def _item(k: int) -> dict:
+    kind = KINDS[k % len(KINDS)]
+    return {"item_id": f"i{k}", "title": f"{kind} colour {k}", "category": kind.split()[-1], "price": 2.0 + k % 4}
+
+
+def _events(rng: random.Random) -> list[dict]:
+    """Each shopper buys within one kind, so that items of a kind are alike by co-purchases too."""
+    out = []
+    for u in range(USERS):
+        kind = u % len(KINDS)
+        for n in range(6):
+            k = kind + len(KINDS) * rng.randrange(PER_KIND)
+            out.append({"event_id": f"c{u}-{n}", "user_id": f"u{u}", "item_id": f"i{k}", "type": "purchase",
+                        "quantity": 1, "ts": NOW - rng.randrange(30 * 86_400_000)})
+    return out
+
+
+def get(base_url, path: str, **params) -> dict:
+    """A GET answer's JSON, asked again while the serving copy (re)loads (503 with Retry-After)."""
+    for _ in range(60):
+        reply = requests.get(f"{base_url}{path}", params=params, timeout=30)
+        if reply.status_code != 503:
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+        time.sleep(float(reply.headers.get("Retry-After", 1)))
+    raise AssertionError(f"{path} still loading")
+
+
+def put(base_url, items):
+    return requests.put(f"{base_url}/v1/items", json=items, headers=SERVICE, timeout=10)
+
+
+def run_refresh(driver, cfg):
+    with Worker(cfg).holding() as holder:
+        return refresh(driver, cfg, models.current(driver, cfg), owner=holder.owner)
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, driver, base_url):
+    """Four kinds of items bought within their kind, with metadata, and a version trained on them (its
+    content part the default content-kNN)."""
+    wipe(driver, cfg.neo4j_database)
+    pipeline.ingest(driver, cfg, _events(random.Random(5)))
+    assert put(base_url, [_item(k) for k in range(len(KINDS) * PER_KIND)]).status_code == 200
+    with Worker(cfg).holding() as holder:
+        result = train_and_publish(driver, cfg, progress=False, owner=holder.owner, epochs=1)
+    lm = models.load(result["checkpoint"], result["version"])
+    assert lm.model.content is not None
+    return lm
+
+
+def stored(driver, cfg, item_id: str) -> dict:
+    with driver.session(database=cfg.neo4j_database) as s:
+        return s.run("MATCH (n {id: $id}) RETURN properties(n) AS p", id=item_id).single()["p"]
+
+
+def test_an_item_put_without_edges_is_embedded_by_the_next_run_and_found_similar(trained, cfg, driver, base_url):
+    new = {"item_id": "new-stand", "title": "cake stand colour 99", "category": "stand", "price": 3.0}
+    assert put(base_url, [new]).status_code == 200
+    assert stored(driver, cfg, "new-stand").get("embedding_version") is None
+    assert run_refresh(driver, cfg)["mode"] == "incremental"
+    props = stored(driver, cfg, "new-stand")
+    assert props["embedding_version"] == trained.version and props["ig_xnorm"] > 0
+    assert max_error(driver, cfg, trained) < TOLERANCE
+    # among the similar items of a cake stand, above every item of another kind; next to nothing for a bag
+    stand = get(base_url, "/v1/items/i1/similar", k=30)["results"]
+    at = [r["item_id"] for r in stand].index("new-stand")
+    assert all(r["category"] == "stand" for r in stand[:at]) and stand[at]["score"] > 0, stand
+    bag = get(base_url, "/v1/items/i2/similar", k=30)["results"]
+    score = {r["item_id"]: r["score"] for r in bag}.get("new-stand", 0.0)
+    assert score < 0.05 * stand[at]["score"], bag
+    # and its own similar items are cake stands
+    own = get(base_url, "/v1/items/new-stand/similar", k=10)
+    assert all(r["category"] == "stand" for r in own["results"]), own
+
+
+def offline(cfg, driver, lm, users: list[str]) -> dict:
+    """The offline Scorer's scores of `users`, with the rows from content of the items that take them."""
+    with driver.session(database=cfg.neo4j_database) as s:
+        snap = s.execute_read(lambda tx: store.export(tx))
+    # column k is the version's item k: the version's items in its order, new ones after them
+    known = {i: k for k, i in enumerate(lm.meta["item_ids"])}
+    perm = sorted(range(len(snap.items)), key=lambda j: known.get(snap.items[j]["id"], len(known) + j))
+    items = [snap.items[j] for j in perm]
+    graph = weights(snap, lm.meta)[:, perm]
+    content = lm.cold(items)
+    rows = [snap.user_ids.index(u) for u in users]
+    scores = Scorer(lm.model, graph, content=content)(rows).numpy().astype(np.float64)
+    return {"items": items, "scores": scores, "seen": [set(graph[r].indices) for r in rows], "cold": content[0]}
+
+
+def test_a_shopper_of_new_items_only_gets_a_vector_and_rest_equals_the_offline_ranking(trained, cfg, driver,
+                                                                                        base_url):
+    assert put(base_url, [{"item_id": "new-bag", "title": "jumbo bag colour 98", "category": "bag"},
+                          {"item_id": "new-mug", "title": "enamel mug colour 97", "category": "mug"}]).status_code == 200
+    pipeline.ingest(driver, cfg, [
+        {"event_id": "n1", "user_id": "newcomer", "item_id": "new-bag", "type": "purchase", "ts": NOW},
+        {"event_id": "n2", "user_id": "u3", "item_id": "new-mug", "type": "purchase", "ts": NOW}])
+    run_refresh(driver, cfg)
+    user = stored(driver, cfg, "newcomer")
+    assert user["embedding_version"] == trained.version and user["ig_norm"] > 0  # not a zero vector
+    assert max_error(driver, cfg, trained) < TOLERANCE
+    users = ["newcomer", "u3", "u1", "u2"]
+    want = offline(cfg, driver, trained, users)
+    assert {want["items"][c]["id"] for c in want["cold"]} >= {"new-bag", "new-mug"}
+    for n, u in enumerate(users):
+        answer = get(base_url, f"/v1/users/{u}/recommendations", k=10)
+        assert answer["source"] == "personal"
+        s = want["scores"][n].copy()
+        s[list(want["seen"][n])] = -np.inf
+        order = np.argsort(-s, kind="stable")[:10]
+        assert_ranking(answer["results"], [want["items"][j]["id"] for j in order], s[order])
+    # the newcomer's bag is like the other bags: they are what it is recommended
+    answer = get(base_url, "/v1/users/newcomer/recommendations", k=5, explain="true")
+    assert all(r["category"] == "bag" for r in answer["results"]), answer
+    assert all(b["from_content"] for r in answer["results"] for b in r["because"])
+    # a new item recommended is said to be scored from its content
+    mugs = get(base_url, "/v1/users/u7/recommendations", k=20, explain="true")["results"]
+    flagged = {r["item_id"]: r["from_content"] for r in mugs}
+    assert flagged.get("new-mug") is True and "reason" in next(r for r in mugs if r["item_id"] == "new-mug")
+    assert not any(v for i, v in flagged.items() if i != "new-mug" and not i.startswith("new-"))
+
+
+def test_a_metadata_change_embeds_the_item_and_its_shoppers_again(trained, cfg, driver, base_url):
+    before, shopper = stored(driver, cfg, "new-bag"), stored(driver, cfg, "newcomer")
+    assert put(base_url, [{"item_id": "new-bag", "title": "heart holder colour 98", "category": "holder"}]).status_code == 200
+    run = run_refresh(driver, cfg)
+    assert run["mode"] == "incremental" and run["users"] >= 1
+    after = stored(driver, cfg, "new-bag")
+    assert after["embedding"] != before["embedding"]
+    assert stored(driver, cfg, "newcomer")["embedding"] != shopper["embedding"]
+    assert max_error(driver, cfg, trained) < TOLERANCE
+    answer = get(base_url, "/v1/users/newcomer/recommendations", k=5)
+    assert all(r["category"] == "holder" for r in answer["results"]), answer
+
+
+@pytest.mark.parametrize("item,field", [
+    ({"title": "x" * 100_000}, "title"), ({"title": 12}, "title"), ({"price": "cheap"}, "price"),
+    ({"price": -1}, "price"), ({"category": ["stand"]}, "category"), ({"attributes": ["a", "b"]}, "attributes"),
+    ({"attributes": {"size": {"w": 3}}}, "attributes.size"),
+])
+def test_bad_metadata_is_rejected_naming_the_field(trained, base_url, item, field):
+    reply = put(base_url, [{"item_id": "bad-item", **item}])
+    assert 400 <= reply.status_code < 500 and reply.json()["error"]["field"] == field, reply.text
