@@ -143,6 +143,8 @@ def test_a_shopper_of_new_items_only_gets_a_vector_and_rest_equals_the_offline_r
     answer = get(base_url, "/v1/users/newcomer/recommendations", k=5, explain="true")
     assert all(r["category"] == "bag" for r in answer["results"]), answer
     assert all(b["from_content"] for r in answer["results"] for b in r["because"])
+    for r in answer["results"]:  # one own item: its part is the whole score (no biases in this version)
+        assert r["because"][0]["contribution"] == pytest.approx(r["score"] - r.get("bias", 0.0), rel=1e-6)
     # a new item recommended is said to be scored from its content
     mugs = get(base_url, "/v1/users/u7/recommendations", k=20, explain="true")["results"]
     flagged = {r["item_id"]: r["from_content"] for r in mugs}

@@ -65,7 +65,7 @@ writes = [
     st.tuples(st.just("events"), st.integers(1, 6), st.integers(0, 10**6)),
     st.tuples(st.just("cancel"), st.integers(0, 70), st.integers(0, 10**6)),
     # trained items, items without a trained row (i40-i49 have metadata in the seed) and brand-new ones
-    st.tuples(st.just("item"), st.integers(30, 55), st.integers(0, 10**6)),
+    st.tuples(st.just("item"), st.integers(36, 55), st.integers(0, 10**6)),
     st.tuples(st.just("delete"), st.integers(0, 70), st.integers(0, 10**6)),
     st.tuples(st.just("recreate"), st.integers(0, 70), st.integers(0, 10**6)),
 ]
@@ -82,6 +82,9 @@ def reset(driver, cfg, lm, owner: str) -> None:
         s.run("MATCH (n) WHERE n:User OR n:Item OR n:Event OR n:_IngestStats "
               "CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS").consume()
     pipeline.ingest(driver, cfg, events(random.Random(7), 300, 60, 40, now=SEED_NOW))
+    # and shoppers of items without a trained row, whose vectors hold those items' rows from content
+    pipeline.ingest(driver, cfg, [{**e, "item_id": f"i4{e['item_id'][1:]}"}
+                                  for e in events(random.Random(8), 30, 60, 10, now=SEED_NOW)])
     writer.upsert_items(driver, cfg.neo4j_database, [
         {"id": f"i{k}", "props": {"title": f"mug {k % 3}", "category": f"c{k % 4}"}} for k in range(40, 50)])
     refresh(driver, cfg, lm, full=True, owner=owner)
