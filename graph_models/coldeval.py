@@ -13,7 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .coldstart import ColdConfig, choose_and_train, hide_items, tables
+from .coldstart import ColdConfig, choose_and_train, hide_items, mixed_scores, tables
 from .content import ContentEncoder, item_text
 from .ease import ease_scorer, tune_ease
 from .evaluation import evaluate
@@ -93,6 +93,22 @@ def _with_rows(scorer, cols, q_hat):
     return scorer
 
 
+def _mixed(scorer, net, feats, cold, known):
+    """`scorer` whose items `cold` score the attention mix of the user's full scores of the known items
+    they are like (coldstart.mixed_scores)."""
+    with torch.no_grad():
+        a = net.attention(torch.as_tensor(feats[cold], dtype=torch.float64),
+                          torch.as_tensor(feats[known], dtype=torch.float64)).numpy()
+    c = torch.as_tensor(cold)
+    mix = mixed_scores(lambda s: s, a, known)  # applied to the scores computed once
+
+    def score(users):
+        s = scorer(users)
+        s[:, c] = mix(s)
+        return s
+    return score
+
+
 def _measure(named, truth_all, truth_cold, cold, exclude, k, truth_warm=None):
     """Each named score function's Recall/NDCG@k on the cold items among all items, among the cold
     items only, and (if given) on the known items among all items."""
@@ -119,6 +135,7 @@ def _scorers(model, net, graph, content, cold, ease_lambda):
     _, x, q = tables(model, graph[:, :model.num_items])
     _, q_hat = net.rows(content.feats[cold], content.feats[known], x[known], q[known])
     return {"ours": _with_rows(Scorer(model, graph), cold, q_hat),
+            "ours_mix": _mixed(Scorer(model, graph), net, content.feats, cold, known),
             "today": Scorer(model, graph),
             "ease": ease_scorer(graph, ease_lambda),
             "category_popularity": category_popularity(graph, content.cats),
@@ -156,7 +173,7 @@ def time_protocol(path, cfg, ccfg, progress=True, writer=None, fixed=None) -> di
                         split=(split.fit.astype(np.float64), split.val), fixed=fixed,
                         budget_s=cfg.max_minutes * 60 if cfg.max_minutes else None)
     net, chosen = choose_and_train(lambda g: build(g, model.cfg), split.train.astype(np.float64),
-                                   content.feats[:w], ccfg, progress=progress, writer=writer)
+                                   content.feats[:w], ccfg, progress=progress, writer=writer, mix_check=True)
     seconds = time.time() - t0
     lam = tune_ease(split.fit, split.val, k=cfg.k)["lambda"]
     table = _measure(_scorers(model, net, graph, content, cold, lam), truth_all, _cold_truth(truth_all, cold),
@@ -184,7 +201,7 @@ def heldout_protocol(path, cfg, ccfg, share=0.2, seed=0, progress=True, writer=N
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     model, result = fit(graph, cfg, progress=progress, fixed=fixed, budget_s=budget)
     net, chosen = choose_and_train(lambda g: build(g, model.cfg), graph, content.feats, ccfg,
-                                   progress=progress, writer=writer)
+                                   progress=progress, writer=writer, mix_check=True)
     seconds = time.time() - t0
     from .split import holdout
     fit_csr, val = holdout(graph, cfg.holdout, cfg.seed)
@@ -212,7 +229,7 @@ def run_evaluation(path, cfg, ccfg=None, progress=True, log_dir=None, fixed=None
     return report
 
 
-NAMES = {"ours": "ours (content map)", "today": "model without content", "ease": "EASE",
+NAMES = {"ours": "ours (content map)", "ours_mix": "ours, full-score mix", "today": "model without content", "ease": "EASE",
          "category_popularity": "popularity by category", "content_knn": "content-kNN"}
 
 

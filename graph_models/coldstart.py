@@ -170,6 +170,27 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
     return net.eval(), history
 
 
+def mixed_scores(score_fn, attention, known):
+    """Scores of new items as the attention mix of the user's full scores of the known items they are
+    like: s(u, j) = sum_i a_ji s(u, i), `attention` new items x known items (rows of `known`, columns
+    of score_fn's scores). The full score (the filter, EASE, biases) carries what ranks, where
+    `p_u . q_hat_j` carries only the low-rank part; it also puts new items on the known items' scale."""
+    a = torch.as_tensor(np.asarray(attention), dtype=torch.float32)
+    k = torch.as_tensor(np.asarray(known))
+    return lambda users: score_fn(users)[:, k].float() @ a.T
+
+
+def mix_validation(build, fit_g, net, feats_known, feats_val, known, truth, k=20):
+    """Recall@k and NDCG@k among the validation items `truth` (user -> positions in feats_val) when
+    they are scored by `mixed_scores` under the version built on `fit_g` (`build(fit_g)`)."""
+    from .evaluation import evaluate
+    from .train import Scorer
+    with torch.no_grad():
+        a = net.attention(torch.as_tensor(feats_val, dtype=torch.float64),
+                          torch.as_tensor(feats_known, dtype=torch.float64)).numpy()
+    return evaluate(mixed_scores(Scorer(build(fit_g), fit_g), a, known), truth, None, k)
+
+
 def hide_items(graph, share, seed=0):
     """(graph without a seeded `share` of the items that have edges, those items' columns, truth user ->
     set of positions in that column list)."""
@@ -212,7 +233,7 @@ def _positions(truth, cols):
 
 
 def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GRID, share=0.2, progress=True,
-                     writer=None):
+                     writer=None, mix_check=False):
     """A version's content map: hide a seeded `share` of the items that have edges, build the version
     without them (`build(graph)`), train a map per setting of `grid` on half of the hidden items and keep
     the one under which the other half ranks best (Recall@k among them, at its best epoch). The map acts
@@ -237,8 +258,16 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     key = (f"val_recall@{cfg.k}", f"val_ndcg@{cfg.k}")
     chosen = max(range(len(trials)), key=lambda t: tuple(trials[t][m] for m in key))
     net, c, hist = nets[chosen]
+    # the same validation items scored by the mix of full scores (mixed_scores) under this map, and
+    # under the untrained one: which way of scoring new items the validation items prefer
+    mix = {}
+    if mix_check:
+        for name, m in (("trained", net), ("untrained", ContentMap(feats.shape[1], c.neighbours))):
+            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, truth_off, c.k)
+            mix[name] = {f"val_recall@{c.k}": r[f"recall@{c.k}"], f"val_ndcg@{c.k}": r[f"ndcg@{c.k}"]}
     # the map is kept at its best epoch (0: the untrained attention, A = I, was best on validation)
     return net, {"trials": trials, "chosen": c.to_dict(), "epoch": trials[chosen]["epoch"], "history": hist,
+                 "mix": mix,
                  "validation_items": int(len(hidden)),
                  "train_users": len(truth_on), "validation_users": len(truth_off)}
 

@@ -132,3 +132,11 @@ def test_a_version_gets_a_content_part_only_from_enough_described_items():
     part, report = fit_content(lambda g: build(g, cfg), graph, items,
                                ColdConfig(neighbours=5, epochs=3, batch_users=40), progress=False, grid=({},))
     assert part is not None and list(part.known) == list(range(24)) and part.known_feats.shape[0] == 24
+
+
+def test_new_items_scored_by_the_mix_of_full_scores_take_their_neighbours_scale():
+    from graph_models.coldstart import mixed_scores
+    full = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 5.0, 0.0]])  # columns 0-2 known, 3 new
+    attention = np.array([[0.5, 0.5, 0.0]])  # the new item is like items 0 and 1
+    mixed = mixed_scores(lambda users: full[users], attention, np.array([0, 1, 2]))(np.array([0, 1]))
+    assert torch.allclose(mixed, torch.tensor([[2.0], [1.0]]))
