@@ -59,7 +59,8 @@ class Scorer:
         if len(cols):
             p = p + np.asarray(self.graph[:, cols] @ xc)
             q[cols] = qc
-        self.p, self.q = torch.from_numpy(np.asarray(p, dtype=np.float32)), torch.from_numpy(np.asarray(q, dtype=np.float32))
+        self.p = torch.from_numpy(np.asarray(p, dtype=np.float32))
+        self.q = torch.from_numpy(np.asarray(q, dtype=np.float32))
         self.bias = None
         if model.biased if biased is None else biased:
             n = self.graph.shape[1]

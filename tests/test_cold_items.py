@@ -98,6 +98,9 @@ def test_an_item_put_without_edges_is_embedded_by_the_next_run_and_found_similar
     bag = get(base_url, "/v1/items/i2/similar", k=30)["results"]
     score = {r["item_id"]: r["score"] for r in bag}.get("new-stand", 0.0)
     assert score < 0.05 * stand[at]["score"], bag
+    # its audience: the cake stands' shoppers (u1, u5, ...), through the stored vectors and the index
+    audience = [r["user_id"] for r in get(base_url, "/v1/items/new-stand/audience", k=10)["results"]]
+    assert len(audience) == 10 and sum(int(u[1:]) % len(KINDS) == 1 for u in audience) >= 8, audience
     # and its own similar items are cake stands
     own = get(base_url, "/v1/items/new-stand/similar", k=10)
     assert all(r["category"] == "stand" for r in own["results"]), own
@@ -120,8 +123,9 @@ def offline(cfg, driver, lm, users: list[str]) -> dict:
 
 def test_a_shopper_of_new_items_only_gets_a_vector_and_rest_equals_the_offline_ranking(trained, cfg, driver,
                                                                                         base_url):
-    assert put(base_url, [{"item_id": "new-bag", "title": "jumbo bag colour 98", "category": "bag"},
-                          {"item_id": "new-mug", "title": "enamel mug colour 97", "category": "mug"}]).status_code == 200
+    new = [{"item_id": "new-bag", "title": "jumbo bag colour 98", "category": "bag"},
+           {"item_id": "new-mug", "title": "enamel mug colour 97", "category": "mug"}]
+    assert put(base_url, new).status_code == 200
     pipeline.ingest(driver, cfg, [
         {"event_id": "n1", "user_id": "newcomer", "item_id": "new-bag", "type": "purchase", "ts": NOW},
         {"event_id": "n2", "user_id": "u3", "item_id": "new-mug", "type": "purchase", "ts": NOW}])
@@ -154,7 +158,8 @@ def test_a_shopper_of_new_items_only_gets_a_vector_and_rest_equals_the_offline_r
 
 def test_a_metadata_change_embeds_the_item_and_its_shoppers_again(trained, cfg, driver, base_url):
     before, shopper = stored(driver, cfg, "new-bag"), stored(driver, cfg, "newcomer")
-    assert put(base_url, [{"item_id": "new-bag", "title": "heart holder colour 98", "category": "holder"}]).status_code == 200
+    changed = {"item_id": "new-bag", "title": "heart holder colour 98", "category": "holder"}
+    assert put(base_url, [changed]).status_code == 200
     run = run_refresh(driver, cfg)
     assert run["mode"] == "incremental" and run["users"] >= 1
     after = stored(driver, cfg, "new-bag")

@@ -310,7 +310,8 @@ class State:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS;
         with item biases, divided as `scores` divides, so that the parts and `bias(targets)` add up to the score."""
         q, s = self.lm.tables[1], self.lm.scale
-        inner = (a * s)[:, None] * (self.x_rows(cols) @ self.items.content.q_rows(targets, q[self.items.rows[targets]]).T)
+        qt = self.items.content.q_rows(targets, q[self.items.rows[targets]])
+        inner = (a * s)[:, None] * (self.x_rows(cols) @ qt.T)
         mcfg, rows = self.lm.mcfg, self.items.rows
         if mcfg.lin_weight:
             fa = filter_weights(self.lm)[1](a * s) * mcfg.lin_weight
