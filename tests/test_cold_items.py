@@ -178,3 +178,28 @@ def test_a_metadata_change_embeds_the_item_and_its_shoppers_again(trained, cfg, 
 def test_bad_metadata_is_rejected_naming_the_field(trained, base_url, item, field):
     reply = put(base_url, [{"item_id": "bad-item", **item}])
     assert 400 <= reply.status_code < 500 and reply.json()["error"]["field"] == field, reply.text
+
+
+class _Version:
+    """A stand-in for LoadedModel.cold: items with a title take the row [len(title), 1]."""
+
+    @staticmethod
+    def cold(metas):
+        pos = np.array([k for k, m in enumerate(metas) if m.get("title")], dtype=np.int64)
+        rows = np.array([[len(metas[k]["title"]), 1.0] for k in pos]).reshape(len(pos), 2)
+        return pos, rows, 2 * rows
+
+
+def test_the_copys_rows_from_content_follow_what_each_sync_reads():
+    from app.serving.content import ContentRows
+    rows = ContentRows.empty(0, 2).updated(_Version, [{"id": "a", "title": "ab"}, {"id": "b"}], [0, 1], 3)
+    assert rows.at.tolist() == [0, -1, -1] and rows.cols.tolist() == [0]
+    rows = rows.updated(_Version, [{"id": "c", "title": "abcd"}], [2], 4)  # a new item, the first kept
+    assert rows.at.tolist() == [0, -1, 1, -1] and rows.x[:, 0].tolist() == [2, 4]
+    rows = rows.updated(_Version, [{"id": "a"}, {"id": "b", "title": "x"}], [0, 1], 4)  # a lost, b gained
+    assert rows.at.tolist() == [-1, 1, 0, -1] and rows.x[:, 0].tolist() == [4, 1]
+    table = np.zeros((4, 2))
+    assert rows.x_rows(np.array([1, 3]), table[[1, 3]]).tolist() == [[1, 1], [0, 0]]
+    p = np.array([1.0, 0.0])
+    assert rows.low(p, np.zeros(4)).tolist() == [0, 2, 8, 0]
+    assert rows.low(p, np.zeros(2), np.array([2, 3])).tolist() == [8, 0]
