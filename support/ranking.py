@@ -34,7 +34,8 @@ def offline_answers(driver, cfg, lm, every: int, k: int, users: list[str] | None
     rows = [u for u in range(len(snap.user_ids))
             if graph_csr[u].nnz and (users is None or snap.user_ids[u] in users)][::every]
     out = []
-    for row, u in zip(Scorer(lm.model, graph_csr, trend=t)(rows).numpy().astype(np.float64), rows):
+    content = lm.cold([snap.items[j] for j in perm])  # items without a trained row: rows from content
+    for row, u in zip(Scorer(lm.model, graph_csr, trend=t, content=content)(rows).numpy().astype(np.float64), rows):
         user = snap.user_ids[u]
         order = [j for j in np.argsort(-row, kind="stable") if items[j] not in own[user]][:k]
         out.append((user, [items[j] for j in order], row[order]))

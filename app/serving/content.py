@@ -5,6 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Imported with the app, not by the first load of the copy: scikit-learn's import alone took a second
+# on a busy host, and requests wait for that load (IG_SERVING_START_WAIT).
+import graph_models.content  # noqa: F401
+
 
 @dataclass(frozen=True)
 class ContentRows:
