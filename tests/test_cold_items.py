@@ -17,9 +17,9 @@ from app.embeddings.training import train_and_publish, weights
 from app.ingest import pipeline
 from app.worker import Worker
 from graph_models.train import Scorer
-from support.ranking import assert_ranking
 from support.refresh import max_error
 from tests.conftest import SERVICE, wipe
+from tests.test_serving import assert_ranking
 
 KINDS = ("heart holder", "cake stand", "jumbo bag", "enamel mug")
 PER_KIND, USERS = 15, 80
