@@ -8,7 +8,8 @@ import os
 
 from support.refresh import worker_owner
 from support.servers import spawn, stop, wait_for
-from support.soak import SUBPROCESS_ENV, Soak, problems, seed
+from support.soak import SUBPROCESS_ENV, Soak, seed
+from support.soak_check import problems
 
 
 def test_soak_every_writer_at_once_stays_exact(cfg, driver, base_url, tmp_path):
