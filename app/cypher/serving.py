@@ -28,13 +28,7 @@ CALL {
   MATCH (i)<-[b:INTERACTED]-(v:User) WHERE b.w > 0 AND v.ig_deg > 0
   WITH m, v, sum(a.w * m.scale * b.w * m.scale / sqrt(i.ig_deg * m.scale)) AS t
   WITH m, v, t / (v.ig_deg * m.scale) AS z
-  MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0
-  WITH m, j, sum(z * c.w * m.scale) AS t
-  RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
-  UNION
-  WITH nearest
-  UNWIND nearest AS j
-  RETURN j, 0.0 AS lin
+  %(targets)s
 }
 WITH u, m, farthest, j, sum(lin) AS lin
 WHERE j.embedding_version = u.embedding_version
@@ -57,8 +51,18 @@ _ADMITTED = """MATCH (node:Item) WHERE ($category IS NULL OR node.category = $ca
     AND ($max_price IS NULL OR node.price <= $max_price)
   RETURN collect(node) AS nearest, null AS farthest"""
 
-RECOMMEND_ITEMS = _RECOMMEND % {"nearest": _BY_INDEX}
-RECOMMEND_ITEMS_SCAN = _RECOMMEND % {"nearest": _ADMITTED}
+# lin's last step, from the weighted users v to their items j, and the nearest items with lin 0: the second
+# candidate set of both recommendations and similar items.
+_TARGETS = """MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0
+  WITH m, j, sum(z * c.w * m.scale) AS t
+  RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
+  UNION
+  WITH nearest
+  UNWIND nearest AS j
+  RETURN j, 0.0 AS lin"""
+
+RECOMMEND_ITEMS = _RECOMMEND % {"nearest": _BY_INDEX, "targets": _TARGETS}
+RECOMMEND_ITEMS_SCAN = _RECOMMEND % {"nearest": _ADMITTED, "targets": _TARGETS}
 
 # Why an item is recommended: score(u, j) is a sum over the user's items i (weight a_ui > 0) of
 # a_ui * s * (x_i . q_j) (p_u is that weighted sum of x_i) plus i's paths u-i-v-j of lin; each item's
@@ -128,13 +132,7 @@ CALL {
   MATCH (i)<-[b:INTERACTED]-(v:User)
   WHERE b.w > 0 AND i.ig_deg > 0 AND v.ig_deg > 0
   WITH m, v, b.w * m.scale / sqrt(i.ig_deg * m.scale) / (v.ig_deg * m.scale) AS z
-  MATCH (v)-[c:INTERACTED]->(j:Item) WHERE c.w > 0 AND j.ig_deg > 0
-  WITH m, j, sum(z * c.w * m.scale) AS t
-  RETURN j, t / sqrt(j.ig_deg * m.scale) AS lin
-  UNION
-  WITH nearest
-  UNWIND nearest AS j
-  RETURN j, 0.0 AS lin
+  %(targets)s
 }
 WITH i, m, farthest, j, sum(lin) AS lin
 WHERE j <> i AND j.embedding_version = i.embedding_version
@@ -153,8 +151,8 @@ _SIMILAR_BY_INDEX = """WITH i WHERE i.ig_x IS NOT NULL
   CALL db.index.vector.queryNodes('item_embedding', $n, i.ig_x) YIELD node, score
   RETURN collect(node) AS nearest, CASE WHEN count(node) < $n THEN null ELSE min(score) END AS farthest"""
 
-SIMILAR_ITEMS = _SIMILAR % {"nearest": _SIMILAR_BY_INDEX}
-SIMILAR_ITEMS_SCAN = _SIMILAR % {"nearest": _ADMITTED}
+SIMILAR_ITEMS = _SIMILAR % {"nearest": _SIMILAR_BY_INDEX, "targets": _TARGETS}
+SIMILAR_ITEMS_SCAN = _SIMILAR % {"nearest": _ADMITTED, "targets": _TARGETS}
 
 # Audience (ad targeting): users by cos(p_u, q_j), i.e. p_u . q_j / |p_u|: how much of each user's
 # interest points at the item, so heavy shoppers do not crowd out the rest.
