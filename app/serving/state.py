@@ -117,7 +117,6 @@ class Rows:
         return self.cols[a:b], self.w[a:b], self.first[a:b]
 
 
-
 @dataclass(frozen=True)
 class State(Scoring):
     """One consistent copy: the graph as of run `seq` of `epoch` and the writes seen since, under model
@@ -172,7 +171,6 @@ class State(Scoring):
             return np.zeros(0, dtype=np.int64), np.zeros(0), None
         cols, w, _ = self.overlay[r] if r in self.overlay else self.rows.row(r)
         return cols, w, self.refreshed[r]
-
 
 
 def built(epoch, seq: int, now: int, lm, users: Index, refreshed: np.ndarray, rows: Rows, item_rows: list[dict],
