@@ -775,11 +775,6 @@ RETURN items, CASE WHEN embedded THEN u.embedding_version END AS version,
 # --- Stored churn scores (app/churn.py) --------------------------------------------------------------
 
 # Every edge's first and last event time: the history the churn model reads (two events per edge).
-CHURN_HISTORY = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS user, i.id AS item, r.first_ts AS first_ts, r.last_ts AS last_ts
-"""
-
 CHURN_MODEL_CURRENT = """
 MATCH (m:ChurnModel {current: true}) RETURN m.version AS version, m.model AS model, m.auc AS auc
 """
@@ -817,3 +812,15 @@ ORDER BY u.churn_score DESC LIMIT $k
 """
 
 CHURN_SCORED = "MATCH (u:User) WHERE u.churn_score >= 0.0 RETURN u.id AS id LIMIT 1"
+
+
+# --- Churn history, page by page (app/churn.py) ------------------------------------------------------
+# The users after `after` in id order (the uniqueness constraint's index), `users` of them, with each
+# edge's first and last times: one bounded read transaction a page, as a writer's would be.
+CHURN_HISTORY_PAGE = """
+MATCH (u:User) WHERE u.id > $after
+WITH u ORDER BY u.id LIMIT $users
+OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
+RETURN u.id AS user, collect(CASE WHEN r IS NOT NULL THEN [i.id, r.first_ts, r.last_ts] END) AS edges
+ORDER BY user
+"""

@@ -36,12 +36,8 @@ def audience(st: graph.State, j: int, k: int, include_known: bool, limit: int) -
 def scores(st: graph.State, j: int, users: np.ndarray, pq: np.ndarray | None = None) -> np.ndarray:
     """The full score of item column `j` for each user row of `users` (as their recommendations score it)."""
     lm, mcfg, s_ = st.lm, st.lm.mcfg, st.lm.scale
-    rows = [_row(st, u) for u in users.tolist()]
-    lengths = np.fromiter((len(c) for c, _ in rows), dtype=np.int64, count=len(rows))
-    cols = np.concatenate([c for c, _ in rows]) if rows else np.zeros(0, dtype=np.int64)
-    a = np.concatenate([w for _, w in rows]) if rows else np.zeros(0)
-    ptr = np.concatenate([[0], np.cumsum(lengths)])
-    shape = (len(rows), st.n_items)
+    m = _rows_of(st, users)
+    cols, a, ptr, shape = m.indices, m.data, m.indptr, m.shape
     if pq is None:
         pq = s_ * sp.csr_matrix((a, cols, ptr), shape=shape) @ _item_products(st, j)
     out = np.asarray(pq, dtype=np.float64).copy()
@@ -56,8 +52,11 @@ def scores(st: graph.State, j: int, users: np.ndarray, pq: np.ndarray | None = N
     # the user's own scale: the largest magnitude of their recommendation's scores (State.scores), the
     # same for every item, so kept with the state
     known = _scales(st)
-    top = np.fromiter((known[u] if u in known else known.setdefault(u, _largest(st, c, w))
-                       for u, (c, w) in zip(users.tolist(), rows)), dtype=np.float64, count=len(rows))
+    for n, u in enumerate(users.tolist()):
+        if u not in known:
+            c, w = cols[ptr[n]:ptr[n + 1]], a[ptr[n]:ptr[n + 1]]
+            known[u] = _largest(st, c, w)
+    top = np.fromiter((known[u] for u in users.tolist()), dtype=np.float64, count=len(users))
     return out / top + st._bias[j]
 
 
@@ -80,6 +79,23 @@ def _largest(st: graph.State, cols: np.ndarray, a: np.ndarray) -> float:
     return graph._largest(st._low(p, cand) + st.lm.mcfg.lin_weight * lin)
 
 
+def _rows_of(st: graph.State, users: np.ndarray) -> sp.csr_matrix:
+    """The positive raw weights of user rows `users` now, as len(users) x items CSR (sorted columns)."""
+    m = _edges(st)[1][users]
+    if st.overlay:
+        moved = np.flatnonzero(~st.keep[users])
+        if len(moved):
+            m = sp.diags(st.keep[users].astype(np.float64)) @ m
+            over = [_row(st, int(users[n])) for n in moved]
+            r = np.repeat(moved, [len(c) for c, _ in over])
+            m = m + sp.csr_matrix((np.concatenate([w for _, w in over]), (r, np.concatenate([c for c, _ in over]))),
+                                  shape=m.shape)
+    m = m.tocsr()
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
 def _row(st: graph.State, r: int) -> tuple[np.ndarray, np.ndarray]:
     """User row r's positive edges (item columns, raw weights) in the copy now."""
     cols, w, _ = st.overlay[r] if r in st.overlay else st.rows.row(r)
@@ -98,7 +114,9 @@ def _candidates(st: graph.State, j: int, pq: np.ndarray, limit: int, known: np.n
     if known is not None:
         drop[known] = True
     drop[_erased(st)] = True
-    by_graph = _first_unique(_buyers(st, order, positive=True, ordered=True), drop, limit // 2)
+    # only as many items as can give limit / 2 buyers (their positive edges counted: State.dn)
+    order = order[: int(np.searchsorted(np.cumsum(st.dn[order]), 2 * limit)) + 1]
+    by_graph = _first_unique(_buyers(st, order, positive=True), drop, limit // 2)
     drop[by_graph] = True
     rest = np.flatnonzero(~drop)
     want = limit - len(by_graph)
@@ -110,11 +128,16 @@ def _candidates(st: graph.State, j: int, pq: np.ndarray, limit: int, known: np.n
 def _first_unique(users: np.ndarray, drop: np.ndarray, n: int) -> np.ndarray:
     """The first n distinct entries of `users` not dropped, in their order."""
     users = users[~drop[users]]
-    _, first = np.unique(users, return_index=True)
-    return users[np.sort(first)][:n]
+    first = {}
+    for u in users.tolist():  # bounded: the items were cut to about 2n entries
+        if u not in first:
+            first[u] = None
+            if len(first) == n:
+                break
+    return np.fromiter(first, dtype=np.int64, count=len(first))
 
 
-def _buyers(st: graph.State, items, positive: bool, ordered: bool = False) -> np.ndarray:
+def _buyers(st: graph.State, items, positive: bool) -> np.ndarray:
     """User rows with an edge to any of `items` now (positive ones only, or any weight), item by item."""
     items = np.asarray(items, dtype=np.int64)
     if positive:
