@@ -1,14 +1,17 @@
 """An item's audience scored as its recommendations are: candidate users from the graph and from the
 vectors, each ranked by the full score the API's copy of the graph gives it for the item.
 
-For item j the candidates are the users who bought j or one of the items nearest it (the version's
-item table row of j, or without a table the items co-bought with j, nearest first), at most half of
-`limit`, and then the users of highest p_u . q_j until there are `limit` of them. Each is scored with
+For item j the candidates are the users who bought j or one of the items nearest it (the items whose
+rows of the version's item table hold j, or without a table the items co-bought with j, nearest
+first), at most half of `limit`, and then the users of highest p_u . q_j until there are `limit` of
+them. Each is scored with
 exactly what `State.scores(p_u, ...)[j]` gives the user's recommendations: p_u . q_j plus the graph
 filter and EASE terms and, for a version with item biases, divided by the user's largest score over
 their own candidates (`State.ranked`) plus j's bias. The work is one pass over the copy's edges for
 every user's p_u . q_j (a sparse product), the item's column of the filter, and then per candidate
 its own row (with item biases: its recommendation's candidates), so at most `limit` users' rows.
+A user's largest score is the same for every item, so it is kept with the state it was computed on
+(the last state asked about; a sync's next state starts afresh).
 """
 from __future__ import annotations
 
@@ -201,7 +204,15 @@ def _edges(st: graph.State) -> tuple[sp.csr_matrix, sp.csr_matrix]:
             m = sp.csr_matrix((st.rows.w, st.rows.cols, st.rows.ptr), shape=(n, st.n_items))
             pos = m.multiply(m > 0).tocsr()
             _cache["edges"] = hit = (key, m, pos)
-    return graph._pad(hit[1], st.n_users, st.n_items), graph._pad(hit[2], st.n_users, st.n_items)
+    return _sized(hit[1], st.n_users, st.n_items), _sized(hit[2], st.n_users, st.n_items)
+
+
+def _sized(m: sp.csr_matrix, rows: int, cols: int) -> sp.csr_matrix:
+    """`m` padded to rows x cols, or cut to it for an older state than the one it was built on (what is
+    cut holds no base edge: users and items added since have theirs in the overlay)."""
+    if m.shape[0] > rows or m.shape[1] > cols:
+        m = m[:rows, :cols]
+    return graph._pad(m, rows, cols)
 
 
 def _transposed(m: sp.csr_matrix) -> sp.csr_matrix:
