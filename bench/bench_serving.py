@@ -164,6 +164,11 @@ def vegeta(url: str, users: list[str], query: str, rate: int, seconds: int, work
             "steal": (host1.steal - host0.steal) / (_all(host1) - _all(host0) or 1)}
 
 
+def rss_mb(server: subprocess.Popen) -> list[int]:
+    """Resident MB of each of the server's worker processes."""
+    return [round(p.memory_info().rss / 1e6) for p in psutil.Process(server.pid).children(recursive=True)]
+
+
 def _all(t) -> float:
     """All of the machine's CPU time in psutil's times (Linux; guest time is inside user time)."""
     return t.user + t.nice + t.system + t.idle + t.iowait + t.irq + t.softirq + t.steal
@@ -235,6 +240,7 @@ def main() -> None:
         print(f"serve ready (/readyz 200, eight times in a row) {time.monotonic() - started:.1f} s after start",
               flush=True)
         warm(url, users)
+        print(f"API worker processes' resident memory: {rss_mb(server)} MB", flush=True)
         print("\nsequential, warm                       p50 ms   p99 ms  requests")
         for name, p50, p99, count in sequential(driver, cfg, url, users, args.slow if not args.skip_sequential else 0):
             print(f"  {name:36s} {p50:8.1f} {p99:8.1f} {count:9d}", flush=True)
@@ -260,6 +266,7 @@ def main() -> None:
                         print(f"  {variant:12s} {rate:8d} median p99 {float(np.median(p99)):.1f} ms, worst {p99[-1]:.1f} "
                               f"({sum(x <= 25 for x in p99)} of {len(p99)} runs <= 25 ms)", flush=True)
             print(f"\nhighest rate held with p99 <= 50 ms: {held or 'none of the ladder'} requests/s")
+            print(f"API worker processes' resident memory after the runs: {rss_mb(server)} MB", flush=True)
     finally:
         server.terminate()
         try:

@@ -22,6 +22,7 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
 from support.graph import wipe
+from support.ranking import mismatch, offline_answers
 from support.refresh import TYPES, events, max_error
 from support.servers import spawn, stop
 from support.settings import headers
@@ -82,8 +83,11 @@ class Soak:
     and worker; `run` loads, drains and returns what `check` finds."""
 
     def __init__(self, url: str, driver, cfg, env: dict, logs: Path, seed_events: list[dict],
-                 users: int = 60, items: int = 40, seed: int = 1):
+                 users: int = 60, items: int = 40, seed: int = 1, rankings: bool = False):
         self.url, self.driver, self.cfg, self.env, self.logs = url, driver, cfg, env, logs
+        # Drained, the readers' answers equal the offline Scorer's: only where the server's item table
+        # (if the version has one) is rebuilt at every sync; else it may lag by its bounded age.
+        self.rankings = rankings
         self.users, self.items, self.seed = users, items, seed
         self.admin = {"Authorization": f"Bearer {cfg.admin_token}"}
         self.halt, self.lock, self.local = threading.Event(), threading.Lock(), threading.local()
@@ -380,6 +384,7 @@ class Soak:
             have = got and {k: got.get(k, 0) for k in [f"n_{t}" for t in TYPES] + ["qty"]}
             if have != {k: want.get(k, 0) for k in [f"n_{t}" for t in TYPES] + ["qty"]}:
                 wrong_edges.append((key, dict(want), have))
+        rankings = self._rankings(lm) if drained and self.rankings else []
         kept = [z for z in zero if any(w != 0.0 for w in z["w"]) or z["deg"] != 0.0 or not z["unembedded"]]
         answers = Counter(a[0] for a in self.answers)
         # An empty answer without a version (the user already re-embedded by a retrain, no item yet)
@@ -403,8 +408,23 @@ class Soak:
             "cli": len(self.cli), "answers": sum(answers.values()), "answer_statuses": dict(answers),
             "versions_seen": dict(Counter(a[1] for a in self.answers if a[0] == 200 and a[1])),
             "empty_answers": empty, "mixed": mixed[:5],
+            "table_k": lm.mcfg.lin_topk, "rankings_compared": len(READERS) if drained and self.rankings else 0,
+            "wrong_rankings": rankings,
             "failures": self.failures[:20], "n_failures": len(self.failures),
         }
+
+
+    def _rankings(self, lm) -> list[str]:
+        """Each reader's REST answer against the offline Scorer's ranking on the drained graph: the problems."""
+        out = []
+        for user, ids, scores in offline_answers(self.driver, self.cfg, lm, 1, 10, users=READERS):
+            reply = self._request("GET", f"/v1/users/{user}/recommendations?k=10")
+            body = reply.json() if reply is not None and reply.status_code == 200 else {}
+            problem = (f"version {body.get('version')}" if body.get("version") != lm.version
+                       else mismatch(body["results"], ids, scores))
+            if problem:
+                out.append(f"{user}: {problem}")
+        return out
 
 
 def problems(report: dict) -> list[str]:
@@ -414,6 +434,8 @@ def problems(report: dict) -> list[str]:
         out.append("the worker did not drain")
     if not report["worst"] <= TOLERANCE:
         out.append(f"worst difference from a full recompute {report['worst']:.3g} > {TOLERANCE:g}")
+    if report["wrong_rankings"]:
+        out.append(f"served rankings unlike the offline Scorer's: {report['wrong_rankings'][:3]}")
     if report["mixed"]:
         out.append(f"answers of unknown or mixed version: {report['mixed']}")
     if report["n_failures"]:

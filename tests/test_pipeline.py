@@ -17,7 +17,8 @@ from app.config import ROOT
 from app.embeddings import models
 from tests.conftest import wipe
 from tests.test_serving import assert_ranking
-from tests.test_serving_copy import offline_answers, publish_retail_version
+from support.ranking import offline_answers
+from tests.test_serving_copy import publish_retail_version
 
 DEMO = ROOT / "data" / "online_retail" / "online_retail.csv.gz"
 

@@ -14,6 +14,7 @@ from app.embeddings.training import train_and_publish, weights
 from app.ingest import pipeline, writer
 from app.worker import Worker
 from graph_models.train import Scorer
+from support.ranking import mismatch
 from tests.conftest import wipe
 
 USERS, ITEMS = 60, 40
@@ -74,19 +75,9 @@ def expected_top(offline, user, k, category=None, max_price=None, exclude_seen=T
 
 
 def assert_ranking(got: list[dict], ids: list[str], scores) -> None:
-    """A served answer is the expected ranking: the same ids in the same order, except that items whose
-    expected scores tie may swap (equal to the precision of the offline Scorer, which sums in float32),
-    and scores that agree to it."""
-    scores = np.asarray(scores, dtype=np.float64)
-    tie = 16 * np.finfo(np.float32).eps * np.abs(scores).max(initial=0.0)
-    served = [r["item_id"] for r in got]
-    assert len(served) == len(ids), (got, ids)
-    start = 0
-    for end in range(1, len(ids) + 1):  # each run of tied expected scores holds the same ids
-        if end == len(ids) or scores[end - 1] - scores[end] > tie:
-            assert sorted(served[start:end]) == sorted(ids[start:end]), (got, ids, scores.tolist())
-            start = end
-    assert np.allclose([r["score"] for r in got], scores, rtol=1e-4, atol=1e-3 * abs(scores[0]))
+    """A served answer is the expected ranking (support.ranking.mismatch)."""
+    problem = mismatch(got, ids, scores)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("params", [{}, {"category": "c1"}, {"max_price": 12}, {"category": "c2", "max_price": 30},

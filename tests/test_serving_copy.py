@@ -18,6 +18,7 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.serving import graph
 from app.worker import Worker
+from support.ranking import offline_answers
 from support.servers import free_port, spawn, stop, wait_ready
 from tests.conftest import SERVICE, wipe
 from tests.test_serving import assert_ranking
@@ -272,40 +273,6 @@ def publish_retail_version(driver, cfg, item_bias: float, trend_weight: float, h
     assert lm.model.biased == (item_bias > 0) and (lm.model.bias.abs().max() > 0) == (item_bias > 0)
     assert lm.mcfg.trend_weight == trend_weight
     return lm
-
-
-def offline_answers(driver, cfg, lm, every: int, k: int) -> list[tuple[str, list[str], np.ndarray]]:
-    """(user, the top k item ids without the user's items, their scores) by the offline Scorer on the
-    graph in Neo4j, for every `every`-th user with a positive edge; the trend (if the version reads one)
-    as training computes it, of the graph's positive edges."""
-    from app.embeddings import store
-    from app.embeddings.training import weights
-    from graph_models.bias import trend
-    from graph_models.train import Scorer
-    with driver.session(database=cfg.neo4j_database) as s:
-        snap = s.execute_read(lambda tx: store.export(tx, times=True))
-        own = {}
-        for r in s.run("MATCH (u:User)-->(i:Item) RETURN u.id AS u, collect(i.id) AS items"):
-            own[r["u"]] = set(r["items"])
-    # The Scorer reads column k as the version's item k: the version's items in its order, new ones
-    # after them (an export lists items in store order, which a reused node id changes).
-    known = {i: k for k, i in enumerate(lm.meta["item_ids"])}
-    perm = sorted(range(len(snap.items)), key=lambda j: known.get(snap.items[j]["id"], len(known) + j))
-    items = [snap.items[j]["id"] for j in perm]
-    graph_csr = weights(snap, lm.meta)[:, perm]
-    item_rows = {it: j for j, it in enumerate(items)}
-    cols = np.array([item_rows[i] for i in snap.edges_i])
-    pos = np.asarray(snap.w) > 0
-    t = trend(cols[pos], np.asarray(snap.first)[pos], len(items), lm.mcfg.trend_halflife) \
-        if lm.mcfg.reads_trend else None
-    assert t is None or 0 < np.count_nonzero(t == 1.0) < len(t)
-    rows = [u for u in range(len(snap.user_ids)) if graph_csr[u].nnz][::every]
-    out = []
-    for row, u in zip(Scorer(lm.model, graph_csr, trend=t)(rows).numpy().astype(np.float64), rows):
-        user = snap.user_ids[u]
-        order = [j for j in np.argsort(-row, kind="stable") if items[j] not in own[user]][:k]
-        out.append((user, [items[j] for j in order], row[order]))
-    return out
 
 
 @pytest.mark.parametrize("item_bias,trend_weight,topk", [(0.0, 0.0, 0), (0.2, 0.0, 0), (0.2, 0.4, 0), (0.2, 0.0, 4),
