@@ -60,6 +60,9 @@ def test_known_users_leave_unless_asked_and_candidates_are_bounded():
     assert users.size and not set(users.tolist()) & known
     every, _ = audience.audience(st, 0, N_USERS, include_known=True, limit=N_USERS)
     assert known <= set(every.tolist())
+    for j in range(N_ITEMS):  # a return (negative weight) counts as having the item too
+        had = {u for u in range(N_USERS) if j in st.row(f"u{u}")[0].tolist()}
+        assert not set(audience.audience(st, j, N_USERS, include_known=False, limit=N_USERS)[0].tolist()) & had
     few, _ = audience.audience(st, 0, N_USERS, include_known=True, limit=12)
     assert len(few) == 12
     # the buyers of the item come first among the candidates (graph), the rest by p . q_j

@@ -84,7 +84,7 @@ def _largest(st: graph.State, cols: np.ndarray, a: np.ndarray) -> float:
 
 def _rows_of(st: graph.State, users: np.ndarray) -> sp.csr_matrix:
     """The positive raw weights of user rows `users` now, as len(users) x items CSR (sorted columns)."""
-    m = _edges(st)[1][users]
+    m = _edges(st)[0][users]
     if st.overlay:
         moved = np.flatnonzero(~st.keep[users])
         if len(moved):
@@ -147,10 +147,10 @@ def _buyers(st: graph.State, items, positive: bool) -> np.ndarray:
         m = st._rows_t(items).tocsr()
         m.eliminate_zeros()
         return m.indices.astype(np.int64)
-    # any weight: the base rows (kept ones) and the overlay's rows
-    base = _edges(st)[0]
-    hit = base[:, items].tocsc().indices if len(items) else np.zeros(0, dtype=np.int64)
-    hit = hit[st.keep[hit]] if len(hit) else hit
+    # any weight: the base's positive edges (R^T's row), its others (rare: returns), and the overlay's rows
+    other = _edges(st)[1]
+    hit = np.concatenate([st.base_t[items].indices, other[:, items[items < other.shape[1]]].indices])
+    hit = hit[st.keep[hit]]
     over = [r for r, (c, _, _) in st.overlay.items() if np.isin(c, items).any()]
     return np.unique(np.concatenate([hit, np.asarray(over, dtype=np.int64)])).astype(np.int64)
 
@@ -158,7 +158,7 @@ def _buyers(st: graph.State, items, positive: bool) -> np.ndarray:
 def _vector_part(st: graph.State, j: int) -> np.ndarray:
     """p_u . q_j of every user row: the copy's positive raw weights times scale, times x_i . q_j."""
     xq = _item_products(st, j)
-    out = (_edges(st)[1] @ xq) * st.keep
+    out = (_edges(st)[0] @ xq) * st.keep
     if st.overlay:
         for r, (c, w, _) in st.overlay.items():
             ok = w > 0
@@ -193,18 +193,21 @@ _lock = threading.Lock()
 _cache: dict[str, tuple] = {}  # what is built once per base of the copy, with the object it was built from
 
 
-def _edges(st: graph.State) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """The base rows' raw weights as users x items CSR, every sign and the positive ones, padded to the
-    state's size."""
+def _edges(st: graph.State) -> tuple[sp.csr_matrix, sp.csc_matrix]:
+    """The base rows as users x items: the positive raw weights (CSR, padded to the state's size), and
+    the edges of other weights (CSC, ones; returns, which still count as having the item)."""
     key = st.rows.cols  # shared by states until a compaction replaces the base
     with _lock:
         hit = _cache.get("edges")
         if hit is None or hit[0] is not key:
-            n = len(st.rows.ptr) - 1
-            m = sp.csr_matrix((st.rows.w, st.rows.cols, st.rows.ptr), shape=(n, st.n_items))
-            pos = m.multiply(m > 0).tocsr()
-            _cache["edges"] = hit = (key, m, pos)
-    return _sized(hit[1], st.n_users, st.n_items), _sized(hit[2], st.n_users, st.n_items)
+            rows = st.rows
+            n = len(rows.ptr) - 1
+            r = np.repeat(np.arange(n), np.diff(rows.ptr))
+            pos = rows.w > 0
+            m = sp.csr_matrix((rows.w[pos], (r[pos], rows.cols[pos])), shape=(n, st.n_items))
+            other = sp.csc_matrix((np.ones(int((~pos).sum())), (r[~pos], rows.cols[~pos])), shape=(n, st.n_items))
+            _cache["edges"] = hit = (key, m, other)
+    return _sized(hit[1], st.n_users, st.n_items), hit[2]
 
 
 def _sized(m: sp.csr_matrix, rows: int, cols: int) -> sp.csr_matrix:
