@@ -72,14 +72,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,1000000")
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--reuse", action="store_true", help="measure the graph and scores of the last run again")
     args = parser.parse_args()
     build_cfg = load_config(tx_timeout=1800.0)
     for size in (int(x) for x in args.sizes.split(",") if x):
         pairs = power_law_pairs(size, args.seed)
         users = sorted({u for u, _ in pairs})
         driver = get_driver(build_cfg)
-        built, embedded = embedded_graph(build_cfg, pairs)
-        written = store_scores(driver, build_cfg, users, args.seed)
+        built = embedded = written = 0.0
+        if not args.reuse:
+            built, embedded = embedded_graph(build_cfg, pairs)
+            written = store_scores(driver, build_cfg, users, args.seed)
         cfg = load_config(read_token="bench-read-token", open_reads=False, serving_max_age=3600.0,
                           serving_poll=3600.0)
         server = make_server("127.0.0.1", 0, create_app(cfg), threaded=True)
