@@ -28,6 +28,7 @@ from werkzeug.serving import make_server
 from app import churn, create_app, cypher
 from app.config import load_config
 from app.db import get_driver
+from app.serving import graph
 from bench.bench_scale import embedded_graph, power_law_pairs
 
 
@@ -75,7 +76,6 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure the graph and scores of the last run again")
     args = parser.parse_args()
     build_cfg = load_config(tx_timeout=1800.0)
-    apps = []
     for size in (int(x) for x in args.sizes.split(",") if x):
         pairs = power_law_pairs(size, args.seed)
         users = sorted({u for u, _ in pairs})
@@ -86,9 +86,10 @@ def main() -> None:
             written = store_scores(driver, build_cfg, users, args.seed)
         cfg = load_config(read_token="bench-read-token", open_reads=False, serving_max_age=3600.0,
                           serving_poll=3600.0)
-        app = create_app(cfg)
-        apps.append(app)  # kept alive: a later app's driver must not take its id, which names a copy of the graph
-        server = make_server("127.0.0.1", 0, app, threaded=True)
+        # The process's copy of the graph is shared by apps on one driver, and it is not synced here
+        # (IG_SERVING_MAX_AGE 3600): each size loads its own.
+        graph._copies.clear()
+        server = make_server("127.0.0.1", 0, create_app(cfg), threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_port}"
         auth = {"headers": {"Authorization": "Bearer bench-read-token"}}
