@@ -3,7 +3,7 @@ edges, with the graph filter exact (two sparse products over every edge) and fro
 candidates the shopper's items' rows reach), side by side in one run.
 
 Each graph is bench_scale's (N/10 uniform users, N/50 Pareto items, weight 1), held in memory as an API
-process holds its copy (app/serving/graph.py `built`, no Neo4j: what is measured is the request's own
+process holds its copy (app/serving/state.py `built`, no Neo4j: what is measured is the request's own
 work, not the network or Flask), under a version of 64 + 16 components as `make bench-scale` sets. For
 each size and path: the time to build the copy, the process's resident memory grown by it, and
 sequential requests (one thread) for sampled shoppers: k = 20 plain, with `explain`, and with a price
@@ -25,8 +25,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from app.embeddings.models import LoadedModel
-from app.serving import graph
 from app.serving.ranking import Filters, recommend
+from app.serving.state import Index, Rows, State, built
 from bench.bench_scale import power_law_keys
 from graph_models import ModelConfig
 from graph_models.spectral import table_topk
@@ -40,23 +40,21 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 1e6
 
 
-def copy_of_graph(users: np.ndarray, items: np.ndarray, n_items: int, lm: LoadedModel) -> graph.State:
+def copy_of_graph(users: np.ndarray, items: np.ndarray, n_items: int, lm: LoadedModel) -> State:
     """The API's copy of a graph of edges (users[k], items[k]), every item priced 0-30."""
     order = np.lexsort((items, users))
     users, items = users[order], items[order]
     n_users = int(users.max()) + 1
-    rows = graph.Rows(np.searchsorted(users, np.arange(n_users + 1)), items.astype(np.int64),
-                      np.ones(len(items)), np.zeros(len(items)))
-    index = graph.Index()
-    for u in range(n_users):
-        index.add(f"u{u}")
+    rows = Rows(np.searchsorted(users, np.arange(n_users + 1)), items.astype(np.int64),
+                np.ones(len(items)), np.zeros(len(items)))
+    index = Index(f"u{u}" for u in range(n_users))
     price = np.random.default_rng(1).uniform(0, 30, n_items)
     item_rows = [{"id": f"i{j}", "title": None, "category": None, "price": float(price[j]), "version": lm.version}
                  for j in range(n_items)]
-    return graph.built("bench", 0, 0, lm, index, np.full(n_users, None, dtype=object), rows, item_rows, {}, 0)
+    return built("bench", 0, 0, lm, index, np.full(n_users, None, dtype=object), rows, item_rows, {}, 0)
 
 
-def timed(st: graph.State, users: list[str], variant: str) -> tuple[list[float], list[float], list[list[str]]]:
+def timed(st: State, users: list[str], variant: str) -> tuple[list[float], list[float], list[list[str]]]:
     """Wall and CPU seconds of each request for `users` (CPU: this thread's, which other processes on a
     busy host do not inflate), and each answer's item ids."""
     filters, explain = VARIANTS[variant]
@@ -70,7 +68,7 @@ def timed(st: graph.State, users: list[str], variant: str) -> tuple[list[float],
     return wall, cpu, ids
 
 
-def footprint_mb(st: graph.State) -> float:
+def footprint_mb(st: State) -> float:
     """MB of the arrays a state holds (numpy arrays and sparse matrices among its fields and items), and
     the version's tables, which every state of the version shares."""
     def size(x) -> int:

@@ -5,7 +5,7 @@ Run with the test server up: `make bench`, or
 `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
 .venv/bin/python -m bench.bench_soak [--seconds 300]`. It wipes that server's database. Exits 1 if a
 stored value differs from the full recompute by more than 1e-9, an answer mixed versions, or any
-other promise of the soak broke (see `support.soak.problems`).
+other promise of the soak broke (see `support.soak_check.problems`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from app.db import get_driver
 from support.refresh import worker_owner
 from support.servers import free_port, spawn, stop, wait_for, wait_ready
 from support import settings
-from support.soak import SUBPROCESS_ENV, TOLERANCE, Soak, problems, seed
+from support.soak import SUBPROCESS_ENV, Soak, seed
+from support.soak_check import TOLERANCE, problems
 
 # The soaks run under the suite's settings (its test server, tokens, small vectors, every answer
 # synced first): the settings their figures in docs/ were measured under.

@@ -7,7 +7,6 @@ every stored value with a full recompute of the current model.
 from __future__ import annotations
 
 import json
-import math
 import random
 import subprocess
 import threading
@@ -17,17 +16,17 @@ from pathlib import Path
 
 import requests
 
-from app.embeddings import models, store
+from app.embeddings import store
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
+from support import soak_check
 from support.graph import wipe
 from support.ranking import mismatch, offline_answers
-from support.refresh import TYPES, events, max_error
+from support.refresh import events
 from support.servers import spawn, stop
 from support.settings import headers
 
-TOLERANCE = 1e-9
 DAY_MS = 86_400_000
 READERS = [f"r{k}" for k in range(4)]   # recommendations are requested for these throughout
 ERASABLE = [f"x{k}" for k in range(8)]  # erased now and then, and brought back by later events
@@ -42,21 +41,7 @@ CLIENTS, BATCH = 3, 12
 SUBPROCESS_ENV = {"IG_REFRESH_INTERVAL": "0.2", "IG_FULL_SHARE": "10", "IG_LEASE_SECONDS": "4",
                   "IG_FULL_BATCH": "25", "IG_TRAIN_MINUTES": "0.05"}
 JOB_BUSY = "MATCH (j:Job) WHERE j.state IN ['queued', 'running'] RETURN count(j) AS n"
-JOBS = "MATCH (j:Job) RETURN j.kind AS kind, j.state AS state, coalesce(j.attempts, 0) AS attempts"
-MODEL_VERSIONS = "MATCH (m:Model) RETURN collect(m.version) AS versions"
-EVENTS_FOUND = "UNWIND $ids AS id MATCH (e:Event {id: id}) RETURN count(e) AS n"
-EVENTS_ALL = "MATCH (e:Event) RETURN count(e) AS n"
-EDGES = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item) WHERE NOT u.id IN $erasable + $again
-RETURN u.id AS u, i.id AS i, properties(r) AS p
-"""
-ZERO_USERS = """
-MATCH (u:User) WHERE u.id STARTS WITH 'z'
-OPTIONAL MATCH (u)-[r:INTERACTED]->()
-RETURN u.id AS id, u.ig_deg AS deg, u.embedding IS NULL AS unembedded, collect(r.w) AS w
-"""
 USER_ITEMS = "MATCH (:User {id: $id})-->(i:Item) RETURN i.id AS i ORDER BY i"
-STORED_VERSIONS = "MATCH (n) WHERE n:User OR n:Item RETURN labels(n)[0] + ' ' + coalesce(n.embedding_version, '-') AS v"
 
 
 def seed(driver, cfg, n_events: int = 600, users: int = 60, items: int = 40) -> list[dict]:
@@ -87,7 +72,7 @@ class Soak:
         self.url, self.driver, self.cfg, self.env, self.logs = url, driver, cfg, env, logs
         # Drained, the readers' answers equal the offline Scorer's: only where the server's item table
         # (if the version has one) is rebuilt at every sync; else it may lag by its bounded age.
-        self.rankings = rankings
+        self.compare_rankings = rankings
         self.users, self.items, self.seed = users, items, seed
         self.admin = {"Authorization": f"Bearer {cfg.admin_token}"}
         self.halt, self.lock, self.local = threading.Event(), threading.Lock(), threading.local()
@@ -367,54 +352,10 @@ class Soak:
         return None
 
     def check(self, drained: bool) -> dict:
-        """Everything the soak promises, measured: see `problems` for what must hold."""
-        lm = models.current(self.driver, self.cfg)
-        worst = max_error(self.driver, self.cfg, lm) if drained else math.inf
-        with self.driver.session(database=self.cfg.neo4j_database) as s:
-            versions = set(s.run(MODEL_VERSIONS).single()["versions"])
-            found = s.run(EVENTS_FOUND, ids=sorted(self.accepted)).single()["n"]
-            total = s.run(EVENTS_ALL).single()["n"]
-            edges = {(r["u"], r["i"]): r["p"] for r in s.run(EDGES, erasable=ERASABLE, again=AGAIN)}
-            zero = [r.data() for r in s.run(ZERO_USERS)]
-            jobs = [r.data() for r in s.run(JOBS)]
-            stored = Counter(r["v"] for r in s.run(STORED_VERSIONS))
-        wrong_edges = []
-        for key in sorted(set(edges) | set(self.counts)):
-            want, got = self.counts.get(key, Counter()), edges.get(key)
-            have = got and {k: got.get(k, 0) for k in [f"n_{t}" for t in TYPES] + ["qty"]}
-            if have != {k: want.get(k, 0) for k in [f"n_{t}" for t in TYPES] + ["qty"]}:
-                wrong_edges.append((key, dict(want), have))
-        rankings = self._rankings(lm) if drained and self.rankings else []
-        kept = [z for z in zero if any(w != 0.0 for w in z["w"]) or z["deg"] != 0.0 or not z["unembedded"]]
-        answers = Counter(a[0] for a in self.answers)
-        # An empty answer without a version (the user already re-embedded by a retrain, no item yet)
-        # mixes nothing; it is counted apart.
-        empty = sum(1 for a in self.answers if a[0] == 200 and a[1] is None and not a[2])
-        mixed = [a for a in self.answers if a[0] == 200 and (a[1] is not None or a[2]) and (
-            a[1] not in versions or len(set(a[2])) != len(a[2]) or len(a[2]) > 10)]
-        return {
-            "drained": drained, "worst": worst, "current": lm.version, "models": len(versions),
-            "stored_versions": dict(stored),
-            "events": self.sent["events"], "batches": self.sent["batches"], "resent": self.sent["resent"],
-            "item_updates": self.sent["item_updates"], "erasures": self.sent["erasures"],
-            "recreated_in_full_runs": self.sent["recreated_in_full_runs"],
-            "accepted": len(self.accepted), "lost_events": len(self.accepted) - found,
-            "unexpected_events": total - found, "wrong_edges": wrong_edges[:10], "n_wrong_edges": len(wrong_edges),
-            "zero_users": len(zero),
-            "nonzero_users": kept[:5],
-            "runs": dict(Counter(self.runs.values())),
-            "jobs": dict(Counter(f"{j['kind']} {j['state']}" for j in jobs)),
-            "job_attempts": max((j["attempts"] for j in jobs), default=0),
-            "cli": len(self.cli), "answers": sum(answers.values()), "answer_statuses": dict(answers),
-            "versions_seen": dict(Counter(a[1] for a in self.answers if a[0] == 200 and a[1])),
-            "empty_answers": empty, "mixed": mixed[:5],
-            "table_k": lm.mcfg.lin_topk, "rankings_compared": len(READERS) if drained and self.rankings else 0,
-            "wrong_rankings": rankings,
-            "failures": self.failures[:20], "n_failures": len(self.failures),
-        }
+        """Everything the soak promises, measured (support/soak_check.py)."""
+        return soak_check.report(self, drained, ERASABLE, AGAIN)
 
-
-    def _rankings(self, lm) -> list[str]:
+    def rankings(self, lm) -> list[str]:
         """Each reader's REST answer against the offline Scorer's ranking on the drained graph: the problems."""
         out = []
         for user, ids, scores in offline_answers(self.driver, self.cfg, lm, 1, 10, users=READERS):
@@ -425,27 +366,3 @@ class Soak:
             if problem:
                 out.append(f"{user}: {problem}")
         return out
-
-
-def problems(report: dict) -> list[str]:
-    """What broke a promise of the soak (empty when everything held)."""
-    out = []
-    if not report["drained"]:
-        out.append("the worker did not drain")
-    if not report["worst"] <= TOLERANCE:
-        out.append(f"worst difference from a full recompute {report['worst']:.3g} > {TOLERANCE:g}")
-    if report["wrong_rankings"]:
-        out.append(f"served rankings unlike the offline Scorer's: {report['wrong_rankings'][:3]}")
-    if report["mixed"]:
-        out.append(f"answers of unknown or mixed version: {report['mixed']}")
-    if report["n_failures"]:
-        out.append(f"{report['n_failures']} failed requests or jobs, first: {report['failures'][:5]}")
-    if report["lost_events"] or report["unexpected_events"]:
-        out.append(f"events lost {report['lost_events']}, unexpected {report['unexpected_events']}")
-    if report["n_wrong_edges"]:
-        out.append(f"{report['n_wrong_edges']} edges with wrong counts, first: {report['wrong_edges'][:3]}")
-    if report["nonzero_users"]:
-        out.append(f"users whose weights cancel kept weight or a vector: {report['nonzero_users'][:3]}")
-    if any(not state.endswith("succeeded") for state in report["jobs"]):
-        out.append(f"jobs not succeeded: {report['jobs']}")
-    return out

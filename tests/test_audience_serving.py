@@ -7,14 +7,16 @@ import scipy.sparse as sp
 import torch
 
 from app.embeddings.models import LoadedModel
-from app.serving import audience, graph
+from app.serving import audience
+from app.serving.matrices import overlay_matrices
+from app.serving.state import Index, Rows, State, built
 from graph_models import ModelConfig
 from graph_models.train import build
 
 N_USERS, N_ITEMS = 60, 40
 
 
-def _state(topk: int, biased: bool, eased: bool) -> graph.State:
+def _state(topk: int, biased: bool, eased: bool) -> State:
     """A copy of a small random graph (a few negative edges) under a version with the given parts."""
     rng = np.random.default_rng(3)
     dense = (rng.random((N_USERS, N_ITEMS)) < 0.15) * rng.integers(1, 4, (N_USERS, N_ITEMS)).astype(float)
@@ -31,13 +33,11 @@ def _state(topk: int, biased: bool, eased: bool) -> graph.State:
     lm = LoadedModel(f"t-{topk}-{biased}-{eased}", model, cfg, {"ref_ms": 0, "decay_anchor_ms": 0, "half_life_days": 1.0,
                      "item_ids": [f"i{j}" for j in range(N_ITEMS)]}, {f"i{j}": j for j in range(N_ITEMS)})
     full = sp.csr_matrix(dense)
-    rows = graph.Rows(full.indptr.astype(np.int64), full.indices.astype(np.int64), full.data, np.zeros(full.nnz))
-    index = graph.Index()
-    for u in range(N_USERS):
-        index.add(f"u{u}")
+    rows = Rows(full.indptr.astype(np.int64), full.indices.astype(np.int64), full.data, np.zeros(full.nnz))
+    index = Index(f"u{u}" for u in range(N_USERS))
     items = [{"id": f"i{j}", "title": None, "category": None, "price": None, "version": lm.version}
              for j in range(N_ITEMS)]
-    return graph.built("t", 0, 0, lm, index, np.full(N_USERS, None, dtype=object), rows, items, {}, 0)
+    return built("t", 0, 0, lm, index, np.full(N_USERS, None, dtype=object), rows, items, {}, 0)
 
 
 @pytest.mark.parametrize("topk,biased,eased", [(0, False, False), (0, True, True), (10, False, False),
@@ -74,7 +74,7 @@ def test_an_overlay_row_is_read_as_it_is_now():
     cols, w = np.asarray([0, 3], dtype=np.int64), np.asarray([5.0, 1.0])
     r = st.users["u40"]
     overlay = {r: (cols, w, np.zeros(2))}
-    over_csr, over_t = graph._overlay_matrices(overlay, st.n_users, st.n_items, st.lm)
+    over_csr, over_t = overlay_matrices(overlay, st.n_users, st.n_items, st.lm)
     keep = st.keep.copy()
     keep[r] = False
     from dataclasses import replace

@@ -16,7 +16,7 @@ from app.embeddings import models
 from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
-from app.serving import graph
+from app.serving import delta, graph
 from app.worker import Worker
 from support.ranking import offline_answers
 from support.servers import free_port, spawn, stop, wait_ready
@@ -77,7 +77,7 @@ def trained(cfg, driver):
 
 @pytest.mark.parametrize("table_mb", [256, 0], ids=["explain-table", "no-table"])
 def test_copy_moved_run_by_run_equals_the_copy_read_whole(cfg, driver, trained, monkeypatch, base_url, table_mb):
-    monkeypatch.setattr(graph, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
+    monkeypatch.setattr(delta, "COMPACT_MIN", 8)  # fold the overlay into the base now and then
     copy = graph.Copy(driver, cfg.neo4j_database, secret=cfg.erasure_secret, wait=30, max_age=0, table_mb=table_mb)
     assert (copy.current().table is not None) == (table_mb > 0)
     loads = []
@@ -285,7 +285,7 @@ def test_log1p_filter_is_served_as_the_offline_scorer_ranks(cfg, driver, trained
     candidates its rows reach are ranked, as offline; the table is rebuilt with the base (here at every
     sync: TABLE_MAX_AGE_S 0), so that it equals the one built offline from the graph."""
     if topk:
-        monkeypatch.setattr(graph, "TABLE_MAX_AGE_S", 0.0)
+        monkeypatch.setattr(delta, "TABLE_MAX_AGE_S", 0.0)
     lm = publish_retail_version(driver, cfg, item_bias, trend_weight, topk=topk)
     assert lm.mcfg.lin_topk == topk
     rng = random.Random(11)

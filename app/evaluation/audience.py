@@ -9,10 +9,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from app.embeddings.models import LoadedModel
-from app.serving import audience, graph
+from app.serving import audience
+from app.serving.state import Index, Rows, State, built
 
 
-def copy_of(model, past: sp.csr_matrix) -> graph.State:
+def copy_of(model, past: sp.csr_matrix) -> State:
     """The API's copy of `past` (users x items, weights as stored) under `model` as a version (scale 1)."""
     model = copy.deepcopy(model).double().eval()
     model.ease = model.ease.float()  # as app.embeddings.models.load serves it
@@ -21,13 +22,11 @@ def copy_of(model, past: sp.csr_matrix) -> graph.State:
     lm = LoadedModel("evaluation", model, model.cfg, {"ref_ms": 0, "decay_anchor_ms": 0, "half_life_days": 1.0,
                                                      "item_ids": ids}, {i: j for j, i in enumerate(ids)})
     past = past.tocsr()
-    rows = graph.Rows(past.indptr.astype(np.int64), past.indices.astype(np.int64), past.data.astype(np.float64),
+    rows = Rows(past.indptr.astype(np.int64), past.indices.astype(np.int64), past.data.astype(np.float64),
                       np.zeros(past.nnz))
-    users = graph.Index()
-    for u in range(n_users):
-        users.add(str(u))
+    users = Index(str(u) for u in range(n_users))
     items = [{"id": i, "title": None, "category": None, "price": None, "version": lm.version} for i in ids]
-    return graph.built("evaluation", 0, 0, lm, users, np.full(n_users, None, dtype=object), rows, items, {}, 0)
+    return built("evaluation", 0, 0, lm, users, np.full(n_users, None, dtype=object), rows, items, {}, 0)
 
 
 def served(model, limit: int):

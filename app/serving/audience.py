@@ -20,10 +20,11 @@ import threading
 import numpy as np
 import scipy.sparse as sp
 
-from app.serving import graph
+from app.serving.matrices import best, filter_weights, largest, pad
+from app.serving.state import State
 
 
-def audience(st: graph.State, j: int, k: int, include_known: bool, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def audience(st: State, j: int, k: int, include_known: bool, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best user rows for item column `j`, best first, and their scores, among at most `limit`
     candidates; `include_known` False leaves out every user with an edge to j."""
     pq = _vector_part(st, j)
@@ -32,11 +33,11 @@ def audience(st: graph.State, j: int, k: int, include_known: bool, limit: int) -
     if not len(cand):
         return cand, np.zeros(0)
     s = scores(st, j, cand, pq[cand])
-    best = graph._best(s, k)
-    return cand[best], s[best]
+    top = best(s, k)
+    return cand[top], s[top]
 
 
-def scores(st: graph.State, j: int, users: np.ndarray, pq: np.ndarray | None = None) -> np.ndarray:
+def scores(st: State, j: int, users: np.ndarray, pq: np.ndarray | None = None) -> np.ndarray:
     """The full score of item column `j` for each user row of `users` (as their recommendations score it)."""
     lm, mcfg, s_ = st.lm, st.lm.mcfg, st.lm.scale
     m = _rows_of(st, users)
@@ -45,7 +46,7 @@ def scores(st: graph.State, j: int, users: np.ndarray, pq: np.ndarray | None = N
         pq = s_ * sp.csr_matrix((a, cols, ptr), shape=shape) @ _item_products(st, j)
     out = np.asarray(pq, dtype=np.float64).copy()
     if mcfg.lin_weight:
-        f = graph.filter_weights(lm)[1](a * s_)
+        f = filter_weights(lm)[1](a * s_)
         out += mcfg.lin_weight * (sp.csr_matrix((f, cols, ptr), shape=shape) @ _filter_column(st, j))
     if lm.ease is not None:
         e = lm.ease[st.items.rows, st.items.rows[j]].astype(np.float64)
@@ -63,7 +64,7 @@ def scores(st: graph.State, j: int, users: np.ndarray, pq: np.ndarray | None = N
     return out / top + st._bias[j]
 
 
-def _scales(st: graph.State) -> dict:
+def _scales(st: State) -> dict:
     """User row -> its `_largest`, for the state (a new state starts empty)."""
     with _lock:
         hit = _cache.get("scales")
@@ -72,17 +73,17 @@ def _scales(st: graph.State) -> dict:
     return hit[1]
 
 
-def _largest(st: graph.State, cols: np.ndarray, a: np.ndarray) -> float:
+def _largest(st: State, cols: np.ndarray, a: np.ndarray) -> float:
     """What `State.scores` divides a row's scores by before adding the biases."""
     p = st.vector(cols, a)
     found = st._candidates(cols, a)
     if found is None:
-        return graph._largest(st._unbiased(p, cols, a))
+        return largest(st._unbiased(p, cols, a))
     cand, lin = found
-    return graph._largest(st._low(p, cand) + st.lm.mcfg.lin_weight * lin)
+    return largest(st._low(p, cand) + st.lm.mcfg.lin_weight * lin)
 
 
-def _rows_of(st: graph.State, users: np.ndarray) -> sp.csr_matrix:
+def _rows_of(st: State, users: np.ndarray) -> sp.csr_matrix:
     """The positive raw weights of user rows `users` now, as len(users) x items CSR (sorted columns)."""
     m = _edges(st)[0][users]
     if st.overlay:
@@ -99,14 +100,14 @@ def _rows_of(st: graph.State, users: np.ndarray) -> sp.csr_matrix:
     return m
 
 
-def _row(st: graph.State, r: int) -> tuple[np.ndarray, np.ndarray]:
+def _row(st: State, r: int) -> tuple[np.ndarray, np.ndarray]:
     """User row r's positive edges (item columns, raw weights) in the copy now."""
     cols, w, _ = st.overlay[r] if r in st.overlay else st.rows.row(r)
     pos = w > 0
     return cols[pos], w[pos]
 
 
-def _candidates(st: graph.State, j: int, pq: np.ndarray, limit: int, known: np.ndarray | None) -> np.ndarray:
+def _candidates(st: State, j: int, pq: np.ndarray, limit: int, known: np.ndarray | None) -> np.ndarray:
     """At most `limit` user rows: the buyers of j and of its nearest items (up to half), then the highest p . q_j."""
     nearest = _filter_column(st, j)
     near = np.flatnonzero(nearest)
@@ -140,7 +141,7 @@ def _first_unique(users: np.ndarray, drop: np.ndarray, n: int) -> np.ndarray:
     return np.fromiter(first, dtype=np.int64, count=len(first))
 
 
-def _buyers(st: graph.State, items, positive: bool) -> np.ndarray:
+def _buyers(st: State, items, positive: bool) -> np.ndarray:
     """User rows with an edge to any of `items` now (positive ones only, or any weight), item by item."""
     items = np.asarray(items, dtype=np.int64)
     if positive:
@@ -155,7 +156,7 @@ def _buyers(st: graph.State, items, positive: bool) -> np.ndarray:
     return np.unique(np.concatenate([hit, np.asarray(over, dtype=np.int64)])).astype(np.int64)
 
 
-def _vector_part(st: graph.State, j: int) -> np.ndarray:
+def _vector_part(st: State, j: int) -> np.ndarray:
     """p_u . q_j of every user row: the copy's positive raw weights times scale, times x_i . q_j."""
     xq = _item_products(st, j)
     out = (_edges(st)[0] @ xq) * st.keep
@@ -166,13 +167,13 @@ def _vector_part(st: graph.State, j: int) -> np.ndarray:
     return st.lm.scale * out
 
 
-def _item_products(st: graph.State, j: int) -> np.ndarray:
+def _item_products(st: State, j: int) -> np.ndarray:
     """x_i . q_j of every item column i (x of the version's table rows, 0 for items it does not know)."""
     x, q = st.lm.tables
     return (x @ q[st.items.rows[j]])[st.items.rows]
 
 
-def _filter_column(st: graph.State, j: int) -> np.ndarray:
+def _filter_column(st: State, j: int) -> np.ndarray:
     """g with lin(u, j) = sum_i f(a_ui s) g_i: the item table's column j (with its tilt), or
     d_i^-1/2 C[i, j] d_j^-beta of the copy's rows, C = R^T D_U^-1 R."""
     g = np.zeros(st.n_items)
@@ -193,7 +194,7 @@ _lock = threading.Lock()
 _cache: dict[str, tuple] = {}  # what is built once per base of the copy, with the object it was built from
 
 
-def _edges(st: graph.State) -> tuple[sp.csr_matrix, sp.csc_matrix]:
+def _edges(st: State) -> tuple[sp.csr_matrix, sp.csc_matrix]:
     """The base rows as users x items: the positive raw weights (CSR, padded to the state's size), and
     the edges of other weights (CSC, ones; returns, which still count as having the item)."""
     key = st.rows.cols  # shared by states until a compaction replaces the base
@@ -215,7 +216,7 @@ def _sized(m: sp.csr_matrix, rows: int, cols: int) -> sp.csr_matrix:
     cut holds no base edge: users and items added since have theirs in the overlay)."""
     if m.shape[0] > rows or m.shape[1] > cols:
         m = m[:rows, :cols]
-    return graph._pad(m, rows, cols)
+    return pad(m, rows, cols)
 
 
 def _transposed(m: sp.csr_matrix) -> sp.csr_matrix:
@@ -227,12 +228,12 @@ def _transposed(m: sp.csr_matrix) -> sp.csr_matrix:
     return hit[1]
 
 
-def _erased(st: graph.State) -> np.ndarray:
+def _erased(st: State) -> np.ndarray:
     """Rows without an id (erased users): never in an audience."""
     return np.flatnonzero(user_ids(st) == None)  # noqa: E711 (elementwise on an object array)
 
 
-def user_ids(st: graph.State) -> np.ndarray:
+def user_ids(st: State) -> np.ndarray:
     """The stored id of each user row (None for an erased one), built once per size of the index."""
     users = st.users
     with _lock:

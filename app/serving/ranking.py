@@ -7,7 +7,7 @@ import numpy as np
 
 from app import cypher
 from app.errors import ApiError
-from app.serving import graph
+from app.serving.state import State
 
 MAX_CANDIDATES = 20_000  # widest index query before the filtered scan takes over
 EXPLAIN_TOP = 3  # the user's items shown per recommended item
@@ -52,11 +52,11 @@ def ranked(session, statements: tuple[str, str], k: int, **params) -> dict | Non
         n = 4 * n if 4 * n <= MAX_CANDIDATES else MAX_CANDIDATES + 1
 
 
-def recommend(open_session, st: graph.State | None, user_key: str, k: int, filters: Filters,
+def recommend(open_session, st: State | None, user_key: str, k: int, filters: Filters,
               explain: bool = False) -> dict:
     """A user's answer without the id: personal when the user has a vector, else trending.
 
-    Scored on `st`, a state of the process's copy of the graph (app/serving/graph.py), with no round
+    Scored on `st`, a state of the process's copy of the graph (app/serving/state.py), with no round
     trip to Neo4j; the vector is summed from the user's edges there: exactly what the next refresh run
     stores, so a shopper's first event personalises the answers from the copy's next sync on. Cypher
     answers (in a session from `open_session()`) only while there is no model (`st` None).
@@ -98,7 +98,7 @@ def _explain(st, cols, a, results: list[dict]) -> None:
             r["bias"] = float(bias[n])
 
 
-def similar(open_session, st: graph.State | None, item_id: str, k: int, filters: Filters) -> dict:
+def similar(open_session, st: State | None, item_id: str, k: int, filters: Filters) -> dict:
     """Items a shopper who has only this item would be recommended (on `st`); 404 for an item not embedded."""
     j = None if st is None else st.items.index.get(item_id)
     if st is None or j is None or j >= st.n_items or not st.items.embedded[j]:

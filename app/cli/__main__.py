@@ -1,0 +1,4 @@
+"""`python -m app.cli` runs the CLI."""
+from app.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""Cypher of the refresh: change detection, the L-hop pull and the refresh's own state."""
+
+# --- refresh: change detection and the L-hop pull ---------------------------
+# Edges, users and items are tracked alike: every writer bumps `rev` and sets `ig_unseen`; the
+# refresh records the revision its stored state accounts for in `ig_rev` and removes `ig_unseen`
+# once nothing newer committed (MARK_*). A change is found however late it commits after its
+# `changed_at` (no clock, no margin). Each query must seek the `ig_unseen` index (V005), which holds
+# only what is not yet reflected: a scan makes every run O(graph). The planner scans edges unless
+# told, and may scan even this small index under an aggregation, hence the SEEK hints.
+CHANGED_EDGES = """
+MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
+WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
+RETURN u.id AS u, i.id AS i, r.rev AS rev, elementId(r) AS e, coalesce(r.changed_at, 0) AS at
+"""
+
+CHANGED_USERS = """
+MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
+WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+RETURN n.id AS id, n.rev AS rev, coalesce(n.nonce, '') AS nonce, coalesce(n.changed_at, 0) AS at,
+       n.ig_rev IS NULL AS new
+"""
+
+CHANGED_ITEMS = """
+MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
+WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+RETURN n.id AS id, n.rev AS rev, n.changed_at AS at, n.category AS category, n.price AS price, n.title AS title
+"""
+
+OLDEST_PENDING = """
+CALL {
+  MATCH ()-[r:INTERACTED]->() USING INDEX SEEK r:INTERACTED(ig_unseen)
+  WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
+  RETURN min(r.changed_at) AS at
+  UNION ALL
+  MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
+  WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+  RETURN min(n.changed_at) AS at
+  UNION ALL
+  MATCH (n:Item) USING INDEX SEEK n:Item(ig_unseen)
+  WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+  RETURN min(n.changed_at) AS at
+}
+RETURN min(at) AS oldest
+"""
+
+# Edges of the given users with their raw weights and nonce (every existing user, erased ones not
+# at all); one record per node (the driver's per-record cost dominated); the CASE keeps the lists aligned.
+USER_EDGES = """
+UNWIND $ids AS id
+MATCH (u:User {id: id})
+OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
+RETURN id, coalesce(u.nonce, '') AS nonce, collect(i.id) AS other, collect(CASE WHEN r IS NOT NULL THEN coalesce(r.w, 0.0) END) AS w
+"""
+
+NODE_COUNT = """
+CALL { MATCH (u:User) RETURN count(u) AS users }
+CALL { MATCH (i:Item) RETURN count(i) AS items }
+RETURN users, items
+"""
+
+# A read: before the first run there is no node, hence no watermark, hence a full recompute.
+# While `full_pending`, `full_version` is the model version the interrupted full run was writing
+# and `full_publish` whether it was to make that version current.
+REFRESH_STATE = """
+OPTIONAL MATCH (s:_Refresh {key: 'main'})
+RETURN s.watermark AS watermark, coalesce(s.full_pending, false) AS full_pending, s.last_run AS last_run,
+       s.full_version AS full_version, coalesce(s.full_publish, false) AS full_publish
+"""
+
+# Written after LEASE_HELD in the same transaction (fenced). `full_run` names the run, so that only
+# that run's last transaction clears the flag.
+REFRESH_FULL_PENDING = """
+MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
+SET s.full_pending = true, s.full_run = $run_id, s.full_version = $version, s.full_publish = $publish
+"""
+
+# Fenced by the lease: a worker that lost it cannot move the watermark (the transaction is rolled back).
+# Only the full run that raised `full_pending` ($full_run) lowers it; an incremental run passes null.
+REFRESH_ADVANCE = """
+MATCH (s:_Refresh {key: 'main'}) WHERE s.lease_owner = $owner
+SET s.watermark = $watermark, s.last_run = $run,
+    s.full_pending = CASE WHEN s.full_run = $full_run THEN false ELSE s.full_pending END,
+    s.recent = ([$run] + coalesce(s.recent, []))[0..20]
+RETURN count(s) AS updated
+"""

@@ -1,0 +1,250 @@
+"""What a state of the serving copy answers: scores, the item table's candidates, the exact top k under
+the filters, and the parts of a score that `explain` shows."""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+
+from app.serving.matrices import best, filter_weights, grown, inverse, largest
+from graph_models.bias import prior, with_bias
+from graph_models.candidates import top_bias
+
+
+class Scoring:
+    """The ranking algebra of a State (app/serving/state.py), which holds the arrays it reads.
+
+    A score is `p_u . q_j + lin(u, j)` (graph_models/model.py), `lin` as two sparse products over the
+    copy's edges or, for a version served from an item table, the table rows of the shopper's items,
+    after which only the items they reach are ranked (`ranked`).
+    """
+
+    @cached_property
+    def _inv_du(self) -> np.ndarray:
+        return inverse(self.du)
+
+    @cached_property
+    def _bias(self) -> np.ndarray | None:
+        """The version's item biases plus the live trend's prior (graph_models.bias), None without biases."""
+        if self.lm.bias is None:
+            return None
+        top = self.tn.max(initial=0.0)
+        return self.lm.bias[self.items.rows] + prior(self.lm.mcfg, self.n_items, self.tn / top if top > 0 else self.tn)
+
+    @cached_property
+    def _inv_sqrt_di(self) -> np.ndarray:
+        return inverse(np.sqrt(self.di))
+
+    @cached_property
+    def _target_di(self) -> np.ndarray:
+        """d_j^-beta, the filter's factor of the target item (GF-CF: beta = 1/2)."""
+        beta = getattr(self.lm.mcfg, "lin_beta", 0.5)
+        return self._inv_sqrt_di if beta == 0.5 else inverse(self.di ** beta)
+
+    def lin(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """The graph filter of a row with stored weights `a` on item columns `cols`: f(a s) D_I^-1/2 R^T D_U^-1
+        R D_I^-1/2, R the copy's f(w s) (`filter_weights`)."""
+        if self.nbr is not None:
+            out = np.zeros(self.n_items)
+            cand, vals = self._reach(cols, a)
+            out[cand] = vals
+            return out
+        isd = self._inv_sqrt_di
+        y = np.zeros(self.n_items)
+        y[cols] = filter_weights(self.lm)[1](a * self.lm.scale) * isd[cols]
+        # Two full sparse products: cheaper than selecting the columns and rows a heavy row reaches.
+        z = self.base_csr @ y
+        if self.overlay:
+            z = z * self.keep + self.over_csr @ y
+        w = z * self._inv_du
+        t = self.base_t @ (w * self.keep if self.overlay else w)
+        if self.overlay:
+            t += self.over_t @ w
+        return t * self._target_di
+
+    def _reach(self, cols: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The item table's filter of a row (as `lin`): the items its rows reach (sorted) and their values."""
+        inside = cols < self.nbr.shape[0]  # items new since the table was built have no row yet
+        f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
+        ptr, c = self.nbr.indptr, cols[inside]
+        lengths = ptr[c + 1] - ptr[c]
+        at = np.repeat(ptr[c] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
+        if 8 * len(at) > self.nbr.shape[0]:  # a wide reach: summing over the catalogue beats sorting
+            dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
+            cand = np.flatnonzero(dense)
+            vals = dense[cand]
+        else:
+            cand, inv = np.unique(targets, return_inverse=True)
+            vals = np.bincount(inv, weights=w, minlength=len(cand))
+        return cand.astype(np.int64), vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
+
+    @cached_property
+    def _top_bias(self) -> np.ndarray:
+        """The items of highest bias, which every shopper's candidates include (graph_models.candidates)."""
+        return top_bias(self._bias)
+
+    def _candidates(self, cols: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """A table-served row's candidates (sorted) and their filter values, None when every item is scored
+        (no table, or EASE, which reads every item)."""
+        if self.nbr is None or self.lm.ease is not None:
+            return None
+        cand, vals = self._reach(cols, a)
+        extra = np.setdiff1d(self._top_bias, cand, assume_unique=True)
+        if not len(extra):
+            return cand, vals
+        order = np.argsort(np.concatenate([cand, extra]), kind="stable")
+        return np.concatenate([cand, extra])[order], np.concatenate([vals, np.zeros(len(extra))])[order]
+
+    def ranked(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray, k: int,
+               admit) -> tuple[np.ndarray, np.ndarray]:
+        """The k best items that `admit(columns)` (a mask of them) lets through, best first, and their scores:
+        a table-served row's candidates only, unless fewer than k of them are new to it or admitted
+        (graph_models.candidates: the offline ranking's rule), else every item."""
+        found = self._candidates(cols, a)
+        if found is not None:
+            cand, lin = found
+            s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin  # `_unbiased` at the candidates
+            if self._bias is not None:
+                s = s / largest(s) + self._bias[cand]
+            ok = admit(cand)
+            if ok.sum() >= k and len(cand) - np.isin(cols, cand).sum() >= self.lm.mcfg.k:
+                idx, s = cand[ok], s[ok]
+                chosen = best(s, k)
+                return idx[chosen], s[chosen]
+        s = self.scores(p, cols, a)
+        idx = np.flatnonzero(admit(np.arange(self.n_items)))
+        chosen = best(s[idx], k)
+        return idx[chosen], s[idx][chosen]
+
+    def _low(self, p: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """p . q_j of items `cand`: their rows gathered, or (for many) every row's product, which is then cheaper."""
+        rows, q = self.items.rows[cand], self.lm.q32
+        if 4 * len(cand) > len(q):
+            return (q @ p.astype(np.float32))[rows].astype(np.float64)
+        return (q[rows] @ p.astype(np.float32)).astype(np.float64)
+
+    def work(self, user_ids: list[str]) -> int:
+        """Entries recommending to `user_ids` reads: per user, every edge of the copy (the exact filter's two
+        sparse products), or their items' rows of the item table."""
+        if self.nbr is None:
+            return len(user_ids) * (self.base_csr.nnz + self.over_csr.nnz)
+        return sum(len(self.row(u)[0]) for u in user_ids) * self.lm.mcfg.lin_topk
+
+    def vector(self, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """p_u of a row of positive raw weights `a` on `cols`: the sum of w * scale * x_i the refresh stores
+        (app/embeddings/refresh.py)."""
+        x = self.lm.tables[0]
+        return (a * self.lm.scale) @ x[self.items.rows[cols]] if len(cols) else np.zeros(x.shape[1])
+
+    def scores(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """Every item's score for a shopper with model-space vector `p` and raw edge weights `a` on `cols`
+        (with item biases: divided by the largest magnitude, plus the bias, as graph_models.bias.with_bias)."""
+        s = self._unbiased(p, cols, a)
+        if self._bias is None:
+            return s
+        found = self._candidates(cols, a)
+        if found is None:
+            return with_bias(s[None, :], self._bias)[0].numpy()
+        return s / largest(s[found[0]]) + self._bias
+
+    def _unbiased(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """`scores` before item biases: p . q_j plus the version's filter and EASE terms."""
+        s = (self.lm.q32 @ p.astype(np.float32))[self.items.rows].astype(np.float64)
+        mcfg = self.lm.mcfg
+        if mcfg.lin_weight:
+            s += mcfg.lin_weight * self.lin(cols, a)
+        if self.lm.ease is not None:
+            s += mcfg.ease_weight * self.lm.ease[self.items.rows[cols[a > 0]]].sum(axis=0)[self.items.rows]
+        return s
+
+    def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS;
+        with item biases, divided as `scores` divides, so that the parts and `bias(targets)` add up to the score."""
+        x, q = self.lm.tables
+        s = self.lm.scale
+        inner = (a * s)[:, None] * (x[self.items.rows[cols]] @ q[self.items.rows[targets]].T)
+        mcfg, rows = self.lm.mcfg, self.items.rows
+        if mcfg.lin_weight:
+            fa = filter_weights(self.lm)[1](a * s) * mcfg.lin_weight
+            inner += fa[:, None] * self._filter_block(cols, targets)
+        if self.lm.ease is not None:
+            inner += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
+        if self._bias is None:
+            return inner
+        p, found = self.vector(cols, a), self._candidates(cols, a)
+        if found is None:
+            return inner / largest(self._unbiased(p, cols, a))
+        cand, lin = found  # the candidates' scores alone, as `ranked` divides them
+        return inner / largest(self._low(p, cand) + self.lm.mcfg.lin_weight * lin)
+
+    def bias(self, targets: np.ndarray) -> np.ndarray | None:
+        """Each target's bias (the version's, plus the live trend's prior): its score's part that no own
+        item has (None without biases)."""
+        return None if self._bias is None else self._bias[targets]
+
+    def _filter_block(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """What one unit of filter weight on each of `cols` adds to each target's filter score: the item
+        table's entries, or d_i^-1/2 C[i, j] d_j^-beta of the current rows."""
+        if self.nbr is None:
+            return self._inv_sqrt_di[cols][:, None] * self._co(cols, targets) * self._target_di[targets][None, :]
+        n = self.nbr.shape[0]
+        out = np.zeros((len(cols), len(targets)))
+        ci, ti = cols < n, targets < n
+        out[np.ix_(ci, ti)] = self.nbr[cols[ci]][:, targets[ti]].toarray()
+        return out if self.nbr_tilt is None else out * grown(self.nbr_tilt, self.n_items, 0.0)[targets][None, :]
+
+    def _co(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """C[cols, targets] of the current rows, C[i, j] = sum_u R[u, i] R[u, j] / d_u."""
+        if self.table is None:
+            # The targets' columns dense (users x targets) under the own items' rows of R^T: 1.5 ms
+            # against 2.6 with a sparse-sparse product; the table's entries: 0.2 ms (docs/benchmarks.md).
+            w = np.ascontiguousarray((self._rows_t(targets).toarray() * self._inv_du).T)
+            return self._rows_t(cols) @ w
+        n = len(self.table)  # items added since the table was built have no base edges: zeros
+        ci, ti = cols < n, targets < n
+        co = np.zeros((len(cols), len(targets)))
+        co[np.ix_(ci, ti)] = self.table[targets[ti]][:, cols[ci]].T  # symmetric: whole rows, then a gather
+        if self.fix is not None:
+            co += self.fix[cols] @ (self.fix[targets].toarray() * self.fix_sign).T
+        return co
+
+    def _rows_t(self, items: np.ndarray) -> sp.csr_matrix:
+        """The current rows `items` of R^T (len(items) x users)."""
+        if not self.overlay:
+            return self.base_t[items]
+        return self.base_t[items] @ sp.diags(self.keep.astype(np.float64)) + self.over_t[items]
+
+    def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
+             embedded: bool = True, at: np.ndarray | None = None) -> np.ndarray:
+        """Items admitted by the filters, without the `seen` columns: of every item, or of columns `at`."""
+        items, sel = self.items, slice(None) if at is None else at
+        ok = items.embedded[sel].copy() if embedded else np.ones(self.n_items if at is None else len(at), dtype=bool)
+        if category is not None:
+            ok &= items.category[sel] == category
+        if max_price is not None:
+            with np.errstate(invalid="ignore"):
+                ok &= items.price[sel] <= max_price
+        if seen is not None and len(seen):
+            if at is None:
+                ok[seen] = False
+            else:
+                ok &= ~np.isin(at, seen)
+        return ok
+
+    def top(self, scores: np.ndarray, ok: np.ndarray, k: int) -> list[dict]:
+        """The k best admitted items, best first, as answer rows."""
+        idx = np.flatnonzero(ok)
+        idx = idx[best(scores[idx], k)]
+        return self.answer(idx, scores[idx])
+
+    def answer(self, idx: np.ndarray, scores: np.ndarray) -> list[dict]:
+        """Answer rows of item columns `idx` scored `scores`, in that order."""
+        items = self.items
+        price = items.price[idx]
+        return [{"item_id": items.ids[j], "score": s, "title": t, "category": c, "price": None if math.isnan(p) else p}
+                for j, s, t, c, p in zip(idx.tolist(), scores.tolist(), items.title[idx].tolist(),
+                                         items.category[idx].tolist(), price.tolist())]
+
