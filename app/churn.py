@@ -9,26 +9,39 @@ import pandas as pd
 
 from app import cypher
 from app.config import Config
+from app.embeddings import store
 from graph_models import churn
 
 log = logging.getLogger(__name__)
 BATCH = 5000  # users per write transaction
+PAGE = 5000  # users per read transaction of the history
 
 
-def history(session) -> pd.DataFrame:
-    """Events (user, item, ts, value) from the edges: each edge's first and last event.
+def history(session, page: int = PAGE) -> pd.DataFrame:
+    """Events (user, item, ts, value) from the edges: each edge's first and last event, read `page` users
+    a transaction in id order (CHURN_HISTORY_PAGE), so no read holds the whole graph.
 
     The graph keeps one edge per (user, item) with its first and last times, not every event, so a
     user's active days are the distinct days among those; training and scoring read the same view.
     """
-    rows = session.execute_read(lambda tx: tx.run(cypher.CHURN_HISTORY).data())
-    if not rows:
+    users, items, ms, after = [], [], [], ""
+    while True:
+        rows = session.execute_read(lambda tx: tx.run(cypher.CHURN_HISTORY_PAGE, after=after, users=page).data())
+        for r in rows:
+            for item, first, last in r["edges"]:
+                for t in (first, last):
+                    if t is not None:
+                        users.append(r["user"])
+                        items.append(item)
+                        ms.append(t)
+        if len(rows) < page:
+            break
+        after = rows[-1]["user"]
+    if not users:
         return pd.DataFrame({"user": [], "item": [], "ts": pd.to_datetime([]), "value": []})
-    e = pd.DataFrame(rows)
-    both = pd.concat([e.assign(ms=e["first_ts"]), e.assign(ms=e["last_ts"])], ignore_index=True)
-    both = both.drop_duplicates(["user", "item", "ms"])
-    return pd.DataFrame({"user": both["user"].astype(str), "item": both["item"].astype(str),
-                         "ts": pd.to_datetime(both["ms"].astype("int64"), unit="ms"), "value": 1.0})
+    e = pd.DataFrame({"user": users, "item": items, "ms": ms}).drop_duplicates()
+    return pd.DataFrame({"user": e["user"].astype(str), "item": e["item"].astype(str),
+                         "ts": pd.to_datetime(e["ms"].astype("int64"), unit="ms"), "value": 1.0}).reset_index(drop=True)
 
 
 def current(session) -> tuple[str | None, churn.ChurnModel | None, float | None]:
@@ -39,8 +52,10 @@ def current(session) -> tuple[str | None, churn.ChurnModel | None, float | None]
     return rows[0]["version"], churn.ChurnModel.from_dict(json.loads(rows[0]["model"])), rows[0]["auc"]
 
 
-def run(driver, cfg: Config) -> dict:
-    """Train a candidate, promote it unless worse than the current model, and score every user with it."""
+def run(driver, cfg: Config, owner: str | None) -> dict:
+    """Train a candidate, promote it unless worse than the current model, and score every user with it,
+    as refresh lease holder `owner`: every write is fenced by the lease (store.check_lease), so a worker
+    that lost it writes nothing more."""
     horizon = cfg.churn_horizon_days
     with driver.session(database=cfg.neo4j_database) as s:
         events = history(s)
@@ -61,20 +76,22 @@ def run(driver, cfg: Config) -> dict:
     decision = churn.check(candidate.meta["validation"]["best_auc"], model, x_val, y_val, cfg.churn_tolerance)
     new_version = datetime.now(timezone.utc).strftime("churn-%Y%m%dT%H%M%S%f")
     with driver.session(database=cfg.neo4j_database) as s:
-        s.execute_write(lambda tx: tx.run(cypher.CHURN_MODEL_SAVE, version=new_version,
-                                          model=json.dumps(candidate.to_dict()), auc=decision["candidate_auc"],
-                                          current_auc=decision["current_auc"], promote=decision["promote"]).consume())
+        s.execute_write(lambda tx: _fenced(tx, owner, cypher.CHURN_MODEL_SAVE, version=new_version,
+                                           model=json.dumps(candidate.to_dict()), auc=decision["candidate_auc"],
+                                           current_auc=decision["current_auc"], promote=decision["promote"]))
     if decision["promote"]:
         version, model = new_version, candidate
     else:
         log.warning("churn candidate %s refused: validation AUC %.4f against %.4f", new_version,
                     decision["candidate_auc"], decision["current_auc"])
-    scored = write_scores(driver, cfg, model, version, days, events, cut)
+    scored = write_scores(driver, cfg, model, version, days, events, cut, owner)
     return {"version": version, "candidate": new_version, **decision, "scored": scored, "cut": str(cut)}
 
 
-def write_scores(driver, cfg: Config, model: churn.ChurnModel, version: str, days, events, cut) -> int:
-    """Score every user with at least two active days and write score and reasons in batches."""
+def write_scores(driver, cfg: Config, model: churn.ChurnModel, version: str, days, events, cut,
+                 owner: str | None) -> int:
+    """Score every user with at least two active days and write score and reasons in batches, each fenced
+    by `owner`'s lease."""
     x = churn.features(days, events, cut, min_days=2)
     at = datetime.now(timezone.utc).isoformat()
     rows = []
@@ -87,8 +104,13 @@ def write_scores(driver, cfg: Config, model: churn.ChurnModel, version: str, day
     with driver.session(database=cfg.neo4j_database) as s:
         for start in range(0, len(rows), BATCH):
             batch = rows[start:start + BATCH]
-            s.execute_write(lambda tx: tx.run(cypher.CHURN_WRITE_SCORES, rows=batch, version=version, at=at).consume())
-        s.execute_write(lambda tx: tx.run(cypher.CHURN_CLEAR, at=at).consume())
+            s.execute_write(lambda tx: _fenced(tx, owner, cypher.CHURN_WRITE_SCORES, rows=batch, version=version, at=at))
+        s.execute_write(lambda tx: _fenced(tx, owner, cypher.CHURN_CLEAR, at=at))
     log.info("churn scores written for %d users (model %s)", len(rows), version)
     return len(rows)
 
+
+def _fenced(tx, owner: str | None, statement: str, **params) -> None:
+    """`statement` run only while `owner` holds the refresh lease (store.LeaseLost otherwise)."""
+    store.check_lease(tx, owner)
+    tx.run(statement, **params).consume()

@@ -188,6 +188,8 @@ class Config:
     batch_max_work: int = 100_000_000
     churn_max_k: int = 1000
     churn_max_edges: int = 100_000
+    # An audience (app/serving/audience.py) scores at most this many candidate users in full; k beyond it: 400.
+    audience_candidates: int = 2000
     # Stored churn scores (app/churn.py): the worker retrains and rescores every `churn_interval` seconds
     # (and after each retrain), labelling "no event in the next `churn_horizon_days`"; a candidate is
     # promoted unless its validation AUC is below the current model's by more than `churn_tolerance`.
@@ -213,6 +215,11 @@ class Config:
     finetune_check_days: float = 1.0
     finetune_replay: float = 1.0
     finetune_rounds: int = 2  # rounds of the response search (0: with item biases, only they move)
+
+    @property
+    def audience_max_k(self) -> int:
+        """Largest k of an audience: IG_MAX_K, and no more than the candidates it scores."""
+        return min(self.max_k, self.audience_candidates)
 
     @property
     def decay_anchor_ms(self) -> int:
@@ -316,6 +323,7 @@ def load_config(**overrides) -> Config:
         batch_max_work=_env(env, "IG_BATCH_MAX_WORK", Config.batch_max_work, int),
         churn_max_k=_env(env, "IG_CHURN_MAX_K", Config.churn_max_k, int),
         churn_max_edges=_env(env, "IG_CHURN_MAX_EDGES", Config.churn_max_edges, int),
+        audience_candidates=_env(env, "IG_AUDIENCE_CANDIDATES", Config.audience_candidates, int),
         churn_interval=_env(env, "IG_CHURN_INTERVAL", Config.churn_interval, float),
         churn_horizon_days=_env(env, "IG_CHURN_HORIZON_DAYS", Config.churn_horizon_days, int),
         churn_tolerance=_env(env, "IG_CHURN_TOLERANCE", Config.churn_tolerance, float),
@@ -353,6 +361,8 @@ def load_config(**overrides) -> Config:
     for key, name in (("table_edges", "IG_LIN_TABLE_EDGES"), ("table_k", "IG_LIN_TABLE_K"), ("table_mb", "IG_LIN_TABLE_MB")):
         if values[key] < (0 if key == "table_edges" else 1):
             raise ConfigError(f"{name} must be a {'non-negative' if key == 'table_edges' else 'positive'} number, not {values[key]}")
+    if values["audience_candidates"] < 1:
+        raise ConfigError(f"IG_AUDIENCE_CANDIDATES must be at least 1, not {values['audience_candidates']}")
     if values["search_trials"] < 0:
         raise ConfigError(f"IG_SEARCH_TRIALS must be 0 (no search) or a number of trials, not {values['search_trials']}")
     if values["kafka_partitions"] < 1 or values["consume_batch"] < 1:

@@ -163,9 +163,9 @@ class Worker:
                                   reason=f"interrupted retrain to {target.version}", publish=True)
             result = train_and_publish(self.driver, self.cfg, progress=self.progress, owner=owner,
                                        epochs=job["params"].get("epochs"))
-            return {**result, "churn": self._churn_quietly()}  # the churn model retrains with it
+            return {**result, "churn": self._churn_quietly(owner)}  # the churn model retrains with it
         if job["kind"] == "churn":
-            return churn.run(self.driver, self.cfg)
+            return churn.run(self.driver, self.cfg, owner)
         if lm is None:
             raise RuntimeError("no trained model yet: run a retrain first")
         if job["kind"] == "finetune":
@@ -179,10 +179,10 @@ class Worker:
             with self._session() as s:
                 jobs.create(s, "retrain", {"reason": "schedule"})
 
-    def _churn_quietly(self) -> dict:
+    def _churn_quietly(self, owner: str) -> dict:
         """The churn job after a retrain: its failure is recorded there, not the retrain's."""
         try:
-            return churn.run(self.driver, self.cfg)
+            return churn.run(self.driver, self.cfg, owner)
         except Exception as exc:  # noqa: BLE001 - the published model stands; the scheduled churn job retries
             log.exception("churn scoring after the retrain failed")
             return {"error": f"{type(exc).__name__}: {exc}"}

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ RETURN u.id AS id, sum(coalesce(r.n_view, 0) + coalesce(r.n_click, 0) + coalesce
                        + coalesce(r.n_purchase, 0)) AS events
 """
 VARIANTS = {"plain": "", "explain": "&explain=true", "max_price=5": "&max_price=5"}
+AUTH: dict[str, str] = {}  # the read token's header, unless reads are open (set in main)
 
 
 def cli(*args: str) -> str:
@@ -91,6 +93,7 @@ def sequential(driver, cfg, url: str, users: list[str], slow: int):
         recommend(users[0])
         yield ("recommendation query (driver)", *percentiles(_timed(recommend, users[:slow])), slow)
     with requests.Session() as http:
+        http.headers.update(AUTH)
         for variant, query in VARIANTS.items():
             def get(u, query=query):
                 http.get(f"{url}/v1/users/{u}/recommendations?k=20{query}", timeout=120).raise_for_status()
@@ -101,6 +104,7 @@ def warm(url: str, users: list[str], requests_: int = 64) -> None:
     """Concurrent requests until every server worker has loaded its copy of the graph."""
     from concurrent.futures import ThreadPoolExecutor
     with requests.Session() as http, ThreadPoolExecutor(16) as pool:
+        http.headers.update(AUTH)
         list(pool.map(lambda u: http.get(f"{url}/v1/users/{u}/recommendations?k=20", timeout=120),
                       users[:requests_]))
 
@@ -110,7 +114,7 @@ def settle(url: str, user: str, limit_ms: float = 20.0, timeout: float = 60.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         t = time.monotonic()
-        requests.get(f"{url}/v1/users/{user}/recommendations?k=20", timeout=120)
+        requests.get(f"{url}/v1/users/{user}/recommendations?k=20", headers=AUTH, timeout=120)
         if (time.monotonic() - t) * 1000 < limit_ms:
             return
         time.sleep(1.0)
@@ -146,7 +150,9 @@ def vegeta(url: str, users: list[str], query: str, rate: int, seconds: int, work
     targets = os.path.join(workdir, "targets.txt")
     with open(targets, "w") as fh:
         for user in rng.choices(users, k=rate * seconds):
-            fh.write(f"GET {url}/v1/users/{quote(user, safe='')}/recommendations?k=20{query}\n\n")
+            fh.write(f"GET {url}/v1/users/{quote(user, safe='')}/recommendations?k=20{query}\n")
+            fh.writelines(f"{name}: {value}\n" for name, value in AUTH.items())
+            fh.write("\n")
     binary = vegeta_binary()
     cpu0, host0 = _cpu(server), psutil.cpu_times()
     attack = subprocess.Popen([binary, "attack", f"-rate={rate}/s", f"-duration={seconds}s", f"-targets={targets}",
@@ -228,9 +234,12 @@ def main() -> None:
     print(f"graph: {counts['users']} users, {counts['items']} items, {edges} edges; "
           f"load average {os.getloadavg()}", flush=True)
 
+    # Reads as a client makes them in production: with the read token (one made up for the run if none is set).
+    token = None if cfg.open_reads else (cfg.read_token or cfg.admin_token or secrets.token_urlsafe(24))
+    AUTH.update({"Authorization": f"Bearer {token}"} if token else {})
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT,
-                              env={**os.environ, "IG_PORT": str(port)},
+                              env={**os.environ, "IG_PORT": str(port), **({"IG_READ_TOKEN": token} if token else {})},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -54,7 +54,8 @@ def dense_columns(full: np.ndarray):
 
 
 def run(events: pd.DataFrame, cut: pd.Timestamp, scorers: dict, horizon_days: int = 90, k: int = 100) -> dict:
-    """Each scorer's audience quality; `scorers` maps a name to f(past csr) -> users x items dense scores."""
+    """Each scorer's audience quality; `scorers` maps a name to f(past csr) -> users x items dense scores, or
+    to {"all": f, "new": f}, f(items) -> their columns (for "new", the item's past buyers already left out)."""
     t0 = time.time()
     before = events[events["ts"] < cut]
     after = events[(events["ts"] >= cut) & (events["ts"] < cut + pd.Timedelta(days=horizon_days))]
@@ -66,9 +67,10 @@ def run(events: pd.DataFrame, cut: pd.Timestamp, scorers: dict, horizon_days: in
                        "items": int(len(bought)), "k": k}}
     for name, make in scorers.items():
         t1 = time.time()
-        full = make(past)
-        report[name] = {"all": measure(dense_columns(full), truth, past_c, bought, k, False),
-                        "new": measure(dense_columns(full), truth, past_c, bought, k, True),
+        full = make(past)  # dense users x items, or column functions {"all": f, "new": f} (items -> columns)
+        cols = full if isinstance(full, dict) else {"all": dense_columns(full), "new": dense_columns(full)}
+        report[name] = {"all": measure(cols["all"], truth, past_c, bought, k, False),
+                        "new": measure(cols["new"], truth, past_c, bought, k, True),
                         "seconds": round(time.time() - t1, 1)}
     report["seconds"] = round(time.time() - t0, 1)
     return report
@@ -93,9 +95,10 @@ def _validation(past: sp.csr_matrix, before: pd.DataFrame, users, items, fractio
     return fit, val
 
 
-def scorers(events: pd.DataFrame, cut: pd.Timestamp, cfg, budget_s: float | None = None) -> tuple[dict, dict]:
-    """Ours (as served: cos(p_u, q_j); and the full recommendation score, graph filter included), the
-    most active users and the ItemKNN audience, each chosen on validation inside the past."""
+def scorers(events: pd.DataFrame, cut: pd.Timestamp, cfg, budget_s: float | None = None) -> tuple[dict, dict, object]:
+    """Ours (the full recommendation score over every user, graph filter included; the same before its
+    per-user scaling; the vector cosine cos(p_u, q_j) the API once served), the most active users and the
+    ItemKNN audience, each chosen on validation inside the past; and our fitted model."""
     from .baselines import itemknn_scorer, tune_itemknn
     from .train import Scorer, fit as fit_model
 
@@ -111,14 +114,14 @@ def scorers(events: pd.DataFrame, cut: pd.Timestamp, cfg, budget_s: float | None
     norm = np.linalg.norm(p, axis=1, keepdims=True)
     chosen = {"itemknn": {"k": knn["k"], "shrink": knn["shrink"]}, "ours": result["metrics"]}
     return {
-        "ours_served": lambda _: (p @ q.T) / np.where(norm > 0, norm, 1.0),
+        "ours_cosine": lambda _: (p @ q.T) / np.where(norm > 0, norm, 1.0),
         # the recommendation score (graph filter and EASE included) over each user's best item: the item
         # bias is the same for every user of an item, so it does not change an audience's order
         "ours_full": lambda _: scorer(every).numpy(),
         "ours_raw": lambda _: raw(scorer, every),
         "most_active": most_active,
         "itemknn": lambda m: itemknn_scorer(m, k=knn["k"], shrink=knn["shrink"])(every).numpy(),
-    }, chosen
+    }, chosen, model
 
 
 def raw(scorer, users) -> np.ndarray:

@@ -7,7 +7,9 @@ import pytest
 import requests
 
 from app import churn, cypher, jobs
+from app.embeddings.store import LeaseLost
 from app.ingest import pipeline
+from app.worker import Worker
 from bench.bench_ingest import wipe
 
 DAY_MS = 86_400_000
@@ -50,7 +52,8 @@ def scored_graph(cfg, driver):
     wipe(driver, cfg.neo4j_database)
     small = _variant(cfg, churn_horizon_days=14)
     pipeline.ingest(driver, small, shoppers(0, 120, seed=1))
-    first = churn.run(driver, small)
+    with Worker(small).holding() as holder:
+        first = churn.run(driver, small, holder.owner)
     yield small, first
     wipe(driver, cfg.neo4j_database)
 
@@ -79,11 +82,36 @@ def test_the_top_k_is_an_index_read(scored_graph, driver):
     assert "NodeIndexSeekByRange" in text and "AllNodesScan" not in text and "Expand" not in text
 
 
+def test_the_history_read_page_by_page_is_the_whole_history(scored_graph, driver):
+    small, _ = scored_graph
+    with driver.session(database=small.neo4j_database) as s:
+        whole, paged = churn.history(s), churn.history(s, page=7)
+        edges = s.run("MATCH (:User)-[r:INTERACTED]->() RETURN count(r) AS n").single()["n"]
+    key = ["user", "item", "ts"]
+    assert len(whole) >= edges and whole.sort_values(key, ignore_index=True).equals(paged.sort_values(key, ignore_index=True))
+
+
+def test_a_writer_without_the_lease_writes_nothing(scored_graph, driver):
+    """Another worker holds the lease: the job of one that does not (or lost it) fails before any write."""
+    small, _ = scored_graph
+
+    def written():
+        with driver.session(database=small.neo4j_database) as s:
+            return (s.run("MATCH (m:ChurnModel) RETURN count(m) AS n").single()["n"], stored(driver, small))
+    before = written()
+    with Worker(small).holding():
+        for owner in ("a-worker-without-the-lease", None):
+            with pytest.raises(LeaseLost):
+                churn.run(driver, small, owner)
+    assert written() == before
+
+
 def test_the_job_keeps_the_current_model_when_the_candidate_is_worse(scored_graph, driver):
     """A tolerance of -1 asks a candidate to beat the current model by a whole unit of AUC: refused,
     recorded, and the scores still come from the current version."""
     small, first = scored_graph
-    refused = churn.run(driver, _variant(small, churn_tolerance=-1.0))
+    with Worker(small).holding() as holder:
+        refused = churn.run(driver, _variant(small, churn_tolerance=-1.0), holder.owner)
     assert not refused["promote"] and refused["version"] == first["version"] != refused["candidate"]
     assert refused["current_auc"] is not None
     with driver.session(database=small.neo4j_database) as s:
@@ -100,7 +128,8 @@ def test_a_user_who_stops_buying_rises_in_risk_after_the_next_run(scored_graph, 
     before = stored(driver, small)["steady"][0]
     later = [e for e in shoppers(120, 150, seed=2) if e["user_id"] != "steady"]  # everyone else goes on
     pipeline.ingest(driver, small, later)
-    second = churn.run(driver, small)
+    with Worker(small).holding() as holder:
+        second = churn.run(driver, small, holder.owner)
     after = stored(driver, small)["steady"][0]
     assert after > before + 0.2, (before, after, second)
     with driver.session(database=small.neo4j_database) as s:

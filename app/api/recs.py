@@ -12,6 +12,7 @@ from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRec
 from app.errors import ApiError
 from app.ids import user_key
 from app.serving import profile, ranking
+from app.serving.audience import audience as served_audience, user_ids
 from app.serving.ranking import Filters
 
 bp = APIBlueprint("recs", __name__, url_prefix="/v1", abp_tags=[Tag(name="serving")],
@@ -92,11 +93,18 @@ def similar(path: ItemPath, query: SimilarQuery):
 
 @bp.get("/items/<item_id>/audience", responses={200: AudienceOut, 404: ErrorOut})
 def audience(path: ItemPath, query: AudienceQuery):
-    """Users nearest to an item (ad targeting); `include_known=true` keeps those who have it."""
-    item_id = path.item_id
-    with _session() as s:
-        rows = ranking.read(s, cypher.ITEM_AUDIENCE, item_id=item_id, k=_k(query.k),
-                            include_known=query.include_known)
+    """Users most likely to want an item (ad targeting), by their full recommendation score for it;
+    `include_known=true` keeps those who have it."""
+    k = _k(query.k, cfg().audience_max_k)
+    st, item_id = _state(), path.item_id
+    j = None if st is None else st.items.index.get(item_id)
+    if st is not None and j is not None and j < st.n_items and st.items.embedded[j]:
+        users, scores = served_audience(st, j, k, query.include_known, cfg().audience_candidates)
+        ids = user_ids(st)[users]
+        return {"item_id": item_id, "version": st.lm.version,
+                "results": [{"user_id": u, "score": s} for u, s in zip(ids.tolist(), scores.tolist())]}
+    with _session() as s:  # no model in the copy yet: the vector index (cosine), as before
+        rows = ranking.read(s, cypher.ITEM_AUDIENCE, item_id=item_id, k=k, include_known=query.include_known)
         if not rows and not ranking.read(s, cypher.ITEM_EMBEDDED, id=item_id):
             raise ApiError(404, f"no embedded item {item_id!r} (unknown, or not embedded yet)", field="item_id")
     version = rows[0]["version"] if rows else None

@@ -68,7 +68,7 @@ class SimilarQuery(FilterQuery):
 
 
 class AudienceQuery(_Query):
-    k: int = Field(100, ge=1, description="How many users (bounded by IG_MAX_K).")
+    k: int = Field(100, ge=1, description="How many users (bounded by IG_MAX_K and IG_AUDIENCE_CANDIDATES).")
     include_known: bool = Field(False, description="Keep users who already interacted with the item.")
 
 
@@ -271,7 +271,7 @@ class Anything(RootModel[dict[str, Any]]):
 # The bounds set by the configuration (IG_MAX_K and the like), which the views check: the models are
 # built once at import, so the document of each app gets them here.
 BOUNDS = {("/v1/users/{user_id}/recommendations", "k"): "max_k", ("/v1/items/{item_id}/similar", "k"): "max_k",
-          ("/v1/items/{item_id}/audience", "k"): "max_k", ("/v1/users/churn-risk", "k"): "churn_max_k"}
+          ("/v1/items/{item_id}/audience", "k"): "audience_max_k", ("/v1/users/churn-risk", "k"): "churn_max_k"}
 
 
 def document_bounds(doc: dict, cfg: Config) -> None:

@@ -249,12 +249,17 @@ def evaluate_churn(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, t
 @click.option("--k", type=click.IntRange(1), default=100, show_default=True, help="Audience size for recall.")
 def evaluate_audience(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon, out, k):
     """Audience: for each item bought in the --horizon days after --cut, rank every user active before it;
-    recall@k and AUC of ours (as served, and the full score) against the most active users and ItemKNN."""
+    recall@k and AUC of ours (as the API serves it; the full score over every user; the vector cosine)
+    against the most active users and ItemKNN."""
+    from app.evaluation.audience import served
     from graph_models import ModelConfig, audienceeval
     events, cut = _history(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, cut, horizon)
     cfg = load_config()
-    scorers, chosen = audienceeval.scorers(events, cut, ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim),
-                                           budget_s=cfg.train_minutes * 60)
+    scorers, chosen, model = audienceeval.scorers(events, cut, ModelConfig(dim=cfg.embed_dim, sharp_dim=cfg.sharp_dim),
+                                                  budget_s=cfg.train_minutes * 60)
+    # what GET /v1/items/<id>/audience answers (IG_AUDIENCE_CANDIDATES candidates), first
+    scorers = {"ours_served": served(model, cfg.audience_candidates), **scorers}
+    chosen["audience_candidates"] = cfg.audience_candidates
     report = {**audienceeval.run(events, cut, scorers, horizon, k), "chosen": chosen}
     click.echo(json.dumps(report, indent=2, default=str))
     click.echo(f"\n{'model':<14} {'R@' + str(k):>7} {'AUC':>7} {'R@' + str(k) + ' new':>9} {'AUC new':>8}")

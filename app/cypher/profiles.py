@@ -73,10 +73,15 @@ RETURN items, CASE WHEN embedded THEN u.embedding_version END AS version,
 
 # --- Stored churn scores (app/churn.py) --------------------------------------------------------------
 
-# Every edge's first and last event time: the history the churn model reads (two events per edge).
-CHURN_HISTORY = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item)
-RETURN u.id AS user, i.id AS item, r.first_ts AS first_ts, r.last_ts AS last_ts
+# Every edge's first and last event time: the history the churn model reads (two events per edge),
+# page by page: the users after `after` in id order (the uniqueness constraint's index), `users` of
+# them, each with its edges: one bounded read transaction a page.
+CHURN_HISTORY_PAGE = """
+MATCH (u:User) WHERE u.id > $after
+WITH u ORDER BY u.id LIMIT $users
+OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item)
+RETURN u.id AS user, collect(CASE WHEN r IS NOT NULL THEN [i.id, r.first_ts, r.last_ts] END) AS edges
+ORDER BY user
 """
 
 CHURN_MODEL_CURRENT = """

@@ -245,7 +245,7 @@ _copies_lock = threading.Lock()
 def copy_of(driver, database: str, wait: float = 0.25, poll: float = 0.5, max_age: float = 1.0,
             table_mb: float = 256, *, secret: str, start_wait: float = 1.5) -> Copy:
     """This process's copy of `database` behind `driver` (see Copy for the settings)."""
-    key = (id(driver), database)
+    key = (id(driver), database, table_mb)  # State.table depends on the bound: apps with another keep their own
     with _copies_lock:
         if key not in _copies:
             _copies[key] = Copy(driver, database, table_mb=table_mb, secret=secret)
