@@ -178,7 +178,8 @@ def test_ranked_is_the_top_k_of_the_admitted_scores(name):
             if found is not None and len(np.intersect1d(found[0], pool)) >= 3:
                 pool = np.intersect1d(found[0], pool)  # what the table's candidates offer
             best = np.sort(st.scores(p, cols, a)[pool])[::-1][:len(idx)]
-            np.testing.assert_allclose(scores, best, atol=1e-9)
+            # p . q_j in float32: a few gathered rows and the whole product may differ in the last bit
+            np.testing.assert_allclose(scores, best, rtol=1e-6, atol=1e-9)
 
 
 def test_mask_admits_what_the_filters_say():

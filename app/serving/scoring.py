@@ -102,22 +102,30 @@ class Scoring:
                admit) -> tuple[np.ndarray, np.ndarray]:
         """The k best items that `admit(columns)` (a mask of them) lets through, best first, and their scores:
         a table-served row's candidates only, unless fewer than k of them are new to it or admitted
-        (graph_models.candidates: the offline ranking's rule), else every item."""
+        (graph_models.candidates: the offline ranking's rule), else every admitted item."""
         found = self._candidates(cols, a)
         if found is not None:
             cand, lin = found
             s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin  # `_unbiased` at the candidates
+            top = largest(s)
             if self._bias is not None:
-                s = s / largest(s) + self._bias[cand]
+                s = s / top + self._bias[cand]
             ok = admit(cand)
             if ok.sum() >= k and len(cand) - np.isin(cols, cand).sum() >= self.lm.mcfg.k:
                 idx, s = cand[ok], s[ok]
-                chosen = best(s, k)
-                return idx[chosen], s[chosen]
-        s = self.scores(p, cols, a)
-        idx = np.flatnonzero(admit(np.arange(self.n_items)))
-        chosen = best(s[idx], k)
-        return idx[chosen], s[idx][chosen]
+            else:  # only the admitted items' rows are read: a selective filter costs what it admits
+                idx = np.flatnonzero(admit(np.arange(self.n_items)))
+                s = self._low(p, idx)
+                at = np.minimum(np.searchsorted(cand, idx), len(cand) - 1)
+                hit = cand[at] == idx if len(cand) else np.zeros(len(idx), bool)
+                s[hit] += self.lm.mcfg.lin_weight * lin[at[hit]]
+                if self._bias is not None:
+                    s = s / top + self._bias[idx]
+        else:
+            idx = np.flatnonzero(admit(np.arange(self.n_items)))
+            s = self.scores(p, cols, a)[idx]
+        chosen = best(s, k)
+        return idx[chosen], s[chosen]
 
     def _low(self, p: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """p . q_j of items `cand`: their rows gathered, or (for many) every row's product, which is then cheaper."""
@@ -165,7 +173,7 @@ class Scoring:
         return s
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as EXPLAIN_ITEMS;
+        """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as docs/cypher.md splits it;
         with item biases, divided as `scores` divides, so that the parts and `bias(targets)` add up to the score."""
         q = self.lm.tables[1]
         s = self.lm.scale
