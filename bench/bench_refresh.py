@@ -35,6 +35,7 @@ from app.ingest import decay, pipeline
 from app.worker import Worker
 from bench.bench_ingest import SERVICE, graph_counts
 from support.graph import wipe
+from support.recipes import bind, recipe
 from support.servers import free_port, wait_ready
 
 DATA = ROOT.parent / "shared" / "data" / "gowalla"  # read in place, never copied
@@ -132,13 +133,14 @@ def timed_refresh(driver, cfg, lm, owner: str) -> dict:
 
 
 def recommend_latency(driver, cfg, users: list[str], rng, n: int = 30, k: int = 20) -> dict:
-    """Seconds of one RECOMMEND_ITEMS query (graph filter over the live graph + index), p50 and max."""
+    """Seconds of docs/cypher.md's recommendation recipe (graph filter over the live graph + index), p50 and max."""
     times = []
+    params, query = recipe("Recommendations for a shopper")
     with driver.session(database=cfg.neo4j_database) as s:
+        values = bind(s, params)
         for user in rng.sample(users, min(n, len(users))):
             started = time.perf_counter()
-            s.run(cypher.RECOMMEND_ITEMS, user_id=user, k=k, n=2 * k + 50, category=None, max_price=None,
-                  exclude_seen=True).consume()
+            s.run(query, **{**values, "user_id": user, "k": k, "n": 2 * k + 50}).consume()
             times.append(time.perf_counter() - started)
     return {"p50": float(np.percentile(times, 50)), "max": max(times)}
 

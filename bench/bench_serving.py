@@ -42,6 +42,7 @@ from app import cypher
 from app.config import ROOT, load_config
 from app.db import get_driver
 from support.graph import wipe
+from support.recipes import bind, recipe
 from support.servers import free_port, wait_ready
 
 DEMO = ROOT / "data" / "online_retail" / "online_retail.csv.gz"
@@ -86,8 +87,9 @@ def sequential(driver, cfg, url: str, users: list[str], slow: int):
     driver and REST over the first `slow` of them; yields (name, p50, p99, count)."""
     with driver.session(database=cfg.neo4j_database) as s:
         vector = lambda u: s.run(BARE_VECTOR, user_id=u).data()  # noqa: E731
-        recommend = lambda u: s.run(cypher.RECOMMEND_ITEMS, user_id=u, k=20, n=90, category=None,  # noqa: E731
-                                    max_price=None, exclude_seen=True).data()
+        params, query = recipe("Recommendations for a shopper")
+        values = bind(s, params)
+        recommend = lambda u: s.run(query, **{**values, "user_id": u, "k": 20, "n": 90}).data()  # noqa: E731
         _timed(vector, users[:50])  # warm-up
         yield ("bare vector query (driver)", *percentiles(_timed(vector, users)), len(users))
         recommend(users[0])

@@ -19,7 +19,7 @@ from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
 from tests.conftest import wipe
-from tests.test_cypher_docs import BLOCK, DOC, PARAM, bind
+from support.recipes import BLOCK, DOC, PARAM, bind
 
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = ROOT / "var" / "test-output"

@@ -3,48 +3,17 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
+import numpy as np
 import pytest
 import requests
 
 from app import cypher
-from app.config import ROOT
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
+from support.recipes import bind, recipe, recipes
 from tests.conftest import wipe
-
-DOC = ROOT / "docs" / "cypher.md"
-BLOCK = re.compile(r"```cypher\n(.*?)```", re.S)
-PARAM = re.compile(r"^:param\s+(\w+)\s*=>\s*(.+?);?\s*$")
-
-
-def recipes() -> list[tuple[str, list[tuple[str, str]], str]]:
-    """(heading, [(name, Cypher expression)], query) for each cypher block of the document."""
-    text = DOC.read_text()
-    out = []
-    for match in BLOCK.finditer(text):
-        heading = re.findall(r"^## (.+)$", text[:match.start()], re.M)[-1]
-        params, query = [], []
-        for line in match.group(1).splitlines():
-            found = PARAM.match(line)
-            if found:
-                params.append(found.groups())
-            elif line.startswith(":"):
-                raise AssertionError(f"unsupported Browser command in {heading!r}: {line}")
-            else:
-                query.append(line)
-        out.append((heading, params, "\n".join(query)))
-    return out
-
-
-def bind(session, params: list[tuple[str, str]]) -> dict:
-    """Evaluate each `:param name => expression` as Neo4j Browser does (a Cypher expression, in order)."""
-    values = {}
-    for name, expression in params:
-        values[name] = session.run(f"RETURN {expression} AS v", **values).single()["v"]
-    return values
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +63,16 @@ def _trending(rows, values, s, base_url):
 
 
 def _audience(rows, values, s, base_url):
-    """The vector part of an audience: the API's answer before its copy of the graph has a model
-    (ITEM_AUDIENCE); with one, the API ranks by the full score (tests/test_audience_serving.py)."""
-    fallback = s.run(cypher.ITEM_AUDIENCE, item_id=values["item_id"], k=values["k"], include_known=False).data()
-    assert rows and [r["user_id"] for r in rows] == [r["user_id"] for r in fallback]
-    assert [r["cosine"] for r in rows] == pytest.approx([r["score"] for r in fallback])
+    """The vector part of an audience: the cosines of the stored vectors, computed here from them, in
+    order, without the item's buyers (the index's 3 k nearest hold every user of this small graph); the
+    API ranks by the full score (tests/test_audience_serving.py)."""
+    item = s.run("MATCH (i:Item {id: $i}) RETURN i.embedding AS e, i.embedding_version AS v", i=values["item_id"]).single()
+    q = np.asarray(item["e"])
+    cosines = sorted(((float(np.asarray(r["e"]) @ q / np.linalg.norm(r["e"]) / np.linalg.norm(q)), r["u"]) for r in s.run(
+        "MATCH (u:User) WHERE u.embedding_version = $v AND NOT EXISTS { (u)-[:INTERACTED]->(:Item {id: $i}) } "
+        "RETURN u.id AS u, u.embedding AS e", v=item["v"], i=values["item_id"])), reverse=True)[:values["k"]]
+    assert rows and [r["user_id"] for r in rows] == [u for _, u in cosines]
+    assert [r["cosine"] for r in rows] == pytest.approx([c for c, _ in cosines], abs=1e-5)
     api = _api(base_url, f"/v1/items/{values['item_id']}/audience", k=values["k"])
     assert len(api) == len(rows) and not {r["user_id"] for r in api} & {
         x["u"] for x in s.run("MATCH (u:User)-[:INTERACTED]->(:Item {id: $i}) RETURN u.id AS u", i=values["item_id"])}
@@ -188,7 +162,7 @@ def test_recipe_runs_and_answers(cfg, driver, demo_ids, base_url, recipe):
     ("Recommendations for a shopper", "/v1/users/17850/recommendations", "user_id"),
     ("Similar items", "/v1/items/85123A/similar", "item_id")])
 def test_scoring_recipes_give_the_apis_answer(cfg, driver, demo_ids, base_url, heading, path, key):
-    _, params, query = next(r for r in recipes() if r[0] == heading)
+    params, query = recipe(heading)
     with driver.session(database=cfg.neo4j_database) as s:
         values = bind(s, params)
         rows = s.run(query, **values).data()

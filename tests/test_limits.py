@@ -89,8 +89,11 @@ def test_a_full_ingest_queue_answers_503_at_once(cfg, clean_db, serve):
 # --- settings that bound answers can be raised as well as lowered --------------------------------
 def test_max_k_and_batch_users_can_be_raised_and_lowered(cfg, clean_db, serve):
     raised = serve(_variant(cfg, max_k=800, max_batch_users=150, neo4j_timeout=10.0))  # a cold plan cache is slow
-    assert get(raised, "/v1/users/u1/recommendations", k=700).status_code == 200
-    assert get(raised, "/v1/items/i1/similar", k=700).status_code in (200, 404)  # no model: the item is unknown
+    answer = get(raised, "/v1/users/u1/recommendations", k=700)
+    assert answer.status_code == 200 and answer.json()["source"] == "trending"  # no model yet: trending
+    for path in ("/v1/items/i1/similar", "/v1/items/i1/audience"):  # and no item is embedded
+        missing = get(raised, path, k=700)
+        assert missing.status_code == 404 and missing.json()["error"]["field"] == "item_id", missing.text
     batch = requests.post(f"{raised}/v1/recommendations", json={"user_ids": [f"u{k}" for k in range(120)], "k": 700},
                           timeout=30)
     assert batch.status_code == 200, batch.text

@@ -22,6 +22,7 @@ from graph_models.evaluation import evaluate
 from graph_models.search import SearchError, search
 from graph_models.split import holdout
 from graph_models.train import Scorer, build
+from support.recipes import bind, recipe
 from tests.conftest import wipe
 from tests.test_graph_models import planted
 
@@ -122,8 +123,7 @@ def test_a_version_with_every_term_serves_its_offline_ranking(cfg, driver, base_
     assert lm.model.eased and lm.mcfg.lin_beta == 0.35 and lm.ease.shape == (31, 31)
     _assert_served_equals_offline(cfg, driver, base_url, lm)
     # docs/cypher.md: the recipe ranks by GF-CF's form of the same stored vectors, not the served terms
-    from tests.test_cypher_docs import bind, recipes
-    _, params, query = next(r for r in recipes() if r[0] == "Recommendations for a shopper")
+    params, query = recipe("Recommendations for a shopper")
     gfcf = copy.deepcopy(lm.model)
     gfcf.cfg = replace(lm.mcfg, lin_weights="raw", lin_user_weights=None, lin_beta=0.5, lin_weight=1.0,
                        ease_weight=0.0)
@@ -164,8 +164,7 @@ def test_a_version_served_from_an_item_table_serves_its_offline_ranking(cfg, dri
     # ranks at least as high as the API does, and higher where the table dropped a path
     with Worker(cfg).holding() as holder:
         train_and_publish(driver, cfg, progress=False, owner=holder.owner, train_model=False, lin_topk=3, k=5)
-    from tests.test_cypher_docs import bind, recipes
-    _, params, query = next(r for r in recipes() if r[0] == "Recommendations for a shopper")
+    params, query = recipe("Recommendations for a shopper")
     higher = 0
     for user in [f"u{n}" for n in range(0, 50, 7)]:
         api = requests.get(f"{base_url}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import requests
 
-from app import cypher
 from app.embeddings import models, store
 from app.embeddings.training import train_and_publish, weights
 from app.ingest import pipeline, writer
 from app.worker import Worker
 from graph_models.train import Scorer
 from support.ranking import mismatch
+from support.recipes import recipe
 from tests.conftest import wipe
 
 USERS, ITEMS = 60, 40
@@ -110,8 +110,9 @@ def test_explain_gives_the_users_own_items_whose_parts_add_up_to_the_score(cfg, 
         assert 1 <= len(because) <= 3 and {b["item_id"] for b in because} <= own
         assert [b["contribution"] for b in because] == sorted((b["contribution"] for b in because), reverse=True)
         assert all(b["weight"] > 0 and b["title"].startswith("thing") for b in because)
-    with driver.session(database=cfg.neo4j_database) as s:  # every part, not only the top three
-        parts = {x["item_id"]: x["because"] for x in s.run(cypher.EXPLAIN_ITEMS, user_id=user, top=1000,
+    _, query = recipe("Why an item is recommended")  # docs/cypher.md: every part, not only the top three
+    with driver.session(database=cfg.neo4j_database) as s:
+        parts = {x["item_id"]: x["because"] for x in s.run(query, user_id=user, top=1000,
                                                             item_ids=[r["item_id"] for r in answer["results"]])}
     for r in answer["results"]:
         assert len(parts[r["item_id"]]) == len(own)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from flask_openapi3 import APIBlueprint, Tag
 
-from app import cypher
 from app.api import cfg, driver, serving_copy
 from app.db import read_session
 from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRecsOut, ChurnOut, ChurnQuery,
@@ -87,7 +86,7 @@ def batch_recommendations(body: BatchRecsBody):
 @bp.get("/items/<item_id>/similar", responses={200: SimilarOut, 404: ErrorOut})
 def similar(path: ItemPath, query: SimilarQuery):
     """Items a shopper who has only this item would be recommended, within the filters."""
-    answer = ranking.similar(_session, _state(), path.item_id, _k(query.k), Filters(query.category, query.max_price))
+    answer = ranking.similar(_state(), path.item_id, _k(query.k), Filters(query.category, query.max_price))
     return {"item_id": path.item_id, **answer}
 
 
@@ -97,19 +96,10 @@ def audience(path: ItemPath, query: AudienceQuery):
     `include_known=true` keeps those who have it."""
     k = _k(query.k, cfg().audience_max_k)
     st, item_id = _state(), path.item_id
-    j = None if st is None else st.items.index.get(item_id)
-    if st is not None and j is not None and j < st.n_items and st.items.embedded[j]:
-        users, scores = served_audience(st, j, k, query.include_known, cfg().audience_candidates)
-        ids = user_ids(st)[users]
-        return {"item_id": item_id, "version": st.lm.version,
-                "results": [{"user_id": u, "score": s} for u, s in zip(ids.tolist(), scores.tolist())]}
-    with _session() as s:  # no model in the copy yet: the vector index (cosine), as before
-        rows = ranking.read(s, cypher.ITEM_AUDIENCE, item_id=item_id, k=k, include_known=query.include_known)
-        if not rows and not ranking.read(s, cypher.ITEM_EMBEDDED, id=item_id):
-            raise ApiError(404, f"no embedded item {item_id!r} (unknown, or not embedded yet)", field="item_id")
-    version = rows[0]["version"] if rows else None
-    return {"item_id": item_id, "version": version,
-            "results": [{"user_id": r["user_id"], "score": r["score"]} for r in rows]}
+    users, scores = served_audience(st, ranking.embedded(st, item_id), k, query.include_known,
+                                    cfg().audience_candidates)
+    return {"item_id": item_id, "version": st.lm.version,
+            "results": [{"user_id": u, "score": s} for u, s in zip(user_ids(st)[users].tolist(), scores.tolist())]}
 
 
 @bp.get("/users/<user_id>/interests", responses={200: InterestsOut, 404: ErrorOut})
