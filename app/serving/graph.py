@@ -25,9 +25,11 @@ instead of R's rows, and the overlay's change to it is a small product; a compac
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
+from array import array
 from dataclasses import replace
 
 import numpy as np
@@ -220,7 +222,8 @@ def _load(tx, table_mb: float) -> State | None:
         return None
     lm = models.load(info["path"], info["version"])
     keys, item_index, refreshed = [], {}, []
-    ptr, c, w, first = [0], [], [], []
+    # typed arrays, not lists: a Python float or int per edge would take several times the memory
+    ptr, c, w, first = array("q", [0]), array("q"), array("d"), array("d")
     for rec in tx.run(cypher.SERVING_EDGES, first=lm.mcfg.reads_trend):
         keys.append(rec["u"])
         refreshed.append(rec["refreshed_at"])
@@ -229,13 +232,23 @@ def _load(tx, table_mb: float) -> State | None:
         first.extend(rec["first"])  # empty for a version without a trend
         ptr.append(len(c))
     item_rows = [dict(x) for x in tx.run(cypher.SERVING_ITEMS)]
-    rows = Rows(np.asarray(ptr, dtype=np.int64), np.asarray(c, dtype=np.int64), np.asarray(w, dtype=np.float64),
-                np.asarray(first, dtype=np.float64) if first else np.zeros(len(c)))
+    rows = Rows(np.array(ptr, dtype=np.int64), np.array(c, dtype=np.int64), np.array(w, dtype=np.float64),
+                np.array(first, dtype=np.float64) if first else np.zeros(len(c)))
+    del ptr, c, w, first
     st = built(head["epoch"], head["seq"], now, lm, Index(keys), np.asarray(refreshed, dtype=object), rows, item_rows,
                item_index, table_mb)
+    _release()
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, st.n_users, st.n_items,
              st.base_csr.nnz)
     return st
+
+
+def _release() -> None:
+    """Hand the heap a load freed back to the system (glibc keeps it for the process otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 _copies: dict[tuple, Copy] = {}
