@@ -14,9 +14,11 @@ import uuid
 import pytest
 import requests
 from confluent_kafka import Consumer, Producer
+from click.testing import CliRunner
 from confluent_kafka.admin import AdminClient
 
 from app import kafka_local
+from app.cli import main as cli
 from app.config import ROOT
 from app.ingest import log, pipeline, writer
 from app.ingest.consume import Folder
@@ -246,17 +248,20 @@ def test_with_neo4j_away_the_api_accepts_into_kafka_and_the_consumer_waits(kcfg,
     assert done == [40] and len(edges(clean_db, kcfg)) == 20 and log.lag(kcfg)["messages"] == 0
 
 
-def test_a_csv_backfill_through_the_log_equals_a_direct_load(kcfg, clean_db, tmp_path):
-    from click.testing import CliRunner
-
-    from app.cli import main as cli
+def _backfill_csv(tmp_path):
+    """A small CSV of 300 events (some of an unknown type) and the loader flags that read it."""
     rng = random.Random(9)
     lines = ["user,item,ts,kind"] + [f"u{rng.randrange(12)},i{rng.randrange(8)},{T0 + k * 60_000},"
                                      f"{rng.choice(['view', 'cart', 'purchase', 'zap'])}" for k in range(300)]
     path = tmp_path / "events.csv"
     path.write_text("\n".join(lines) + "\n")
-    args = ["load", "csv", str(path), "--user-col", "user", "--item-col", "item", "--ts-col", "ts",
-            "--type-col", "kind", "--chunk-size", "70"]
+    return path, ["--user-col", "user", "--item-col", "item", "--ts-col", "ts", "--type-col", "kind",
+                  "--chunk-size", "70"]
+
+
+def test_a_csv_backfill_through_the_log_equals_a_direct_load(kcfg, clean_db, tmp_path):
+    path, flags = _backfill_csv(tmp_path)
+    args = ["load", "csv", str(path), *flags]
     env = {"IG_KAFKA_TOPIC": kcfg.kafka_topic, "IG_KAFKA_GROUP": kcfg.kafka_group}
     direct = CliRunner().invoke(cli, args, env=env)
     assert direct.exit_code == 0, direct.output
@@ -269,6 +274,25 @@ def test_a_csv_backfill_through_the_log_equals_a_direct_load(kcfg, clean_db, tmp
     fold_all(kcfg, clean_db)
     assert_same_edges(edges(clean_db, kcfg), expected)
     assert writer.read_stats(clean_db, kcfg.neo4j_database) == counters  # unknown_type drops counted once
+
+
+def test_a_spark_backfill_through_the_log_equals_a_direct_load(kcfg, clean_db, tmp_path):
+    """`load spark --to kafka`: the executors append to the log; folded, it equals the Python loader's
+    direct load of the same file, edges and counters (the unknown types counted once)."""
+    path, args = _backfill_csv(tmp_path)
+    env = {"IG_KAFKA_TOPIC": kcfg.kafka_topic, "IG_KAFKA_GROUP": kcfg.kafka_group}
+    direct = CliRunner().invoke(cli, ["load", "csv", str(path), *args], env=env)
+    assert direct.exit_code == 0, direct.output
+    expected, counters = edges(clean_db, kcfg), writer.read_stats(clean_db, kcfg.neo4j_database)
+    from bench.bench_ingest import wipe
+    wipe(clean_db, kcfg.neo4j_database)
+    logged = CliRunner().invoke(cli, ["load", "spark", "--input", str(path), *args, "--master", "local[1]",
+                                      "--to", "kafka"], env=env)
+    assert logged.exit_code == 0, logged.output
+    assert edges(clean_db, kcfg) == {}
+    fold_all(kcfg, clean_db)
+    assert_same_edges(edges(clean_db, kcfg), expected)
+    assert writer.read_stats(clean_db, kcfg.neo4j_database) == counters
 
 
 @pytest.mark.slow

@@ -89,8 +89,9 @@ def load_csv(path, user_col, item_col, ts_col, type_col, default_type, weight_co
 @click.option("--ts-unit", type=click.Choice(["ms", "s"]), default="ms", show_default=True)
 @click.option("--master", default="local[2]", show_default=True, help="local[N] or spark://host:port")
 @click.option("--chunk-size", default=5000, show_default=True, help="Rows per batch (as the Python loaders).")
+@_target
 def load_spark(path, fmt, source, user_col, item_col, ts_col, type_col, default_type, weight_col, event_id_col,
-               ts_unit, master, chunk_size):
+               ts_unit, master, chunk_size, to):
     """Backfill with Apache Spark (PySpark): same rules as `load csv`; re-running it adds nothing."""
     from app.ingest import decay, spark
     cfg = load_config()
@@ -105,7 +106,7 @@ def load_spark(path, fmt, source, user_col, item_col, ts_col, type_col, default_
         fail(f"no such input: {path}")
     try:
         decay.check_config(cfg)
-        totals = spark.load(cfg, path, source, fmt, options, master, chunk_size)
+        totals = spark.load(cfg, path, source, fmt, options, master, chunk_size, to=to)
     except (decay.DecayRangeError, ValueError) as exc:
         fail(str(exc))
     _load_report(totals)

@@ -6,6 +6,7 @@ code, run on the executors. Prepared events are then partitioned by user, so no 
 write the same user's edges, sorted, and written by the official driver from inside each partition:
 every slice is one transaction that claims its event ids and folds its events into one row per
 edge (`writer.write_batches`), so a rerun, or a run after one killed midway, counts each event once.
+With `--to kafka` each slice is appended to the event log instead, and `consume` folds it the same way.
 The Neo4j Connector for Apache Spark would do the writing, but its artifacts are not served by the
 package registry this project can reach.
 """
@@ -53,21 +54,34 @@ def _prepare(cfg: Config, columns: list[str], source: str, options: dict):
     return run
 
 
-def _write(cfg: Config, slice_size: int):
-    """Executor side: write one partition's events (sorted by user, item) in slices; yield counts."""
+def _write(cfg: Config, slice_size: int, to: str):
+    """Executor side: write one partition's events (sorted by user, item) in slices, into Neo4j or (`to`
+    "kafka") the event log, whose consumer drops the duplicates; yield counts."""
     def run(events):
-        from app.db import get_driver
-        driver, part, accepted, seen = get_driver(cfg), [], 0, 0
-        for ev in sorted(events, key=lambda e: (e["u"], e["i"], e["id"])):
-            part.append(ev)
-            if len(part) >= slice_size:
-                accepted += writer.write_batches(driver, cfg.neo4j_database, [(part, {})], secret=cfg.erasure_secret)[0]
-                seen, part = seen + len(part), []
-        if part:
-            accepted += writer.write_batches(driver, cfg.neo4j_database, [(part, {})], secret=cfg.erasure_secret)[0]
+        accepted = seen = 0
+        write = _writer(cfg, to)
+        events = sorted(events, key=lambda e: (e["u"], e["i"], e["id"]))
+        for k in range(0, len(events), slice_size):
+            part = events[k:k + slice_size]
+            accepted += write(part, {})
             seen += len(part)
         yield {"accepted": accepted, "duplicates": seen - accepted}
     return run
+
+
+def _writer(cfg: Config, to: str):
+    """write(events, counts) -> events newly accepted: a transaction in Neo4j, or an append to the log."""
+    if to == "kafka":
+        from app.ingest import log as event_log
+
+        def append(events, counts):
+            event_log.event_log(cfg).append(events, counts, cfg.kafka_wait)
+            return len(events)
+        return append
+    from app.db import get_driver
+    driver = get_driver(cfg)
+    return lambda events, counts: writer.write_batches(driver, cfg.neo4j_database, [(events, counts)],
+                                                       secret=cfg.erasure_secret)[0]
 
 
 def session(master: str):
@@ -104,8 +118,9 @@ def stop(spark) -> None:
 
 def load(cfg: Config, path: str, source: str = "csv", fmt: str = "csv", options: dict | None = None,
          master: str = "local[2]", chunk_size: int = 5000, slice_size: int = 5000,
-         partitions: int | None = None) -> Counter:
-    """Load `path` (csv or parquet) with Spark; return the same totals as `loaders.load`."""
+         partitions: int | None = None, to: str = "neo4j") -> Counter:
+    """Load `path` (csv or parquet) with Spark; return the same totals as `loaders.load` (`to` "kafka":
+    the events go to the event log, item metadata still to Neo4j)."""
     spark = session(master)
     try:
         reader = spark.read.option("header", True).option("inferSchema", False)
@@ -129,7 +144,7 @@ def load(cfg: Config, path: str, source: str = "csv", fmt: str = "csv", options:
         props = (prepared.filter(lambda x: x[0] == "item").map(lambda x: (x[1], x[2]))
                  .reduceByKey(lambda a, b: max(a, b, key=lambda t: t[0])).collect())
         written = (prepared.filter(lambda x: x[0] == "event").map(lambda x: (x[1], x[2]))
-                   .partitionBy(n).values().mapPartitions(_write(cfg, slice_size)).collect())
+                   .partitionBy(n).values().mapPartitions(_write(cfg, slice_size, to)).collect())
         prepared.unpersist()
     finally:
         stop(spark)
@@ -140,8 +155,7 @@ def load(cfg: Config, path: str, source: str = "csv", fmt: str = "csv", options:
     # Counts the writes did not record themselves (rejections, cleaning reasons, in-batch duplicates).
     extra = {k: v for k, v in totals.items() if k not in ("accepted", "rows") and v}
     extra["duplicates"] = extra.get("duplicates", 0) - sum(p["duplicates"] for p in written)
-    writer.write_batches(driver, cfg.neo4j_database, [([], {k: v for k, v in extra.items() if v})],
-                         secret=cfg.erasure_secret)
+    _writer(cfg, to)([], {k: v for k, v in extra.items() if v})
     items: dict[str, dict] = {}
     for (item, name), (_, value) in props:
         items.setdefault(item, {})[name] = value
