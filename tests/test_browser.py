@@ -4,10 +4,12 @@ One browser for the module and one small trained graph; screenshots go to var/te
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import shutil
 import time
+import uuid
 
 import pytest
 import requests
@@ -18,8 +20,8 @@ from app.embeddings.refresh import refresh
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
-from tests.conftest import wipe
 from support.recipes import BLOCK, DOC, PARAM, bind
+from tests.conftest import SERVICE, wipe
 
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = ROOT / "var" / "test-output"
@@ -179,6 +181,35 @@ def test_ui_shows_a_shoppers_recommendations_and_interest_graph(shop, base_url, 
     if any(r.get("because") for r in requests.get(f"{base_url}/v1/users/{SHOPPER}/recommendations?k=10&explain=true",
                                                    timeout=30).json()["results"]):
         assert reasons > 0
+
+
+def test_under_kafka_ingest_the_page_shows_the_events_not_yet_folded(cfg, shop, serve, browser):
+    """IG_INGEST=kafka: the System panel shows the consumers' lag, the accepted events not yet in the graph
+    (none fold here: no consumer runs); under direct ingest the tile is hidden."""
+    from confluent_kafka.admin import AdminClient
+
+    from app import kafka_local
+    from app.ingest import log
+    kafka_local.start(cfg)
+    name = uuid.uuid4().hex[:10]
+    kcfg = dataclasses.replace(cfg, ingest="kafka", kafka_topic=f"events-{name}", kafka_group=f"fold-{name}")
+    base = serve(kcfg)
+    now = int(time.time() * 1000)
+    reply = requests.post(f"{base}/v1/events", headers=SERVICE, timeout=30, json=[
+        {"event_id": f"{name}-{n}", "user_id": SHOPPER, "item_id": "sku-1", "type": "view", "ts": now} for n in range(30)])
+    assert reply.status_code == 200 and reply.json()["accepted"] == 30
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        page.goto(f"{base}/ui")
+        page.wait_for_function("!document.querySelector('#log-tile').hidden "
+                               "&& document.querySelector('#log-lag').textContent === '30'", timeout=20_000)
+        page.goto(f"{serve(cfg)}/ui")  # direct ingest
+        page.wait_for_function("document.querySelector('#accepted').textContent !== '–'", timeout=20_000)
+        assert page.locator("#log-tile").is_hidden()
+    finally:
+        page.close()
+        AdminClient({"bootstrap.servers": kcfg.kafka_bootstrap}).delete_topics(
+            [kcfg.kafka_topic, log.dead_topic(kcfg)], operation_timeout=10)
 
 
 @pytest.mark.parametrize("k", [10, 30])

@@ -298,6 +298,9 @@ async function pollSystem() {
   last = {t: now, accepted};
   $("#accepted").textContent = accepted.toLocaleString();
   $("#rate").textContent = rates.length ? rates[rates.length - 1].toFixed(1) : "–";
+  const log = stats.data.log;  // under IG_INGEST=kafka: the consumers' lag behind the event log
+  $("#log-tile").hidden = !log;
+  if (log) $("#log-lag").textContent = log.messages === null ? "broker away" : log.messages.toLocaleString();
   lineChart($("#rate-chart"), rates, {left: "3 min ago", right: "now", top: `${fmt(Math.max(0, ...rates), 1)} events/s`}, 1200);
   const p = stats.data.pipeline;
   if (!p) return;  // an older API: counts only
