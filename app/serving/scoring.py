@@ -68,9 +68,7 @@ class Scoring:
         """The item table's filter of a row (as `lin`): the items its rows reach (sorted) and their values."""
         inside = cols < self.nbr.shape[0]  # items new since the table was built have no row yet
         f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
-        ptr, c = self.nbr.indptr, cols[inside]
-        lengths = ptr[c + 1] - ptr[c]
-        at = np.repeat(ptr[c] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        at, lengths = self._entries(cols[inside])
         targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
         if 8 * len(at) > self.nbr.shape[0]:  # a wide reach: summing over the catalogue beats sorting
             dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
@@ -80,6 +78,12 @@ class Scoring:
             cand, inv = np.unique(targets, return_inverse=True)
             vals = np.bincount(inv, weights=w, minlength=len(cand))
         return cand.astype(np.int64), vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
+
+    def _entries(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in the item table of rows `c`'s entries, row after row, and each row's length."""
+        ptr = self.nbr.indptr
+        lengths = ptr[c + 1] - ptr[c]
+        return np.repeat(ptr[c] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum()), lengths
 
     @cached_property
     def _top_bias(self) -> np.ndarray:
@@ -203,17 +207,22 @@ class Scoring:
         table's entries, or d_i^-1/2 C[i, j] d_j^-beta of the current rows."""
         if self.nbr is None:
             return self._inv_sqrt_di[cols][:, None] * self._co(cols, targets) * self._target_di[targets][None, :]
-        n = self.nbr.shape[0]
         out = np.zeros((len(cols), len(targets)))
-        ci, ti = cols < n, targets < n
-        out[np.ix_(ci, ti)] = self.nbr[cols[ci]][:, targets[ti]].toarray()
+        own = np.flatnonzero(cols < self.nbr.shape[0])
+        at, lengths = self._entries(cols[own])
+        # each entry's column among the targets (sorted once), if it is one
+        order = np.argsort(targets, kind="stable")
+        found, ids = targets[order], self.nbr.indices[at]
+        pos = np.minimum(np.searchsorted(found, ids), max(len(targets) - 1, 0))
+        hit = found[pos] == ids if len(targets) else np.zeros(len(ids), dtype=bool)
+        out[np.repeat(own, lengths)[hit], order[pos[hit]]] = self.nbr.data[at][hit]
         return out if self.nbr_tilt is None else out * grown(self.nbr_tilt, self.n_items, 0.0)[targets][None, :]
 
     def _co(self, cols: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """C[cols, targets] of the current rows, C[i, j] = sum_u R[u, i] R[u, j] / d_u."""
         if self.table is None:
-            # The targets' columns dense (users x targets) under the own items' rows of R^T: 1.5 ms
-            # against 2.6 with a sparse-sparse product; the table's entries: 0.2 ms (docs/benchmarks.md).
+            # The targets' columns dense (users x targets) under the own items' rows of R^T: cheaper
+            # than a sparse-sparse product (docs/benchmarks.md).
             w = np.ascontiguousarray((self._rows_t(targets).toarray() * self._inv_du).T)
             return self._rows_t(cols) @ w
         n = len(self.table)  # items added since the table was built have no base edges: zeros
