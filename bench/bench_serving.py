@@ -15,7 +15,8 @@ every node, then measures:
   due, so a stalled server shows in the percentiles rather than lowering the rate;
 - each variant and rate `--repeats` times (3), with the median and worst p99 over them: the host's
   speed moves between runs;
-- the highest rate of the ladder held (achieved >= 95% of offered, no failures) with p99 <= 50 ms.
+- the highest rate of the ladder held (achieved >= 95% of offered, no failures) with p99 <= 50 ms;
+- sequentially again, the audience of the 20 most popular items (k = 100) and the churn list (k = 1,000).
 Shoppers are drawn from those with a vector, with probability proportional to their number of
 events (active shoppers ask more often).
 """
@@ -100,6 +101,19 @@ def sequential(driver, cfg, url: str, users: list[str], slow: int):
             def get(u, query=query):
                 http.get(f"{url}/v1/users/{u}/recommendations?k=20{query}", timeout=120).raise_for_status()
             yield (f"REST {variant}", *percentiles(_timed(get, users[:slow])), slow)
+
+
+def other_reads(url: str, items: list[str], repeats: int = 20):
+    """Warm, one at a time over REST: an item's audience (k = 100) for each of `items`, and the churn list
+    (k = 1,000, from the stored scores); yields (name, p50, p99, count, statuses)."""
+    with requests.Session() as http:
+        http.headers.update(AUTH)
+        for name, paths in (("REST audience k=100", [f"/v1/items/{quote(i)}/audience?k=100" for i in items]),
+                            ("REST churn-risk k=1000", ["/v1/users/churn-risk?k=1000"] * repeats)):
+            statuses = set()
+            http.get(f"{url}{paths[0]}", timeout=120)  # warm
+            times = _timed(lambda path: statuses.add(http.get(f"{url}{path}", timeout=120).status_code), paths)
+            yield (name, *percentiles(times), len(paths), sorted(statuses))
 
 
 def warm(url: str, users: list[str], requests_: int = 64) -> None:
@@ -229,6 +243,8 @@ def main() -> None:
             s.run("CALL db.awaitIndexes(600)").consume()  # else index population runs during the first runs
     with driver.session(database=cfg.neo4j_database) as s:
         shoppers = s.run(SHOPPERS).data()
+        items = [r["id"] for r in s.run("MATCH (i:Item) WHERE i.ig_deg > 0 RETURN i.id AS id ORDER BY i.ig_deg DESC "
+                                        "LIMIT 20")]
         counts = s.run(cypher.NODE_COUNT).single()
         edges = s.run(cypher.INTERACTED_EDGE_COUNT).single()["n"]
     rng = random.Random(1)
@@ -278,6 +294,9 @@ def main() -> None:
                               f"({sum(x <= 25 for x in p99)} of {len(p99)} runs <= 25 ms)", flush=True)
             print(f"\nhighest rate held with p99 <= 50 ms: {held or 'none of the ladder'} requests/s")
             print(f"API worker processes' resident memory after the runs: {rss_mb(server)} MB", flush=True)
+        print("\nother reads, sequential, warm          p50 ms   p99 ms  requests  statuses")
+        for name, p50, p99, count, statuses in other_reads(url, items):
+            print(f"  {name:36s} {p50:8.1f} {p99:8.1f} {count:9d}  {statuses}", flush=True)
     finally:
         server.terminate()
         try:
