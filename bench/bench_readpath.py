@@ -8,7 +8,8 @@ work, not the network or Flask), under a version of 64 + 16 components as `make 
 each size and path: the time to build the copy, the process's resident memory grown by it, and
 sequential requests (one thread) for sampled shoppers: k = 20 plain, with `explain`, with a price
 cap admitting about a third of the items, and with one admitting about 1 in 3,000; p50 and p99 of
-each request's CPU time and wall time, in ms, and the MB of arrays the copy holds. The table's ranking is compared with the
+each request's CPU time and wall time, in ms, and the MB of arrays the copy holds; and the audience
+(k = 100) of 50 sampled items. The table's ranking is compared with the
 exact one on the same shoppers: overlap of the top 20 and Recall@20 of the exact top 20.
 
 `make bench-scale` runs it after bench_scale; alone: `.venv/bin/python -m bench.bench_readpath`.
@@ -17,23 +18,28 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
-import numpy as np
-import psutil
-import scipy.sparse as sp
-from tqdm.auto import tqdm
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `serve` runs: a request's CPU is then its thread's
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-from app.embeddings.models import LoadedModel
-from app.serving.ranking import Filters, recommend
-from app.serving.state import Index, Rows, State, built
-from bench.bench_scale import power_law_keys
-from graph_models import ModelConfig
-from graph_models.spectral import table_topk
-from graph_models.train import build
+from app.config import Config  # noqa: E402
+from app.embeddings.models import LoadedModel  # noqa: E402
+from app.serving.audience import audience  # noqa: E402
+from app.serving.ranking import Filters, recommend  # noqa: E402
+from app.serving.state import Index, Rows, State, built  # noqa: E402
+from bench.bench_scale import power_law_keys  # noqa: E402
+from graph_models import ModelConfig  # noqa: E402
+from graph_models.spectral import table_topk  # noqa: E402
+from graph_models.train import build  # noqa: E402
 
 VARIANTS = {"plain": ({}, False), "explain": ({}, True), "max_price": ({"max_price": 10.0}, False),
             "max_price=0.01": ({"max_price": 0.01}, False)}
+AUDIENCE_CANDIDATES = Config.audience_candidates
 
 
 def rss_mb() -> float:
@@ -67,6 +73,16 @@ def timed(st: State, users: list[str], variant: str) -> tuple[list[float], list[
         wall.append(time.perf_counter() - t0)
         ids.append([r["item_id"] for r in answer["results"]])
     return wall, cpu, ids
+
+
+def audience_ms(st: State, items: np.ndarray, k: int = 100) -> tuple[float, float]:
+    """CPU ms p50 / p99 of an item's audience (k users, app/serving/audience.py) for each of `items`."""
+    cpu = []
+    for j in items:
+        c0 = time.thread_time()
+        audience(st, int(j), k, False, AUDIENCE_CANDIDATES)
+        cpu.append(time.thread_time() - c0)
+    return tuple(1e3 * float(np.percentile(cpu, q)) for q in (50, 99))
 
 
 def footprint_mb(st: State) -> float:
@@ -120,6 +136,8 @@ def main() -> None:
                 row[variant] = tuple(1e3 * float(np.percentile(x, q)) for x in (cpu, wall) for q in (50, 99))
                 if variant == "plain":
                     answers[path] = ids
+            audience(st, 0, 100, False, AUDIENCE_CANDIDATES)  # warm
+            row["audience"] = audience_ms(st, rng.choice(n_items, 50, replace=False))
             if path == "table":
                 pairs = list(zip(answers["exact"], answers["table"][:len(answers["exact"])]))
                 row["overlap"] = float(np.mean([len(set(a) & set(b)) / max(1, len(a)) for a, b in pairs]))
@@ -127,6 +145,7 @@ def main() -> None:
             print(f"{size:>10,} edges {path:5s} k={topk:<4d} build {row['build_s']:6.1f}s held {row['mb']:6.0f} MB "
                   f"(process RSS {row['rss_mb']:.0f} MB) CPU ms p50/p99, wall ms p50/p99: "
                   + " ".join(f"{v} {row[v][0]:.2f}/{row[v][1]:.2f}, {row[v][2]:.2f}/{row[v][3]:.2f}" for v in VARIANTS)
+                  + f" audience k=100 CPU {row['audience'][0]:.2f}/{row['audience'][1]:.2f}"
                   + (f" top-20 overlap with exact {row['overlap']:.3f}" if "overlap" in row else ""), flush=True)
             del st, lm
         del csr, model, u, i
@@ -135,11 +154,11 @@ def main() -> None:
     print(f"\nCPU ms per request (one thread), p50 / p99; the wall times are in the lines above")
     others = [v for v in VARIANTS if v != "plain"]
     print(f"{'edges':>11} {'path':>6} {'plain':>13} {'p50 vs 10k':>10} "
-          + " ".join(f"{v:>15}" for v in others) + f" {'held MB':>8} {'build s':>7} {'top-20 overlap':>14}")
+          + " ".join(f"{v:>15}" for v in others + ["audience"]) + f" {'held MB':>8} {'build s':>7} {'top-20 overlap':>14}")
     for r in rows:
         print(f"{r['edges']:11,d} {r['path']:>6} {r['plain'][0]:6.2f}/{r['plain'][1]:6.2f} "
               f"{r['plain'][0] / base[r['path']]['plain'][0]:9.2f}x "
-              + " ".join(f"{r[v][0]:7.2f}/{r[v][1]:7.2f}" for v in others)
+              + " ".join(f"{r[v][0]:7.2f}/{r[v][1]:7.2f}" for v in others + ["audience"])
               + f" {r['mb']:8.0f} {r['build_s']:7.1f} {r.get('overlap', float('nan')):14.3f}")
 
 if __name__ == "__main__":
