@@ -77,13 +77,16 @@ bench: install $(VEGETA)
 	$(TEST_ENV) $(PY) -m bench.bench_spark
 	$(TEST_ENV) $(PY) -m bench.bench_load
 
-# The refresh on 10k / 1M / 10M-edge power-law graphs (about two hours on 2 cores; docs/scaling.md),
+# The refresh on 10k / 1M / 10M-edge power-law graphs (about two hours on 2 cores; docs/scaling.md), the
+# read path on them in memory and served over HTTP (about two hours more),
 # and the item basis on two DistDGL partitions of Gowalla.
 bench-scale: install
 	$(TEST_ENV) $(IG) neo4j start
 	$(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 $(IG) migrate
 	$(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 $(PY) -m bench.bench_scale
 	$(PY) -m bench.bench_readpath
+	for n in 10000 1000000 10000000; do $(TEST_ENV) IG_EMBED_DIM=64 IG_SHARP_DIM=16 IG_NEO4J_HEAP=4g \
+	  IG_NEO4J_PAGECACHE=4g $(PY) -m bench.bench_serving --scale $$n --skip-sequential --ready-seconds 1200 || exit 1; done
 	$(PY) -m bench.bench_partitions
 
 # Accuracy, each with the settings chosen on its validation split as `train` chooses them: Gowalla

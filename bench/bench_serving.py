@@ -5,7 +5,8 @@ Run with the test server up: `make bench`, or
 `NEO4J_URI=bolt://127.0.0.1:7688 NEO4J_HTTP_PORT=7475 IG_HOME=var/test
 .venv/bin/python -m bench.bench_serving`. It wipes that server's database, loads the demo data
 (Online Retail, the file `make run` serves), trains one epoch at the real embedding sizes and embeds
-every node, then measures:
+every node (`--scale N`: imports bench_scale's power-law graph of N edges and embeds it under an
+untrained first version instead; `make bench-scale` serves 10k, 1M and 10M edges), then measures:
 - sequentially (one request at a time, warm): the bare vector query (`queryNodes`, k = 20, from the
   user's stored vector) for every shopper of the mix, the full recommendation query through the
   driver and the REST answer for the first `--slow` of them;
@@ -225,13 +226,22 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=500, help="shoppers in the mix")
     parser.add_argument("--slow", type=int, default=20, help="shoppers timed one by one for the full answer")
     parser.add_argument("--skip-load", action="store_true", help="reuse the graph and model already there")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="serve bench_scale's power-law graph of this many edges (built and embedded "
+                             "first) instead of the demo data")
     parser.add_argument("--skip-sequential", action="store_true", help="only the bare vector query, then the load")
     parser.add_argument("--ready-seconds", type=float, default=60.0,
                         help="how long `serve` may take to load its copies (/readyz 200) before the runs")
     args = parser.parse_args()
     cfg = load_config()
     driver = get_driver(cfg)
-    if not args.skip_load:
+    if args.scale and not args.skip_load:
+        from bench.bench_scale import embedded_graph, power_law_pairs
+        cli("migrate")
+        built, embedded = embedded_graph(load_config(tx_timeout=1800.0), power_law_pairs(args.scale, 7))
+        print(f"bench_scale's graph of {args.scale:,} edges: imported in {built:.0f}s, first version and "
+              f"full embedding {embedded:.0f}s", flush=True)
+    elif not args.skip_load:
         cli("migrate")  # the vector indexes at this process's embedding size (the tests' is smaller)
         wipe(driver, cfg.neo4j_database)
         t = time.monotonic()
