@@ -11,13 +11,21 @@ M_ARENA_MAX = -8  # glibc mallopt parameter
 def freeze_heap() -> None:
     """Exempt every object alive now (the imported libraries) from garbage collection scans.
 
-    Each full collection walks all tracked objects; with torch, dgl and pandas imported that is
-    ~225,000 of them, and ingest or a refresh run allocates enough to trigger one every few hundred
-    milliseconds. Measured: about half the Python CPU of the ingest path, and 0.4 of 1.1 s of a
-    700-event refresh run. What is frozen lives as long as the process anyway.
+    Each full collection walks all tracked objects (with torch, dgl and pandas imported, hundreds of
+    thousands), and ingest or a refresh run allocates enough to trigger one every few hundred
+    milliseconds: a large share of their Python CPU (docs/benchmarks.md). Frozen objects are still
+    freed when their last reference goes; only the cycle scans skip them.
     """
     gc.collect()
     gc.freeze()
+
+
+def release_heap() -> None:
+    """Hand the heap freed since back to the system (glibc keeps it for the process otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

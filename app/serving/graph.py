@@ -25,7 +25,6 @@ instead of R's rows, and the overlay's change to it is a small product; a compac
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ from app import cypher
 from app.embeddings import models
 from app.errors import NotReady
 from app.ids import erasure_key
+from app.runtime import freeze_heap, release_heap
 from app.serving.delta import Delta, apply
 from app.serving.state import Index, Rows, State, built
 
@@ -237,18 +237,11 @@ def _load(tx, table_mb: float) -> State | None:
     del ptr, c, w, first
     st = built(head["epoch"], head["seq"], now, lm, Index(keys), np.asarray(refreshed, dtype=object), rows, item_rows,
                item_index, table_mb)
-    _release()
+    release_heap()
+    freeze_heap()  # a million ids in the copy's index would otherwise be walked by every full collection
     log.info("serving copy loaded: run %s, %d users, %d items, %d edges", st.seq, st.n_users, st.n_items,
              st.base_csr.nnz)
     return st
-
-
-def _release() -> None:
-    """Hand the heap a load freed back to the system (glibc keeps it for the process otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 _copies: dict[tuple, Copy] = {}
