@@ -16,6 +16,10 @@ BASE = dict(subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.
 FEATURES = ["recency_days", "tenure_days", "active_days", "days_30", "days_90", "days_180", "rate",
             "mean_gap", "std_gap", "max_gap", "last_gap", "overdue", "gap_trend", "lines", "lines_per_day",
             "spend", "spend_per_day", "spend_90", "items", "item_share", "bgnbd_p_alive", "bgnbd_p_return"]
+# The history's shape beyond counts: regularity of the gaps, whether the recent items are the usual
+# ones (interest drift), and whether the user's items are gaining or losing buyers.
+EXTRA = ["gap_cv", "days_prev_90", "days_trend", "recent_items", "item_overlap", "new_item_share",
+         "item_trend", "item_trend_recent", "item_buyers"]
 
 
 def daily(events: pd.DataFrame) -> pd.DataFrame:
@@ -63,13 +67,52 @@ def features(days: pd.DataFrame, events: pd.DataFrame, cut: pd.Timestamp, min_da
     f["gap_trend"] = f["last_gap"] / f["mean_gap"].clip(lower=1)
     f["lines_per_day"] = f["lines"] / f["active_days"]
     f["spend_per_day"] = f["spend"] / f["active_days"]
-    before = events[(events["ts"] < cut) & events["user"].isin(f.index)]
+    everyone = events[events["ts"] < cut]
+    before = everyone[everyone["user"].isin(f.index)]
     f["items"] = before.groupby("user")["item"].nunique().reindex(f.index).astype(float)
     f["item_share"] = f["items"] / f["lines"]  # diversity: 1 when every line is a new item
+    f["gap_cv"] = f["std_gap"] / f["mean_gap"].clip(lower=1)
+    f["days_prev_90"] = f["days_180"] - f["days_90"]
+    f["days_trend"] = (f["days_90"] + 1) / (f["days_prev_90"] + 1)
+    f = f.join(item_features(everyone, cut))
     bg = bgnbd_scores(days, cut)
     f["bgnbd_p_alive"] = bg["p_alive"].reindex(f.index)
     f["bgnbd_p_return"] = 1 - bg["p_silent"].reindex(f.index)
-    return f[FEATURES]
+    return f[FEATURES + EXTRA]
+
+
+def item_features(before: pd.DataFrame, cut: pd.Timestamp, window_days: int = 90) -> pd.DataFrame:
+    """Per user: items touched in the last `window_days` and the share of them touched before too (drift:
+    low when the user moved to other items), and the mean trend of the user's items' buyers (log of
+    buyers in the last window over the one before, all users), over all items and over the recent ones.
+
+    Only (user, item, time) is read, so the graph's view (each edge's first and last time) works as well.
+    """
+    start = cut - window_days * DAY
+    recent = (before["ts"] >= start).to_numpy()
+    pairs = before.assign(recent=recent, old=~recent).groupby(["user", "item"], sort=False)[["recent", "old"]].any()
+    both = pairs["recent"] & pairs["old"]
+    per_user = pd.DataFrame({"recent": pairs["recent"], "both": both}).groupby(level="user").sum()
+    out = pd.DataFrame(index=per_user.index)
+    out["recent_items"] = per_user["recent"].astype(float)
+    out["item_overlap"] = (per_user["both"] / per_user["recent"]).where(per_user["recent"] > 0)
+    old = pairs["old"].groupby(level="user").sum()
+    out["new_item_share"] = ((per_user["recent"] - per_user["both"]) / (per_user["recent"] + old - per_user["both"]))
+    inside = before[before["ts"] >= cut - 2 * window_days * DAY]
+    late = inside["ts"] >= start
+    buyers_late = inside[late].groupby("item")["user"].nunique()
+    buyers_early = inside[~late].groupby("item")["user"].nunique()
+    items = buyers_late.index.union(buyers_early.index)
+    late_n = buyers_late.reindex(items, fill_value=0)
+    trend = np.log((late_n + 1) / (buyers_early.reindex(items, fill_value=0) + 1))
+    idx = pairs.index
+    item_of = idx.get_level_values("item")
+    t = pd.Series(trend.reindex(item_of).fillna(0.0).to_numpy(), index=idx)
+    b = pd.Series(np.log1p(late_n.reindex(item_of).fillna(0).to_numpy()), index=idx)
+    out["item_trend"] = t.groupby(level="user").mean()
+    out["item_trend_recent"] = t[pairs["recent"].to_numpy()].groupby(level="user").mean()
+    out["item_buyers"] = b.groupby(level="user").mean()
+    return out
 
 
 def bgnbd_scores(days: pd.DataFrame, cut: pd.Timestamp, horizon_days: int = 90) -> pd.DataFrame:
