@@ -13,13 +13,15 @@ DAY = pd.Timedelta(days=1)
 GRID = [dict(num_leaves=leaves, learning_rate=rate, n_estimators=trees, min_child_samples=leaf)
         for leaves in (2, 4, 8, 16) for rate, trees in ((0.05, 200), (0.02, 400)) for leaf in (20, 80)]
 BASE = dict(subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, verbose=-1, n_jobs=1)
-FEATURES = ["recency_days", "tenure_days", "active_days", "days_30", "days_90", "days_180", "rate",
+HISTORY = ["recency_days", "tenure_days", "active_days", "days_30", "days_90", "days_180", "rate",
             "mean_gap", "std_gap", "max_gap", "last_gap", "overdue", "gap_trend", "lines", "lines_per_day",
             "spend", "spend_per_day", "spend_90", "items", "item_share", "bgnbd_p_alive", "bgnbd_p_return"]
-# The history's shape beyond counts: regularity of the gaps, whether the recent items are the usual
-# ones (interest drift), and whether the user's items are gaining or losing buyers.
-EXTRA = ["gap_cv", "days_prev_90", "days_trend", "recent_items", "item_overlap", "new_item_share",
-         "item_trend", "item_trend_recent", "item_buyers"]
+# How popular the items the user bought lately are (their buyers in the last 90 days, all users): the
+# one feature beyond the history's counts that validation kept (docs/evaluation.md, "Churn"). HISTORY
+# alone is what models trained before it read.
+FEATURES = HISTORY + ["recent_item_buyers"]
+# Weights of BG/NBD's P(no purchase within the horizon) in the score's log-odds, chosen on validation.
+BLEND = (0.0, 0.25, 0.5)
 
 
 def daily(events: pd.DataFrame) -> pd.DataFrame:
@@ -71,48 +73,25 @@ def features(days: pd.DataFrame, events: pd.DataFrame, cut: pd.Timestamp, min_da
     before = everyone[everyone["user"].isin(f.index)]
     f["items"] = before.groupby("user")["item"].nunique().reindex(f.index).astype(float)
     f["item_share"] = f["items"] / f["lines"]  # diversity: 1 when every line is a new item
-    f["gap_cv"] = f["std_gap"] / f["mean_gap"].clip(lower=1)
-    f["days_prev_90"] = f["days_180"] - f["days_90"]
-    f["days_trend"] = (f["days_90"] + 1) / (f["days_prev_90"] + 1)
-    f = f.join(item_features(everyone, cut))
+    f["recent_item_buyers"] = recent_item_buyers(everyone, cut).reindex(f.index)
     bg = bgnbd_scores(days, cut)
     f["bgnbd_p_alive"] = bg["p_alive"].reindex(f.index)
     f["bgnbd_p_return"] = 1 - bg["p_silent"].reindex(f.index)
-    return f[FEATURES + EXTRA]
+    return f[FEATURES]
 
 
-def item_features(before: pd.DataFrame, cut: pd.Timestamp, window_days: int = 90) -> pd.DataFrame:
-    """Per user: items touched in the last `window_days` and the share of them touched before too (drift:
-    low when the user moved to other items), and the mean trend of the user's items' buyers (log of
-    buyers in the last window over the one before, all users), over all items and over the recent ones.
+def recent_item_buyers(before: pd.DataFrame, cut: pd.Timestamp, window_days: int = 90) -> pd.Series:
+    """Per user with events in the last `window_days` before `cut`, the mean over the distinct items of
+    those events of log(1 + the item's distinct buyers, all users, in that window): low when what the
+    user buys now few others buy.
 
     Only (user, item, time) is read, so the graph's view (each edge's first and last time) works as well.
     """
-    start = cut - window_days * DAY
-    recent = (before["ts"] >= start).to_numpy()
-    pairs = before.assign(recent=recent, old=~recent).groupby(["user", "item"], sort=False)[["recent", "old"]].any()
-    both = pairs["recent"] & pairs["old"]
-    per_user = pd.DataFrame({"recent": pairs["recent"], "both": both}).groupby(level="user").sum()
-    out = pd.DataFrame(index=per_user.index)
-    out["recent_items"] = per_user["recent"].astype(float)
-    out["item_overlap"] = (per_user["both"] / per_user["recent"]).where(per_user["recent"] > 0)
-    old = pairs["old"].groupby(level="user").sum()
-    out["new_item_share"] = ((per_user["recent"] - per_user["both"]) / (per_user["recent"] + old - per_user["both"]))
-    inside = before[before["ts"] >= cut - 2 * window_days * DAY]
-    late = inside["ts"] >= start
-    buyers_late = inside[late].groupby("item")["user"].nunique()
-    buyers_early = inside[~late].groupby("item")["user"].nunique()
-    items = buyers_late.index.union(buyers_early.index)
-    late_n = buyers_late.reindex(items, fill_value=0)
-    trend = np.log((late_n + 1) / (buyers_early.reindex(items, fill_value=0) + 1))
-    idx = pairs.index
-    item_of = idx.get_level_values("item")
-    t = pd.Series(trend.reindex(item_of).fillna(0.0).to_numpy(), index=idx)
-    b = pd.Series(np.log1p(late_n.reindex(item_of).fillna(0).to_numpy()), index=idx)
-    out["item_trend"] = t.groupby(level="user").mean()
-    out["item_trend_recent"] = t[pairs["recent"].to_numpy()].groupby(level="user").mean()
-    out["item_buyers"] = b.groupby(level="user").mean()
-    return out
+    recent = before[before["ts"] >= cut - window_days * DAY]
+    buyers = np.log1p(recent.groupby("item")["user"].nunique())
+    pairs = recent[["user", "item"]].drop_duplicates()
+    return pd.Series(buyers.reindex(pairs["item"]).fillna(0.0).to_numpy(), index=pairs["user"].to_numpy()) \
+        .groupby(level=0).mean()
 
 
 def bgnbd_scores(days: pd.DataFrame, cut: pd.Timestamp, horizon_days: int = 90) -> pd.DataFrame:
@@ -142,24 +121,48 @@ def training_cuts(start: pd.Timestamp, last_cut: pd.Timestamp, step_days: int = 
 
 @dataclass
 class ChurnModel:
-    """A fitted booster and the settings it was chosen with; `score` is P(churn), `reasons` its contributions."""
+    """A fitted booster and the settings it was chosen with; `score` is P(churn), `reasons` its contributions.
+
+    With `params["bgnbd_weight"]` = w the score's log-odds are (1 - w) x the booster's plus w x those of
+    BG/NBD's P(no purchase within the horizon): still a sum of contributions, so the reasons stay exact.
+    """
 
     booster: object
     params: dict
     meta: dict = field(default_factory=dict)
 
+    @property
+    def features(self) -> list[str]:
+        """The columns the booster reads (models saved before `recent_item_buyers` read HISTORY)."""
+        return self.meta.get("features", HISTORY)
+
+    def _parts(self, x: pd.DataFrame, contrib: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(the booster's log-odds or per-feature contributions, times 1 - w; w x BG/NBD's log-odds)."""
+        w = self.params.get("bgnbd_weight", 0.0)
+        booster = self.booster.predict(x[self.features].to_numpy(dtype=float), raw_score=not contrib,
+                                       pred_contrib=contrib)
+        return (1 - w) * booster, w * _bgnbd_logit(x)
+
     def score(self, x: pd.DataFrame) -> np.ndarray:
         """P(churned) per row of `x` (columns FEATURES)."""
-        return self.booster.predict(x[FEATURES].to_numpy(dtype=float))
+        booster, bgnbd = self._parts(x, contrib=False)
+        return 1 / (1 + np.exp(-(booster + bgnbd)))
 
     def reasons(self, x: pd.DataFrame, top: int = 3) -> list[dict]:
-        """Per row, the `top` features pushing the score up most (SHAP values, log-odds) with their values."""
-        contrib = self.booster.predict(x[FEATURES].to_numpy(dtype=float), pred_contrib=True)[:, :-1]
+        """Per row, the `top` features pushing the score up most (SHAP values, log-odds) with their values;
+        BG/NBD's part, when blended, as `bgnbd_p_silent` (its log-odds over their training mean)."""
+        booster, bgnbd = self._parts(x, contrib=True)
+        names, contrib, values = list(self.features), booster[:, :-1], x[self.features].to_numpy(dtype=float)
+        w = self.params.get("bgnbd_weight", 0.0)
+        if w:
+            names.append("bgnbd_p_silent")
+            contrib = np.column_stack([contrib, bgnbd - w * self.meta.get("bgnbd_logit_mean", 0.0)])
+            values = np.column_stack([values, 1 - x["bgnbd_p_return"].to_numpy(dtype=float)])
         out = []
-        for row, c in zip(x[FEATURES].itertuples(index=False), contrib):
+        for row, c in zip(values, contrib):
             order = np.argsort(-c)[:top]
-            out.append({FEATURES[j]: {"value": round(float(row[j]), 4), "contribution": round(float(c[j]), 4)}
-                        for j in order})
+            out.append({names[j]: {"value": None if np.isnan(row[j]) else round(float(row[j]), 4),
+                                   "contribution": round(float(c[j]), 4)} for j in order})
         return out
 
     def to_dict(self) -> dict:
@@ -174,11 +177,19 @@ class ChurnModel:
 
 
 def fit(x: pd.DataFrame, y: pd.Series, params: dict, seed: int = 0) -> ChurnModel:
-    """A LightGBM classifier of churned on the stacked rows."""
+    """A LightGBM classifier of churned on the stacked rows (`bgnbd_weight` in `params`: the blend)."""
     import lightgbm as lgb
-    clf = lgb.LGBMClassifier(**BASE, **params, random_state=seed)
+    booster = {k: v for k, v in params.items() if k != "bgnbd_weight"}
+    clf = lgb.LGBMClassifier(**BASE, **booster, random_state=seed)
     clf.fit(x[FEATURES].to_numpy(dtype=float), y.to_numpy())
-    return ChurnModel(clf.booster_, dict(params))
+    return ChurnModel(clf.booster_, dict(params), {"features": list(FEATURES),
+                                                   "bgnbd_logit_mean": float(_bgnbd_logit(x).mean())})
+
+
+def _bgnbd_logit(x: pd.DataFrame) -> np.ndarray:
+    """The log-odds of BG/NBD's P(no purchase within the horizon), kept finite."""
+    silent = np.clip(1 - x["bgnbd_p_return"].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(silent / (1 - silent))
 
 
 def auc(y, score) -> float:
@@ -195,9 +206,9 @@ def precision_at(y, score, fraction: float = 0.1) -> float:
     return float(y[np.argsort(-np.asarray(score), kind="stable")[:n]].mean())
 
 
-def choose(frames: dict, val_cut, horizon_days, grid=GRID):
-    """The grid's settings with the best AUC at `val_cut`, trained on the `frames` (cut -> (x, y)) whose
-    labels end by `val_cut`."""
+def choose(frames: dict, val_cut, horizon_days, grid=GRID, blend=BLEND):
+    """The grid's settings and blend weight (`blend`) with the best AUC at `val_cut`, trained on the
+    `frames` (cut -> (x, y)) whose labels end by `val_cut`."""
     train_cuts = [c for c in frames if c + horizon_days * DAY <= val_cut and len(frames[c][0])]
     if not train_cuts:
         raise ValueError(f"no labelled cut before the validation cut {val_cut.date()}")
@@ -205,7 +216,12 @@ def choose(frames: dict, val_cut, horizon_days, grid=GRID):
     xv, yv = frames[val_cut]
     if yv.nunique() < 2:
         raise ValueError(f"the validation cut {val_cut.date()} has one label only")
-    trials = [{"params": p, "auc": auc(yv, fit(x, y, p).score(xv))} for p in grid]
+    trials = []
+    for p in grid:  # one booster a setting; the blend's weights only re-weigh its log-odds
+        model = fit(x, y, p)
+        for w in blend:
+            model.params["bgnbd_weight"] = w
+            trials.append({"params": {**p, "bgnbd_weight": w}, "auc": auc(yv, model.score(xv))})
     best = max(trials, key=lambda t: t["auc"])
     return best["params"], {"val_cut": str(val_cut.date()), "train_cuts": len(train_cuts), "train_rows": len(x),
                             "val_rows": len(xv), "best_auc": best["auc"], "trials": trials}
@@ -222,9 +238,10 @@ def train(days, events, cut, horizon_days, min_days=2, step_days=14, grid=GRID, 
     params, search = choose(frames, val_cut, horizon_days, grid)
     x, y = pd.concat([frames[c][0] for c in cuts]), pd.concat([frames[c][1] for c in cuts])
     model = fit(x, y, params)
-    model.meta = {"cut": str(cut), "horizon_days": horizon_days, "min_days": min_days, "train_rows": len(x),
+    model.meta |= {"cut": str(cut), "horizon_days": horizon_days, "min_days": min_days, "train_rows": len(x),
                   "train_cuts": [str(c.date()) for c in cuts], "validation": search}
     return model
+
 
 def check(candidate_auc: float, current: ChurnModel | None, x_val: pd.DataFrame, y_val: pd.Series,
           tolerance: float = 0.005) -> dict:
