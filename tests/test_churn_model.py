@@ -51,8 +51,8 @@ def test_recent_item_buyers_on_a_hand_made_history():
 
 
 def test_the_blend_and_a_model_saved_before_the_new_feature():
-    """With weight w the log-odds are (1 - w) x the booster's + w x BG/NBD's; the reasons add up to the
-    booster's part (times 1 - w) and BG/NBD's; a model trained on HISTORY alone still scores."""
+    """With weight w the log-odds are (1 - w) x the booster's + w x BG/NBD's; with the regression too, the
+    reasons add up to the log-odds; the model survives JSON; a model trained on HISTORY alone still scores."""
     import lightgbm as lgb
     events = population(120, 150, seed=1)
     days = churn.daily(events)
@@ -65,6 +65,11 @@ def test_the_blend_and_a_model_saved_before_the_new_feature():
     why = model.reasons(x, top=len(churn.FEATURES) + 1)
     assert all("bgnbd_p_silent" in r for r in why)
     assert churn.fit(x, y, params).reasons(x.head(5))[0].keys() <= set(churn.FEATURES)  # w = 0: no BG/NBD part
+    both = churn.fit(x, y, {**params, "bgnbd_weight": 0.25, "linear_weight": 0.5})
+    odds = np.log(both.score(x) / (1 - both.score(x)))
+    parts = np.array([sum(c["contribution"] for c in r.values()) for r in both.reasons(x, top=len(churn.FEATURES) + 1)])
+    assert np.ptp(odds - parts) < 1e-3  # the reasons are the whole log-odds, up to one constant and rounding
+    assert churn.ChurnModel.from_dict(json.loads(json.dumps(both.to_dict()))).score(x) == pytest.approx(both.score(x))
     old = lgb.LGBMClassifier(**churn.BASE, **params).fit(x[churn.HISTORY].to_numpy(dtype=float), y.to_numpy())
     saved = churn.ChurnModel.from_dict({"booster": old.booster_.model_to_string(), "params": params})
     assert saved.score(x) == pytest.approx(old.predict_proba(x[churn.HISTORY].to_numpy(dtype=float))[:, 1])
