@@ -213,10 +213,10 @@ def linear_names(features: list[str]) -> list[str]:
     return [*features, "bgnbd_p_silent", *(["recent_item_buyers"] if "recent_item_buyers" in features else [])]
 
 
-def fit_linear(x: pd.DataFrame, y: pd.Series, c: float = LINEAR_C) -> dict:
+def fit_linear(x: pd.DataFrame, y: pd.Series, c: float = LINEAR_C, features: list[str] = FEATURES) -> dict:
     """An L2-regularised logistic regression of churned on standardised `linear_inputs`."""
     from sklearn.linear_model import LogisticRegression
-    z = linear_inputs(x, FEATURES)
+    z = linear_inputs(x, features)
     mean, scale = z.mean(axis=0), z.std(axis=0)
     scale[scale == 0] = 1.0
     lr = LogisticRegression(C=c, max_iter=2000).fit((z - mean) / scale, y.to_numpy())
@@ -224,16 +224,17 @@ def fit_linear(x: pd.DataFrame, y: pd.Series, c: float = LINEAR_C) -> dict:
             "intercept": float(lr.intercept_[0]), "c": c}
 
 
-def fit(x: pd.DataFrame, y: pd.Series, params: dict, seed: int = 0, linear: dict | None = None) -> ChurnModel:
-    """A LightGBM classifier of churned on the stacked rows, and the regression (`linear`, else fitted);
-    `bgnbd_weight` and `linear_weight` in `params`: the blend."""
+def fit(x: pd.DataFrame, y: pd.Series, params: dict, seed: int = 0, linear: dict | None = None,
+        features: list[str] = FEATURES) -> ChurnModel:
+    """A LightGBM classifier of churned on the stacked rows' `features`, and the regression (`linear`, else
+    fitted); `bgnbd_weight` and `linear_weight` in `params`: the blend."""
     import lightgbm as lgb
     booster = {k: v for k, v in params.items() if k not in ("bgnbd_weight", "linear_weight")}
     clf = lgb.LGBMClassifier(**BASE, **booster, random_state=seed)
-    clf.fit(x[FEATURES].to_numpy(dtype=float), y.to_numpy())
-    return ChurnModel(clf.booster_, dict(params), {"features": list(FEATURES),
+    clf.fit(x[features].to_numpy(dtype=float), y.to_numpy())
+    return ChurnModel(clf.booster_, dict(params), {"features": list(features),
                                                    "bgnbd_logit_mean": float(_bgnbd_logit(x).mean())},
-                      linear if linear is not None else fit_linear(x, y))
+                      linear if linear is not None else fit_linear(x, y, features=features))
 
 
 def _bgnbd_logit(x: pd.DataFrame) -> np.ndarray:

@@ -150,3 +150,24 @@ def test_evaluate_churn_on_any_csv(tmp_path):
     assert report["test"]["cut"] == "2024-06-18" and report["test"]["users"] > 50  # the last day with 30 after it
     assert {"ours", "recency", "frequency", "overdue", "bgnbd_p_alive", "bgnbd_p_silent"} <= set(report)
     assert report["ours"]["auc"] > 0.8
+
+
+def test_the_design_study_scores_every_variant_at_validation_cuts(tmp_path):
+    """`evaluate churn-study`: each variant's AUC and margin over the best baseline, per group of cuts."""
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from graph_models.churnstudy import VARIANTS
+    events = population(120, 200, seed=5)
+    path = tmp_path / "log.csv"
+    events.assign(ts=events["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_csv(path, index=False)
+    out = tmp_path / "study.json"
+    result = CliRunner().invoke(main, ["evaluate", "churn-study", "--events", str(path), "--format", "csv",
+                                       "--user-col", "user", "--item-col", "item", "--ts-col", "ts", "--horizon",
+                                       "30", "--early", "2024-05-01:2024-05-07:3", "--late", "2024-05-20",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report) == {"early", "late"} and set(report["late"]) == set(VARIANTS)
+    assert report["early"]["history (the model before)"]["cuts"] == 3
+    assert all(0.5 < v["auc"] <= 1 and v["least_margin"] <= v["margin"] for g in report.values() for v in g.values())

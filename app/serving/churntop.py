@@ -22,7 +22,7 @@ _lock = threading.Lock()
 
 
 def top(driver, session, database: str, k: int, min_days: int, max_k: int, check_s: float) -> list[dict] | None:
-    """The stored top k (k <= `max_k`), most at risk first, or None before any scoring run has finished.
+    """The stored top k (k <= `max_k`), most at risk first, or None before a scoring run has stored a score.
 
     The top `max_k` of the current run is read once and kept; a request at least `check_s` seconds after
     the last check reads the run's stamp (CHURN_STAMP) and reloads only when it changed, so an answer is
@@ -32,11 +32,11 @@ def top(driver, session, database: str, k: int, min_days: int, max_k: int, check
     now = time.monotonic()
     kept = _kept.get(key)
     if kept is not None and now - kept.checked < check_s:
-        return kept.rows[:k]
+        return kept.rows[:k] or None
     with _lock:  # one reader checks and reloads; the others then find it fresh
         kept = _kept.get(key)
         if kept is not None and now - kept.checked < check_s:
-            return kept.rows[:k]
+            return kept.rows[:k] or None
         stamp = session.execute_read(lambda tx: tx.run(cypher.CHURN_STAMP).single()["stamp"])
         if stamp is None:
             return None
@@ -44,7 +44,7 @@ def top(driver, session, database: str, k: int, min_days: int, max_k: int, check
             kept = _Top(stamp, now, _read(session, max_k, min_days))
             _kept[key] = kept
         kept.checked = now
-        return kept.rows[:k]
+        return kept.rows[:k] or None  # a run that scored nobody: as before any run
 
 
 def _read(session, max_k: int, min_days: int) -> list[dict]:
