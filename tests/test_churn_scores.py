@@ -183,3 +183,12 @@ def test_the_worker_runs_a_queued_churn_job(scored_graph, driver, lease):
         done = jobs.get(s, job["id"])
     result = done["result"] if isinstance(done["result"], dict) else json.loads(done["result"])
     assert done["state"] == "succeeded" and "history before the validation cut" in result["skipped"]
+
+
+def test_the_kept_lists_stay_bounded(scored_graph, driver, serve):
+    """min_events is the caller's: past churntop.KEYS values the least recently checked list goes."""
+    small, _ = scored_graph
+    url = serve(_variant(small, churn_check=3600.0))
+    for days in range(2, 2 + churntop.KEYS + 5):
+        assert requests.get(f"{url}/v1/users/churn-risk", params={"k": 5, "min_events": days}, timeout=60).ok
+    assert len(churntop._kept) <= churntop.KEYS

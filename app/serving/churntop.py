@@ -16,8 +16,10 @@ class _Top:
     rows: list[dict]
 
 
-# (driver, database, min_days) -> the kept list; a handful of keys (min_days is a request parameter).
+# (driver, database, min_days) -> the kept list; min_days is a request parameter, so at most KEYS lists
+# are kept (the least recently checked goes first): memory stays bounded whatever callers ask.
 _kept: dict[tuple, _Top] = {}
+KEYS = 16
 _lock = threading.Lock()
 
 
@@ -42,6 +44,8 @@ def top(driver, session, database: str, k: int, min_days: int, max_k: int, check
             return None
         if kept is None or kept.stamp != stamp:
             kept = _Top(stamp, now, _read(session, max_k, min_days))
+            while key not in _kept and len(_kept) >= KEYS:
+                del _kept[min(_kept, key=lambda other: _kept[other].checked)]
             _kept[key] = kept
         kept.checked = now
         return kept.rows[:k] or None  # a run that scored nobody: as before any run
