@@ -104,6 +104,10 @@ evaluate: install
 		--lin-weights log1p --lin-user-weights binary --alpha 0.001 --item-bias 0.2 --bias-l2 0.1 --item-trend 3 \
 		--trend-weight 0.2 --out var/eval-stream
 	$(IG) evaluate churn --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail --cut 2011-09-01
+	$(IG) evaluate churn --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail --cut 2011-08-15
+	$(IG) evaluate churn --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail
+	$(IG) evaluate churn-study --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail \
+		--early 2011-04-26:2011-05-17:3 --late 2011-05-17,2011-06-03,2011-06-12
 	$(IG) evaluate audience --events ../shared/data/online_retail/online_retail.csv.gz --format online-retail --cut 2011-09-01
 
 stop:

@@ -105,7 +105,7 @@ def write_scores(driver, cfg: Config, model: churn.ChurnModel, version: str, day
         for start in range(0, len(rows), BATCH):
             batch = rows[start:start + BATCH]
             s.execute_write(lambda tx: _fenced(tx, owner, cypher.CHURN_WRITE_SCORES, rows=batch, version=version, at=at))
-        s.execute_write(lambda tx: _fenced(tx, owner, cypher.CHURN_CLEAR, at=at))
+        s.execute_write(lambda tx: _fenced(tx, owner, cypher.CHURN_CLEAR, at=at, version=version))
     log.info("churn scores written for %d users (model %s)", len(rows), version)
     return len(rows)
 

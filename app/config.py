@@ -196,6 +196,9 @@ class Config:
     churn_interval: float = 3600.0
     churn_horizon_days: int = 90
     churn_tolerance: float = 0.005
+    # Each API process keeps the current scoring run's top `churn_max_k` and serves slices of it; a request
+    # at least `churn_check` seconds after the last check reads the run's stamp (one node) to see a new run.
+    churn_check: float = 5.0
     # The API's copy of the graph (app/serving/graph.py): a request finding it older than `max_age`
     # seconds waits up to `sync_wait` for a sync; past `poll` seconds it starts one in the background.
     serving_sync_wait: float = 0.25
@@ -327,6 +330,7 @@ def load_config(**overrides) -> Config:
         churn_interval=_env(env, "IG_CHURN_INTERVAL", Config.churn_interval, float),
         churn_horizon_days=_env(env, "IG_CHURN_HORIZON_DAYS", Config.churn_horizon_days, int),
         churn_tolerance=_env(env, "IG_CHURN_TOLERANCE", Config.churn_tolerance, float),
+        churn_check=_env(env, "IG_CHURN_CHECK", Config.churn_check, float),
         serving_sync_wait=_env(env, "IG_SERVING_SYNC_WAIT", Config.serving_sync_wait, float),
         serving_poll=_env(env, "IG_SERVING_POLL", Config.serving_poll, float),
         serving_max_age=_env(env, "IG_SERVING_MAX_AGE", Config.serving_max_age, float),

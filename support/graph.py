@@ -1,6 +1,8 @@
 """The test graph wiped: what every test and benchmark starts from."""
 from __future__ import annotations
 
+from app.serving import churntop
+
 # Bounded transactions, edges first: one statement deleting everything outlives the server's
 # transaction timeout on the graph the soak leaves, and a thousand heavy nodes with their edges its
 # transaction memory.
@@ -15,3 +17,4 @@ def wipe(driver, database: str) -> None:
         for statement in WIPE:
             while s.execute_write(lambda tx: tx.run(statement).single()["n"]):
                 pass
+    churntop.forget()  # this process's kept churn list was the wiped graph's

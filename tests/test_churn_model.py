@@ -40,6 +40,41 @@ def test_labels_and_features_on_a_hand_made_history():
     assert churn.labels(days, ["a", "b", "d"], CUT, 40).to_dict() == {"a": 0, "b": 1, "d": 0}
 
 
+def test_recent_item_buyers_on_a_hand_made_history():
+    """Every event is within 90 days of the cut: x has buyers a, b, d; y a, c (c, not scored, counts); z b."""
+    x, _ = churn.frame(churn.daily(HAND), HAND, CUT, horizon_days=30)
+    assert x.loc["a", "recent_item_buyers"] == pytest.approx((np.log(4) + np.log(3)) / 2)
+    assert x.loc["b", "recent_item_buyers"] == pytest.approx((np.log(4) + np.log(2)) / 2)
+    assert x.loc["d", "recent_item_buyers"] == pytest.approx(np.log(4))  # d's y comes after the cut
+    late = churn.frame(churn.daily(HAND), HAND, pd.Timestamp("2024-06-01"), horizon_days=30)[0]
+    assert np.isnan(late.loc["b", "recent_item_buyers"])  # b bought nothing in the 90 days before that cut
+
+
+def test_the_blend_and_a_model_saved_before_the_new_feature():
+    """With weight w the log-odds are (1 - w) x the booster's + w x BG/NBD's; with the regression too, the
+    reasons add up to the log-odds; the model survives JSON; a model trained on HISTORY alone still scores."""
+    import lightgbm as lgb
+    events = population(120, 150, seed=1)
+    days = churn.daily(events)
+    x, y = churn.frame(days, events, pd.Timestamp("2024-04-01"), 30)
+    params = dict(num_leaves=2, learning_rate=0.1, n_estimators=50, min_child_samples=10)
+    model = churn.fit(x, y, {**params, "bgnbd_weight": 0.5})
+    raw = model.booster.predict(x[churn.FEATURES].to_numpy(dtype=float), raw_score=True)
+    silent = (1 - x["bgnbd_p_return"]).clip(1e-6, 1 - 1e-6).to_numpy()
+    assert model.score(x) == pytest.approx(1 / (1 + np.exp(-(0.5 * raw + 0.5 * np.log(silent / (1 - silent))))))
+    why = model.reasons(x, top=len(churn.FEATURES) + 1)
+    assert all("bgnbd_p_silent" in r for r in why)
+    assert churn.fit(x, y, params).reasons(x.head(5))[0].keys() <= set(churn.FEATURES)  # w = 0: no BG/NBD part
+    both = churn.fit(x, y, {**params, "bgnbd_weight": 0.25, "linear_weight": 0.5})
+    odds = np.log(both.score(x) / (1 - both.score(x)))
+    parts = np.array([sum(c["contribution"] for c in r.values()) for r in both.reasons(x, top=len(churn.FEATURES) + 1)])
+    assert np.ptp(odds - parts) < 1e-3  # the reasons are the whole log-odds, up to one constant and rounding
+    assert churn.ChurnModel.from_dict(json.loads(json.dumps(both.to_dict()))).score(x) == pytest.approx(both.score(x))
+    old = lgb.LGBMClassifier(**churn.BASE, **params).fit(x[churn.HISTORY].to_numpy(dtype=float), y.to_numpy())
+    saved = churn.ChurnModel.from_dict({"booster": old.booster_.model_to_string(), "params": params})
+    assert saved.score(x) == pytest.approx(old.predict_proba(x[churn.HISTORY].to_numpy(dtype=float))[:, 1])
+
+
 def test_training_cuts_keep_history_and_stop_at_the_last():
     cuts = churn.training_cuts(pd.Timestamp("2024-01-01"), pd.Timestamp("2024-04-01"), 14, 60)
     assert cuts[-1] == pd.Timestamp("2024-04-01") and all(c - pd.Timestamp("2024-01-01") >= 60 * churn.DAY
@@ -90,7 +125,7 @@ def test_the_model_learns_and_the_check_refuses_a_worse_one():
     assert churn.check(good.meta["validation"]["best_auc"], noise, xv, yv)["promote"]
     assert churn.check(0.5, None, xv, yv)["promote"]  # the first model is always taken
     why = good.reasons(xv.head(3))
-    assert len(why) == 3 and all(len(r) == 3 and set(r) <= set(churn.FEATURES) for r in why)
+    assert len(why) == 3 and all(len(r) == 3 and set(r) <= {*churn.FEATURES, "bgnbd_p_silent"} for r in why)
 
 
 def test_metrics():
@@ -115,3 +150,24 @@ def test_evaluate_churn_on_any_csv(tmp_path):
     assert report["test"]["cut"] == "2024-06-18" and report["test"]["users"] > 50  # the last day with 30 after it
     assert {"ours", "recency", "frequency", "overdue", "bgnbd_p_alive", "bgnbd_p_silent"} <= set(report)
     assert report["ours"]["auc"] > 0.8
+
+
+def test_the_design_study_scores_every_variant_at_validation_cuts(tmp_path):
+    """`evaluate churn-study`: each variant's AUC and margin over the best baseline, per group of cuts."""
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from graph_models.churnstudy import VARIANTS
+    events = population(120, 200, seed=5)
+    path = tmp_path / "log.csv"
+    events.assign(ts=events["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_csv(path, index=False)
+    out = tmp_path / "study.json"
+    result = CliRunner().invoke(main, ["evaluate", "churn-study", "--events", str(path), "--format", "csv",
+                                       "--user-col", "user", "--item-col", "item", "--ts-col", "ts", "--horizon",
+                                       "30", "--early", "2024-05-01:2024-05-07:3", "--late", "2024-05-20",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report) == {"early", "late"} and set(report["late"]) == set(VARIANTS)
+    assert report["early"]["history (the model before)"]["cuts"] == 3
+    assert all(0.5 < v["auc"] <= 1 and v["least_margin"] <= v["margin"] for g in report.values() for v in g.values())

@@ -8,7 +8,8 @@ import requests
 
 from app import churn, cypher, jobs
 from app.embeddings.store import LeaseLost
-from app.ingest import pipeline
+from app.serving import churntop
+from app.ingest import pipeline, writer
 from app.worker import Worker
 from bench.bench_ingest import wipe
 
@@ -123,9 +124,29 @@ def test_the_job_keeps_the_current_model_when_the_candidate_is_worse(scored_grap
     assert versions == {first["version"]}
 
 
-def test_a_user_who_stops_buying_rises_in_risk_after_the_next_run(scored_graph, driver):
+def api_top(url, k=1000) -> list[tuple]:
+    """(user, score, contributions, the scoring run's time) of the API's churn list."""
+    answer = requests.get(f"{url}/v1/users/churn-risk", params={"k": k, "min_events": 2}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return [(r["user_id"], r["score"], r["reasons"]["contributions"], r["reasons"]["scored_at"])
+            for r in answer.json()["results"]]
+
+
+def stored_top(driver, cfg) -> list[tuple]:
+    """The same, from the stored scores (ties in the index's order, as the API reads them)."""
+    with driver.session(database=cfg.neo4j_database) as s:
+        rows = s.run(cypher.CHURN_TOP, k=1000, min_days=2).data()
+    return [(r["user_id"], r["score"], json.loads(r["reasons"]), r["scored_at"]) for r in rows]
+
+
+def test_a_user_who_stops_buying_rises_in_risk_after_the_next_run(scored_graph, driver, serve):
+    """...and the API, which keeps the run's top list, serves the new run once it checks the stamp."""
     small, first = scored_graph
     before = stored(driver, small)["steady"][0]
+    churntop.forget()  # as a process started now: the earlier tests' apps kept an earlier run's list
+    kept = serve(_variant(small, churn_check=3600.0))  # checks the stamp once an hour
+    old = stored_top(driver, small)
+    assert api_top(kept) == old and len(old) == first["scored"]
     later = [e for e in shoppers(120, 150, seed=2) if e["user_id"] != "steady"]  # everyone else goes on
     pipeline.ingest(driver, small, later)
     with Worker(small).holding() as holder:
@@ -135,6 +156,20 @@ def test_a_user_who_stops_buying_rises_in_risk_after_the_next_run(scored_graph, 
     with driver.session(database=small.neo4j_database) as s:
         versions = s.run("MATCH (m:ChurnModel) RETURN m.version AS v, m.current AS current").data()
     assert len(versions) == 3 and sum(bool(v["current"]) for v in versions) == 1
+    now = stored_top(driver, small)
+    assert api_top(kept) == old and old[0][3] != now[0][3]  # kept: the next check is an hour away
+    checking = serve(_variant(small, churn_check=0.0))  # checks on every request
+    assert api_top(checking) == now and ("steady", after) in [r[:2] for r in now]
+    assert api_top(kept) == now  # one list a process: the other app's check renewed it
+    assert [r[0] for r in api_top(checking, k=7)] == [r[0] for r in now[:7]]
+
+
+def test_an_erased_user_leaves_the_kept_list(scored_graph, driver, serve):
+    small, _ = scored_graph
+    url = serve(_variant(small, churn_check=0.0))
+    gone = api_top(url)[0][0]
+    writer.delete_user(driver, small.neo4j_database, gone, secret=small.erasure_secret)
+    assert gone not in [r[0] for r in api_top(url)] and api_top(url) == stored_top(driver, small)
 
 
 def test_the_worker_runs_a_queued_churn_job(scored_graph, driver, lease):
@@ -148,3 +183,12 @@ def test_the_worker_runs_a_queued_churn_job(scored_graph, driver, lease):
         done = jobs.get(s, job["id"])
     result = done["result"] if isinstance(done["result"], dict) else json.loads(done["result"])
     assert done["state"] == "succeeded" and "history before the validation cut" in result["skipped"]
+
+
+def test_the_kept_lists_stay_bounded(scored_graph, driver, serve):
+    """min_events is the caller's: past churntop.KEYS values the least recently checked list goes."""
+    small, _ = scored_graph
+    url = serve(_variant(small, churn_check=3600.0))
+    for days in range(2, 2 + churntop.KEYS + 5):
+        assert requests.get(f"{url}/v1/users/churn-risk", params={"k": 5, "min_events": days}, timeout=60).ok
+    assert len(churntop._kept) <= churntop.KEYS

@@ -10,7 +10,7 @@ from app.api.schemas import (AudienceOut, AudienceQuery, BatchRecsBody, BatchRec
                               SimilarQuery, UserPath)
 from app.errors import ApiError
 from app.ids import user_key
-from app.serving import profile, ranking
+from app.serving import churntop, profile, ranking
 from app.serving.audience import audience as served_audience, user_ids
 from app.serving.ranking import Filters
 
@@ -111,7 +111,10 @@ def interests(path: UserPath, query: InterestsQuery):
 
 @bp.get("/users/churn-risk", responses={200: ChurnOut})
 def churn_risk(query: ChurnQuery):
-    """Users most overdue against their own rhythm, with the reasons: recency, frequency trend, drift."""
-    k = _k(query.k, cfg().churn_max_k)
+    """Users most likely not to come back (the stored churn scores, kept in this process), with the reasons;
+    before a first scoring run, users most overdue against their own rhythm."""
+    c = cfg()
+    k = _k(query.k, c.churn_max_k)
     with _session() as s:
-        return {"results": profile.churn_risk(s, k, query.min_events, cfg().churn_max_edges)}
+        rows = churntop.top(driver(), s, c.neo4j_database, k, query.min_events, c.churn_max_k, c.churn_check)
+        return {"results": rows if rows is not None else profile.churn_risk(s, k, query.min_events, c.churn_max_edges)}

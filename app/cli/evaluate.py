@@ -243,6 +243,32 @@ def evaluate_churn(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, t
     _write(report, out)
 
 
+@evaluate.command("churn-study")
+@event_file_options
+@click.option("--early", required=True, help="Validation cuts FIRST:LAST:EVERY_DAYS (YYYY-MM-DD:YYYY-MM-DD:N).")
+@click.option("--late", required=True, help="More validation cuts, comma-separated (YYYY-MM-DD,...).")
+@click.option("--horizon", type=click.IntRange(1), default=90, show_default=True, help="Days after a cut that make the label.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+def evaluate_churn_study(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, early, late, horizon,
+                         out):
+    """How the churn model's design was chosen: each variant's AUC and margin over the best baseline at
+    validation cuts only (two groups of cuts), trained on the cuts whose labels end by each."""
+    import pandas as pd
+
+    from graph_models import churnstudy
+    events, _ = _history(path, fmt, user_col, item_col, ts_col, ts_unit, weight_col, type_col, None, horizon)
+    first, last, every = early.split(":")
+    groups = {"early": list(pd.date_range(first, last, freq=f"{int(every)}D")),
+              "late": [pd.Timestamp(c) for c in late.split(",")]}
+    report = churnstudy.run(events, groups, horizon)
+    click.echo(json.dumps(report, indent=2))
+    click.echo(f"\n{'variant':<44} " + " ".join(f"{g + ' AUC':>10} {'margin':>7} {'least':>7}" for g in groups))
+    for name in churnstudy.VARIANTS:
+        click.echo(f"{name:<44} " + " ".join(f"{report[g][name]['auc']:>10.4f} {report[g][name]['margin']:>+7.4f} "
+                                             f"{report[g][name]['least_margin']:>+7.4f}" for g in groups if name in report[g]))
+    _write(report, out)
+
+
 @evaluate.command("audience")
 @event_file_options
 @cut_options

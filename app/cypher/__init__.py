@@ -25,5 +25,5 @@ from app.cypher.ingest import (  # noqa: F401
 from app.cypher.serving import TRENDING_ITEMS  # noqa: F401
 from app.cypher.profiles import (  # noqa: F401
     CHURN_RISK, USER_INTERESTS, CHURN_HISTORY_PAGE, CHURN_MODEL_CURRENT, CHURN_MODEL_SAVE,
-    CHURN_WRITE_SCORES, CHURN_CLEAR, CHURN_TOP, CHURN_SCORED,
+    CHURN_WRITE_SCORES, CHURN_CLEAR, CHURN_STAMP, CHURN_TOP, CHURN_SCORED,
 )

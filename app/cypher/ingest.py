@@ -90,7 +90,12 @@ WITH u
 OPTIONAL MATCH (u)--(i:Item)
 WITH u, collect(DISTINCT i) AS items
 FOREACH (i IN items | SET i.changed_at = timestamp() SET i.rev = coalesce(i.rev, 0) + 1, i.ig_unseen = true)
+WITH u, items, u.churn_score IS NOT NULL AS scored
 DETACH DELETE u
+WITH items, scored
+// a scored user's erasure changes the churn scores' stamp (CHURN_STAMP): the API's kept top list goes
+OPTIONAL MATCH (r:ChurnRun {id: 'current'}) WHERE scored
+SET r.erased = r.erased + 1
 RETURN size(items) AS items
 """
 

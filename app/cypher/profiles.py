@@ -106,10 +106,23 @@ SET u.churn_score = row.score, u.churn_reasons = row.reasons, u.churn_days = row
     u.churn_version = $version, u.churn_at = $at
 """
 
+# The run's end: older scores go, and the run's stamp (one node, CHURN_STAMP) changes in the same
+# transaction, so a process that sees the new stamp reads only this run's scores.
 CHURN_CLEAR = """
-MATCH (u:User) WHERE u.churn_score IS NOT NULL AND u.churn_at <> $at
-REMOVE u.churn_score, u.churn_reasons, u.churn_days, u.churn_silent_days, u.churn_gap_days, u.churn_version,
-       u.churn_at
+CALL {
+  MATCH (u:User) WHERE u.churn_score IS NOT NULL AND u.churn_at <> $at
+  REMOVE u.churn_score, u.churn_reasons, u.churn_days, u.churn_silent_days, u.churn_gap_days, u.churn_version,
+         u.churn_at
+}
+MERGE (r:ChurnRun {id: 'current'})
+SET r.at = $at, r.version = $version, r.erased = 0
+"""
+
+# What identifies the stored scores: the last run's time and the erasures of scored users since (an
+# erasure changes the stamp, so no process keeps serving an erased user). Null before the first run.
+CHURN_STAMP = """
+OPTIONAL MATCH (r:ChurnRun {id: 'current'})
+RETURN CASE WHEN r IS NULL THEN null ELSE r.at + '/' + toString(r.erased) END AS stamp
 """
 
 # The top k by the stored score, read in index order (the range index on churn_score), never a scan.
