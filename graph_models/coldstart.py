@@ -44,6 +44,9 @@ class ColdConfig:
     patience: int = 3
     seed: int = 0
     k: int = 20
+    # How the version scores an item without a trained row: "mix", the attention mix of the shopper's
+    # full scores of the known items it attends to; "rows", p_u . q_hat_j (the low-rank part alone).
+    score: str = "mix"
 
     def to_dict(self):
         """Plain JSON-able dict."""
@@ -170,25 +173,31 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
     return net.eval(), history
 
 
-def mixed_scores(score_fn, attention, known):
-    """Scores of new items as the attention mix of the user's full scores of the known items they are
-    like: s(u, j) = sum_i a_ji s(u, i), `attention` new items x known items (rows of `known`, columns
-    of score_fn's scores). The full score (the filter, EASE, biases) carries what ranks, where
-    `p_u . q_hat_j` carries only the low-rank part; it also puts new items on the known items' scale."""
-    a = torch.as_tensor(np.asarray(attention), dtype=torch.float32)
-    k = torch.as_tensor(np.asarray(known))
-    return lambda users: score_fn(users)[:, k].float() @ a.T
+def attention_matrix(net, feats, known_feats, known_cols, width: int) -> sp.csr_matrix:
+    """The attention of items with feature rows `feats` over known items (features `known_feats`, at
+    columns `known_cols` of a `width`-column table), as a CSR matrix (float64, each row summing to 1)."""
+    with torch.no_grad():
+        a = net.attention(torch.as_tensor(np.asarray(feats), dtype=torch.float64),
+                          torch.as_tensor(np.asarray(known_feats), dtype=torch.float64)).numpy()
+    a = sp.csr_matrix(a)
+    cols = np.asarray(known_cols, dtype=np.int64)
+    return sp.csr_matrix((a.data, cols[a.indices], a.indptr), shape=(a.shape[0], width))
 
 
-def mix_validation(build, fit_g, net, feats_known, feats_val, known, truth, k=20):
-    """Recall@k and NDCG@k among the validation items `truth` (user -> positions in feats_val) when
-    they are scored by `mixed_scores` under the version built on `fit_g` (`build(fit_g)`)."""
+def mix_validation(build, fit_g, net, feats_known, feats_val, known, val_cols, truth, k=20):
+    """Recall@k and NDCG@k among the validation items (columns `val_cols` of fit_g, `truth` user ->
+    positions in them) when the version built on `fit_g` (`build(fit_g)`) scores them by the attention
+    mix of the shopper's full scores (train.Scorer with a mixing content part, as served)."""
     from .evaluation import evaluate
     from .train import Scorer
+    model = build(fit_g)
+    a = attention_matrix(net, feats_val, feats_known, known, fit_g.shape[1])
+    rows = np.arange(model.num_items + 1)
     with torch.no_grad():
-        a = net.attention(torch.as_tensor(feats_val, dtype=torch.float64),
-                          torch.as_tensor(feats_known, dtype=torch.float64)).numpy()
-    return evaluate(mixed_scores(Scorer(build(fit_g), fit_g), a, known), truth, None, k)
+        x, q = model.item_input(torch.as_tensor(rows)).numpy(), model.item_embedding(torch.as_tensor(rows)).numpy()
+    content = (np.asarray(val_cols), a @ x[:fit_g.shape[1]], a @ q[:fit_g.shape[1]], a)
+    scorer, cols = Scorer(model, fit_g, content=content), torch.as_tensor(np.asarray(val_cols))
+    return evaluate(lambda users: scorer(users)[:, cols], truth, None, k)
 
 
 def hide_items(graph, share, seed=0):
@@ -258,12 +267,12 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     key = (f"val_recall@{cfg.k}", f"val_ndcg@{cfg.k}")
     chosen = max(range(len(trials)), key=lambda t: tuple(trials[t][m] for m in key))
     net, c, hist = nets[chosen]
-    # the same validation items scored by the mix of full scores (mixed_scores) under this map, and
+    # the same validation items scored by the mix of full scores (as served: train.Scorer) under this map, and
     # under the untrained one: which way of scoring new items the validation items prefer
     mix = {}
     if mix_check:
         for name, m in (("trained", net), ("untrained", ContentMap(feats.shape[1], c.neighbours))):
-            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, truth_off, c.k)
+            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, hidden[off], truth_off, c.k)
             mix[name] = {f"val_recall@{c.k}": r[f"recall@{c.k}"], f"val_ndcg@{c.k}": r[f"ndcg@{c.k}"]}
     # the map is kept at its best epoch (0: the untrained attention, A = I, was best on validation)
     return net, {"trials": trials, "chosen": c.to_dict(), "epoch": trials[chosen]["epoch"], "history": hist,
@@ -286,16 +295,25 @@ class ContentPart:
         texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
         return self.encoder.transform(texts, [it.get("category") for it in items], [it.get("price") for it in items])
 
-    def rows(self, items, x, q, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """(x_hat, q_hat), float64, of item dicts, from the version's table (x, q: all its rows); in
-        batches, so that the attention over known items stays small however many items come at once."""
-        out_x, out_q = [np.zeros((0, x.shape[1]))], [np.zeros((0, q.shape[1]))]
-        kx, kq = x[self.known], q[self.known]
+    @property
+    def mixes(self) -> bool:
+        """Whether the version scores items without a trained row by the mix of full scores (else by rows)."""
+        return self.cfg.score == "mix"
+
+    def attention(self, items, width: int, batch: int = 1024) -> sp.csr_matrix:
+        """Each item dict's attention over the version's known rows, as a CSR matrix over its `width` table
+        rows; in batches, so that the attention over known items stays small however many items come."""
+        parts = [sp.csr_matrix((0, width))]
         for start in range(0, len(items), batch):
-            bx, bq = self.net.rows(self.features(items[start:start + batch]), self.known_feats, kx, kq)
-            out_x.append(bx)
-            out_q.append(bq)
-        return np.vstack(out_x), np.vstack(out_q)
+            parts.append(attention_matrix(self.net, self.features(items[start:start + batch]), self.known_feats,
+                                          self.known, width))
+        return sp.csr_matrix(sp.vstack(parts))
+
+    def rows(self, items, x, q) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+        """(x_hat, q_hat, a) of item dicts: their rows (float64) mixed from the version's table (x, q: all
+        its rows) by their attention `a` over those rows."""
+        a = self.attention(items, x.shape[0])
+        return np.asarray(a @ x), np.asarray(a @ q), a
 
     def to_state(self) -> dict:
         """Tensors and plain values for a checkpoint."""
@@ -308,7 +326,8 @@ class ContentPart:
     def from_state(cls, state: dict) -> "ContentPart":
         """The part `to_state` saved."""
         from .content import ContentEncoder
-        cfg = ColdConfig.from_dict(state["config"])
+        # a version saved before the mix scored such items by their rows
+        cfg = ColdConfig.from_dict({"score": "rows", **state["config"]})
         net = ContentMap(state["in_dim"], cfg.neighbours)
         net.load_state_dict(state["map"])
         return cls(ContentEncoder.from_state(state["encoder"]), net, cfg, np.asarray(state["known"]),

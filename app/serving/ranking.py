@@ -11,7 +11,8 @@ from app.serving.state import State
 
 MAX_CANDIDATES = 20_000  # widest index query before the filtered scan takes over
 EXPLAIN_TOP = 3  # the user's items shown per recommended item
-CONTENT_REASON = "new item: its title, category and price are like those of items your interests score"
+CONTENT_REASON = ("new item: scored from the items most like it in title, category and price, as your "
+                  "interests score them")
 
 
 @dataclass(frozen=True)
