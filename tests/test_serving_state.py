@@ -333,3 +333,24 @@ def test_items_without_a_row_score_the_mix_as_the_offline_scorer(name):
         want = [_scores(st, u).get(st.items.ids[j]) for u in USERS]
         got = audience.scores(st, int(j), users)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # p . q in float32 in the ranking
+
+
+def test_a_version_without_content_has_nothing_that_mixes():
+    """Gowalla's case (no item text): no content part, so no item takes rows from content or mixes, and
+    the offline Scorer and the copy score what they scored without one."""
+    from graph_models.coldstart import fit_content
+    edges = {e: v for e, v in _graph(6).items() if v[0] > 0}
+    lm = _model("table", edges)
+    r = [USERS.index(u) for u, _ in edges]
+    csr = sp.csr_matrix(([w for w, _ in edges.values()], (r, [ITEMS.index(i) for _, i in edges])),
+                        shape=(len(USERS), len(ITEMS)))
+    part, report = fit_content(lambda g: build(g, lm.mcfg), csr, [{"title": None}] * len(ITEMS))
+    assert part is None and "skipped" in report and lm.model.content is None
+    cold = lm.cold(_meta(lm, ITEMS + NEW))
+    assert not len(cold.pos) and cold.a is None and not lm.mixes
+    users = np.arange(len(USERS))
+    with_content = Scorer(lm.model, csr, content=cold)
+    assert with_content.mix is None
+    assert torch.equal(with_content(users), Scorer(lm.model, csr)(users))
+    st = _whole(lm, edges, ITEMS + NEW)
+    assert st.items.mix is None and not len(st.items.content.cols)
