@@ -47,6 +47,8 @@ class ColdConfig:
     # How the version scores an item without a trained row: "mix", the attention mix of the shopper's
     # full scores of the known items it attends to; "rows", p_u . q_hat_j (the low-rank part alone).
     score: str = "mix"
+    # What the map is trained to rank by: "rows" (p_u . q_hat_j) or "mix" (the mix of full scores).
+    loss: str = "rows"
 
     def to_dict(self):
         """Plain JSON-able dict."""
@@ -110,14 +112,22 @@ def recall_among(p, q_cold, truth, exclude=None, k=20):
     return evaluate(scores, truth, exclude, k)
 
 
-def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, progress=True, writer=None, tag=""):
+def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, progress=True, writer=None, tag="",
+              full=None):
     """Train a ContentMap: p users x D (interests on a version without the items `feats`), x and q the
     version's rows of its known items (features `known_feats`), `truth` user -> set of positions in
     `feats` (the hidden items the user has); `val` = (features, truth) of other hidden items picks the
-    best epoch (Recall@k among them). Returns (map at its best epoch, history)."""
+    best epoch (Recall@k among them, scored as cfg.score says). `full` = (user rows, their full scores
+    of the known items: `full_scores`), every user of `truth` and `val`, is what the mix reads, for
+    cfg.loss or cfg.score "mix". Returns (map at its best epoch, history)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     pu = _unit(torch.as_tensor(p, dtype=torch.float32))
+    if full is not None:  # (user rows, their scores), each over its largest: one scale fits every user
+        at = np.full(len(p), -1, dtype=np.int64)
+        at[full[0]] = np.arange(len(full[0]))
+        full = torch.as_tensor(full[1], dtype=torch.float32)
+        full = full / full.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     x, q = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(q, dtype=torch.float32)
     kf, f = torch.as_tensor(known_feats, dtype=torch.float32), torch.as_tensor(feats, dtype=torch.float32)
     users = np.array(sorted(truth), dtype=np.int64)
@@ -132,8 +142,13 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
     def validate(row):
         if val is None:
             return
-        _, q_val = net.rows(val[0], kf, x, q)
-        m = recall_among(p, q_val, val[1], k=cfg.k)
+        if cfg.score == "mix" and full is not None:
+            with torch.no_grad():
+                a = net.attention(torch.as_tensor(val[0], dtype=torch.float64), kf.double()).float()
+            m = recall_among(full, a, {int(at[u]): t for u, t in val[1].items()}, k=cfg.k)
+        else:
+            _, q_val = net.rows(val[0], kf, x, q)
+            m = recall_among(p, q_val, val[1], k=cfg.k)
         row.update({f"val_recall@{cfg.k}": m[f"recall@{cfg.k}"], f"val_ndcg@{cfg.k}": m[f"ndcg@{cfg.k}"]})
 
     first = {"epoch": 0, "loss": float("nan"), "seconds": 0.0}
@@ -145,8 +160,12 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
         total, order = 0.0, rng.permutation(len(users))
         for s in range(0, len(order), cfg.batch_users):
             rows = torch.as_tensor(order[s:s + cfg.batch_users])
-            _, qh = net(f, kf, x, q)
-            logits = net.log_scale.exp() * (pu[torch.as_tensor(users)[rows]] @ _unit(qh).T)
+            who = torch.as_tensor(users)[rows]
+            if cfg.loss == "mix":
+                logits = net.log_scale.exp() * (full[torch.as_tensor(at[who.numpy()])] @ net.attention(f, kf).T)
+            else:
+                _, qh = net(f, kf, x, q)
+                logits = net.log_scale.exp() * (pu[who] @ _unit(qh).T)
             loss = -(target[rows] * torch.log_softmax(logits, dim=1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
@@ -219,6 +238,17 @@ def hide_items(graph, share, seed=0):
     return fit, hidden, truth
 
 
+def full_scores(model, graph, known, users, batch: int = 1024) -> np.ndarray:
+    """The full scores (train.Scorer, every item scored) of user rows `users` for the `known` items,
+    float32: what the mix reads."""
+    from .train import Scorer
+    scorer, out = Scorer(model, graph, candidates=False), [np.zeros((0, len(known)), dtype=np.float32)]
+    with torch.no_grad():
+        for start in range(0, len(users), batch):
+            out.append(scorer(users[start:start + batch])[:, known].numpy().astype(np.float32))
+    return np.vstack(out)
+
+
 def tables(model, graph):
     """(p, x, q) of a version on `graph`: its users' interests and its item rows, float32 arrays."""
     from .graph import graph_from_csr
@@ -229,9 +259,9 @@ def tables(model, graph):
     return out["user"].float().numpy(), x.float().numpy(), q.float().numpy()
 
 
-# Settings tried on the validation items; one (K = 50) keeps `train` and `evaluate cold-items` within
-# minutes on a busy machine, the epoch is still chosen on validation.
-GRID = ({"neighbours": 50},)
+# Settings tried on the validation items: K = 50 (one size keeps `train` and `evaluate cold-items` within
+# minutes on a busy machine), trained to rank by rows or by the mix; the epoch is chosen on validation.
+GRID = ({"neighbours": 50, "loss": "rows"}, {"neighbours": 50, "loss": "mix"})
 
 
 def _positions(truth, cols):
@@ -249,8 +279,12 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     on features, so it serves the version built on the whole graph as it is. Returns (map, report)."""
     cfg = cfg or ColdConfig()
     fit_g, hidden, truth = hide_items(graph, share, cfg.seed + 1)
-    p, x, q = tables(build(fit_g), fit_g)
+    version = build(fit_g)
+    p, x, q = tables(version, fit_g)
     known = np.flatnonzero(np.asarray((fit_g > 0).sum(axis=0)).ravel() > 0)
+    uses_mix = cfg.score == "mix" or any(c.get("loss") == "mix" for c in grid)
+    who = np.array(sorted(truth), dtype=np.int64)
+    full = (who, full_scores(version, fit_g, known, who)) if uses_mix else None
     half = np.random.default_rng(cfg.seed).permutation(len(hidden))
     on, off = np.sort(half[: len(half) // 2]), np.sort(half[len(half) // 2:])
     truth_on, truth_off = _positions(truth, on), _positions(truth, off)
@@ -258,7 +292,8 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     for n, change in enumerate(grid):
         c = ColdConfig(**{**cfg.to_dict(), **change})
         net, hist = train_map(p, x[known], q[known], feats[known], feats[hidden[on]], truth_on, c,
-                              val=(feats[hidden[off]], truth_off), progress=progress, writer=writer, tag=f"/trial{n}")
+                              val=(feats[hidden[off]], truth_off), progress=progress, writer=writer, tag=f"/trial{n}",
+                              full=full)
         key = (f"val_recall@{c.k}", f"val_ndcg@{c.k}")
         best = max(hist, key=lambda r: tuple(r[m] for m in key))
         trials.append({**change, "epoch": best["epoch"], **{m: best[m] for m in key},

@@ -215,7 +215,7 @@ class _Version:
     def cold(metas):
         pos = np.array([k for k, m in enumerate(metas) if m.get("title")], dtype=np.int64)
         rows = np.array([[len(metas[k]["title"]), 1.0] for k in pos]).reshape(len(pos), 2)
-        return pos, rows, 2 * rows
+        return pos, rows, 2 * rows, None  # by rows (no attention)
 
 
 def test_the_copys_rows_from_content_follow_what_each_sync_reads():
