@@ -138,9 +138,9 @@ class Config:
     item_trend: float = 0.0
     trend_weight: float = 0.0
     # What `train` saves with the version to give items without a trained row rows from their content
-    # (graph_models.coldstart): "on" the learned content map, "knn" its untrained attention (content-kNN,
-    # seconds to fit), "off" nothing (such items keep the zero row).
-    content_map: str = "knn"
+    # (graph_models.coldstart): "on" the learned content map (a minute or two; it ranked the validation
+    # items better), "knn" its untrained attention (content-kNN, seconds), "off" nothing (the zero row).
+    content_map: str = "on"
     # How such a version ranks those items: "mix", the attention mix of the shopper's full scores of the
     # known items each attends to (chosen on validation items, docs/evaluation.md); "rows", p_u . q_hat.
     content_score: str = "mix"

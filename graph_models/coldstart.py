@@ -6,18 +6,20 @@ its content is like, weighted by a learned attention:
     a_ji = softmax over j's `neighbours` nearest known items i of  tau * cos(A c_j, A c_i)
     q_hat_j = sum_i a_ji q_i,   x_hat_j = sum_i a_ji x_i
 
-so users rank it by `p_u . q_hat_j` (the scores their interests give to the items it resembles) and a
-shopper of such items aggregates `x_hat` into `p_u`, the same GraphSAGE sum layer as for known items:
-a GraphSAGE layer over a content-similarity graph from the new item to known ones. A (features x
-features, starting at the identity) and tau are trained by gradient descent (Adam) on items hidden from
-a version built without them (DropoutNet's idea: the collaborative rows of the trained-on items are
-dropped, so content alone must carry them) with the loss
+and a shopper of such items aggregates `x_hat` into `p_u`, the same GraphSAGE sum layer as for known
+items: a GraphSAGE layer over a content-similarity graph from the new item to known ones. Users rank
+it by `p_u . q_hat_j` (score "rows") or, by default, by the same attention's mix of their full scores
+of those items, `sum_i a_ji s(u, i)` (score "mix": train.Scorer). A (features x features, starting at
+the identity) and tau are trained by gradient descent (Adam) on items hidden from a version built
+without them (DropoutNet's idea: the collaborative rows of the trained-on items are dropped, so
+content alone must carry them) with a softmax loss over the hidden training items H, by rows or by
+the mix (s a learned scale, f the version's full scores):
 
     L = mean_u [ -1/|H(u)| sum_{j in H(u)} log softmax_{j in H}( s * p_u/|p_u| . q_hat_j ) ]
+    L = mean_u [ -1/|H(u)| sum_{j in H(u)} log softmax_{j in H}( s * sum_i a_ji f(u, i) / max_i |f(u, i)| ) ]
 
-over the hidden training items H (s a learned scale). A and tau act on features, not on a version's
-rows, so the map trained on the version built without the hidden items serves the version built on
-all of them.
+A and tau act on features, not on a version's rows, so the map trained on the version built without
+the hidden items serves the version built on all of them.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class ColdConfig:
     score: str = "mix"
     # What the map is trained to rank by: "rows" (p_u . q_hat_j) or "mix" (the mix of full scores).
     loss: str = "rows"
+    sample_users: int = 20_000  # users with hidden items trained and validated on, at most
 
     def to_dict(self):
         """Plain JSON-able dict."""
@@ -259,8 +262,7 @@ def tables(model, graph):
     return out["user"].float().numpy(), x.float().numpy(), q.float().numpy()
 
 
-# Settings tried on the validation items: K = 50 (one size keeps `train` and `evaluate cold-items` within
-# minutes on a busy machine), trained to rank by rows or by the mix; the epoch is chosen on validation.
+# Tried on the validation items: trained to rank by rows or by the mix; one K keeps `train` within minutes.
 GRID = ({"neighbours": 50, "loss": "rows"}, {"neighbours": 50, "loss": "mix"})
 
 
@@ -275,13 +277,17 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
                      writer=None, mix_check=False):
     """A version's content map: hide a seeded `share` of the items that have edges, build the version
     without them (`build(graph)`), train a map per setting of `grid` on half of the hidden items and keep
-    the one under which the other half ranks best (Recall@k among them, at its best epoch). The map acts
-    on features, so it serves the version built on the whole graph as it is. Returns (map, report)."""
+    the one under which the other half ranks best (Recall@k among them, at its best epoch; epoch 0 is the
+    untrained attention, A = I). The map acts on features, so it serves the version built on the whole
+    graph as it is. Returns (map, report)."""
     cfg = cfg or ColdConfig()
     fit_g, hidden, truth = hide_items(graph, share, cfg.seed + 1)
     version = build(fit_g)
     p, x, q = tables(version, fit_g)
     known = np.flatnonzero(np.asarray((fit_g > 0).sum(axis=0)).ravel() > 0)
+    if len(truth) > cfg.sample_users:  # the mix keeps users x known items of scores: a bounded sample
+        keep = np.random.default_rng(cfg.seed).choice(sorted(truth), cfg.sample_users, replace=False)
+        truth = {int(u): truth[int(u)] for u in keep}
     uses_mix = cfg.score == "mix" or any(c.get("loss") == "mix" for c in grid)
     who = np.array(sorted(truth), dtype=np.int64)
     full = (who, full_scores(version, fit_g, known, who)) if uses_mix else None
@@ -302,18 +308,15 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     key = (f"val_recall@{cfg.k}", f"val_ndcg@{cfg.k}")
     chosen = max(range(len(trials)), key=lambda t: tuple(trials[t][m] for m in key))
     net, c, hist = nets[chosen]
-    # the same validation items scored by the mix of full scores (as served: train.Scorer) under this map, and
-    # under the untrained one: which way of scoring new items the validation items prefer
+    # the validation items scored as served (train.Scorer's mix) under this map and the untrained one
     mix = {}
     if mix_check:
         for name, m in (("trained", net), ("untrained", ContentMap(feats.shape[1], c.neighbours))):
             r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, hidden[off], truth_off, c.k)
             mix[name] = {f"val_recall@{c.k}": r[f"recall@{c.k}"], f"val_ndcg@{c.k}": r[f"ndcg@{c.k}"]}
-    # the map is kept at its best epoch (0: the untrained attention, A = I, was best on validation)
     return net, {"trials": trials, "chosen": c.to_dict(), "epoch": trials[chosen]["epoch"], "history": hist,
-                 "mix": mix,
-                 "validation_items": int(len(hidden)),
-                 "train_users": len(truth_on), "validation_users": len(truth_off)}
+                 "mix": mix, "validation_items": int(len(hidden)), "train_users": len(truth_on),
+                 "validation_users": len(truth_off)}
 
 
 class ContentPart:

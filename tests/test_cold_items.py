@@ -69,7 +69,7 @@ def run_refresh(driver, cfg):
 @pytest.fixture(scope="module")
 def trained(cfg, driver, base_url):
     """Four kinds of items bought within their kind, with metadata, and a version trained on them (its
-    content part the default content-kNN)."""
+    content part the default, learned)."""
     wipe(driver, cfg.neo4j_database)
     pipeline.ingest(driver, cfg, _events(random.Random(5)))
     assert put(base_url, [_item(k) for k in range(len(KINDS) * PER_KIND)]).status_code == 200
