@@ -43,6 +43,7 @@ def _env(env: dict, name: str, default=None, cast=str):
 
 
 CONTENT_MAPS = ("on", "knn", "off")
+CONTENT_SCORES = ("mix", "rows")
 
 
 def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -137,9 +138,12 @@ class Config:
     item_trend: float = 0.0
     trend_weight: float = 0.0
     # What `train` saves with the version to give items without a trained row rows from their content
-    # (graph_models.coldstart): "on" the learned content map, "knn" its untrained attention (content-kNN,
-    # seconds to fit), "off" nothing (such items keep the zero row).
-    content_map: str = "knn"
+    # (graph_models.coldstart): "on" the learned content map (a minute or two; it ranked the validation
+    # items better), "knn" its untrained attention (content-kNN, seconds), "off" nothing (the zero row).
+    content_map: str = "on"
+    # How such a version ranks those items: "mix", the attention mix of the shopper's full scores of the
+    # known items each attends to (chosen on validation items, docs/evaluation.md); "rows", p_u . q_hat.
+    content_score: str = "mix"
     model_dir: Path | None = None
     # ingest
     batch_limit: int = 10_000
@@ -291,6 +295,7 @@ def load_config(**overrides) -> Config:
         item_trend=_env(env, "IG_ITEM_TREND", Config.item_trend, float),
         trend_weight=_env(env, "IG_TREND_WEIGHT", Config.trend_weight, float),
         content_map=_choice(env, "IG_CONTENT_MAP", Config.content_map, CONTENT_MAPS),
+        content_score=_choice(env, "IG_CONTENT_SCORE", Config.content_score, CONTENT_SCORES),
         model_dir=_env(env, "IG_MODEL_DIR", None, Path),
         batch_limit=_env(env, "IG_BATCH_LIMIT", Config.batch_limit, int),
         half_life_days=_env(env, "IG_HALF_LIFE_DAYS", Config.half_life_days, float),

@@ -9,6 +9,7 @@ than k candidates new to them is ranked over every item instead.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 TOP_BIAS = 256  # items of highest bias every shopper's candidates include
@@ -26,6 +27,16 @@ def top_bias(bias, n: int = TOP_BIAS) -> np.ndarray:
 def pattern(table):
     """The item table's entries as 1s (float32 CSR): what `restricted` reads."""
     return (table != 0).astype(np.float32)
+
+
+def with_attending(reach_of, cols, a):
+    """`reach_of` (items x items pattern) that also reaches, from every item it reaches, the items `cols`
+    whose attention rows `a` (len(cols) x items) hold that item: an item without a trained row is a
+    candidate when one of the known items it mixes is (coldstart: the full-score mix)."""
+    m = sp.csr_matrix(a).tocoo()
+    n = reach_of.shape[1]
+    attends = sp.csr_matrix((np.ones(m.nnz, dtype=np.float32), (m.col, np.asarray(cols)[m.row])), shape=(n, n))
+    return pattern(reach_of + reach_of @ attends)
 
 
 def restricted(s, rows, reach_of, bias, k: int, n_bias: int = TOP_BIAS) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .coldstart import ColdConfig, choose_and_train, hide_items, mixed_scores, tables
+from .coldstart import ColdConfig, ContentMap, attention_matrix, choose_and_train, hide_items, tables
 from .content import ContentEncoder, item_text
 from .ease import ease_scorer, tune_ease
 from .evaluation import evaluate
@@ -87,26 +87,13 @@ def _among(score_fn, cols):
     return lambda users: score_fn(users)[:, c]
 
 
-def _with_rows(scorer, cols, q_hat):
-    """`scorer` (a train.Scorer) whose items `cols` have the content map's rows q_hat."""
-    scorer.q[torch.as_tensor(cols)] = torch.as_tensor(q_hat, dtype=scorer.q.dtype)
-    return scorer
-
-
-def _mixed(scorer, net, feats, cold, known):
-    """`scorer` whose items `cold` score the attention mix of the user's full scores of the known items
-    they are like (coldstart.mixed_scores)."""
-    with torch.no_grad():
-        a = net.attention(torch.as_tensor(feats[cold], dtype=torch.float64),
-                          torch.as_tensor(feats[known], dtype=torch.float64)).numpy()
-    c = torch.as_tensor(cold)
-    mix = mixed_scores(lambda s: s, a, known)  # applied to the scores computed once
-
-    def score(users):
-        s = scorer(users)
-        s[:, c] = mix(s)
-        return s
-    return score
+def _served(model, graph, net, feats, cold, known, mix: bool):
+    """The Scorer the service ranks by when `cold` items take their rows from content through `net`
+    (over the `known` items' features): by the attention mix of full scores (`mix`), or by their rows."""
+    _, x, q = tables(model, graph[:, :model.num_items])
+    a = attention_matrix(net, feats[cold], feats[known], known, model.num_items)
+    content = (np.asarray(cold), np.asarray(a @ x), np.asarray(a @ q), a if mix else None)
+    return Scorer(model, graph, content=content)
 
 
 def _measure(named, truth_all, truth_cold, cold, exclude, k, truth_warm=None):
@@ -130,12 +117,13 @@ def _cold_truth(truth_all, cold):
 
 
 def _scorers(model, net, graph, content, cold, ease_lambda):
-    """Ours, today's model, EASE, popularity by category and content-kNN over `graph`'s columns."""
+    """Ours as served (the learned map and content-kNN's attention, mixing full scores; the learned map's
+    rows alone), today's model, EASE, popularity by category and content-kNN over `graph`'s columns."""
     known = np.flatnonzero(np.asarray((graph > 0).sum(axis=0)).ravel() > 0)
-    _, x, q = tables(model, graph[:, :model.num_items])
-    _, q_hat = net.rows(content.feats[cold], content.feats[known], x[known], q[known])
-    return {"ours": _with_rows(Scorer(model, graph), cold, q_hat),
-            "ours_mix": _mixed(Scorer(model, graph), net, content.feats, cold, known),
+    untrained = ContentMap(content.feats.shape[1], net.neighbours)
+    return {"ours_mix": _served(model, graph, net, content.feats, cold, known, True),
+            "ours_knn_mix": _served(model, graph, untrained, content.feats, cold, known, True),
+            "ours_rows": _served(model, graph, net, content.feats, cold, known, False),
             "today": Scorer(model, graph),
             "ease": ease_scorer(graph, ease_lambda),
             "category_popularity": category_popularity(graph, content.cats),
@@ -229,7 +217,8 @@ def run_evaluation(path, cfg, ccfg=None, progress=True, log_dir=None, fixed=None
     return report
 
 
-NAMES = {"ours": "ours (content map)", "ours_mix": "ours, full-score mix", "today": "model without content", "ease": "EASE",
+NAMES = {"ours_mix": "ours, mix (learned map)", "ours_knn_mix": "ours, mix (kNN attention)",
+         "ours_rows": "ours, rows (learned map)", "today": "model without content", "ease": "EASE",
          "category_popularity": "popularity by category", "content_knn": "content-kNN"}
 
 
@@ -240,7 +229,7 @@ def table(report: dict) -> str:
         if proto not in report:
             continue
         r = report[proto]["table"]
-        cols = [c for c in ("cold_among_cold", "cold_among_all", "warm_among_all") if c in r["ours"]]
+        cols = [c for c in ("cold_among_cold", "cold_among_all", "warm_among_all") if c in r["today"]]
         lines.append(f"\n{title}: " + ", ".join(f"{k} {v}" for k, v in report[proto]["split"].items()))
         lines.append(f"{'model':<24}" + "".join(f"{c:>26}" for c in cols))
         for name, row in r.items():

@@ -6,18 +6,20 @@ its content is like, weighted by a learned attention:
     a_ji = softmax over j's `neighbours` nearest known items i of  tau * cos(A c_j, A c_i)
     q_hat_j = sum_i a_ji q_i,   x_hat_j = sum_i a_ji x_i
 
-so users rank it by `p_u . q_hat_j` (the scores their interests give to the items it resembles) and a
-shopper of such items aggregates `x_hat` into `p_u`, the same GraphSAGE sum layer as for known items:
-a GraphSAGE layer over a content-similarity graph from the new item to known ones. A (features x
-features, starting at the identity) and tau are trained by gradient descent (Adam) on items hidden from
-a version built without them (DropoutNet's idea: the collaborative rows of the trained-on items are
-dropped, so content alone must carry them) with the loss
+and a shopper of such items aggregates `x_hat` into `p_u`, the same GraphSAGE sum layer as for known
+items: a GraphSAGE layer over a content-similarity graph from the new item to known ones. Users rank
+it by `p_u . q_hat_j` (score "rows") or, by default, by the same attention's mix of their full scores
+of those items, `sum_i a_ji s(u, i)` (score "mix": train.Scorer). A (features x features, starting at
+the identity) and tau are trained by gradient descent (Adam) on items hidden from a version built
+without them (DropoutNet's idea: the collaborative rows of the trained-on items are dropped, so
+content alone must carry them) with a softmax loss over the hidden training items H, by rows or by
+the mix (s a learned scale, f the version's full scores):
 
     L = mean_u [ -1/|H(u)| sum_{j in H(u)} log softmax_{j in H}( s * p_u/|p_u| . q_hat_j ) ]
+    L = mean_u [ -1/|H(u)| sum_{j in H(u)} log softmax_{j in H}( s * sum_i a_ji f(u, i) / max_i |f(u, i)| ) ]
 
-over the hidden training items H (s a learned scale). A and tau act on features, not on a version's
-rows, so the map trained on the version built without the hidden items serves the version built on
-all of them.
+A and tau act on features, not on a version's rows, so the map trained on the version built without
+the hidden items serves the version built on all of them.
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ class ColdConfig:
     patience: int = 3
     seed: int = 0
     k: int = 20
+    # How the version scores an item without a trained row: "mix", the attention mix of the shopper's
+    # full scores of the known items it attends to; "rows", p_u . q_hat_j (the low-rank part alone).
+    score: str = "mix"
+    # What the map is trained to rank by: "rows" (p_u . q_hat_j) or "mix" (the mix of full scores).
+    loss: str = "rows"
+    sample_users: int = 20_000  # users with hidden items trained and validated on, at most
 
     def to_dict(self):
         """Plain JSON-able dict."""
@@ -107,14 +115,22 @@ def recall_among(p, q_cold, truth, exclude=None, k=20):
     return evaluate(scores, truth, exclude, k)
 
 
-def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, progress=True, writer=None, tag=""):
+def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, progress=True, writer=None, tag="",
+              full=None):
     """Train a ContentMap: p users x D (interests on a version without the items `feats`), x and q the
     version's rows of its known items (features `known_feats`), `truth` user -> set of positions in
     `feats` (the hidden items the user has); `val` = (features, truth) of other hidden items picks the
-    best epoch (Recall@k among them). Returns (map at its best epoch, history)."""
+    best epoch (Recall@k among them, scored as cfg.score says). `full` = (user rows, their full scores
+    of the known items: `full_scores`), every user of `truth` and `val`, is what the mix reads, for
+    cfg.loss or cfg.score "mix". Returns (map at its best epoch, history)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     pu = _unit(torch.as_tensor(p, dtype=torch.float32))
+    if full is not None:  # (user rows, their scores), each over its largest: one scale fits every user
+        at = np.full(len(p), -1, dtype=np.int64)
+        at[full[0]] = np.arange(len(full[0]))
+        full = torch.as_tensor(full[1], dtype=torch.float32)
+        full = full / full.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     x, q = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(q, dtype=torch.float32)
     kf, f = torch.as_tensor(known_feats, dtype=torch.float32), torch.as_tensor(feats, dtype=torch.float32)
     users = np.array(sorted(truth), dtype=np.int64)
@@ -129,8 +145,13 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
     def validate(row):
         if val is None:
             return
-        _, q_val = net.rows(val[0], kf, x, q)
-        m = recall_among(p, q_val, val[1], k=cfg.k)
+        if cfg.score == "mix" and full is not None:
+            with torch.no_grad():
+                a = net.attention(torch.as_tensor(val[0], dtype=torch.float64), kf.double()).float()
+            m = recall_among(full, a, {int(at[u]): t for u, t in val[1].items()}, k=cfg.k)
+        else:
+            _, q_val = net.rows(val[0], kf, x, q)
+            m = recall_among(p, q_val, val[1], k=cfg.k)
         row.update({f"val_recall@{cfg.k}": m[f"recall@{cfg.k}"], f"val_ndcg@{cfg.k}": m[f"ndcg@{cfg.k}"]})
 
     first = {"epoch": 0, "loss": float("nan"), "seconds": 0.0}
@@ -142,8 +163,12 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
         total, order = 0.0, rng.permutation(len(users))
         for s in range(0, len(order), cfg.batch_users):
             rows = torch.as_tensor(order[s:s + cfg.batch_users])
-            _, qh = net(f, kf, x, q)
-            logits = net.log_scale.exp() * (pu[torch.as_tensor(users)[rows]] @ _unit(qh).T)
+            who = torch.as_tensor(users)[rows]
+            if cfg.loss == "mix":
+                logits = net.log_scale.exp() * (full[torch.as_tensor(at[who.numpy()])] @ net.attention(f, kf).T)
+            else:
+                _, qh = net(f, kf, x, q)
+                logits = net.log_scale.exp() * (pu[who] @ _unit(qh).T)
             loss = -(target[rows] * torch.log_softmax(logits, dim=1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
@@ -170,25 +195,31 @@ def train_map(p, x, q, known_feats, feats, truth, cfg: ColdConfig, val=None, pro
     return net.eval(), history
 
 
-def mixed_scores(score_fn, attention, known):
-    """Scores of new items as the attention mix of the user's full scores of the known items they are
-    like: s(u, j) = sum_i a_ji s(u, i), `attention` new items x known items (rows of `known`, columns
-    of score_fn's scores). The full score (the filter, EASE, biases) carries what ranks, where
-    `p_u . q_hat_j` carries only the low-rank part; it also puts new items on the known items' scale."""
-    a = torch.as_tensor(np.asarray(attention), dtype=torch.float32)
-    k = torch.as_tensor(np.asarray(known))
-    return lambda users: score_fn(users)[:, k].float() @ a.T
+def attention_matrix(net, feats, known_feats, known_cols, width: int) -> sp.csr_matrix:
+    """The attention of items with feature rows `feats` over known items (features `known_feats`, at
+    columns `known_cols` of a `width`-column table), as a CSR matrix (float64, each row summing to 1)."""
+    with torch.no_grad():
+        a = net.attention(torch.as_tensor(np.asarray(feats), dtype=torch.float64),
+                          torch.as_tensor(np.asarray(known_feats), dtype=torch.float64)).numpy()
+    a = sp.csr_matrix(a)
+    cols = np.asarray(known_cols, dtype=np.int64)
+    return sp.csr_matrix((a.data, cols[a.indices], a.indptr), shape=(a.shape[0], width))
 
 
-def mix_validation(build, fit_g, net, feats_known, feats_val, known, truth, k=20):
-    """Recall@k and NDCG@k among the validation items `truth` (user -> positions in feats_val) when
-    they are scored by `mixed_scores` under the version built on `fit_g` (`build(fit_g)`)."""
+def mix_validation(build, fit_g, net, feats_known, feats_val, known, val_cols, truth, k=20):
+    """Recall@k and NDCG@k among the validation items (columns `val_cols` of fit_g, `truth` user ->
+    positions in them) when the version built on `fit_g` (`build(fit_g)`) scores them by the attention
+    mix of the shopper's full scores (train.Scorer with a mixing content part, as served)."""
     from .evaluation import evaluate
     from .train import Scorer
+    model = build(fit_g)
+    a = attention_matrix(net, feats_val, feats_known, known, fit_g.shape[1])
+    rows = np.arange(model.num_items + 1)
     with torch.no_grad():
-        a = net.attention(torch.as_tensor(feats_val, dtype=torch.float64),
-                          torch.as_tensor(feats_known, dtype=torch.float64)).numpy()
-    return evaluate(mixed_scores(Scorer(build(fit_g), fit_g), a, known), truth, None, k)
+        x, q = model.item_input(torch.as_tensor(rows)).numpy(), model.item_embedding(torch.as_tensor(rows)).numpy()
+    content = (np.asarray(val_cols), a @ x[:fit_g.shape[1]], a @ q[:fit_g.shape[1]], a)
+    scorer, cols = Scorer(model, fit_g, content=content), torch.as_tensor(np.asarray(val_cols))
+    return evaluate(lambda users: scorer(users)[:, cols], truth, None, k)
 
 
 def hide_items(graph, share, seed=0):
@@ -210,6 +241,17 @@ def hide_items(graph, share, seed=0):
     return fit, hidden, truth
 
 
+def full_scores(model, graph, known, users, batch: int = 1024) -> np.ndarray:
+    """The full scores (train.Scorer, every item scored) of user rows `users` for the `known` items,
+    float32: what the mix reads."""
+    from .train import Scorer
+    scorer, out = Scorer(model, graph, candidates=False), [np.zeros((0, len(known)), dtype=np.float32)]
+    with torch.no_grad():
+        for start in range(0, len(users), batch):
+            out.append(scorer(users[start:start + batch])[:, known].numpy().astype(np.float32))
+    return np.vstack(out)
+
+
 def tables(model, graph):
     """(p, x, q) of a version on `graph`: its users' interests and its item rows, float32 arrays."""
     from .graph import graph_from_csr
@@ -220,9 +262,8 @@ def tables(model, graph):
     return out["user"].float().numpy(), x.float().numpy(), q.float().numpy()
 
 
-# Settings tried on the validation items; one (K = 50) keeps `train` and `evaluate cold-items` within
-# minutes on a busy machine, the epoch is still chosen on validation.
-GRID = ({"neighbours": 50},)
+# Tried on the validation items: trained to rank by rows or by the mix; one K keeps `train` within minutes.
+GRID = ({"neighbours": 50, "loss": "rows"}, {"neighbours": 50, "loss": "mix"})
 
 
 def _positions(truth, cols):
@@ -236,12 +277,20 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
                      writer=None, mix_check=False):
     """A version's content map: hide a seeded `share` of the items that have edges, build the version
     without them (`build(graph)`), train a map per setting of `grid` on half of the hidden items and keep
-    the one under which the other half ranks best (Recall@k among them, at its best epoch). The map acts
-    on features, so it serves the version built on the whole graph as it is. Returns (map, report)."""
+    the one under which the other half ranks best (Recall@k among them, at its best epoch; epoch 0 is the
+    untrained attention, A = I). The map acts on features, so it serves the version built on the whole
+    graph as it is. Returns (map, report)."""
     cfg = cfg or ColdConfig()
     fit_g, hidden, truth = hide_items(graph, share, cfg.seed + 1)
-    p, x, q = tables(build(fit_g), fit_g)
+    version = build(fit_g)
+    p, x, q = tables(version, fit_g)
     known = np.flatnonzero(np.asarray((fit_g > 0).sum(axis=0)).ravel() > 0)
+    if len(truth) > cfg.sample_users:  # the mix keeps users x known items of scores: a bounded sample
+        keep = np.random.default_rng(cfg.seed).choice(sorted(truth), cfg.sample_users, replace=False)
+        truth = {int(u): truth[int(u)] for u in keep}
+    uses_mix = cfg.score == "mix" or any(c.get("loss") == "mix" for c in grid)
+    who = np.array(sorted(truth), dtype=np.int64)
+    full = (who, full_scores(version, fit_g, known, who)) if uses_mix else None
     half = np.random.default_rng(cfg.seed).permutation(len(hidden))
     on, off = np.sort(half[: len(half) // 2]), np.sort(half[len(half) // 2:])
     truth_on, truth_off = _positions(truth, on), _positions(truth, off)
@@ -249,7 +298,8 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     for n, change in enumerate(grid):
         c = ColdConfig(**{**cfg.to_dict(), **change})
         net, hist = train_map(p, x[known], q[known], feats[known], feats[hidden[on]], truth_on, c,
-                              val=(feats[hidden[off]], truth_off), progress=progress, writer=writer, tag=f"/trial{n}")
+                              val=(feats[hidden[off]], truth_off), progress=progress, writer=writer, tag=f"/trial{n}",
+                              full=full)
         key = (f"val_recall@{c.k}", f"val_ndcg@{c.k}")
         best = max(hist, key=lambda r: tuple(r[m] for m in key))
         trials.append({**change, "epoch": best["epoch"], **{m: best[m] for m in key},
@@ -258,18 +308,15 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     key = (f"val_recall@{cfg.k}", f"val_ndcg@{cfg.k}")
     chosen = max(range(len(trials)), key=lambda t: tuple(trials[t][m] for m in key))
     net, c, hist = nets[chosen]
-    # the same validation items scored by the mix of full scores (mixed_scores) under this map, and
-    # under the untrained one: which way of scoring new items the validation items prefer
+    # the validation items scored as served (train.Scorer's mix) under this map and the untrained one
     mix = {}
     if mix_check:
         for name, m in (("trained", net), ("untrained", ContentMap(feats.shape[1], c.neighbours))):
-            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, truth_off, c.k)
+            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, hidden[off], truth_off, c.k)
             mix[name] = {f"val_recall@{c.k}": r[f"recall@{c.k}"], f"val_ndcg@{c.k}": r[f"ndcg@{c.k}"]}
-    # the map is kept at its best epoch (0: the untrained attention, A = I, was best on validation)
     return net, {"trials": trials, "chosen": c.to_dict(), "epoch": trials[chosen]["epoch"], "history": hist,
-                 "mix": mix,
-                 "validation_items": int(len(hidden)),
-                 "train_users": len(truth_on), "validation_users": len(truth_off)}
+                 "mix": mix, "validation_items": int(len(hidden)), "train_users": len(truth_on),
+                 "validation_users": len(truth_off)}
 
 
 class ContentPart:
@@ -286,16 +333,25 @@ class ContentPart:
         texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
         return self.encoder.transform(texts, [it.get("category") for it in items], [it.get("price") for it in items])
 
-    def rows(self, items, x, q, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """(x_hat, q_hat), float64, of item dicts, from the version's table (x, q: all its rows); in
-        batches, so that the attention over known items stays small however many items come at once."""
-        out_x, out_q = [np.zeros((0, x.shape[1]))], [np.zeros((0, q.shape[1]))]
-        kx, kq = x[self.known], q[self.known]
+    @property
+    def mixes(self) -> bool:
+        """Whether the version scores items without a trained row by the mix of full scores (else by rows)."""
+        return self.cfg.score == "mix"
+
+    def attention(self, items, width: int, batch: int = 1024) -> sp.csr_matrix:
+        """Each item dict's attention over the version's known rows, as a CSR matrix over its `width` table
+        rows; in batches, so that the attention over known items stays small however many items come."""
+        parts = [sp.csr_matrix((0, width))]
         for start in range(0, len(items), batch):
-            bx, bq = self.net.rows(self.features(items[start:start + batch]), self.known_feats, kx, kq)
-            out_x.append(bx)
-            out_q.append(bq)
-        return np.vstack(out_x), np.vstack(out_q)
+            parts.append(attention_matrix(self.net, self.features(items[start:start + batch]), self.known_feats,
+                                          self.known, width))
+        return sp.csr_matrix(sp.vstack(parts))
+
+    def rows(self, items, x, q) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+        """(x_hat, q_hat, a) of item dicts: their rows (float64) mixed from the version's table (x, q: all
+        its rows) by their attention `a` over those rows."""
+        a = self.attention(items, x.shape[0])
+        return np.asarray(a @ x), np.asarray(a @ q), a
 
     def to_state(self) -> dict:
         """Tensors and plain values for a checkpoint."""
@@ -308,7 +364,8 @@ class ContentPart:
     def from_state(cls, state: dict) -> "ContentPart":
         """The part `to_state` saved."""
         from .content import ContentEncoder
-        cfg = ColdConfig.from_dict(state["config"])
+        # a version saved before the mix scored such items by their rows
+        cfg = ColdConfig.from_dict({"score": "rows", **state["config"]})
         net = ContentMap(state["in_dim"], cfg.neighbours)
         net.load_state_dict(state["map"])
         return cls(ContentEncoder.from_state(state["encoder"]), net, cfg, np.asarray(state["known"]),

@@ -4,12 +4,13 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from .baselines import popularity_scorer
 from .bias import fit_bias, prior, with_bias
-from .candidates import pattern, restricted
+from .candidates import pattern, restricted, with_attending
 from .ease import ease_matrix
 from .evaluation import evaluate
 from .graph import graph_from_csr
@@ -43,14 +44,16 @@ class Scorer:
     (with item biases: `bias.with_bias` of it, the biases plus the live trend's prior, `trend` being
     `bias.trend` of the graph's positive edges when the model reads one). With the filter served from
     an item table, only each user's candidates are ranked (graph_models.candidates), unless `candidates`
-    is False (every item's score, as biases are fitted on). `content` = (columns, x, q): the rows from
-    content of the items that take them (`LoadedModel.cold`), in place of their table rows."""
+    is False (every item's score, as biases are fitted on). `content` = (columns, x, q, a): the rows from
+    content of the items that take them (`LoadedModel.cold`), in place of their table rows, and their
+    attention `a` over the version's rows (None: scored by those rows alone); with it, such an item's
+    score also mixes its neighbours' other terms (`mix`)."""
 
     def __init__(self, model, graph_csr, biased: bool | None = None, trend=None, candidates: bool = True,
                  content=None):
         self.graph = graph_csr.astype(np.float64).tocsr()
         self.lin = LinearFilter.of(graph_csr, model.cfg)  # normalised from the graph as given, as before
-        cols, xc, qc = content if content is not None else (np.zeros(0, dtype=np.int64), None, None)
+        cols, xc, qc, a = content if content is not None else (np.zeros(0, dtype=np.int64), None, None, None)
         rows = np.arange(self.graph.shape[1])
         rows[cols] = model.num_items  # the zero row, then the content rows added
         # the DGL path the service's full recompute takes
@@ -61,29 +64,49 @@ class Scorer:
             q[cols] = qc
         self.p = torch.from_numpy(np.asarray(p, dtype=np.float32))
         self.q = torch.from_numpy(np.asarray(q, dtype=np.float32))
+        n = self.graph.shape[1]
+        self.mix = None if a is None or not len(cols) else (torch.as_tensor(cols), _columns(a, n))
         self.bias = None
         if model.biased if biased is None else biased:
-            n = self.graph.shape[1]
             b = np.zeros(n)
             b[:min(n, model.num_items)] = model.bias.numpy()[:n]
-            self.bias = b + prior(model.cfg, n, trend)
+            extra = prior(model.cfg, n, trend)
+            self.bias = b + extra
+            if self.mix is not None:  # a mixed item's bias: its neighbours' (their trend's too), and its own trend
+                self.bias[cols] = self.mix[1] @ self.bias + extra[cols]
 
         self.lin_weight = getattr(model.cfg, "lin_weight", 1.0)
         self.ease, self.ease_weight = (model.ease.float(), model.cfg.ease_weight) if model.eased else (None, 0.0)
         # Served from an item table (and no EASE, which reads every item): only the candidates are ranked.
         self.reach = pattern(self.lin.sim) if self.lin.sim is not None and self.ease is None and candidates else None
+        if self.reach is not None and self.mix is not None:
+            self.reach = with_attending(self.reach, cols, self.mix[1])
         self.k = model.cfg.k
 
     def __call__(self, users):
         users = np.asarray(users)
         s = self.p[torch.as_tensor(users)] @ self.q.T
+        other = None
         if self.lin_weight:
-            s += self.lin_weight * torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
+            other = self.lin_weight * torch.from_numpy(self.lin(self.graph[users]).astype(np.float32))
         if self.ease is not None:
-            s += self.ease_weight * ease_scores(self.graph[users], self.ease)
+            e = self.ease_weight * ease_scores(self.graph[users], self.ease)
+            other = e if other is None else other + e
+        if other is not None:
+            s += other
+            if self.mix is not None:
+                s[:, self.mix[0]] += torch.from_numpy(np.asarray(self.mix[1] @ other.numpy().T, dtype=np.float32).T)
         if self.reach is not None:
             return restricted(s, self.graph[users], self.reach, self.bias, self.k)
         return s if self.bias is None else with_bias(s, self.bias)
+
+
+def _columns(a, n: int) -> sp.csr_matrix:
+    """`a` (CSR over a version's table rows, which are the graph's first columns) as n graph columns."""
+    a = sp.csr_matrix(a)
+    if a.shape[1] > n:
+        a = a[:, :n]
+    return sp.csr_matrix((a.data, a.indices, a.indptr), shape=(a.shape[0], n))
 
 
 def ease_scores(rows, ease) -> torch.Tensor:

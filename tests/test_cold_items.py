@@ -4,8 +4,10 @@ of a content-alike item, ranked as the offline Scorer ranks it, and embedded aga
 changes."""
 from __future__ import annotations
 
+import copy
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,7 +69,7 @@ def run_refresh(driver, cfg):
 @pytest.fixture(scope="module")
 def trained(cfg, driver, base_url):
     """Four kinds of items bought within their kind, with metadata, and a version trained on them (its
-    content part the default content-kNN)."""
+    content part the default, learned)."""
     wipe(driver, cfg.neo4j_database)
     pipeline.ingest(driver, cfg, _events(random.Random(5)))
     assert put(base_url, [_item(k) for k in range(len(KINDS) * PER_KIND)]).status_code == 200
@@ -106,8 +108,9 @@ def test_an_item_put_without_edges_is_embedded_by_the_next_run_and_found_similar
     assert all(r["category"] == "stand" for r in own["results"]), own
 
 
-def offline(cfg, driver, lm, users: list[str]) -> dict:
-    """The offline Scorer's scores of `users`, with the rows from content of the items that take them."""
+def offline(cfg, driver, lm, users: list[str], model=None, mix: bool = True) -> dict:
+    """The offline Scorer's scores of `users` (by `model`, the version's by default), with the rows from
+    content of the items that take them, scored by the mix of full scores (or, without `mix`, by rows)."""
     with driver.session(database=cfg.neo4j_database) as s:
         snap = s.execute_read(lambda tx: store.export(tx))
     # column k is the version's item k: the version's items in its order, new ones after them
@@ -116,8 +119,10 @@ def offline(cfg, driver, lm, users: list[str]) -> dict:
     items = [snap.items[j] for j in perm]
     graph = weights(snap, lm.meta)[:, perm]
     content = lm.cold(items)
+    assert (content.a is not None) == lm.mixes
     rows = [snap.user_ids.index(u) for u in users]
-    scores = Scorer(lm.model, graph, content=content)(rows).numpy().astype(np.float64)
+    scores = Scorer(model or lm.model, graph, content=content if mix else content._replace(a=None))(rows)
+    scores = scores.numpy().astype(np.float64)
     return {"items": items, "scores": scores, "seen": [set(graph[r].indices) for r in rows], "cold": content[0]}
 
 
@@ -156,6 +161,29 @@ def test_a_shopper_of_new_items_only_gets_a_vector_and_rest_equals_the_offline_r
     assert not any(v for i, v in flagged.items() if i != "new-mug" and not i.startswith("new-"))
 
 
+def test_the_cypher_recipe_scores_a_new_item_by_its_rows_and_the_api_by_the_mix(trained, cfg, driver, base_url):
+    """docs/cypher.md: the recipe scores an item without a trained row by its stored vector (its rows)
+    plus its own filter, in GF-CF's form; the API, which mixes, scores it otherwise."""
+    from tests.test_cypher_docs import bind, recipes
+    _, params, query = next(r for r in recipes() if r[0] == "Recommendations for a shopper")
+    gfcf = copy.deepcopy(trained.model)
+    gfcf.cfg = replace(trained.mcfg, lin_weights="raw", lin_user_weights=None, lin_beta=0.5, lin_weight=1.0,
+                       ease_weight=0.0, bias_temperature=0.0, trend_weight=0.0)
+    users = ["u1", "u5", "u3"]  # cake stands' shoppers (new-stand: no edge) and new-mug's
+    rows = offline(cfg, driver, trained, users, model=gfcf, mix=False)
+    ids = [it["id"] for it in rows["items"]]
+    differs = 0
+    for n, user in enumerate(users):
+        with driver.session(database=cfg.neo4j_database) as s:
+            recipe = {r["item_id"]: r["score"] for r in s.run(query, **{**bind(s, params), "user_id": user, "k": 100})}
+        api = {r["item_id"]: r["score"] for r in get(base_url, f"/v1/users/{user}/recommendations", k=100)["results"]}
+        for item in ("new-stand", "new-mug"):
+            if item in recipe:
+                assert recipe[item] == pytest.approx(rows["scores"][n][ids.index(item)], rel=1e-4, abs=1e-6)
+                differs += abs(recipe[item] - api[item]) > 1e-4 * max(abs(api[item]), 1e-6)
+    assert differs
+
+
 def test_a_metadata_change_embeds_the_item_and_its_shoppers_again(trained, cfg, driver, base_url):
     before, shopper = stored(driver, cfg, "new-bag"), stored(driver, cfg, "newcomer")
     changed = {"item_id": "new-bag", "title": "heart holder colour 98", "category": "holder"}
@@ -187,7 +215,7 @@ class _Version:
     def cold(metas):
         pos = np.array([k for k, m in enumerate(metas) if m.get("title")], dtype=np.int64)
         rows = np.array([[len(metas[k]["title"]), 1.0] for k in pos]).reshape(len(pos), 2)
-        return pos, rows, 2 * rows
+        return pos, rows, 2 * rows, None  # by rows (no attention)
 
 
 def test_the_copys_rows_from_content_follow_what_each_sync_reads():

@@ -101,9 +101,14 @@ def test_the_learned_map_ranks_hidden_items_of_the_shoppers_kind_first(tmp_path)
     model.content = ContentPart(enc, net, ccfg, known, feats[known])
     save_checkpoint(tmp_path / "m.pt", model, cfg, {"item_ids": []})
     loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
-    x1, q1 = model.content.rows(items[:3], x, q)
-    x2, q2 = loaded.content.rows(items[:3], x, q)
+    x1, q1, a1 = model.content.rows(items[:3], x, q)
+    x2, q2, a2 = loaded.content.rows(items[:3], x, q)
     assert np.array_equal(q1, q2) and np.array_equal(x1, x2) and q1.shape == (3, model.out_dim)
+    assert (a1 != a2).nnz == 0 and loaded.content.mixes and np.allclose(q1, a1 @ q)
+    # a version saved before the mix keeps scoring such items by their rows
+    state = model.content.to_state()
+    state["config"] = {k: v for k, v in state["config"].items() if k != "score"}
+    assert not ContentPart.from_state(state).mixes
     # a new row is a convex mix of known rows: attention weights are non-negative and sum to 1
     a = net.attention(torch.as_tensor(feats[hidden]), torch.as_tensor(feats[known])).detach().numpy()
     assert (a >= 0).all() and np.allclose(a.sum(1), 1.0, atol=1e-5) and ((a > 0).sum(1) <= 5).all()
@@ -134,9 +139,59 @@ def test_a_version_gets_a_content_part_only_from_enough_described_items():
     assert part is not None and list(part.known) == list(range(24)) and part.known_feats.shape[0] == 24
 
 
-def test_new_items_scored_by_the_mix_of_full_scores_take_their_neighbours_scale():
-    from graph_models.coldstart import mixed_scores
-    full = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 5.0, 0.0]])  # columns 0-2 known, 3 new
-    attention = np.array([[0.5, 0.5, 0.0]])  # the new item is like items 0 and 1
-    mixed = mixed_scores(lambda users: full[users], attention, np.array([0, 1, 2]))(np.array([0, 1]))
-    assert torch.allclose(mixed, torch.tensor([[2.0], [1.0]]))
+def _without_last(n):
+    """The shoppers' graph with its last n items' edges removed."""
+    g = shoppers()
+    return sp.hstack([g[:, :-n], sp.csr_matrix((g.shape[0], n))]).tocsr()
+
+
+def _mixing_scorer(mcfg, graph, cold, a, biases=True):
+    """A version built on `graph` whose items `cold` (no edges) are scored by the attention `a` (rows:
+    cold items, columns: the graph's items) of full scores, with item biases when asked."""
+    from graph_models.train import Scorer
+    model = build(graph, mcfg)
+    if biases:
+        model.bias.copy_(torch.linspace(-0.3, 0.2, model.num_items))
+    _, x, q = tables(model, graph)
+    return model, Scorer(model, graph, content=(cold, a @ x, a @ q, a))
+
+
+def test_an_item_without_a_row_scores_the_mix_of_its_neighbours_full_scores():
+    """With the filter, EASE and biases, a mixed item's score (as served) is the attention mix of the
+    shopper's final scores of the items it attends to: it takes their scale, and it ranks among them."""
+    from graph_models.train import Scorer
+    graph = _without_last(4)  # four items without edges: the new ones
+    mcfg = ModelConfig(dim=8, sharp_dim=4, degree=1, search_trials=0, bias_temperature=0.5, ease_lambda=10.0,
+                       ease_weight=0.5, lin_weights="log1p")
+    cold = np.arange(20, 24)
+    rng = np.random.default_rng(1)
+    dense = np.zeros((4, 24))
+    for r in range(4):
+        near = rng.choice(20, size=3, replace=False)
+        dense[r, near] = rng.dirichlet(np.ones(3))
+    a = sp.csr_matrix(dense)
+    model, mixed = _mixing_scorer(mcfg, graph, cold, a)
+    users = np.arange(12)
+    full = Scorer(model, graph)(users).numpy().astype(np.float64)  # the known items' final scores
+    got = mixed(users).numpy().astype(np.float64)
+    assert np.allclose(got[:, :20], full[:, :20], atol=1e-5)  # a known item's score is what it was
+    assert np.allclose(got[:, cold], full[:, :20] @ dense[:, :20].T, atol=1e-5)
+    # by rows alone, the same items score p_u . q_hat only: a different ranking of them
+    _, x, q = tables(model, graph)
+    rows = Scorer(model, graph, content=(cold, a @ x, a @ q, None))(users).numpy()
+    assert not np.allclose(rows[:, cold], got[:, cold], atol=1e-3)
+
+
+def test_a_mixed_item_is_a_candidate_of_the_shoppers_whose_reach_holds_its_neighbours():
+    """Served from an item table, an item without a row is ranked for a shopper when one of the items it
+    attends to is among the shopper's candidates (graph_models.candidates.with_attending), else not."""
+    graph = _without_last(4)
+    mcfg = ModelConfig(dim=8, sharp_dim=4, degree=1, search_trials=0, lin_topk=2)
+    dense = np.zeros((1, 24))
+    dense[0, [0, 1]] = 0.5  # like two heart holders, which only the holders' rows reach
+    model, mixed = _mixing_scorer(mcfg, graph, np.array([20]), sp.csr_matrix(dense), biases=False)
+    s = mixed(np.arange(80)).numpy()
+    reach = (sp.csr_matrix(graph > 0, dtype=np.float32) @ mixed.reach).toarray() > 0
+    assert reach[:, 20].any() and not reach[:, 20].all()
+    narrow = np.isfinite(s).sum(axis=1) < 24  # ranked over its candidates, not every item
+    assert (np.isfinite(s[:, 20]) == (reach[:, 20] | ~narrow)).all()

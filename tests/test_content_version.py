@@ -29,7 +29,7 @@ def test_a_trained_version_embeds_an_item_it_has_no_row_for_from_its_metadata(cf
     lm = models.load(result["checkpoint"], result["version"])
     assert lm.model.content is not None and len(lm.model.content.known) > 0
     new = [{"title": "colour 99 cake stand", "category": "stand", "price": 4.0}]
-    x, q = lm.content_rows(new)
+    x, q, _ = lm.content_rows(new)
     assert x.shape == q.shape == (1, lm.model.out_dim) and np.isfinite(q).all() and np.abs(q).sum() > 0
     # the same metadata gives the same rows in every process (a version's rows are deterministic)
     again = models.LoadedModel(lm.version, *_reload(result["checkpoint"]), lm.item_rows)

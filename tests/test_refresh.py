@@ -32,7 +32,7 @@ def trained(cfg, driver):
     rng = random.Random(7)
     pipeline.ingest(clean_db, cfg, events(rng, 600, 60, 40))
     # i40-i59 are put without edges: the version has no trained row for them, and its content part
-    # (content-kNN, the default) gives them rows from their metadata
+    # (the default, learned) gives them rows from their metadata
     writer.upsert_items(clean_db, cfg.neo4j_database, [
         {"id": f"i{k}", "props": {"title": f"mug {k % 3}", "category": f"c{k % 4}", "price": 1.0 + k}}
         for k in range(60)])

@@ -218,9 +218,12 @@ def _moved(edges: dict) -> tuple[dict, dict, list]:
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_apply_equals_the_state_built_whole_and_leaves_the_old_one(name, monkeypatch):
+@pytest.mark.parametrize("content", [False, True], ids=["", "mix"])
+def test_apply_equals_the_state_built_whole_and_leaves_the_old_one(name, content, monkeypatch):
     edges = _graph(4)
     lm = _model(name, edges)
+    if content:  # the new items i9, i10 (and the version's items without an edge) mix their neighbours' scores
+        lm = _with_content(lm, edges)
     st = _whole(lm, edges, ITEMS)
     before = _snapshot(st)
     after, rows, item_ids = _moved(edges)
@@ -272,3 +275,83 @@ def test_index_is_never_changed_in_place():
     assert dict(d) == {"y": 1, "z": 2, "x": 4} and d.rows == 5
     flat = d.flat()
     assert dict(flat) == dict(d) and flat.rows == 5 and dict(c) == {"y": 1, "z": 2}
+
+
+NEW = ["n0", "n1", "n2"]  # items put since the version: titles, no trained row
+
+
+def _with_content(lm: LoadedModel, edges: dict) -> LoadedModel:
+    """`lm` with a content part that mixes: content-kNN's attention (3 neighbours) over the version's
+    items with a positive edge, an encoder fitted on their titles, categories and prices."""
+    from graph_models.coldstart import ColdConfig, ContentMap, ContentPart
+    from graph_models.content import ContentEncoder
+    meta = _meta(lm, ITEMS)
+    texts, cats, prices = [m["title"] for m in meta], [m["category"] for m in meta], [m["price"] for m in meta]
+    enc = ContentEncoder.fit(texts, cats, prices, text_dim=4)
+    known = np.asarray(sorted({ITEMS.index(i) for (_, i), (w, _) in edges.items() if w > 0}))
+    feats = enc.transform(texts, cats, prices)
+    lm.model.content = ContentPart(enc, ContentMap(enc.dim, 3), ColdConfig(neighbours=3), known, feats[known])
+    return LoadedModel(lm.version, lm.model, lm.mcfg, lm.meta, lm.item_rows)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_items_without_a_row_score_the_mix_as_the_offline_scorer(name):
+    """A version that mixes: new items (one bought since) score as the offline Scorer scores them, are
+    candidates where it ranks them, their explain parts add up, and their audience scores are the same."""
+    from app.serving import audience
+    edges = {e: v for e, v in _graph(5).items() if v[0] > 0}
+    lm = _with_content(_model(name, edges), edges)
+    live = {**edges, ("u3", "n0"): (2.0, float(NOW))}
+    item_ids = ITEMS + NEW
+    st = _whole(lm, live, item_ids)
+    # the new items, and the version's items without an edge when it was built
+    mixing = {st.items.ids[c] for c in st.items.mix.cols}
+    assert mixing == set(NEW) | {i for i in ITEMS if not any(j == i for _, j in edges)}
+    csr = sp.csr_matrix(([w for w, _ in live.values()], ([USERS.index(u) for u, _ in live],
+                                                          [item_ids.index(i) for _, i in live])),
+                        shape=(len(USERS), len(item_ids)))
+    trend = st.tn / st.tn.max() if lm.mcfg.reads_trend else None
+    scorer = Scorer(lm.model, csr, trend=trend, content=lm.cold(_meta(lm, item_ids)))
+    offline = scorer(np.arange(len(USERS))).numpy()
+    rows = Scorer(lm.model, csr, trend=trend, content=lm.cold(_meta(lm, item_ids))._replace(a=None))
+    assert not np.allclose(rows(np.arange(len(USERS))).numpy()[:, 9:], offline[:, 9:], atol=1e-3)
+    for k, u in enumerate(USERS):
+        cols, w, _ = st.row(u)
+        cols, a = cols[w > 0], w[w > 0]
+        p = st.vector(cols, a)
+        s = st.scores(p, cols, a)
+        ok = np.isfinite(offline[k])
+        np.testing.assert_allclose(s[ok], offline[k][ok], atol=1e-5)
+        found = st._candidates(cols, a)
+        if not ok.all():  # ranked over its candidates, the mixing items among them as offline
+            assert sorted(found[0].tolist()) == np.flatnonzero(ok).tolist()
+        targets = np.arange(st.n_items) if ok.all() else found[0]
+        bias = st.bias(targets)
+        total = st.parts(cols, a, targets).sum(axis=0) + (bias if bias is not None else 0)
+        np.testing.assert_allclose(total, s[targets], atol=1e-5)
+    for j in st.items.mix.cols:
+        users = np.arange(st.n_users)
+        want = [_scores(st, u).get(st.items.ids[j]) for u in USERS]
+        got = audience.scores(st, int(j), users)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # p . q in float32 in the ranking
+
+
+def test_a_version_without_content_has_nothing_that_mixes():
+    """Gowalla's case (no item text): no content part, so no item takes rows from content or mixes, and
+    the offline Scorer and the copy score what they scored without one."""
+    from graph_models.coldstart import fit_content
+    edges = {e: v for e, v in _graph(6).items() if v[0] > 0}
+    lm = _model("table", edges)
+    r = [USERS.index(u) for u, _ in edges]
+    csr = sp.csr_matrix(([w for w, _ in edges.values()], (r, [ITEMS.index(i) for _, i in edges])),
+                        shape=(len(USERS), len(ITEMS)))
+    part, report = fit_content(lambda g: build(g, lm.mcfg), csr, [{"title": None}] * len(ITEMS))
+    assert part is None and "skipped" in report and lm.model.content is None
+    cold = lm.cold(_meta(lm, ITEMS + NEW))
+    assert not len(cold.pos) and cold.a is None and not lm.mixes
+    users = np.arange(len(USERS))
+    with_content = Scorer(lm.model, csr, content=cold)
+    assert with_content.mix is None
+    assert torch.equal(with_content(users), Scorer(lm.model, csr)(users))
+    st = _whole(lm, edges, ITEMS + NEW)
+    assert st.items.mix is None and not len(st.items.content.cols)

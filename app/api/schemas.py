@@ -137,8 +137,8 @@ class RecItem(SimilarItem):
                                   "item's bias (learned, plus the live trend's), the part of the score that is no "
                                   "item of the user's; with every item's contribution it adds up to the score.")
     from_content: Optional[bool] = Field(None, description="Only with explain=true: the item has no trained row "
-                                         "(new since the model version), so its vector comes from its content: "
-                                         "the mix of the rows of the items its title, category and price are like.")
+                                         "(new since the model version), so it is scored from its content: the "
+                                         "mix of your scores of the items its title, category and price are like.")
     reason: Optional[str] = Field(None, description="Only with explain=true, for an item scored from its content.")
 
 

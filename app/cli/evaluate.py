@@ -92,7 +92,8 @@ def evaluate_retail(path, epochs, lin_weights, lin_user_weights, alpha, item_bia
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
 def evaluate_cold_items(path, protocol, out):
     """Online Retail's new items (first sold after training) and a seeded 20% of items hidden with all their
-    edges: ours (with the learned content map) against EASE, popularity by category, content-kNN and the
+    edges: ours as served (the full-score mix, with the learned content map and with content-kNN's
+    attention; the learned map's rows alone) against EASE, popularity by category, content-kNN and the
     model without content, all in one run; settings chosen on validation as `train` chooses them."""
     from datetime import datetime, timezone
 

@@ -36,7 +36,7 @@ def compute(lm: LoadedModel, snap: store.Snapshot) -> dict:
     rows = lm.rows(item_ids)
     # Items without a trained row take rows from their content (LoadedModel.cold): the zero row in the
     # DGL sum, their content rows added to it (as the incremental refresh adds them).
-    pos, xc, qc = lm.cold(snap.items)
+    pos, xc, qc, _ = lm.cold(snap.items)
     rows[pos] = lm.model.num_items
     g = build_graph(u, i, raw * lm.scale, len(uidx), len(iidx))
     with torch.no_grad():

@@ -5,8 +5,10 @@ import json
 import threading
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from app import cypher
@@ -15,6 +17,16 @@ from app.db import read_session
 from graph_models.checkpoint import load_checkpoint
 
 DAY_MS = 86_400_000.0
+
+
+class Cold(NamedTuple):
+    """Items that take their rows from content (positions in the items asked about), those rows, and
+    their attention over the version's rows (None for a version that scores them by their rows alone)."""
+
+    pos: np.ndarray
+    x: np.ndarray
+    q: np.ndarray
+    a: sp.csr_matrix | None
 
 
 def weight_scale(meta: dict) -> float:
@@ -87,12 +99,19 @@ class LoadedModel:
         q = self.tables[1]
         return float(np.sqrt((q * q).sum(axis=1)).max()) or 1.0
 
-    def content_rows(self, items) -> tuple[np.ndarray, np.ndarray] | None:
+    def content_rows(self, items) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix] | None:
         """(x, q) table rows, float64, of items the version has no row for, from their metadata (dicts of
-        title, description, attributes, category, price) through the version's learned content map; None
-        for a version trained without content (such items keep the zero row)."""
+        title, description, attributes, category, price) through the version's learned content map, and
+        their attention over the version's rows (items x rows CSR); None for a version trained without
+        content (such items keep the zero row)."""
         part = self.model.content
         return None if part is None else part.rows(items, *self.tables)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether the version scores items without a trained row by the attention mix of the shopper's
+        full scores of the known items they attend to (graph_models.coldstart.ColdConfig.score)."""
+        return self.model.content is not None and self.model.content.mixes
 
     @cached_property
     def trained_rows(self) -> np.ndarray | None:
@@ -106,13 +125,15 @@ class LoadedModel:
         out.flags.writeable = False
         return out
 
-    def cold(self, items: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(positions, x, q): which of `items` (dicts of id, title, category, price) take their table rows
-        from their content, and those rows (float64). They are the items without a trained row (new since
-        the version, or without edges when it was trained) that have a title or a category, under a
-        version with a content part; every other item keeps its table row (the zero row if it has none)."""
+    def cold(self, items: list[dict]) -> Cold:
+        """Which of `items` (dicts of id, title, category, price) take their table rows from their content,
+        and those rows (float64) with, for a version that mixes, their attention over the version's rows.
+        They are the items without a trained row (new since the version, or without edges when it was
+        trained) that have a title or a category, under a version with a content part; every other item
+        keeps its table row (the zero row if it has none)."""
         d = self.model.out_dim
-        none = (np.zeros(0, dtype=np.int64), np.zeros((0, d)), np.zeros((0, d)))
+        none = Cold(np.zeros(0, dtype=np.int64), np.zeros((0, d)), np.zeros((0, d)),
+                    sp.csr_matrix((0, self.model.num_items + 1)) if self.mixes else None)
         known = self.trained_rows
         if known is None or not items:
             return none
@@ -120,8 +141,8 @@ class LoadedModel:
         pos = np.array([k for k, it in enumerate(items) if not known[rows[k]] and described(it)], dtype=np.int64)
         if not len(pos):
             return none
-        x, q = self.content_rows([items[k] for k in pos])
-        return pos, x, q
+        x, q, a = self.content_rows([items[k] for k in pos])
+        return Cold(pos, x, q, a if self.mixes else None)
 
     def rows(self, item_ids) -> np.ndarray:
         """Table rows of items (the zero row for items new since the version)."""

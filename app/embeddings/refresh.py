@@ -141,7 +141,7 @@ def _content(session, lm: LoadedModel, ids) -> dict[str, tuple[np.ndarray, np.nd
         return {}
     ids = sorted(ids)
     meta = store.content_items(session, [i for i, cold in zip(ids, _untrained(lm, ids)) if cold])
-    pos, x, q = lm.cold(meta)
+    pos, x, q, _ = lm.cold(meta)
     return {meta[k]["id"]: (x[n], q[n]) for n, k in enumerate(pos)}
 
 

@@ -6,8 +6,9 @@ rows of the version's item table hold j, or without a table the items co-bought 
 first), at most half of `limit`, and then the users of highest p_u . q_j until there are `limit` of
 them. Each is scored with
 exactly what `State.scores(p_u, ...)[j]` gives the user's recommendations: p_u . q_j plus the graph
-filter and EASE terms and, for a version with item biases, divided by the user's largest score over
-their own candidates (`State.ranked`) plus j's bias. The work is one pass over the copy's edges for
+filter and EASE terms (for an item that mixes, with the attention mix of its neighbours' columns) and,
+for a version with item biases, divided by the user's largest score over their own candidates
+(`State.ranked`) plus j's bias. The work is one pass over the copy's edges for
 every user's p_u . q_j (a sparse product), the item's column of the filter, and then per candidate
 its own row (with item biases: its recommendation's candidates), so at most `limit` users' rows.
 A user's largest score is the same for every item, so it is kept with the state it was computed on
@@ -49,7 +50,8 @@ def scores(st: State, j: int, users: np.ndarray, pq: np.ndarray | None = None) -
         f = filter_weights(lm)[1](a * s_)
         out += mcfg.lin_weight * (sp.csr_matrix((f, cols, ptr), shape=shape) @ _filter_column(st, j))
     if lm.ease is not None:
-        e = lm.ease[st.items.rows, st.items.rows[j]].astype(np.float64)
+        items, w = _mixed(st, j)
+        e = lm.ease[st.items.rows][:, st.items.rows[items]].astype(np.float64) @ w
         out += mcfg.ease_weight * (sp.csr_matrix((np.ones(len(cols)), cols, ptr), shape=shape) @ e)
     if st._bias is None:
         return out
@@ -179,21 +181,35 @@ def _item_products(st: State, j: int) -> np.ndarray:
     return out
 
 
+def _mixed(st: State, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item columns, weights) whose columns of the filter and EASE make item j's: j alone, and for an
+    item that mixes (State.items.mix) also the items it attends to, by their attention."""
+    mix = st.items.mix
+    at = -1 if mix is None else int(np.searchsorted(mix.cols, j))
+    if mix is None or at >= len(mix.cols) or mix.cols[at] != j:
+        return np.asarray([j]), np.ones(1)
+    row = mix.a[at]
+    return np.concatenate([[j], row.indices]).astype(np.int64), np.concatenate([[1.0], row.data])
+
+
 def _filter_column(st: State, j: int) -> np.ndarray:
     """g with lin(u, j) = sum_i f(a_ui s) g_i: the item table's column j (with its tilt), or
-    d_i^-1/2 C[i, j] d_j^-beta of the copy's rows, C = R^T D_U^-1 R."""
+    d_i^-1/2 C[i, j] d_j^-beta of the copy's rows, C = R^T D_U^-1 R; for an item that mixes, with the
+    mix of its neighbours' columns."""
+    items, w = _mixed(st, j)
     g = np.zeros(st.n_items)
     if st.nbr is not None:
-        n = st.nbr.shape[0]
-        if j < n:
-            col = _transposed(st.nbr)[j]
-            g[col.indices] = col.data * (1.0 if st.nbr_tilt is None else st.nbr_tilt[j])
+        t = _transposed(st.nbr)
+        for x, wx in zip(items.tolist(), w.tolist()):
+            if x < st.nbr.shape[0]:
+                col = t[x]
+                np.add.at(g, col.indices, wx * col.data * (1.0 if st.nbr_tilt is None else st.nbr_tilt[x]))
         return g
-    v = st._rows_t(np.asarray([j])).toarray().ravel() * st._inv_du
+    v = (sp.csr_matrix(w * st._target_di[items]) @ st._rows_t(items)).toarray().ravel() * st._inv_du
     z = st.base_t @ (v * st.keep if st.overlay else v)
     if st.overlay:
         z = z + st.over_t @ v
-    return z * st._inv_sqrt_di * st._target_di[j]
+    return z * st._inv_sqrt_di
 
 
 _lock = threading.Lock()

@@ -10,7 +10,8 @@ from app.errors import ApiError
 from app.serving.state import State
 
 EXPLAIN_TOP = 3  # the user's items shown per recommended item
-CONTENT_REASON = "new item: its title, category and price are like those of items your interests score"
+CONTENT_REASON = ("new item: scored from the items most like it in title, category and price, as your "
+                  "interests score them")
 
 
 @dataclass(frozen=True)

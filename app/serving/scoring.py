@@ -18,7 +18,10 @@ class Scoring:
 
     A score is `p_u . q_j + lin(u, j)` (graph_models/model.py), `lin` as two sparse products over the
     copy's edges or, for a version served from an item table, the table rows of the shopper's items,
-    after which only the items they reach are ranked (`ranked`).
+    after which only the items they reach are ranked (`ranked`). An item without a trained row of a
+    version that mixes (`Items.mix`) also takes the attention mix of its neighbours' filter and EASE
+    terms and biases, so that its score is the mix of the shopper's scores of those items plus what its
+    own edges add (graph_models.train.Scorer).
     """
 
     @cached_property
@@ -31,7 +34,12 @@ class Scoring:
         if self.lm.bias is None:
             return None
         top = self.tn.max(initial=0.0)
-        return self.lm.bias[self.items.rows] + prior(self.lm.mcfg, self.n_items, self.tn / top if top > 0 else self.tn)
+        own = prior(self.lm.mcfg, self.n_items, self.tn / top if top > 0 else self.tn)
+        out = self.lm.bias[self.items.rows] + own
+        mix = self.items.mix
+        if mix is not None:  # a mixing item's bias: its neighbours' (with their trend), and its own trend
+            out[mix.cols] = mix.of(out) + own[mix.cols]
+        return out
 
     @cached_property
     def _inv_sqrt_di(self) -> np.ndarray:
@@ -85,6 +93,29 @@ class Scoring:
         lengths = ptr[c + 1] - ptr[c]
         return np.repeat(ptr[c] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum()), lengths
 
+    def _mixed_reach(self, cand: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The reach `cand` (sorted) with its filter values `vals`, and the mixing items that attend to one of
+        them (graph_models.candidates.with_attending), each mixing item's value plus the mix of its
+        neighbours' (0 outside the reach): work bounded by the reach's attending items x their neighbours."""
+        mix = self.items.mix
+        if mix is None or not len(cand):
+            return cand, vals
+        by = mix.by_item[cand]
+        pos = np.unique(by.indices)  # rows of the mixing items that attend to the reach
+        if not len(pos):
+            return cand, vals
+        new = np.setdiff1d(mix.cols[pos], cand, assume_unique=True)
+        if len(new):
+            order = np.argsort(np.concatenate([cand, new]), kind="stable")
+            cand, vals = np.concatenate([cand, new])[order], np.concatenate([vals, np.zeros(len(new))])[order]
+        m = mix.a[pos]
+        at = np.minimum(np.searchsorted(cand, m.indices), len(cand) - 1)
+        got = np.where(cand[at] == m.indices, vals[at], 0.0) * m.data
+        rows = np.repeat(np.arange(len(pos)), np.diff(m.indptr))
+        vals = vals.copy()
+        vals[np.searchsorted(cand, mix.cols[pos])] += np.bincount(rows, weights=got, minlength=len(pos))
+        return cand, vals
+
     @cached_property
     def _top_bias(self) -> np.ndarray:
         """The items of highest bias, which every shopper's candidates include (graph_models.candidates)."""
@@ -95,7 +126,7 @@ class Scoring:
         (no table, or EASE, which reads every item)."""
         if self.nbr is None or self.lm.ease is not None:
             return None
-        cand, vals = self._reach(cols, a)
+        cand, vals = self._mixed_reach(*self._reach(cols, a))
         extra = np.setdiff1d(self._top_bias, cand, assume_unique=True)
         if not len(extra):
             return cand, vals
@@ -169,12 +200,15 @@ class Scoring:
     def _unbiased(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
         """`scores` before item biases: p . q_j plus the version's filter and EASE terms."""
         s = self.items.content.low(p, (self.lm.q32 @ p.astype(np.float32))[self.items.rows].astype(np.float64))
-        mcfg = self.lm.mcfg
+        mcfg, other = self.lm.mcfg, np.zeros(self.n_items)
         if mcfg.lin_weight:
-            s += mcfg.lin_weight * self.lin(cols, a)
+            other += mcfg.lin_weight * self.lin(cols, a)
         if self.lm.ease is not None:
-            s += mcfg.ease_weight * self.lm.ease[self.items.rows[cols[a > 0]]].sum(axis=0)[self.items.rows]
-        return s
+            other += mcfg.ease_weight * self.lm.ease[self.items.rows[cols[a > 0]]].sum(axis=0)[self.items.rows]
+        mix = self.items.mix
+        if mix is not None:  # the mixing items' neighbours' terms (their p . q_j is in p . q_hat already)
+            other[mix.cols] += mix.of(other)
+        return s + other
 
     def parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Each own item's part of each target's score (rows: `cols`, columns: `targets`), as docs/cypher.md splits it;
@@ -182,13 +216,15 @@ class Scoring:
         q = self.lm.tables[1]
         s = self.lm.scale
         qt = self.items.content.q_rows(targets, q[self.items.rows[targets]])
-        inner = (a * s)[:, None] * (self.x_rows(cols) @ qt.T)
-        mcfg, rows = self.lm.mcfg, self.items.rows
-        if mcfg.lin_weight:
-            fa = filter_weights(self.lm)[1](a * s) * mcfg.lin_weight
-            inner += fa[:, None] * self._filter_block(cols, targets)
-        if self.lm.ease is not None:
-            inner += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
+        inner = (a * s)[:, None] * (self.x_rows(cols) @ qt.T) + self._other_parts(cols, a, targets)
+        mix = self.items.mix
+        at = None if mix is None else np.searchsorted(mix.cols, targets)
+        hit = np.zeros(len(targets), dtype=bool) if at is None else \
+            mix.cols[np.minimum(at, len(mix.cols) - 1)] == targets
+        if hit.any():  # a mixing target: the mix of each own item's parts of its neighbours' terms
+            m = mix.a[at[hit]]
+            near = np.unique(m.indices)
+            inner[:, hit] += self._other_parts(cols, a, near) @ m[:, near].T.toarray()
         if self._bias is None:
             return inner
         p, found = self.vector(cols, a), self._candidates(cols, a)
@@ -196,6 +232,16 @@ class Scoring:
             return inner / largest(self._unbiased(p, cols, a))
         cand, lin = found  # the candidates' scores alone, as `ranked` divides them
         return inner / largest(self._low(p, cand) + self.lm.mcfg.lin_weight * lin)
+
+    def _other_parts(self, cols: np.ndarray, a: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each own item's part of each target's filter and EASE terms (rows: `cols`, columns: `targets`)."""
+        mcfg, rows, out = self.lm.mcfg, self.items.rows, np.zeros((len(cols), len(targets)))
+        if mcfg.lin_weight:
+            fa = filter_weights(self.lm)[1](a * self.lm.scale) * mcfg.lin_weight
+            out += fa[:, None] * self._filter_block(cols, targets)
+        if self.lm.ease is not None:
+            out += mcfg.ease_weight * (a > 0)[:, None] * self.lm.ease[np.ix_(rows[cols], rows[targets])]
+        return out
 
     def bias(self, targets: np.ndarray) -> np.ndarray | None:
         """Each target's bias (the version's, plus the live trend's prior): its score's part that no own

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -101,6 +102,30 @@ class Items:
     embedded: np.ndarray  # embedded by the state's model version
     rows: np.ndarray  # the version's table rows (its zero row for items it does not know)
     content: ContentRows  # rows from content of items without a trained row (app/serving/content.py)
+
+    @cached_property
+    def mix(self) -> Mix | None:
+        """The items scored by the mix of the shopper's scores of the items they attend to (a version that
+        mixes), with that attention over item columns; None when none is."""
+        found = self.content.attention(self.rows, len(self.embedded))
+        if found is None:
+            return None
+        cols, a = found
+        return Mix(cols, a, a.T.tocsr())
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Items without a trained row that mix (columns), their attention over item columns (rows: those
+    items), and its transpose (rows: item columns; which of them attend to each)."""
+
+    cols: np.ndarray
+    a: sp.csr_matrix
+    by_item: sp.csr_matrix
+
+    def of(self, values: np.ndarray) -> np.ndarray:
+        """Each mixing item's attention mix of `values` (one per item column)."""
+        return np.asarray(self.a @ values).ravel()
 
 
 @dataclass(frozen=True)
