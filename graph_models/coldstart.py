@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bias import trend
+
 
 @dataclass
 class ColdConfig:
@@ -206,7 +208,7 @@ def attention_matrix(net, feats, known_feats, known_cols, width: int) -> sp.csr_
     return sp.csr_matrix((a.data, cols[a.indices], a.indptr), shape=(a.shape[0], width))
 
 
-def mix_validation(build, fit_g, net, feats_known, feats_val, known, val_cols, truth, k=20):
+def mix_validation(build, fit_g, net, feats_known, feats_val, known, val_cols, truth, k=20, item_trend=None):
     """Recall@k and NDCG@k among the validation items (columns `val_cols` of fit_g, `truth` user ->
     positions in them) when the version built on `fit_g` (`build(fit_g)`) scores them by the attention
     mix of the shopper's full scores (train.Scorer with a mixing content part, as served)."""
@@ -218,7 +220,7 @@ def mix_validation(build, fit_g, net, feats_known, feats_val, known, val_cols, t
     with torch.no_grad():
         x, q = model.item_input(torch.as_tensor(rows)).numpy(), model.item_embedding(torch.as_tensor(rows)).numpy()
     content = (np.asarray(val_cols), a @ x[:fit_g.shape[1]], a @ q[:fit_g.shape[1]], a)
-    scorer, cols = Scorer(model, fit_g, content=content), torch.as_tensor(np.asarray(val_cols))
+    scorer, cols = Scorer(model, fit_g, content=content, trend=item_trend), torch.as_tensor(np.asarray(val_cols))
     return evaluate(lambda users: scorer(users)[:, cols], truth, None, k)
 
 
@@ -241,11 +243,25 @@ def hide_items(graph, share, seed=0):
     return fit, hidden, truth
 
 
-def full_scores(model, graph, known, users, batch: int = 1024) -> np.ndarray:
-    """The full scores (train.Scorer, every item scored) of user rows `users` for the `known` items,
-    float32: what the mix reads."""
+def graph_trend(mcfg, graph, first) -> np.ndarray | None:
+    """The items' trend (bias.trend) of `graph`'s positive edges, first seen at `first`'s entries (None
+    without them), when settings `mcfg` read one; else None."""
+    if not mcfg.reads_trend:
+        return None
+    if first is None:
+        raise ValueError("this version's ranking reads the items' trend: give the edges' first times")
+    g = sp.coo_matrix(graph)
+    pos = g.data > 0
+    times = np.asarray(sp.csr_matrix(first)[g.row[pos], g.col[pos]]).ravel()
+    return trend(g.col[pos], times, graph.shape[1], mcfg.trend_halflife)
+
+
+def full_scores(model, graph, known, users, batch: int = 1024, item_trend=None) -> np.ndarray:
+    """The full scores (train.Scorer, every item scored; `item_trend` that of `graph` when the model reads
+    one) of user rows `users` for the `known` items, float32: what the mix reads."""
     from .train import Scorer
-    scorer, out = Scorer(model, graph, candidates=False), [np.zeros((0, len(known)), dtype=np.float32)]
+    scorer = Scorer(model, graph, candidates=False, trend=item_trend)
+    out = [np.zeros((0, len(known)), dtype=np.float32)]
     with torch.no_grad():
         for start in range(0, len(users), batch):
             out.append(scorer(users[start:start + batch])[:, known].numpy().astype(np.float32))
@@ -274,15 +290,16 @@ def _positions(truth, cols):
 
 
 def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GRID, share=0.2, progress=True,
-                     writer=None, mix_check=False):
+                     writer=None, mix_check=False, first=None):
     """A version's content map: hide a seeded `share` of the items that have edges, build the version
     without them (`build(graph)`), train a map per setting of `grid` on half of the hidden items and keep
     the one under which the other half ranks best (Recall@k among them, at its best epoch; epoch 0 is the
     untrained attention, A = I). The map acts on features, so it serves the version built on the whole
-    graph as it is. Returns (map, report)."""
+    graph as it is; `first` (the edges' first times) gives the trend a version may read. Returns (map, report)."""
     cfg = cfg or ColdConfig()
     fit_g, hidden, truth = hide_items(graph, share, cfg.seed + 1)
     version = build(fit_g)
+    fit_trend = graph_trend(version.cfg, fit_g, first)  # of the fit graph alone: the hidden items' own is unseen
     p, x, q = tables(version, fit_g)
     known = np.flatnonzero(np.asarray((fit_g > 0).sum(axis=0)).ravel() > 0)
     if len(truth) > cfg.sample_users:  # the mix keeps users x known items of scores: a bounded sample
@@ -290,7 +307,7 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
         truth = {int(u): truth[int(u)] for u in keep}
     uses_mix = cfg.score == "mix" or any(c.get("loss") == "mix" for c in grid)
     who = np.array(sorted(truth), dtype=np.int64)
-    full = (who, full_scores(version, fit_g, known, who)) if uses_mix else None
+    full = (who, full_scores(version, fit_g, known, who, item_trend=fit_trend)) if uses_mix else None
     half = np.random.default_rng(cfg.seed).permutation(len(hidden))
     on, off = np.sort(half[: len(half) // 2]), np.sort(half[len(half) // 2:])
     truth_on, truth_off = _positions(truth, on), _positions(truth, off)
@@ -312,7 +329,8 @@ def choose_and_train(build, graph, feats, cfg: ColdConfig | None = None, grid=GR
     mix = {}
     if mix_check:
         for name, m in (("trained", net), ("untrained", ContentMap(feats.shape[1], c.neighbours))):
-            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, hidden[off], truth_off, c.k)
+            r = mix_validation(build, fit_g, m, feats[known], feats[hidden[off]], known, hidden[off], truth_off, c.k,
+                               item_trend=fit_trend)
             mix[name] = {f"val_recall@{c.k}": r[f"recall@{c.k}"], f"val_ndcg@{c.k}": r[f"ndcg@{c.k}"]}
     return net, {"trials": trials, "chosen": c.to_dict(), "epoch": trials[chosen]["epoch"], "history": hist,
                  "mix": mix, "validation_items": int(len(hidden)), "train_users": len(truth_on),
@@ -376,7 +394,7 @@ MIN_DESCRIBED = 50  # items with text below which a version gets no content part
 
 
 def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=True, writer=None, grid=GRID,
-                train: bool = True):
+                train: bool = True, first=None):
     """A version's ContentPart from its items' metadata (dicts in graph column order) and its graph,
     `build(graph)` making the version from a graph; (None, reason) when fewer than MIN_DESCRIBED items
     have any text. Without `train`, the map stays untrained (A = I, tau = 10): content-kNN, each new
@@ -392,7 +410,7 @@ def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=Tru
     part = ContentPart(encoder, ContentMap(encoder.dim), cfg, np.zeros(0, dtype=np.int64), np.zeros((0, encoder.dim)))
     feats = part.features(items)
     if train:
-        net, report = choose_and_train(build, graph, feats, cfg, grid, progress=progress, writer=writer)
+        net, report = choose_and_train(build, graph, feats, cfg, grid, progress=progress, writer=writer, first=first)
     else:
         net, report = ContentMap(encoder.dim, cfg.neighbours), {"map": "content-kNN", "chosen": cfg.to_dict()}
     known = np.flatnonzero(np.asarray((graph > 0).sum(axis=0)).ravel() > 0)

@@ -93,7 +93,7 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
         mcfg, search = model.cfg, result.get("search")
         if cfg.content_map != "off":
             result["content"] = _fit_content(model, graph, snap, progress, str(cfg.home / "runs" / version),
-                                             train=cfg.content_map == "on", score=cfg.content_score)
+                                             train=cfg.content_map == "on", score=cfg.content_score, first=first)
     else:
         mcfg = replace(mcfg, lin_topk=table_topk(graph.nnz, graph.shape[1], mcfg))  # as `fit` sets it
         model = build(graph, mcfg)
@@ -114,17 +114,18 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
 
 
 def _fit_content(model, graph: sp.csr_matrix, snap: store.Snapshot, progress: bool, log_dir: str,
-                 train: bool = True, score: str = "mix") -> dict:
+                 train: bool = True, score: str = "mix", first: sp.csr_matrix | None = None) -> dict:
     """Fit the version's content part (encoder, and the map: learned with `train`, else content-kNN; its
-    items scored by `score`, ColdConfig.score) on the snapshot's item metadata; the learned map's curves
-    go to TensorBoard next to the settings search's. Returns the map's choice and validation."""
+    items scored by `score`, ColdConfig.score) on the snapshot's item metadata (`first`: the edges' first
+    times, for a version that reads a trend); the learned map's curves go to TensorBoard next to the
+    settings search's. Returns the map's choice and validation."""
     from graph_models.coldstart import ColdConfig, fit_content
     from graph_models.train import _tensorboard
     writer = _tensorboard(log_dir) if train else None
     items = [{"title": it.get("title"), "category": it.get("category"), "price": it.get("price")} for it in snap.items]
     part, report = fit_content(lambda g: build(g, model.cfg), graph, items,
                                ColdConfig(seed=model.cfg.seed, score=score),
-                               progress=progress, writer=writer, train=train)
+                               progress=progress, writer=writer, train=train, first=first)
     if writer is not None:
         writer.close()
     model.content = part
