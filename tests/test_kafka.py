@@ -248,6 +248,45 @@ def test_with_neo4j_away_the_api_accepts_into_kafka_and_the_consumer_waits(kcfg,
     assert done == [40] and len(edges(clean_db, kcfg)) == 20 and log.lag(kcfg)["messages"] == 0
 
 
+@pytest.mark.slow
+def test_neo4j_down_for_30_s_while_events_keep_arriving(kcfg, clean_db, serve):
+    """For 30 s the API (its Neo4j unreachable) accepts a batch a second into Kafka, a client resending
+    some, while a consumer waits on the same outage without folding or committing anything; when Neo4j
+    is back, the folded graph equals a direct load of the same events, each counted once."""
+    batches = [[{"event_id": f"d{n}-{k}", "user_id": f"u{(n + k) % 7}", "item_id": f"i{k % 9}",
+                 "type": TYPES[(n * k) % len(TYPES)], "ts": T0 + (n * 20 + k) * 60_000} for k in range(20)]
+               for n in range(30)]
+    expected, counters = direct_load(kcfg, clean_db, batches)
+    away = dataclasses.replace(kcfg, ingest="kafka", neo4j_uri="bolt://127.0.0.1:9")  # nothing listens there
+    base = serve(away)
+    from app.db import get_driver
+    folder = Folder(kcfg, get_driver(away))
+    folded, stop_folding = [], threading.Event()
+
+    def fold():
+        while not stop_folding.is_set():
+            folded.append(folder.step(1.0))
+    thread = threading.Thread(target=fold, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        for n, batch in enumerate(batches):
+            time.sleep(max(0.0, started + n - time.monotonic()))
+            for _ in range(1 + (n % 5 == 0)):  # every fifth batch sent twice: a client's retry
+                reply = requests.post(f"{base}/v1/events", json=batch, headers=SERVICE, timeout=30)
+                assert reply.status_code == 200 and reply.json()["accepted"] == 20, reply.text
+        assert time.monotonic() - started >= 29
+        assert edges(clean_db, kcfg) == {} and log.lag(kcfg)["messages"] == 20 * (30 + 6)
+    finally:
+        folder.driver = clean_db  # Neo4j is back
+        stop_folding.set()
+        thread.join(120)
+        folder.close()
+    fold_all(kcfg, clean_db)
+    assert_same_edges(edges(clean_db, kcfg), expected)
+    assert writer.read_stats(clean_db, kcfg.neo4j_database) == {**counters, "duplicates": counters.get("duplicates", 0) + 120}
+
+
 def _backfill_csv(tmp_path):
     """A small CSV of 300 events (some of an unknown type) and the loader flags that read it."""
     rng = random.Random(9)
