@@ -15,6 +15,7 @@ does not explain.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 
@@ -46,6 +47,19 @@ def trend(items, first_ms, n_items: int, halflife_days: float) -> np.ndarray:
         np.add.at(out, items, decayed(first_ms, np.max(first_ms), halflife_days))
         out /= out.max()
     return out
+
+
+def graph_trend(mcfg, graph, first) -> np.ndarray | None:
+    """The items' trend (bias.trend) of `graph`'s positive edges, first seen at `first`'s entries (None
+    without them), when settings `mcfg` read one; else None."""
+    if not mcfg.reads_trend:
+        return None
+    if first is None:
+        raise ValueError("this version's ranking reads the items' trend: give the edges' first times")
+    g = sp.coo_matrix(graph)
+    pos = g.data > 0
+    times = np.asarray(sp.csr_matrix(first)[g.row[pos], g.col[pos]]).ravel()
+    return trend(g.col[pos], times, graph.shape[1], mcfg.trend_halflife)
 
 
 def prior(cfg, n_items: int, item_trend=None) -> np.ndarray:

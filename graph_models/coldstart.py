@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bias import trend
+from .bias import graph_trend
 
 
 @dataclass
@@ -241,19 +241,6 @@ def hide_items(graph, share, seed=0):
     for u in np.flatnonzero((np.diff(sub.indptr) > 0) & (np.diff(fit.indptr) > 0)):
         truth[int(u)] = set(map(int, sub.indices[sub.indptr[u]:sub.indptr[u + 1]]))
     return fit, hidden, truth
-
-
-def graph_trend(mcfg, graph, first) -> np.ndarray | None:
-    """The items' trend (bias.trend) of `graph`'s positive edges, first seen at `first`'s entries (None
-    without them), when settings `mcfg` read one; else None."""
-    if not mcfg.reads_trend:
-        return None
-    if first is None:
-        raise ValueError("this version's ranking reads the items' trend: give the edges' first times")
-    g = sp.coo_matrix(graph)
-    pos = g.data > 0
-    times = np.asarray(sp.csr_matrix(first)[g.row[pos], g.col[pos]]).ravel()
-    return trend(g.col[pos], times, graph.shape[1], mcfg.trend_halflife)
 
 
 def full_scores(model, graph, known, users, batch: int = 1024, item_trend=None) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .baselines import gfcf_scorer, itemknn_scorer, popularity_scorer, tune_itemknn
-from .bias import trend
+from .bias import graph_trend
 from .ease import MAX_ITEMS, ease_scorer, tune_ease
 from .evaluation import evaluate
 from .split import user_latest_holdout
@@ -27,11 +27,8 @@ def choose_and_fit(graph, first, cfg, fixed=None, budget_s=None, progress=True, 
     `graph`'s pattern), choose the settings on them, rebuild on the whole graph. Returns (model, result,
     (fit_csr, validation targets))."""
     split = user_latest_holdout(graph, first, cfg.holdout)
-    fit_trend = None
-    if cfg.reads_trend:
-        g = split[0].tocoo()
-        fit_trend = trend(g.col, np.asarray(first[g.row, g.col]).ravel(), graph.shape[1], cfg.trend_halflife)
-    model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=split, trend=fit_trend,
+    model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=split,
+                        trend=graph_trend(cfg, split[0], first),
                         fixed=fixed, budget_s=budget_s)
     return model, result, split
 
