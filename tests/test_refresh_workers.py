@@ -252,6 +252,13 @@ def test_a_worker_that_lost_the_lease_does_not_finish_its_job(trained, cfg, driv
         active.release()
 
 
+def _finished(driver, cfg, job_id) -> bool:
+    """The job succeeded and the refresh has caught up with every change."""
+    with driver.session(database=cfg.neo4j_database) as s:
+        state = jobs.get(s, job_id)["state"]
+    return state == "succeeded" and status(driver, cfg)["lag_seconds"] == 0
+
+
 def _worker(env_extra: dict, log=None) -> subprocess.Popen:
     """A worker process (short interval and lease); its log goes to the file `log` if given."""
     env = {**os.environ, "IG_REFRESH_INTERVAL": "0.2", "IG_LEASE_SECONDS": "2", **env_extra}
@@ -282,12 +289,7 @@ def test_worker_killed_mid_run_loses_nothing(trained, cfg, driver):
             interrupted = store.refresh_state(s)["full_pending"]
         pipeline.ingest(driver, cfg, events(rng, 50, 420, 310))  # changes while no worker runs
         proc = _worker({})
-
-        def done():
-            with driver.session(database=cfg.neo4j_database) as s:
-                state = jobs.get(s, job["id"])["state"]
-            return state == "succeeded" and status(driver, cfg)["lag_seconds"] == 0
-        wait_for(done, timeout=120)
+        wait_for(lambda: _finished(driver, cfg, job["id"]), timeout=120)
         assert interrupted, "the kill landed after the run finished; the graph should be larger"
         wait_for(lambda: max_error(driver, cfg, trained) < TOLERANCE, timeout=30, step=0.5)
     finally:
@@ -368,12 +370,7 @@ def test_worker_killed_during_the_batch_writes_loses_nothing(trained, cfg, drive
             newest = s.run("MATCH (m:Model) RETURN m.version AS v ORDER BY m.trained_at DESC LIMIT 1").single()["v"]
         pipeline.ingest(driver, cfg, events(rng, 50, 320, 210))  # changes while no worker runs
         proc = _worker({})
-
-        def done():
-            with driver.session(database=cfg.neo4j_database) as s:
-                state = jobs.get(s, job["id"])["state"]
-            return state == "succeeded" and status(driver, cfg)["lag_seconds"] == 0
-        wait_for(done, timeout=180)
+        wait_for(lambda: _finished(driver, cfg, job["id"]), timeout=180)
         current = models.current(driver, cfg)
         if kind == "retrain":  # the interrupted version was finished and switched to, not trained again
             assert current.version == newest != trained.version

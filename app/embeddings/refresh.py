@@ -89,7 +89,8 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     user_ids = sorted({e["u"] for e in edges} | {u["id"] for u in users})
     item_ids = sorted({e["i"] for e in edges} | {i["id"] for i in items})
     # A changed item whose rows come from its content (a metadata change) moves the vectors of its users.
-    recontent = [i["id"] for i in items if _untrained(lm, [i["id"]])[0]] if lm.trained_rows is not None else []
+    changed = [i["id"] for i in items]
+    recontent = [i for i, u in zip(changed, _untrained(lm, changed)) if u] if lm.trained_rows is not None else []
     if recontent:
         user_ids = sorted(set(user_ids) | set(store.content_item_users(session, recontent)))
     total = store.node_count(session)

@@ -35,6 +35,15 @@ def best(s: np.ndarray, k: int) -> np.ndarray:
     return idx[np.argsort(-s[idx], kind="stable")]
 
 
+def lookup(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `values` is in the sorted `keys`, and whether it is there at all (else its position
+    is meaningless)."""
+    if not len(keys):
+        return np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    return pos, keys[pos] == values
+
+
 def inverse(x: np.ndarray) -> np.ndarray:
     """1 / x where x > 0, else 0 (a node without positive edges)."""
     return np.divide(1.0, x, out=np.zeros_like(x), where=x > 0)

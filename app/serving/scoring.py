@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from app.serving.matrices import best, filter_weights, grown, inverse, largest
+from app.serving.matrices import best, filter_weights, grown, inverse, largest, lookup
 from graph_models.bias import prior, with_bias
 from graph_models.candidates import top_bias
 
@@ -109,8 +109,8 @@ class Scoring:
             order = np.argsort(np.concatenate([cand, new]), kind="stable")
             cand, vals = np.concatenate([cand, new])[order], np.concatenate([vals, np.zeros(len(new))])[order]
         m = mix.a[pos]
-        at = np.minimum(np.searchsorted(cand, m.indices), len(cand) - 1)
-        got = np.where(cand[at] == m.indices, vals[at], 0.0) * m.data
+        at, hit = lookup(cand, m.indices)
+        got = np.where(hit, vals[at], 0.0) * m.data
         rows = np.repeat(np.arange(len(pos)), np.diff(m.indptr))
         vals = vals.copy()
         vals[np.searchsorted(cand, mix.cols[pos])] += np.bincount(rows, weights=got, minlength=len(pos))
@@ -139,26 +139,23 @@ class Scoring:
         a table-served row's candidates only, unless fewer than k of them are new to it or admitted
         (graph_models.candidates: the offline ranking's rule), else every admitted item."""
         found = self._candidates(cols, a)
-        if found is not None:
+        if found is None:
+            idx = np.flatnonzero(admit(np.arange(self.n_items)))
+            s = self.scores(p, cols, a)[idx]
+        else:
             cand, lin = found
             s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin  # `_unbiased` at the candidates
             top = largest(s)
-            if self._bias is not None:
-                s = s / top + self._bias[cand]
             ok = admit(cand)
             if ok.sum() >= k and len(cand) - np.isin(cols, cand).sum() >= self.lm.mcfg.k:
                 idx, s = cand[ok], s[ok]
             else:  # only the admitted items' rows are read: a selective filter costs what it admits
                 idx = np.flatnonzero(admit(np.arange(self.n_items)))
+                at, hit = lookup(cand, idx)
                 s = self._low(p, idx)
-                at = np.minimum(np.searchsorted(cand, idx), len(cand) - 1)
-                hit = cand[at] == idx if len(cand) else np.zeros(len(idx), bool)
                 s[hit] += self.lm.mcfg.lin_weight * lin[at[hit]]
-                if self._bias is not None:
-                    s = s / top + self._bias[idx]
-        else:
-            idx = np.flatnonzero(admit(np.arange(self.n_items)))
-            s = self.scores(p, cols, a)[idx]
+            if self._bias is not None:
+                s = s / top + self._bias[idx]
         chosen = best(s, k)
         return idx[chosen], s[chosen]
 
@@ -258,9 +255,7 @@ class Scoring:
         at, lengths = self._entries(cols[own])
         # each entry's column among the targets (sorted once), if it is one
         order = np.argsort(targets, kind="stable")
-        found, ids = targets[order], self.nbr.indices[at]
-        pos = np.minimum(np.searchsorted(found, ids), max(len(targets) - 1, 0))
-        hit = found[pos] == ids if len(targets) else np.zeros(len(ids), dtype=bool)
+        pos, hit = lookup(targets[order], self.nbr.indices[at])
         out[np.repeat(own, lengths)[hit], order[pos[hit]]] = self.nbr.data[at][hit]
         return out if self.nbr_tilt is None else out * grown(self.nbr_tilt, self.n_items, 0.0)[targets][None, :]
 
