@@ -132,7 +132,11 @@ def rest(events: list[dict], clients: int, batch: int) -> tuple[float, dict, flo
         return len(events) / (time.perf_counter() - start), totals, python_cpu(server.pid) - cpu
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a worker stuck in shutdown must not lose the run's figures
+            server.kill()
+            server.wait()
 
 
 def bulk(driver, cfg, path) -> tuple[float, dict]:
