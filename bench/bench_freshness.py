@@ -1,7 +1,8 @@
 """Event-to-refreshed-embedding freshness, direct and through Kafka, side by side in one run.
 
 Against `serve` and `worker` subprocesses (and one `consume` with `IG_INGEST=kafka`), on a seeded graph:
-- steady streams at 1,000 and 5,000 events/s from known shoppers: from each sampled event's 2xx to the run
+- steady streams at 1,000 and 5,000 events/s from known shoppers: from each sampled event's 2xx (one a
+  batch, on an item new to the shop, so that its edge exists only once the event is folded) to the run
   that records its edge's revision (the user's embedding written);
 - a flood: `--flood-clients` posting for `--flood-seconds` events of brand-new shoppers as fast as the
   direct path folds them into Neo4j (through Kafka: paced at the rate the direct flood reached), then 10 new
@@ -47,7 +48,7 @@ UNWIND $rows AS row
 MATCH (:User {id: row.u})-[r:INTERACTED]->(:Item {id: row.i})
 RETURN row.k AS k, r.rev AS rev, r.ig_rev AS ig_rev
 """
-EMBEDDED = "MATCH (u:User {id: $id}) RETURN u.embedding_version IS NOT NULL AS done"
+EMBEDDED = "OPTIONAL MATCH (u:User {id: $id}) RETURN u IS NOT NULL AS folded, u.embedding_version IS NOT NULL AS done"
 _seq = iter(range(10**12))
 
 
@@ -97,8 +98,24 @@ def drained(driver, cfg) -> bool:
 
 
 def steady(url: str, driver, cfg, rate: int, seconds: float, batch: int = 100) -> dict:
-    """`rate` events/s from known shoppers; per sampled event (one a batch), 2xx to its edge's revision recorded."""
-    rng, samples = random.Random(rate), []
+    """`rate` events/s from known shoppers; per sampled event (one a batch), from its 2xx to the run that
+    records its edge's revision (the user's embedding written), polled while the stream goes on."""
+    rng, samples, done = random.Random(rate), [], threading.Event()
+
+    def poll() -> None:
+        with driver.session(database=cfg.neo4j_database) as s:
+            while True:
+                pending = [x for x in list(samples) if "seen" not in x]
+                if done.is_set() and (not pending or time.time() > done.deadline):
+                    return
+                now = time.time()
+                for r in s.run(EDGE_SEEN, rows=[{"k": n, "u": x["u"], "i": x["i"]} for n, x in enumerate(pending)]):
+                    x = pending[r["k"]]
+                    if (r["ig_rev"] or -1) >= r["rev"]:
+                        x["seen"] = now
+                time.sleep(0.05)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     started = time.perf_counter()
     with requests.Session() as http:
         for k in range(int(seconds * rate / batch)):
@@ -106,22 +123,15 @@ def steady(url: str, driver, cfg, rate: int, seconds: float, batch: int = 100) -
             if delay > 0:
                 time.sleep(delay)
             part = [event(f"u{rng.randrange(USERS)}", rng) for _ in range(batch)]
+            # the sample's item is new, so its edge does not exist before the event is folded (through Kafka
+            # the 2xx comes first): its first revision is the event's
+            part[0]["item_id"] = f"new-{rate}-{k}"
             http.post(f"{url}/v1/events", json=part, headers=SERVICE, timeout=60).raise_for_status()
             samples.append({"u": part[0]["user_id"], "i": part[0]["item_id"], "at": time.time()})
     sent = len(samples) * batch / (time.perf_counter() - started)
-    deadline = time.time() + 60
-    with driver.session(database=cfg.neo4j_database) as s:
-        while time.time() < deadline:
-            pending = [x for x in samples if "seen" not in x]
-            if not pending:
-                break
-            now = time.time()
-            for r in s.run(EDGE_SEEN, rows=[{"k": n, "u": x["u"], "i": x["i"]} for n, x in enumerate(pending)]):
-                x = pending[r["k"]]
-                x.setdefault("rev", r["rev"])  # the revision its event made (a later one also covers it)
-                if (r["ig_rev"] or -1) >= x["rev"]:
-                    x["seen"] = now
-            time.sleep(0.05)
+    done.deadline = time.time() + 60  # samples still stale by then count as missed
+    done.set()
+    poller.join()
     return {"sent_per_s": sent, **pct([x["seen"] - x["at"] if "seen" in x else np.inf for x in samples])}
 
 
@@ -158,24 +168,30 @@ def flood(url: str, prefix: str, clients: int, seconds: float, batch: int, new_u
 
 def probes(url: str, driver, cfg, prefix: str, n: int = 10, timeout: float = 300.0) -> dict:
     """`n` new shoppers one after another: one purchase each, then from its 2xx until their embedding is
-    stored, and until the API's answer for them is personal."""
-    rng, stored, personal = random.Random(42), [], []
+    stored, until the API's answer for them is personal, and from their event's fold into Neo4j (the
+    2xx itself on the direct path) until their embedding is stored."""
+    rng, out = random.Random(42), {"stored": [], "personal": [], "after_fold": []}
     with requests.Session() as http, driver.session(database=cfg.neo4j_database) as s:
         for k in range(n):
             user = f"{prefix}{k}"
             http.post(f"{url}/v1/events", json=[event(user, rng, "purchase")], headers=SERVICE,
                       timeout=60).raise_for_status()
             posted, got = time.monotonic(), {}
-            while len(got) < 2 and time.monotonic() - posted < timeout:
-                if "stored" not in got and (rec := s.run(EMBEDDED, id=user).single()) and rec["done"]:
-                    got["stored"] = time.monotonic() - posted
+            while ("stored" not in got or "personal" not in got) and time.monotonic() - posted < timeout:
+                if "stored" not in got:
+                    rec = s.run(EMBEDDED, id=user).single()
+                    if rec["folded"]:
+                        got.setdefault("folded", time.monotonic() - posted)
+                    if rec["done"]:
+                        got["stored"] = time.monotonic() - posted
                 reply = http.get(f"{url}/v1/users/{user}/recommendations", params={"k": 20}, timeout=60)
                 if "personal" not in got and reply.status_code == 200 and reply.json().get("source") != "trending":
                     got["personal"] = time.monotonic() - posted
                 time.sleep(0.05)
-            stored.append(got.get("stored", np.inf))
-            personal.append(got.get("personal", np.inf))
-    return {"stored": pct(stored), "personal": pct(personal)}
+            for key in ("stored", "personal"):
+                out[key].append(got.get(key, np.inf))
+            out["after_fold"].append(got.get("stored", np.inf) - got.get("folded", 0.0))
+    return {key: pct(values) for key, values in out.items()}
 
 
 def capacity(driver, cfg, users: int) -> dict:
@@ -229,6 +245,7 @@ def flood_case(srv: Servers, driver, cfg, args, rate: float | None) -> dict:
         out = {"accepted_per_s": accepted}
         if srv.mode == "kafka":
             out["lag_at_end"] = log.lag(dataclasses.replace(cfg, kafka_group=srv.env["IG_KAFKA_GROUP"]))["messages"]
+            out["folded_per_s"] = accepted - out["lag_at_end"] / args.flood_seconds  # by the consumer meanwhile
         out.update(probes(srv.url, driver, cfg, f"{srv.mode[0]}probe"))
         wait_for(lambda: drained(driver, cfg), timeout=600, step=0.5)
         out["drained_s"] = time.perf_counter() - ended
@@ -236,18 +253,15 @@ def flood_case(srv: Servers, driver, cfg, args, rate: float | None) -> dict:
     return out
 
 
-def burst_case(srv: Servers, driver, cfg, args) -> dict:
+def burst_case(srv: Servers, cfg, args) -> dict:
     """Through Kafka: a burst at the REST acceptance rate, the group's lag at its end, and how long the
-    consumer takes to fold it (and the refresh to reflect it)."""
+    consumer takes to fold it (the refresh behind it is not waited for: the capacity says how long)."""
     group = dataclasses.replace(cfg, kafka_group=srv.env["IG_KAFKA_GROUP"])
     accepted = flood(srv.url, "bn", args.flood_clients, args.burst_seconds, 2000, args.new_users)
     ended = time.perf_counter()
     lag = log.lag(group)["messages"]
     wait_for(lambda: log.lag(group)["messages"] == 0, timeout=1800, step=0.5)
-    folded = time.perf_counter() - ended
-    wait_for(lambda: drained(driver, cfg), timeout=600, step=0.5)
-    return {"accepted_per_s": accepted, "lag": lag, "fold_drain_s": folded,
-            "refresh_drain_s": time.perf_counter() - ended}
+    return {"accepted_per_s": accepted, "lag": lag, "fold_drain_s": time.perf_counter() - ended}
 
 
 def main() -> None:
@@ -258,9 +272,11 @@ def main() -> None:
     parser.add_argument("--flood-clients", type=int, default=4)
     parser.add_argument("--flood-batch", type=int, default=500)
     parser.add_argument("--new-users", type=int, default=20_000, help="distinct new shoppers of a flood")
+    parser.add_argument("--flood-rate", type=float, default=0.0,
+                        help="events/s of every flood (0: the direct path as fast as it takes them, Kafka at that rate)")
     parser.add_argument("--burst-seconds", type=float, default=60.0, help="the Kafka lag burst (0: skip)")
     parser.add_argument("--capacity-users", type=int, default=20_000)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: direct,kafka,capacity")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: direct,kafka,flood,capacity")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     match_index_dims()
@@ -274,6 +290,9 @@ def main() -> None:
     results: dict[str, dict] = {}
     direct_rate = None
     for mode in ("direct", "kafka"):
+        if mode == "kafka" and "capacity" not in skip:  # on the drained graph, before the burst's backlog
+            results["capacity"] = r = capacity(driver, cfg, args.capacity_users)
+            print(f"capacity: {r}", flush=True)
         if mode in skip:
             continue
         if mode == "kafka":
@@ -286,15 +305,13 @@ def main() -> None:
             for rate in rates:
                 results[f"{mode} {rate:,}/s"] = r = steady(srv.url, driver, cfg, rate, args.steady_seconds)
                 print(f"{mode} steady {rate}/s: {r}", flush=True)
-            results[f"{mode} flood"] = r = flood_case(srv, driver, cfg, args, direct_rate if mode == "kafka" else None)
-            print(f"{mode} flood: {r}", flush=True)
-            direct_rate = direct_rate or r["accepted_per_s"]
+            if "flood" not in skip:
+                results[f"{mode} flood"] = r = flood_case(srv, driver, cfg, args, args.flood_rate or direct_rate)
+                print(f"{mode} flood: {r}", flush=True)
+                direct_rate = direct_rate or r["accepted_per_s"]
             if mode == "kafka" and args.burst_seconds > 0:
-                results["kafka burst"] = r = burst_case(srv, driver, cfg, args)
+                results["kafka burst"] = r = burst_case(srv, cfg, args)
                 print(f"kafka burst {args.burst_seconds:.0f}s: {r}", flush=True)
-    if "capacity" not in skip:
-        results["capacity"] = r = capacity(driver, cfg, args.capacity_users)
-        print(f"capacity: {r}", flush=True)
     report(results, cfg)
     print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
@@ -306,18 +323,20 @@ def report(results: dict, cfg) -> None:
         return f"{p['p50']:.2f} / {p['p99']:.2f} ({p['max']:.2f}{missed})"
     print(f"\nrefresh: IG_REFRESH_MAX_USERS={cfg.refresh_max_users}, IG_REFRESH_INTERVAL={cfg.refresh_interval:g}")
     print(f"{'case':<22} {'events/s':>9} | {'embedding stored: p50 / p99 (max) s':<36} | "
-          f"{'personal answer s':<24} | oldest wait s, drained s")
+          f"{'of which after the fold':<24} | {'personal answer s':<24} | oldest wait s, drained s")
     for name, r in results.items():
         if name.endswith("/s"):
-            print(f"{name:<22} {r['sent_per_s']:>9,.0f} | {cell(r):<36} | {'':<24} |")
+            print(f"{name:<22} {r['sent_per_s']:>9,.0f} | {cell(r):<36} | {'':<24} | {'':<24} |")
         elif name.endswith("flood"):
-            lag = f", lag at end {r['lag_at_end']:,}" if "lag_at_end" in r else ""
+            lag = (f"; lag at its end {r['lag_at_end']:,} (folded {r['folded_per_s']:,.0f}/s)"
+                   if "lag_at_end" in r else "")
             print(f"{name + ', 10 probes':<22} {r['accepted_per_s']:>9,.0f} | {cell(r['stored']):<36} | "
-                  f"{cell(r['personal']):<24} | {r['oldest_wait_s']:.1f}, {r['drained_s']:.1f}{lag}")
+                  f"{cell(r['after_fold']):<24} | {cell(r['personal']):<24} | "
+                  f"{r['oldest_wait_s']:.1f}, {r['drained_s']:.1f}{lag}")
     if "kafka burst" in results:
         r = results["kafka burst"]
         print(f"kafka burst: {r['accepted_per_s']:,.0f} events/s accepted; lag at its end {r['lag']:,} messages, "
-              f"folded in {r['fold_drain_s']:.1f} s, reflected by the refresh in {r['refresh_drain_s']:.1f} s")
+              f"folded {r['fold_drain_s']:.1f} s after it")
     if "capacity" in results:
         r = results["capacity"]
         print(f"users refreshed per second: {r['per_s']:,.0f} ({r['users']:,} new shoppers in {r['runs']} runs, "
