@@ -97,7 +97,7 @@ def drained(driver, cfg) -> bool:
         return s.run(cypher.OLDEST_PENDING).single()["oldest"] is None
 
 
-def steady(url: str, driver, cfg, rate: int, seconds: float, batch: int = 100) -> dict:
+def steady(url: str, driver, cfg, rate: int, seconds: float, tag: str, batch: int = 100) -> dict:
     """`rate` events/s from known shoppers; per sampled event (one a batch), from its 2xx to the run that
     records its edge's revision (the user's embedding written), polled while the stream goes on."""
     rng, samples, done = random.Random(rate), [], threading.Event()
@@ -125,7 +125,7 @@ def steady(url: str, driver, cfg, rate: int, seconds: float, batch: int = 100) -
             part = [event(f"u{rng.randrange(USERS)}", rng) for _ in range(batch)]
             # the sample's item is new, so its edge does not exist before the event is folded (through Kafka
             # the 2xx comes first): its first revision is the event's
-            part[0]["item_id"] = f"new-{rate}-{k}"
+            part[0]["item_id"] = f"new-{tag}-{rate}-{k}"
             http.post(f"{url}/v1/events", json=part, headers=SERVICE, timeout=60).raise_for_status()
             samples.append({"u": part[0]["user_id"], "i": part[0]["item_id"], "at": time.time()})
     sent = len(samples) * batch / (time.perf_counter() - started)
@@ -303,7 +303,7 @@ def main() -> None:
             log.ensure_topics(cfg)
         with Servers(cfg, driver, mode, logs) as srv:
             for rate in rates:
-                results[f"{mode} {rate:,}/s"] = r = steady(srv.url, driver, cfg, rate, args.steady_seconds)
+                results[f"{mode} {rate:,}/s"] = r = steady(srv.url, driver, cfg, rate, args.steady_seconds, mode)
                 print(f"{mode} steady {rate}/s: {r}", flush=True)
             if "flood" not in skip:
                 results[f"{mode} flood"] = r = flood_case(srv, driver, cfg, args, args.flood_rate or direct_rate)
