@@ -187,9 +187,9 @@ def changes(session, ids: list[str]) -> tuple[list[dict], list[dict], list[dict]
     edges, users = [], []
     for chunk in chunks(sorted(ids), 5000):
         for r in session.run(cypher.CHANGES_OF, ids=chunk):
-            edges.extend({"u": r["id"], "i": i, "rev": rev, "e": e, "at": at} for i, rev, e, at in r["edges"])
+            edges.extend({"u": r["id"], "i": i, "rev": rev, "e": e} for i, rev, e in r["edges"])
             if r["changed"]:
-                users.append({k: r[k] for k in ("id", "rev", "nonce", "at", "new")})
+                users.append({"id": r["id"], "rev": r["rev"], "nonce": r["nonce"]})
     items = [dict(r) for r in session.run(cypher.CHANGED_ITEMS)]
     return edges, users, items
 
