@@ -50,6 +50,7 @@ _seq = iter(range(10**12))
 
 
 def event(user: str, rng: random.Random, kind: str = "view") -> dict:
+    """One event of `user` now, on a seeded item."""
     return {"event_id": f"f{next(_seq)}-{rng.random():.9f}", "user_id": user, "item_id": f"i{rng.randrange(ITEMS)}",
             "type": kind, "ts": int(time.time() * 1000)}
 
@@ -90,6 +91,7 @@ class Oldest:
 
 
 def drained(driver, cfg) -> bool:
+    """Whether every change is reflected."""
     with driver.session(database=cfg.neo4j_database) as s:
         return s.run(cypher.OLDEST_PENDING).single()["oldest"] is None
 
