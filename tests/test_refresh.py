@@ -250,8 +250,8 @@ def test_change_queries_seek_the_unseen_index(cfg, driver, query):
 
 
 def test_capped_runs_take_new_users_first_and_end_exact(trained, exact_cfg, driver, lease):
-    """A run takes at most `refresh_max_users` changed users (brand-new ones first, then the longest
-    waiting) and leaves the others flagged; the runs that follow end equal to a full recompute."""
+    """A run takes at most `refresh_max_users` changed users (a quarter the longest waiting, the rest
+    brand-new ones) and leaves the others flagged; the runs that follow end equal to a full recompute."""
     reset(driver, exact_cfg, trained, lease.owner)
     capped = load_config(refresh_max_users=4, full_share=0.01)  # capped runs never turn full
     old = events(random.Random(11), 30, 60, 40, now=SEED_NOW + 1)  # seed users, older changes
