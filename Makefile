@@ -71,6 +71,7 @@ bench: install $(VEGETA)
 	$(TEST_ENV) $(PY) -m bench.bench_ingest
 	$(TEST_ENV) $(PY) -m bench.bench_kafka
 	$(TEST_ENV) $(PY) -m bench.bench_refresh
+	$(TEST_ENV) $(PY) -m bench.bench_freshness
 	$(TEST_ENV) $(PY) -m bench.bench_soak
 	$(TEST_ENV) $(PY) -m bench.bench_serving
 	$(TEST_ENV) $(PY) -m bench.bench_retention

@@ -45,6 +45,7 @@ class Worker:
         self.progress = progress
         self.owner = _token()  # replaced by a fresh token whenever the lease is taken anew
         self.active = None  # unknown until the first renewal
+        self.stopping = threading.Event()  # set at SIGTERM/SIGINT: a backlog's next run is not started
 
     def _session(self):
         return self.driver.session(database=self.cfg.neo4j_database)
@@ -111,7 +112,15 @@ class Worker:
         return max(self.cfg.lease_seconds / 3, 0.5)
 
     def tick(self) -> dict | None:
-        """One scheduler run: a queued job if any, else an incremental refresh."""
+        """One scheduler run: a queued job if any, else incremental refreshes back to back while a capped
+        run leaves changed users waiting (a backlog is not left to one run per interval); returns the last."""
+        while True:
+            result = self._step()
+            if not (result and result.get("users_left")) or self.stopping.is_set():
+                return result
+
+    def _step(self) -> dict | None:
+        """A queued job if any, else one incremental refresh."""
         if not self.renew_lease():
             return None
         owner = self.owner  # this tenure's token: if the lease changes hands, everything below is fenced
@@ -237,6 +246,7 @@ class Worker:
                               id="finetune", max_instances=1, coalesce=True)
 
         def stop(*_):
+            self.stopping.set()
             scheduler.shutdown(wait=False)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)

@@ -110,6 +110,20 @@ def test_cli_train_and_embed_wait_for_the_active_worker(trained, cfg, driver, le
             full.embed_full(driver, cfg, trained, owner=lease.owner, publish=True)
 
 
+def test_a_tick_works_off_a_backlog_in_back_to_back_runs(trained, exact_cfg, driver, lease, monkeypatch):
+    """While a capped run leaves users waiting the worker runs again at once, not at its next tick."""
+    refresh(driver, exact_cfg, trained, owner=lease.owner)  # nothing waits before
+    now = int(time.time() * 1000)
+    pipeline.ingest(driver, exact_cfg, [{"event_id": f"backlog-{now}-{k}", "user_id": f"backlog-{now}-{k}",
+                                         "item_id": f"i{k}", "type": "view", "ts": now} for k in range(7)])
+    monkeypatch.setattr(lease, "cfg", load_config(refresh_max_users=2, full_share=10.0))
+    last = lease.tick()
+    runs = status(driver, exact_cfg)["recent_runs"]
+    assert last["mode"] == "incremental" and last["users_left"] == 0
+    assert [r["users"] for r in runs[:4]] == [1, 2, 2, 2]
+    assert max_error(driver, exact_cfg, trained) < TOLERANCE
+
+
 def test_crash_before_the_version_switch_is_finished_on_restart(trained, cfg, driver, lease, monkeypatch):
     """A retrain dies after writing its vectors but before switching versions: the next run finishes it."""
     monkeypatch.setattr(cypher, "MODEL_SET_CURRENT", "RETURN 1 / 0 AS crash")  # dies at the switch

@@ -7,17 +7,38 @@
 # `changed_at` (no clock, no margin). Each query must seek the `ig_unseen` index (V005), which holds
 # only what is not yet reflected: a scan makes every run O(graph). The planner scans edges unless
 # told, and may scan even this small index under an aggregation, hence the SEEK hints.
-CHANGED_EDGES = """
-MATCH (u:User)-[r:INTERACTED]->(i:Item) USING INDEX SEEK r:INTERACTED(ig_unseen)
-WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
-RETURN u.id AS u, i.id AS i, r.rev AS rev, elementId(r) AS e, coalesce(r.changed_at, 0) AS at
+# The changed users, ordered by their oldest change not yet reflected; a run picks from them, then
+# reads the changes of the ones it took (CHANGES_OF), so that what it reads grows with what it takes.
+# One record: how many wait, the `$oldest` first ids and the `$newest` last ids of users without a
+# vector yet (a flood can leave tens of thousands waiting: only what a run may take is sent). A user
+# is flagged itself only when created (INGEST_WRITE).
+PENDING_USERS = """
+CALL {
+  MATCH (u:User)-[r:INTERACTED]->() USING INDEX SEEK r:INTERACTED(ig_unseen)
+  WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
+  RETURN u.id AS id, coalesce(r.changed_at, 0) AS at, u.ig_rev IS NULL AS new
+  UNION ALL
+  MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
+  WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
+  RETURN n.id AS id, coalesce(n.changed_at, 0) AS at, n.ig_rev IS NULL AS new
+}
+WITH id, min(at) AS at, max(new) AS new ORDER BY at, id
+WITH collect([id, new]) AS rows
+RETURN size(rows) AS waiting, [x IN rows[..$oldest] | x[0]] AS oldest,
+       [x IN reverse(rows) WHERE x[1] | x[0]][..$newest] AS newest
 """
 
-CHANGED_USERS = """
-MATCH (n:User) USING INDEX SEEK n:User(ig_unseen)
-WHERE n.ig_unseen = true AND n.rev - coalesce(n.ig_rev, 0) > 0
-RETURN n.id AS id, n.rev AS rev, coalesce(n.nonce, '') AS nonce, coalesce(n.changed_at, 0) AS at,
-       n.ig_rev IS NULL AS new
+# The changes of the given users, one record per user (the driver's per-record cost dominated): its
+# changed edges as [item, rev, element id], and whether the user node itself is flagged (`changed`,
+# with its revision). Found by id (hinted: the planner may otherwise seek the flag's index, whose size
+# is the backlog's).
+CHANGES_OF = """
+UNWIND $ids AS id
+MATCH (u:User {id: id}) USING INDEX u:User(id)
+OPTIONAL MATCH (u)-[r:INTERACTED]->(i:Item) WHERE r.ig_unseen = true AND r.rev - coalesce(r.ig_rev, -1) > 0
+WITH u, collect(CASE WHEN r IS NOT NULL THEN [i.id, r.rev, elementId(r)] END) AS edges
+RETURN u.id AS id, u.rev AS rev, coalesce(u.nonce, '') AS nonce,
+       u.ig_unseen = true AND u.rev - coalesce(u.ig_rev, 0) > 0 AS changed, edges
 """
 
 CHANGED_ITEMS = """

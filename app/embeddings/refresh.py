@@ -31,6 +31,9 @@ from app.embeddings.state import ITEM, USER
 log = logging.getLogger(__name__)
 
 
+ALL = 2**31 - 1  # no bound on the users a run may take (IG_REFRESH_MAX_USERS 0)
+
+
 class TooLarge(Exception):
     """The affected set passed the configured share of the graph: a full recompute is cheaper."""
 
@@ -45,10 +48,11 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
         if reason is None:
             started = time.monotonic()
             now = store.server_time(session)
-            edges, users, items = session.execute_read(store.changes)
+            limit = cfg.refresh_max_users
+            ids, left = take(*session.execute_read(store.pending_users, limit or ALL, limit), limit)
+            edges, users, items = session.execute_read(store.changes, ids)
             if not (edges or users or items):
                 return {"mode": "noop", "seconds": round(time.monotonic() - started, 4)}
-            edges, users, left = take(edges, users, cfg.refresh_max_users)
             try:
                 writes, run = incremental(session, cfg, lm, edges, users, items)
             except TooLarge as exc:
@@ -66,19 +70,24 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
     return embed_full(driver, cfg, lm, progress=progress, owner=owner, reason=reason, publish=publish)
 
 
-def take(edges: list[dict], users: list[dict], limit: int) -> tuple[list[dict], list[dict], int]:
-    """The changes of at most `limit` changed users (0: all), and how many users wait: first the
-    users without a vector yet (their first one turns trending answers into personal ones), then the
-    longest waiting."""
-    since: dict[str, int] = {}
-    for uid, at in [(e["u"], e["at"]) for e in edges] + [(u["id"], u["at"]) for u in users]:
-        since[uid] = min(since.get(uid, at), at)
-    if not limit or len(since) <= limit:
-        return edges, users, 0
-    new = {u["id"] for u in users if u["new"]}
-    chosen = set(sorted(since, key=lambda uid: (uid not in new, since[uid], uid))[:limit])
-    return ([e for e in edges if e["u"] in chosen], [u for u in users if u["id"] in chosen],
-            len(since) - limit)
+def take(waiting: int, oldest: list[str], newest: list[str], limit: int) -> tuple[list[str], int]:
+    """The changed users one run takes, at most `limit` (0: all), and how many wait; from the longest
+    waiting and the newest without a vector yet (`pending_users`).
+
+    A quarter of the run (at least one user) goes to the longest waiting, so that a backlog also drains
+    from its old end and nobody waits for ever; the rest to the users without a vector yet, newest first
+    (their first vector turns trending answers into personal ones, and a shopper arriving right after a
+    flood of new ones is not queued behind the whole flood), then again to the longest waiting.
+    """
+    if not limit or waiting <= limit:
+        return oldest, 0
+    reserved = max(limit // 4, 1)
+    chosen = dict.fromkeys(oldest[:reserved])
+    for uid in newest + oldest[reserved:]:
+        if len(chosen) == limit:
+            break
+        chosen.setdefault(uid)
+    return list(chosen), waiting - len(chosen)
 
 
 def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users: list[dict],

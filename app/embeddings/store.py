@@ -175,10 +175,21 @@ def advance(tx, mark: int, run: dict, owner: str | None, full_run: str | None = 
            keep=APPLIED_KEEP).consume()
 
 
-def changes(session) -> tuple[list[dict], list[dict], list[dict]]:
-    """Edges, users and items with a revision not yet reflected (users and items with their `rev`)."""
-    edges = [dict(r) for r in session.run(cypher.CHANGED_EDGES)]
-    users = [dict(r) for r in session.run(cypher.CHANGED_USERS)]
+def pending_users(session, oldest: int, newest: int) -> tuple[int, list[str], list[str]]:
+    """How many users have a change not yet reflected, the `oldest` longest waiting of them (by their
+    oldest such change) and the `newest` last of those without a vector yet, newest first."""
+    r = session.run(cypher.PENDING_USERS, oldest=oldest, newest=newest).single()
+    return r["waiting"], r["oldest"], r["newest"]
+
+
+def changes(session, ids: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The changed edges and user rows of users `ids`, and every changed item (users and items with their `rev`)."""
+    edges, users = [], []
+    for chunk in chunks(sorted(ids), 5000):
+        for r in session.run(cypher.CHANGES_OF, ids=chunk):
+            edges.extend({"u": r["id"], "i": i, "rev": rev, "e": e} for i, rev, e in r["edges"])
+            if r["changed"]:
+                users.append({"id": r["id"], "rev": r["rev"], "nonce": r["nonce"]})
     items = [dict(r) for r in session.run(cypher.CHANGED_ITEMS)]
     return edges, users, items
 
