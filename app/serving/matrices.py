@@ -44,6 +44,16 @@ def lookup(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return pos, keys[pos] == values
 
 
+def merged(keys: np.ndarray, values: np.ndarray, more: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted `keys` with the sorted `more` they lack inserted in order, and `values` with 0 for those."""
+    pos, hit = lookup(keys, more)
+    if hit.all():
+        return keys, values
+    new = more[~hit]
+    at = np.searchsorted(keys, new)
+    return np.insert(keys, at, new), np.insert(values, at, 0.0)
+
+
 def inverse(x: np.ndarray) -> np.ndarray:
     """1 / x where x > 0, else 0 (a node without positive edges)."""
     return np.divide(1.0, x, out=np.zeros_like(x), where=x > 0)
