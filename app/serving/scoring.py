@@ -78,9 +78,10 @@ class Scoring:
         f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
         at, lengths = self._entries(cols[inside])
         targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
-        # Each item's entries are summed in the order of the rows either way (the same floats). A wide
-        # reach is summed over the catalogue; a narrow one sorted: the rows' indices are sorted, and a
-        # stable sort merges those runs (about 25 ns an entry against 0.5 ns an item, docs/benchmarks.md).
+        # Either way each item's entries are summed in the rows' order, so both give the same floats. A wide
+        # reach is summed over the whole catalogue; a narrow one is sorted, a stable sort merging the rows'
+        # runs (each row's indices are sorted), which costs some fifty times more an entry than the
+        # catalogue's pass an item (docs/benchmarks.md, the read path).
         if 32 * len(at) > self.nbr.shape[0]:
             dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
             cand = np.flatnonzero(dense != 0)  # a boolean array's nonzero is several times a float one's
