@@ -80,7 +80,7 @@ class Scoring:
         targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
         # Either way each item's entries are summed in the rows' order, so both give the same floats. A wide
         # reach is summed over the whole catalogue; a narrow one is sorted, a stable sort merging the rows'
-        # runs (each row's indices are sorted), which costs some fifty times more an entry than the
+        # runs (each row's indices are sorted), which costs dozens of times more an entry than the
         # catalogue's pass an item (docs/benchmarks.md, the read path).
         if 32 * len(at) > self.nbr.shape[0]:
             dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
