@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from app.serving.matrices import best, filter_weights, grown, inverse, largest, lookup, merged
+from app.serving.matrices import best, filter_weights, grown, inverse, largest, lookup, merged, summed
 from graph_models.bias import prior, with_bias
 from graph_models.candidates import top_bias
 
@@ -78,22 +78,9 @@ class Scoring:
         f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
         at, lengths = self._entries(cols[inside])
         targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
-        # Either way each item's entries are summed in the rows' order, so both give the same floats. A wide
-        # reach is summed over the whole catalogue; a narrow one is sorted, a stable sort merging the rows'
-        # runs (each row's indices are sorted), which costs dozens of times more an entry than the
-        # catalogue's pass an item (docs/benchmarks.md, the read path).
-        if 32 * len(at) > self.nbr.shape[0]:
-            dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
-            cand = np.flatnonzero(dense != 0)  # a boolean array's nonzero is several times a float one's
-            vals = dense[cand]
-        else:
-            order = np.argsort(targets, kind="stable")
-            targets = targets[order]
-            first = np.empty(len(targets), dtype=bool)
-            first[:1] = True
-            np.not_equal(targets[1:], targets[:-1], out=first[1:])
-            cand = targets[first]
-            vals = np.bincount(np.cumsum(first) - 1, weights=w[order], minlength=len(cand))
+        n = self.nbr.shape[0]
+        # A wide reach is summed over the whole catalogue, a narrow one sorted (docs/benchmarks.md, the read path).
+        cand, vals = summed(targets, w, n, 32 * len(at) > n)
         return cand.astype(np.int64), vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
 
     def _entries(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
