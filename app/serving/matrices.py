@@ -46,7 +46,7 @@ def lookup(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def merged(keys: np.ndarray, values: np.ndarray, more: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted `keys` with the sorted `more` they lack inserted in order, and `values` with 0 for those."""
-    pos, hit = lookup(keys, more)
+    _, hit = lookup(keys, more)
     if hit.all():
         return keys, values
     new = more[~hit]
