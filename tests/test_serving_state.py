@@ -14,6 +14,7 @@ import torch
 from app.embeddings.models import LoadedModel
 from app.serving import delta as delta_module
 from app.serving.delta import Delta, apply
+from app.serving.matrices import summed
 from app.serving.state import Index, Rows, built
 from graph_models import ModelConfig
 from graph_models.train import Scorer, build
@@ -355,3 +356,18 @@ def test_a_version_without_content_has_nothing_that_mixes():
     assert torch.equal(with_content(users), Scorer(lm.model, csr)(users))
     st = _whole(lm, edges, ITEMS + NEW)
     assert st.items.mix is None and not len(st.items.content.cols)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "sorted"])
+def test_a_reach_is_summed_in_the_rows_order_either_way(dense):
+    """An item table's reach summed over the catalogue or by sorting its entries: the items it reaches,
+    sorted, and each one's entries added in the rows' order (the same floats as one by one)."""
+    rng = np.random.default_rng(3)
+    keys = np.concatenate([np.sort(rng.choice(1000, 40, replace=False)) for _ in range(12)]).astype(np.int32)
+    values = rng.random(len(keys))
+    one_by_one = {}
+    for key, value in zip(keys.tolist(), values.tolist()):
+        one_by_one[key] = one_by_one.get(key, 0.0) + value
+    found, sums = summed(keys, values, 1000, dense)
+    assert found.tolist() == sorted(one_by_one)
+    assert sums.tolist() == [one_by_one[key] for key in sorted(one_by_one)]

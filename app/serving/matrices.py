@@ -44,6 +44,33 @@ def lookup(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return pos, keys[pos] == values
 
 
+def merged(keys: np.ndarray, values: np.ndarray, more: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted `keys` with the sorted `more` they lack inserted in order, and `values` with 0 for those."""
+    _, hit = lookup(keys, more)
+    if hit.all():
+        return keys, values
+    new = more[~hit]
+    at = np.searchsorted(keys, new)
+    return np.insert(keys, at, new), np.insert(values, at, 0.0)
+
+
+def summed(keys: np.ndarray, values: np.ndarray, n: int, dense: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct `keys` (below n), sorted, and the sum of each one's `values` (> 0), added in their
+    order either way: over an array of n (`dense`), or by a stable sort of the keys, which merges sorted
+    runs (an item table's rows) a pass each, at dozens of times the dense way's cost per slot of n."""
+    if dense:
+        out = np.bincount(keys, weights=values, minlength=n)
+        found = np.flatnonzero(out != 0)  # a boolean array's nonzero is several times a float one's
+        return found, out[found]
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    first = np.empty(len(keys), dtype=bool)
+    first[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    found = keys[first]
+    return found, np.bincount(np.cumsum(first) - 1, weights=values[order], minlength=len(found))
+
+
 def inverse(x: np.ndarray) -> np.ndarray:
     """1 / x where x > 0, else 0 (a node without positive edges)."""
     return np.divide(1.0, x, out=np.zeros_like(x), where=x > 0)

@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from app.serving.matrices import best, filter_weights, grown, inverse, largest, lookup
+from app.serving.matrices import best, filter_weights, grown, inverse, largest, lookup, merged, summed
 from graph_models.bias import prior, with_bias
 from graph_models.candidates import top_bias
 
@@ -78,13 +78,9 @@ class Scoring:
         f = filter_weights(self.lm)[1](a[inside] * self.lm.scale)
         at, lengths = self._entries(cols[inside])
         targets, w = self.nbr.indices[at], self.nbr.data[at] * np.repeat(f, lengths)
-        if 8 * len(at) > self.nbr.shape[0]:  # a wide reach: summing over the catalogue beats sorting
-            dense = np.bincount(targets, weights=w, minlength=self.nbr.shape[0])
-            cand = np.flatnonzero(dense)
-            vals = dense[cand]
-        else:
-            cand, inv = np.unique(targets, return_inverse=True)
-            vals = np.bincount(inv, weights=w, minlength=len(cand))
+        n = self.nbr.shape[0]
+        # A wide reach is summed over the whole catalogue, a narrow one sorted (docs/benchmarks.md, the read path).
+        cand, vals = summed(targets, w, n, 32 * len(at) > n)
         return cand.astype(np.int64), vals if self.nbr_tilt is None else vals * self.nbr_tilt[cand]
 
     def _entries(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,10 +100,7 @@ class Scoring:
         pos = np.unique(by.indices)  # rows of the mixing items that attend to the reach
         if not len(pos):
             return cand, vals
-        new = np.setdiff1d(mix.cols[pos], cand, assume_unique=True)
-        if len(new):
-            order = np.argsort(np.concatenate([cand, new]), kind="stable")
-            cand, vals = np.concatenate([cand, new])[order], np.concatenate([vals, np.zeros(len(new))])[order]
+        cand, vals = merged(cand, vals, mix.cols[pos])
         m = mix.a[pos]
         at, hit = lookup(cand, m.indices)
         got = np.where(hit, vals[at], 0.0) * m.data
@@ -126,12 +119,7 @@ class Scoring:
         (no table, or EASE, which reads every item)."""
         if self.nbr is None or self.lm.ease is not None:
             return None
-        cand, vals = self._mixed_reach(*self._reach(cols, a))
-        extra = np.setdiff1d(self._top_bias, cand, assume_unique=True)
-        if not len(extra):
-            return cand, vals
-        order = np.argsort(np.concatenate([cand, extra]), kind="stable")
-        return np.concatenate([cand, extra])[order], np.concatenate([vals, np.zeros(len(extra))])[order]
+        return merged(*self._mixed_reach(*self._reach(cols, a)), self._top_bias)
 
     def ranked(self, p: np.ndarray, cols: np.ndarray, a: np.ndarray, k: int,
                admit) -> tuple[np.ndarray, np.ndarray]:
@@ -145,9 +133,9 @@ class Scoring:
         else:
             cand, lin = found
             s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin  # `_unbiased` at the candidates
-            top = largest(s)
+            top = largest(s) if self._bias is not None else 1.0
             ok = admit(cand)
-            if ok.sum() >= k and len(cand) - np.isin(cols, cand).sum() >= self.lm.mcfg.k:
+            if ok.sum() >= k and len(cand) - lookup(cand, cols)[1].sum() >= self.lm.mcfg.k:
                 idx, s = cand[ok], s[ok]
             else:  # only the admitted items' rows are read: a selective filter costs what it admits
                 idx = np.flatnonzero(admit(np.arange(self.n_items)))
@@ -164,7 +152,8 @@ class Scoring:
         rows, q = self.items.rows[cand], self.lm.q32
         if 4 * len(cand) > len(q):
             return self.items.content.low(p, (q @ p.astype(np.float32))[rows].astype(np.float64), cand)
-        return self.items.content.low(p, (q[rows] @ p.astype(np.float32)).astype(np.float64), cand)
+        # `take` gathers rows in half the time of fancy indexing (a memory-bound copy either way)
+        return self.items.content.low(p, (np.take(q, rows, axis=0) @ p.astype(np.float32)).astype(np.float64), cand)
 
     def work(self, user_ids: list[str]) -> int:
         """Entries recommending to `user_ids` reads: per user, every edge of the copy (the exact filter's two
@@ -282,7 +271,7 @@ class Scoring:
 
     def mask(self, category: str | None, max_price: float | None, seen: np.ndarray | None = None,
              embedded: bool = True, at: np.ndarray | None = None) -> np.ndarray:
-        """Items admitted by the filters, without the `seen` columns: of every item, or of columns `at`."""
+        """Items admitted by the filters, without the `seen` columns: of every item, or of columns `at` (sorted)."""
         items, sel = self.items, slice(None) if at is None else at
         ok = items.embedded[sel].copy() if embedded else np.ones(self.n_items if at is None else len(at), dtype=bool)
         if category is not None:
@@ -294,7 +283,8 @@ class Scoring:
             if at is None:
                 ok[seen] = False
             else:
-                ok &= ~np.isin(at, seen)
+                pos, hit = lookup(at, seen)
+                ok[pos[hit]] = False
         return ok
 
     def top(self, scores: np.ndarray, ok: np.ndarray, k: int) -> list[dict]:
