@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 
 import click
 
@@ -14,6 +16,8 @@ from app import config as config_module
 from app.cli.base import fail, main
 from app.config import load_config
 from app.db import get_driver
+
+CLOSE_WAIT = 10.0  # seconds `consume` waits for the Kafka client to leave the group on its way out
 
 
 @main.group()
@@ -168,10 +172,18 @@ def consume():
     from app.ingest.consume import Folder
     cfg = load_config()
     folder = Folder(cfg, get_driver(cfg))
+    # A signal only ends the loop between batches: an exception raised inside the Kafka client's calls
+    # or callbacks could leave its close() waiting for ever. Each batch's offsets are committed before
+    # the next is read, so stopping loses nothing.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        folder.run()
-    except KeyboardInterrupt:
-        pass
+        folder.run(until=stop.is_set)
     finally:
-        folder.close()
+        # close() can still hang inside librdkafka (confluent-kafka-python#1667): wait for it a while,
+        # then exit anyway; the group hands the partitions on after its session timeout.
+        closer = threading.Thread(target=folder.close, daemon=True)
+        closer.start()
+        closer.join(CLOSE_WAIT)
     click.echo(json.dumps(dict(folder.totals)))

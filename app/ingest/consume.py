@@ -45,6 +45,7 @@ class Folder:
         self.consumer.subscribe([cfg.kafka_topic])
         self.dead = Producer(event_log.client_conf(cfg, **{"enable.idempotence": True, "acks": "all"}))
         self.totals = Counter()
+        self.pending: dict[tuple[str, int], int] = {}  # offsets a rebalance kept from being committed
 
     def step(self, timeout: float = 1.0) -> int:
         """Fold one batch (whatever arrived within `timeout` s); return how many messages it held."""
@@ -52,6 +53,7 @@ class Folder:
         # to fill up, so a quiet topic's events are folded at once.
         first = self.consumer.poll(timeout)
         if first is None:
+            self._commit_offsets({})
             return 0
         more = self.consumer.consume(self.cfg.consume_batch - 1, BATCH_GATHER) if self.cfg.consume_batch > 1 else []
         messages = [m for m in [first, *more] if not self._broker_note(m)]
@@ -69,16 +71,32 @@ class Folder:
                 events.append(event)
         accepted = self._write(events, dict(counts), poison)
         self._dead_letter(poison)
-        offsets = {}
-        for m in messages:
-            offsets[(m.topic(), m.partition())] = max(offsets.get((m.topic(), m.partition()), -1), m.offset())
-        try:
-            self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
-                                 asynchronous=False)
-        except KafkaException as exc:  # the partitions moved meanwhile (a rebalance)
-            log.warning("offsets not committed (%s): the batch will be read again and add nothing", exc)
+        self._commit_offsets({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
         self.totals.update(messages=len(messages), accepted=accepted, dead=len(poison))
         return len(messages)
+
+    def _commit_offsets(self, offsets: dict) -> None:
+        """Commit the next offsets to read, with any a rebalance refused before.
+
+        A refused commit is tried again at the next step: a partition the member keeps (cooperative
+        rebalancing) is not read again, so its committed offset would otherwise stay behind for good,
+        and the group's lag with it.
+        """
+        for key, offset in offsets.items():  # messages come in offset order within a partition
+            self.pending[key] = max(self.pending.get(key, offset), offset)
+        if self.pending:
+            # A partition handed to another member is that member's to commit (it reads from the last
+            # committed offset): committing ours could move its offset back.
+            mine = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+            self.pending = {key: o for key, o in self.pending.items() if key in mine}
+        if not self.pending:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self.pending.items()],
+                                 asynchronous=False)
+            self.pending = {}
+        except KafkaException as exc:  # the group is rebalancing
+            log.warning("offsets not committed yet (%s): tried again at the next step", exc)
 
     def _broker_note(self, message) -> bool:
         """True for an error the client reports in place of a message (logged, not folded)."""
