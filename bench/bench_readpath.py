@@ -1,6 +1,7 @@
 """The read path as the graph grows: one recommendation's work on power-law graphs of 10k, 1M and 10M
 edges, with the graph filter exact (two sparse products over every edge) and from the item table (the
-candidates the shopper's items' rows reach), side by side in one run.
+candidates the shopper's items' rows reach), reading every candidate's row of q ("rows") or bounding
+them first as `serve` does ("table", which must rank as "rows"), side by side in one run.
 
 Each graph is bench_scale's (N/10 uniform users, N/50 Pareto items, weight 1), held in memory as an API
 process holds its copy (app/serving/state.py `built`, no Neo4j: what is measured is the request's own
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from app.config import Config  # noqa: E402
 from app.embeddings.models import LoadedModel  # noqa: E402
+from app.serving import scoring  # noqa: E402
 from app.serving.audience import audience  # noqa: E402
 from app.serving.ranking import Filters, recommend  # noqa: E402
 from app.serving.state import Index, Rows, State, built  # noqa: E402
@@ -40,6 +42,7 @@ from graph_models.train import build  # noqa: E402
 VARIANTS = {"plain": ({}, False), "explain": ({}, True), "max_price": ({"max_price": 10.0}, False),
             "max_price=0.01": ({"max_price": 0.01}, False)}
 AUDIENCE_CANDIDATES = Config.audience_candidates
+BOUND_FROM = scoring.BOUND_FROM
 
 
 def rss_mb() -> float:
@@ -116,7 +119,10 @@ def main() -> None:
         basis_s = time.perf_counter() - t0
         sample = [f"u{x}" for x in rng.choice(csr.shape[0], args.requests, replace=False)]
         answers = {}
-        for path, topk in (("exact", 0), ("table", table_topk(csr.nnz, n_items, cfg) or cfg.table_k)):
+        topk_table = table_topk(csr.nnz, n_items, cfg) or cfg.table_k
+        # "rows": the table path reading every candidate's row of q; "table": bounding them first (as served)
+        for path, topk in (("exact", 0), ("rows", topk_table), ("table", topk_table)):
+            scoring.BOUND_FROM = 10**12 if path == "rows" else BOUND_FROM
             mcfg = ModelConfig(**{**cfg.to_dict(), "lin_topk": topk})
             lm = LoadedModel(f"bench-{size}-{path}", model, mcfg,
                              {"ref_ms": 0, "decay_anchor_ms": 0, "half_life_days": 1.0,
@@ -139,6 +145,7 @@ def main() -> None:
             audience(st, 0, 100, False, AUDIENCE_CANDIDATES)  # warm
             row["audience"] = audience_ms(st, rng.choice(n_items, 50, replace=False))
             if path == "table":
+                assert answers["table"] == answers["rows"], "bounding changed a ranking"
                 pairs = list(zip(answers["exact"], answers["table"][:len(answers["exact"])]))
                 row["overlap"] = float(np.mean([len(set(a) & set(b)) / max(1, len(a)) for a, b in pairs]))
             rows.append(row)

@@ -13,6 +13,7 @@ import torch
 
 from app.embeddings.models import LoadedModel
 from app.serving import delta as delta_module
+from app.serving import scoring
 from app.serving.delta import Delta, apply
 from app.serving.matrices import summed
 from app.serving.state import Index, Rows, built
@@ -371,3 +372,56 @@ def test_a_reach_is_summed_in_the_rows_order_either_way(dense):
     found, sums = summed(keys, values, 1000, dense)
     assert found.tolist() == sorted(one_by_one)
     assert sums.tolist() == [one_by_one[key] for key in sorted(one_by_one)]
+
+
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
+def test_bounded_ranking_reads_few_rows_and_ranks_as_reading_all(biased, monkeypatch):
+    """Many candidates: bounding p . q_j first reads a fraction of their rows and gives the ranking and
+    scores that reading every row gives, with filters and with item biases (whose divisor is the largest
+    magnitude of every candidate's score)."""
+    rng = np.random.default_rng(5)
+    n_users, n_items = 300, 2000
+    users = rng.integers(n_users, size=12000)
+    items = np.minimum((rng.pareto(1.2, size=12000) * 50).astype(np.int64), n_items - 1)
+    csr = sp.csr_matrix((np.ones(len(users)), (users, items)), shape=(n_users, n_items))
+    csr.data[:] = 1.0
+    mcfg = ModelConfig(dim=16, sharp_dim=4, search_trials=0, lin_topk=200,
+                       **({"bias_temperature": 1.0} if biased else {}))
+    model = build(csr, mcfg).double().eval()
+    if biased:
+        model.bias.copy_(torch.from_numpy(rng.normal(0, 0.2, n_items)))
+    ids = [f"i{j}" for j in range(n_items)]
+    lm = LoadedModel("v-bounded", model, mcfg, {"ref_ms": 0, "decay_anchor_ms": 0, "half_life_days": 1.0,
+                                                "item_ids": ids}, {i: j for j, i in enumerate(ids)})
+    coo = csr.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    rows = Rows(np.searchsorted(coo.row[order], np.arange(n_users + 1)), coo.col[order].astype(np.int64),
+                coo.data[order], np.full(len(order), float(NOW)))
+    item_rows = [{"id": i, "title": None, "category": "even" if j % 2 == 0 else "odd", "price": float(j % 30),
+                  "version": lm.version} for j, i in enumerate(ids)]
+    st = built("e", 1, NOW, lm, Index(f"u{u}" for u in range(n_users)), np.full(n_users, None, dtype=object),
+               rows, item_rows, {}, 0)
+    read = []
+    low = type(st)._low
+    monkeypatch.setattr(type(st), "_low", lambda self, p, cand: read.append(len(cand)) or low(self, p, cand))
+    checked = 0
+    for u in range(n_users):
+        cols, a, _ = st.row(f"u{u}")
+        if not len(cols):
+            continue
+        p = st.vector(cols, a)
+        for category, max_price in ((None, None), ("even", None), (None, 10.0)):
+            admit = lambda at: st.mask(category, max_price, cols, at=at)  # noqa: E731
+            monkeypatch.setattr(scoring, "BOUND_FROM", 0)
+            read.clear()
+            idx, s = st.ranked(p, cols, a, 20, admit)
+            bounded_reads = sum(read)
+            monkeypatch.setattr(scoring, "BOUND_FROM", 10**9)
+            read.clear()
+            all_idx, all_s = st.ranked(p, cols, a, 20, admit)
+            assert idx.tolist() == all_idx.tolist()
+            np.testing.assert_allclose(s, all_s, rtol=1e-6, atol=1e-9)
+            if len(st._candidates(cols, a)[0]) > 500:
+                assert bounded_reads < sum(read) / 2
+                checked += 1
+    assert checked > 50

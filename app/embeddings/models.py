@@ -29,6 +29,9 @@ class Cold(NamedTuple):
     a: sp.csr_matrix | None
 
 
+HEAD = 8  # columns of q that a score's bound reads: with two norms, 40 bytes a candidate
+
+
 def aligned(a: np.ndarray, dtype, to: int = 64) -> np.ndarray:
     """`a` copied as `dtype` from a `to`-byte boundary: a large allocation starts 16 bytes past one, so every
     row of a 64- and 16-dimensional float32 table (320 bytes) would span six cache lines, not five, when a
@@ -81,6 +84,16 @@ class LoadedModel:
         """The item table q in float32, as the offline Scorer scores: the API reads it whole per answer,
         and half the bytes is most of that product's time on a busy host (docs/benchmarks.md)."""
         out = aligned(self.tables[1], np.float32)
+        out.flags.writeable = False
+        return out
+
+    @cached_property
+    def q_bound(self) -> np.ndarray:
+        """Per version row, q's first HEAD columns, the norm of the rest and of the whole row (float32): what
+        bounds p . q_j without reading the row, in a table small enough to stay in cache (app/serving/scoring.py)."""
+        q = self.q32.astype(np.float64)
+        out = np.hstack([q[:, :HEAD], np.linalg.norm(q[:, HEAD:], axis=1)[:, None], np.linalg.norm(q, axis=1)[:, None]])
+        out = np.ascontiguousarray(out, dtype=np.float32)
         out.flags.writeable = False
         return out
 

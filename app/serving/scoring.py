@@ -8,9 +8,16 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
+from app.embeddings.models import HEAD
 from app.serving.matrices import best, filter_weights, grown, inverse, largest, lookup, merged, summed
 from graph_models.bias import prior, with_bias
 from graph_models.candidates import top_bias
+
+
+# Float32 rounding's share of |p| |q_j| that a bound on p . q_j leaves room for (80 terms: about 5e-6).
+ROUNDING = 1e-4
+# Candidates from which bounding their scores first costs less than reading every row (docs/benchmarks.md).
+BOUND_FROM = 1024
 
 
 class Scoring:
@@ -132,20 +139,52 @@ class Scoring:
             s = self.scores(p, cols, a)[idx]
         else:
             cand, lin = found
-            s = self._low(p, cand) + self.lm.mcfg.lin_weight * lin  # `_unbiased` at the candidates
-            top = largest(s) if self._bias is not None else 1.0
+            lin = self.lm.mcfg.lin_weight * lin
             ok = admit(cand)
             if ok.sum() >= k and len(cand) - lookup(cand, cols)[1].sum() >= self.lm.mcfg.k:
-                idx, s = cand[ok], s[ok]
+                idx, s = self._bounded(p, cand, lin, ok, k)
             else:  # only the admitted items' rows are read: a selective filter costs what it admits
+                top = largest(self._low(p, cand) + lin) if self._bias is not None else 1.0
                 idx = np.flatnonzero(admit(np.arange(self.n_items)))
                 at, hit = lookup(cand, idx)
                 s = self._low(p, idx)
-                s[hit] += self.lm.mcfg.lin_weight * lin[at[hit]]
-            if self._bias is not None:
-                s = s / top + self._bias[idx]
+                s[hit] += lin[at[hit]]
+                if self._bias is not None:
+                    s = s / top + self._bias[idx]
         chosen = best(s, k)
         return idx[chosen], s[chosen]
+
+    def _bounded(self, p: np.ndarray, cand: np.ndarray, lin: np.ndarray, ok: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The admitted (`ok`) candidates that may be among the k best and their scores, as scoring every
+        candidate would give them: p . q_j is read only where its bound (q's first columns exactly, the rest
+        by its norm) leaves the item a chance, and with biases where it may be the largest magnitude."""
+        exact = lambda at: self._low(p, cand[at]) + lin[at]  # noqa: E731
+        bias = self._bias
+        if len(cand) < BOUND_FROM:
+            s = exact(slice(None))
+            top = largest(s) if bias is not None else 1.0
+            return cand[ok], s[ok] / top + (0.0 if bias is None else bias[cand[ok]])
+        tail, whole = np.linalg.norm(p[HEAD:]), ROUNDING * np.linalg.norm(p)
+        w = np.zeros((HEAD + 2, 2), dtype=np.float32)
+        w[:HEAD] = p[:HEAD, None]
+        w[HEAD:] = [[-tail, tail], [-whole, whole]]
+        lo, hi = (np.take(self.lm.q_bound, self.items.rows[cand], axis=0) @ w).T
+        lo, hi = lo + lin, hi + lin
+        own = np.flatnonzero(self.items.content.at[cand] >= 0) if len(self.items.content.cols) else []
+        if len(own):  # rows from content are not the version's: read, not bounded
+            lo[own] = hi[own] = exact(own)
+        top = 1.0
+        if bias is not None:  # the divisor is the largest magnitude of every candidate's score
+            mag = np.maximum(np.abs(lo), np.abs(hi))
+            first = int(np.argmax(mag))
+            top = largest(exact(np.flatnonzero(mag >= min(mag[first], abs(exact([first])[0])))))
+            lo, hi = lo / top + bias[cand], hi / top + bias[cand]
+        admitted = np.flatnonzero(ok)
+        first = admitted[np.argpartition(-lo[admitted], k - 1)[:k]]
+        floor = (exact(first) / top + (0.0 if bias is None else bias[cand[first]])).min()
+        at = admitted[hi[admitted] >= floor]
+        return cand[at], exact(at) / top + (0.0 if bias is None else bias[cand[at]])
 
     def _low(self, p: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """p . q_j of items `cand`: their rows gathered, or (for many) every row's product, which is then cheaper."""
