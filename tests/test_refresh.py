@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from app import cypher
 from app.config import load_config
 from app.embeddings import full, models, store
-from app.embeddings.refresh import refresh, take
+from app.embeddings.refresh import DEGREE_DELAY_MS, degree_plan, refresh, take
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
@@ -265,11 +265,14 @@ def test_capped_runs_take_new_users_first_and_end_exact(trained, exact_cfg, driv
     with driver.session(database=capped.neo4j_database) as s:
         embedded = s.run("MATCH (u:User) WHERE u.id STARTS WITH 'cap-new-' AND u.embedding IS NOT NULL "
                          "RETURN count(u) AS n").single()["n"]
-    assert embedded == 3
-    runs = 1
-    while refresh(driver, capped, trained, owner=lease.owner)["mode"] != "noop":
-        runs += 1
-    assert runs == -(-waiting // 4)
+        stale = store.refresh_state(s)["deg_stale"]
+    assert embedded == 3 and first["degrees"] == 0 and stale  # the items' degrees left for a later run
+    runs, last = 1, first
+    while (run := refresh(driver, capped, trained, owner=lease.owner))["mode"] != "noop":
+        runs, last = runs + 1, run
+    assert runs == -(-waiting // 4) and last["degrees"] > 0
+    with driver.session(database=capped.neo4j_database) as s:
+        assert store.refresh_state(s)["deg_stale"] == []
     assert max_error(driver, capped, trained) < TOLERANCE
 
 
@@ -282,6 +285,18 @@ def test_a_capped_run_takes_the_newest_new_users_and_a_quarter_of_the_longest_wa
     assert ids == ["old0", "old1"] + [f"flood{k}" for k in range(19, 13, -1)] and left == 16
     assert take(24, oldest[:1], newest[:1], 1) == (["old0"], 23)  # a run of one still drains the old end
     assert take(24, oldest, [], 0) == (oldest, 0)
+
+
+def test_while_users_wait_degrees_are_summed_at_most_every_delay_and_by_the_run_that_leaves_none():
+    """Summing every touched item's edges in every run of a flood cost more than the users' vectors:
+    a run that leaves users waiting adds its items to the stale ones, unless they have waited the delay."""
+    fresh = {"deg_stale": [], "deg_stale_since": None}
+    assert degree_plan(fresh, ["i2", "i1"], 1000, left=5) == ([], ["i1", "i2"], 1000)
+    stale = {"deg_stale": ["i1", "i2"], "deg_stale_since": 1000}
+    assert degree_plan(stale, ["i3"], 1000 + DEGREE_DELAY_MS - 1, left=5) == ([], ["i1", "i2", "i3"], 1000)
+    assert degree_plan(stale, ["i3"], 1000 + DEGREE_DELAY_MS, left=5) == (["i1", "i2", "i3"], [], None)
+    assert degree_plan(stale, [], 1001, left=0) == (["i1", "i2"], [], None)
+    assert degree_plan(fresh, ["i1"], 1000, left=0) == (["i1"], [], None)
 
 
 def test_large_change_falls_back_to_full_with_reason(trained, cfg, driver, lease):
