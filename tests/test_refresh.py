@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from app import cypher
 from app.config import load_config
 from app.embeddings import full, models, store
-from app.embeddings.refresh import DEGREE_DELAY_MS, degree_plan, refresh, take
+from app.embeddings.refresh import DEGREE_DELAY_MS, RunSize, degree_plan, refresh, take
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
@@ -297,6 +297,21 @@ def test_while_users_wait_degrees_are_summed_at_most_every_delay_and_by_the_run_
     assert degree_plan(stale, ["i3"], 1000 + DEGREE_DELAY_MS, left=5) == (["i1", "i2", "i3"], [], None)
     assert degree_plan(stale, [], 1001, left=0) == (["i1", "i2"], [], None)
     assert degree_plan(fresh, ["i1"], 1000, left=0) == (["i1"], [], None)
+
+
+def test_while_users_wait_a_run_takes_what_the_last_runs_pace_fits_in_the_target():
+    """A slow run (a busy machine) makes the next ones smaller, down to a quarter of the cap; fast ones
+    grow them back to the cap; a run that left nobody waiting, or the target off, changes nothing."""
+    size = RunSize(load_config(refresh_max_users=1000, refresh_target_seconds=0.5))
+    assert size.size == 1000
+    assert size.update({"users": 1000, "users_left": 9000}, 2.0) == 500  # fits 250: half way there
+    assert size.update({"users": 500, "users_left": 8500}, 1.0) == 353
+    assert size.update({"users": 353, "users_left": 8000}, 5.0) == 250  # never below a quarter
+    assert size.update({"users": 40, "users_left": 0}, 5.0) == 250
+    assert size.update({"users": 250, "users_left": 7000}, 0.05) == 790
+    assert size.update({"users": 790, "users_left": 6000}, 0.1) == 1000  # never above the cap
+    off = RunSize(load_config(refresh_max_users=1000, refresh_target_seconds=0))
+    assert off.update({"users": 1000, "users_left": 9000}, 9.0) == 1000
 
 
 def test_large_change_falls_back_to_full_with_reason(trained, cfg, driver, lease):

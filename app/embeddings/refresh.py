@@ -59,8 +59,9 @@ class TooLarge(Exception):
 
 
 def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: bool = False,
-            owner: str | None = None) -> dict:
-    """One run over the changes since the watermark: incremental when possible, else full."""
+            owner: str | None = None, max_users: int | None = None) -> dict:
+    """One run over the changes since the watermark: incremental when possible, else full; a capped
+    run takes at most `max_users` changed users (default: `refresh_max_users`)."""
     with driver.session(database=cfg.neo4j_database) as session:
         status = store.refresh_state(session)
         reason = ("requested" if full else "interrupted full recompute" if status["full_pending"]
@@ -69,7 +70,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
             started = time.monotonic()
             phases = Phases()
             now = store.server_time(session)
-            limit = cfg.refresh_max_users
+            limit = cfg.refresh_max_users if max_users is None or not cfg.refresh_max_users else max_users
             ids, left = take(*session.execute_read(store.pending_users, limit or ALL, limit), limit)
             phases.done("pending")
             edges, users, items = session.execute_read(store.changes, ids)
@@ -117,6 +118,28 @@ def take(waiting: int, oldest: list[str], newest: list[str], limit: int) -> tupl
             break
         chosen.setdefault(uid)
     return list(chosen), waiting - len(chosen)
+
+
+class RunSize:
+    """How many users the worker's next run takes: as many as the last full runs' pace fits in
+    `refresh_target_seconds`, between a quarter of `refresh_max_users` and all of it.
+
+    A run's length is what a shopper arriving during a backlog waits for twice (the run in flight, then
+    its own), and on a busy machine a run of the full cap took 1-2 s; the floor keeps a run's fixed
+    costs from eating the users refreshed per second.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cap, self.target = cfg.refresh_max_users, cfg.refresh_target_seconds
+        self.size = self.cap
+
+    def update(self, run: dict | None, seconds: float) -> int:
+        """Learn from a run that took `seconds` in all (a full one: it left users waiting); the next size."""
+        if self.cap and self.target > 0 and run and run.get("users_left") and seconds > 0:
+            fits = run["users"] * self.target / seconds
+            # geometric mean with the last size: one slow run (a lock wait) halves nothing at once
+            self.size = int(min(max((self.size * fits) ** 0.5, self.cap / 4, 1), self.cap))
+        return self.size
 
 
 def degree_plan(status: dict, items: list[str], now: int, left: int) -> tuple[list[str], list[str], int | None]:
