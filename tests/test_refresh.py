@@ -244,7 +244,7 @@ def test_change_queries_seek_the_unseen_index(cfg, driver, query):
         return [x for c in kids for x in leaves(c)] if kids else [op]
     with driver.session(database=cfg.neo4j_database) as s:
         plan = s.run("EXPLAIN " + getattr(cypher, query)).consume().plan
-    ops = leaves(plan)
+    ops = [op for op in leaves(plan) if not op["operatorType"].startswith("Argument")]  # rows found already
     assert all("IndexSeek" in op["operatorType"] for op in ops), [op["operatorType"] for op in ops]
     assert all("ig_unseen" in op["args"]["Details"] for op in ops), [op["args"]["Details"] for op in ops]
 

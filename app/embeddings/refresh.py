@@ -109,7 +109,7 @@ def take(waiting: int, oldest: list[str], newest: list[str], limit: int) -> tupl
     (their first vector turns trending answers into personal ones, and a shopper arriving right after a
     flood of new ones is not queued behind the whole flood), then again to the longest waiting.
     """
-    if not limit or waiting <= limit:
+    if not limit:
         return oldest, 0
     reserved = max(limit // 4, 1)
     chosen = dict.fromkeys(oldest[:reserved])
@@ -117,7 +117,7 @@ def take(waiting: int, oldest: list[str], newest: list[str], limit: int) -> tupl
         if len(chosen) == limit:
             break
         chosen.setdefault(uid)
-    return list(chosen), waiting - len(chosen)
+    return list(chosen), max(waiting - len(chosen), 0)
 
 
 class RunSize:

@@ -189,7 +189,10 @@ def pending_users(session, oldest: int, newest: int) -> tuple[int, list[str], li
     """How many users have a change not yet reflected, the `oldest` longest waiting of them (by their
     oldest such change) and the `newest` last of those without a vector yet, newest first."""
     r = session.run(cypher.PENDING_USERS, oldest=oldest, newest=newest).single()
-    return r["waiting"], r["oldest"], r["newest"]
+    first = {}
+    for uid, at in sorted(r["edges"] + r["nodes"], key=lambda x: (x[1], x[0])):
+        first.setdefault(uid)
+    return r["waiting"], list(first)[:oldest], r["newest"]
 
 
 def changes(session, ids: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
