@@ -46,7 +46,7 @@ class Worker:
         self.owner = _token()  # replaced by a fresh token whenever the lease is taken anew
         self.active = None  # unknown until the first renewal
         self.stopping = threading.Event()  # set at SIGTERM/SIGINT: a backlog's next run is not started
-        self.run_size = RunSize(cfg)
+        self.run_size = RunSize()
 
     def _session(self):
         return self.driver.session(database=self.cfg.neo4j_database)
@@ -134,8 +134,8 @@ class Worker:
             if lm is None:
                 return None
             started = time.monotonic()
-            run = refresh(self.driver, self.cfg, lm, owner=owner, max_users=self.run_size.size)
-            self.run_size.update(run, time.monotonic() - started)
+            run = refresh(self.driver, self.cfg, lm, owner=owner, max_users=self.run_size.limit(self.cfg))
+            self.run_size.update(self.cfg, run, time.monotonic() - started)
             return run
         except LeaseLost as exc:
             log.warning("%s", exc)

@@ -302,16 +302,16 @@ def test_while_users_wait_degrees_are_summed_at_most_every_delay_and_by_the_run_
 def test_while_users_wait_a_run_takes_what_the_last_runs_pace_fits_in_the_target():
     """A slow run (a busy machine) makes the next ones smaller, down to a quarter of the cap; fast ones
     grow them back to the cap; a run that left nobody waiting, or the target off, changes nothing."""
-    size = RunSize(load_config(refresh_max_users=1000, refresh_target_seconds=0.5))
-    assert size.size == 1000
-    assert size.update({"users": 1000, "users_left": 9000}, 2.0) == 500  # fits 250: half way there
-    assert size.update({"users": 500, "users_left": 8500}, 1.0) == 353
-    assert size.update({"users": 353, "users_left": 8000}, 5.0) == 250  # never below a quarter
-    assert size.update({"users": 40, "users_left": 0}, 5.0) == 250
-    assert size.update({"users": 250, "users_left": 7000}, 0.05) == 790
-    assert size.update({"users": 790, "users_left": 6000}, 0.1) == 1000  # never above the cap
-    off = RunSize(load_config(refresh_max_users=1000, refresh_target_seconds=0))
-    assert off.update({"users": 1000, "users_left": 9000}, 9.0) == 1000
+    cfg, size = load_config(refresh_max_users=1000, refresh_target_seconds=0.5), RunSize()
+    assert size.limit(cfg) == 1000
+    assert size.update(cfg, {"users": 1000, "users_left": 9000}, 2.0) == 500  # fits 250: half way there
+    assert size.update(cfg, {"users": 500, "users_left": 8500}, 1.0) == 353
+    assert size.update(cfg, {"users": 353, "users_left": 8000}, 5.0) == 250  # never below a quarter
+    assert size.update(cfg, {"users": 40, "users_left": 0}, 5.0) == 250
+    assert size.update(cfg, {"users": 250, "users_left": 7000}, 0.05) == 790
+    assert size.update(cfg, {"users": 790, "users_left": 6000}, 0.1) == 1000  # never above the cap
+    off = load_config(refresh_max_users=1000, refresh_target_seconds=0)
+    assert size.update(off, {"users": 1000, "users_left": 9000}, 9.0) == 1000
 
 
 def test_large_change_falls_back_to_full_with_reason(trained, cfg, driver, lease):

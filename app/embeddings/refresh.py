@@ -129,17 +129,23 @@ class RunSize:
     costs from eating the users refreshed per second.
     """
 
-    def __init__(self, cfg: Config):
-        self.cap, self.target = cfg.refresh_max_users, cfg.refresh_target_seconds
-        self.size = self.cap
+    def __init__(self):
+        self.learned: float | None = None  # users the last runs' pace fits in the target
 
-    def update(self, run: dict | None, seconds: float) -> int:
-        """Learn from a run that took `seconds` in all (a full one: it left users waiting); the next size."""
-        if self.cap and self.target > 0 and run and run.get("users_left") and seconds > 0:
-            fits = run["users"] * self.target / seconds
-            # geometric mean with the last size: one slow run (a lock wait) halves nothing at once
-            self.size = int(min(max((self.size * fits) ** 0.5, self.cap / 4, 1), self.cap))
-        return self.size
+    def limit(self, cfg: Config) -> int:
+        """Users the next run takes at most under `cfg`."""
+        cap = cfg.refresh_max_users
+        if not cap or cfg.refresh_target_seconds <= 0 or self.learned is None:
+            return cap
+        return int(min(max(self.learned, cap / 4, 1), cap))
+
+    def update(self, cfg: Config, run: dict | None, seconds: float) -> int:
+        """Learn from a run that took `seconds` in all (a full one: it left users waiting); the next limit."""
+        if run and run.get("users_left") and seconds > 0 and cfg.refresh_target_seconds > 0:
+            fits = run["users"] * cfg.refresh_target_seconds / seconds
+            # geometric mean with the last limit: one slow run (a lock wait) halves nothing at once
+            self.learned = (self.limit(cfg) * fits) ** 0.5
+        return self.limit(cfg)
 
 
 def degree_plan(status: dict, items: list[str], now: int, left: int) -> tuple[list[str], list[str], int | None]:
