@@ -12,7 +12,7 @@
 # own nodes (each with its oldest such change; the caller merges the two), and the `$newest` last users
 # without a vector yet, newest first, each read in the order of a (flag, change time) index (V012) and
 # cut there. A user node is flagged only when created (INGEST_WRITE), with an edge, so how many wait is
-# counted over the edges' flags alone, from the index (counting nodes as well took 5-10x as long).
+# counted over the edges' flags alone, from the index (counting the nodes' flags too cost several times more).
 PENDING_USERS = """
 CALL {
   MATCH ()-[r:INTERACTED]->() USING INDEX SEEK r:INTERACTED(ig_unseen, changed_at)
@@ -52,7 +52,7 @@ RETURN waiting, edges, nodes, newest
 # changed edges as [item, rev, element id], and whether the user node itself is flagged (`changed`,
 # with its revision). Found by id and expanded from the user: the planner may otherwise seek the flag's
 # index, whose size is the backlog's, once per user (a hint for the user, a flag test it cannot seek
-# for the edges: 5M index rows for 1,000 users of a 5,000-user backlog, seconds a run).
+# for the edges: the backlog times the users read in index rows, seconds a run after a flood).
 CHANGES_OF = """
 UNWIND $ids AS id
 MATCH (u:User {id: id}) USING INDEX u:User(id)

@@ -70,7 +70,7 @@ def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: 
             started = time.monotonic()
             phases = Phases()
             now = store.server_time(session)
-            limit = cfg.refresh_max_users if max_users is None or not cfg.refresh_max_users else max_users
+            limit = cfg.refresh_max_users and (max_users or cfg.refresh_max_users)  # 0: uncapped
             ids, left = take(*session.execute_read(store.pending_users, limit or ALL, limit), limit)
             phases.done("pending")
             edges, users, items = session.execute_read(store.changes, ids)
@@ -125,8 +125,8 @@ class RunSize:
     `refresh_target_seconds`, between a quarter of `refresh_max_users` and all of it.
 
     A run's length is what a shopper arriving during a backlog waits for twice (the run in flight, then
-    its own), and on a busy machine a run of the full cap took 1-2 s; the floor keeps a run's fixed
-    costs from eating the users refreshed per second.
+    its own), and on a busy machine a run of the full cap can take seconds; the floor keeps a run's
+    fixed costs from eating the users refreshed per second.
     """
 
     def __init__(self):
