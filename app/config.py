@@ -177,6 +177,9 @@ class Config:
     refresh_interval: float = 1.0
     full_share: float = 0.5
     refresh_max_users: int = 1000  # changed users one incremental run takes (0: all); the rest wait for the next
+    # While users wait, the worker's runs take as many users (a quarter of the cap at least) as the last
+    # runs' pace fits in this many seconds: a shopper arriving during a backlog waits for about two (0: off).
+    refresh_target_seconds: float = 0.5
     worker_nice: int = 10  # the worker's CPU priority below the API's and Neo4j's on a shared machine
     full_batch: int = 2000  # nodes per write transaction of a full recompute (edges: ten times as many)
     retrain_cron: str = "0 3 * * *"
@@ -321,6 +324,7 @@ def load_config(**overrides) -> Config:
         refresh_interval=_env(env, "IG_REFRESH_INTERVAL", Config.refresh_interval, float),
         full_share=_env(env, "IG_FULL_SHARE", Config.full_share, float),
         refresh_max_users=_env(env, "IG_REFRESH_MAX_USERS", Config.refresh_max_users, int),
+        refresh_target_seconds=_env(env, "IG_REFRESH_TARGET_SECONDS", Config.refresh_target_seconds, float),
         worker_nice=_env(env, "IG_WORKER_NICE", Config.worker_nice, int),
         full_batch=_env(env, "IG_FULL_BATCH", Config.full_batch, int),
         retrain_cron=_env(env, "IG_RETRAIN_CRON", Config.retrain_cron),

@@ -19,7 +19,7 @@ from app.db import get_driver
 from app.embeddings import models, store
 from app.embeddings.finetune import fine_tune_and_publish
 from app.embeddings.full import embed_full, interrupted
-from app.embeddings.refresh import refresh
+from app.embeddings.refresh import RunSize, refresh
 from app.embeddings.store import LeaseLost
 from app.embeddings.training import train_and_publish
 from app.ingest import writer
@@ -46,6 +46,7 @@ class Worker:
         self.owner = _token()  # replaced by a fresh token whenever the lease is taken anew
         self.active = None  # unknown until the first renewal
         self.stopping = threading.Event()  # set at SIGTERM/SIGINT: a backlog's next run is not started
+        self.run_size = RunSize()
 
     def _session(self):
         return self.driver.session(database=self.cfg.neo4j_database)
@@ -132,7 +133,10 @@ class Worker:
             lm = models.current(self.driver, self.cfg)
             if lm is None:
                 return None
-            return refresh(self.driver, self.cfg, lm, owner=owner)
+            started = time.monotonic()
+            run = refresh(self.driver, self.cfg, lm, owner=owner, max_users=self.run_size.limit(self.cfg))
+            self.run_size.update(self.cfg, run, time.monotonic() - started)
+            return run
         except LeaseLost as exc:
             log.warning("%s", exc)
             self.active = False

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from app import cypher
 from app.config import load_config
 from app.embeddings import full, models, store
-from app.embeddings.refresh import refresh, take
+from app.embeddings.refresh import DEGREE_DELAY_MS, RunSize, degree_plan, refresh, take
 from app.embeddings.training import train_and_publish
 from app.ingest import pipeline, writer
 from app.worker import Worker
@@ -244,7 +244,7 @@ def test_change_queries_seek_the_unseen_index(cfg, driver, query):
         return [x for c in kids for x in leaves(c)] if kids else [op]
     with driver.session(database=cfg.neo4j_database) as s:
         plan = s.run("EXPLAIN " + getattr(cypher, query)).consume().plan
-    ops = leaves(plan)
+    ops = [op for op in leaves(plan) if not op["operatorType"].startswith("Argument")]  # rows found already
     assert all("IndexSeek" in op["operatorType"] for op in ops), [op["operatorType"] for op in ops]
     assert all("ig_unseen" in op["args"]["Details"] for op in ops), [op["args"]["Details"] for op in ops]
 
@@ -265,11 +265,14 @@ def test_capped_runs_take_new_users_first_and_end_exact(trained, exact_cfg, driv
     with driver.session(database=capped.neo4j_database) as s:
         embedded = s.run("MATCH (u:User) WHERE u.id STARTS WITH 'cap-new-' AND u.embedding IS NOT NULL "
                          "RETURN count(u) AS n").single()["n"]
-    assert embedded == 3
-    runs = 1
-    while refresh(driver, capped, trained, owner=lease.owner)["mode"] != "noop":
-        runs += 1
-    assert runs == -(-waiting // 4)
+        stale = store.refresh_state(s)["deg_stale"]
+    assert embedded == 3 and first["degrees"] == 0 and stale  # the items' degrees left for a later run
+    runs, last = 1, first
+    while (run := refresh(driver, capped, trained, owner=lease.owner))["mode"] != "noop":
+        runs, last = runs + 1, run
+    assert runs == -(-waiting // 4) and last["degrees"] > 0
+    with driver.session(database=capped.neo4j_database) as s:
+        assert store.refresh_state(s)["deg_stale"] == []
     assert max_error(driver, capped, trained) < TOLERANCE
 
 
@@ -282,6 +285,33 @@ def test_a_capped_run_takes_the_newest_new_users_and_a_quarter_of_the_longest_wa
     assert ids == ["old0", "old1"] + [f"flood{k}" for k in range(19, 13, -1)] and left == 16
     assert take(24, oldest[:1], newest[:1], 1) == (["old0"], 23)  # a run of one still drains the old end
     assert take(24, oldest, [], 0) == (oldest, 0)
+
+
+def test_while_users_wait_degrees_are_summed_at_most_every_delay_and_by_the_run_that_leaves_none():
+    """Summing every touched item's edges in every run of a flood cost more than the users' vectors:
+    a run that leaves users waiting adds its items to the stale ones, unless they have waited the delay."""
+    fresh = {"deg_stale": [], "deg_stale_since": None}
+    assert degree_plan(fresh, ["i2", "i1"], 1000, left=5) == ([], ["i1", "i2"], 1000)
+    stale = {"deg_stale": ["i1", "i2"], "deg_stale_since": 1000}
+    assert degree_plan(stale, ["i3"], 1000 + DEGREE_DELAY_MS - 1, left=5) == ([], ["i1", "i2", "i3"], 1000)
+    assert degree_plan(stale, ["i3"], 1000 + DEGREE_DELAY_MS, left=5) == (["i1", "i2", "i3"], [], None)
+    assert degree_plan(stale, [], 1001, left=0) == (["i1", "i2"], [], None)
+    assert degree_plan(fresh, ["i1"], 1000, left=0) == (["i1"], [], None)
+
+
+def test_while_users_wait_a_run_takes_what_the_last_runs_pace_fits_in_the_target():
+    """A slow run (a busy machine) makes the next ones smaller, down to a quarter of the cap; fast ones
+    grow them back to the cap; a run that left nobody waiting, or the target off, changes nothing."""
+    cfg, size = load_config(refresh_max_users=1000, refresh_target_seconds=0.5), RunSize()
+    assert size.limit(cfg) == 1000
+    assert size.update(cfg, {"users": 1000, "users_left": 9000}, 2.0) == 500  # fits 250: half way there
+    assert size.update(cfg, {"users": 500, "users_left": 8500}, 1.0) == 353
+    assert size.update(cfg, {"users": 353, "users_left": 8000}, 5.0) == 250  # never below a quarter
+    assert size.update(cfg, {"users": 40, "users_left": 0}, 5.0) == 250
+    assert size.update(cfg, {"users": 250, "users_left": 7000}, 0.05) == 790
+    assert size.update(cfg, {"users": 790, "users_left": 6000}, 0.1) == 1000  # never above the cap
+    off = load_config(refresh_max_users=1000, refresh_target_seconds=0)
+    assert size.update(off, {"users": 1000, "users_left": 9000}, 9.0) == 1000
 
 
 def test_large_change_falls_back_to_full_with_reason(trained, cfg, driver, lease):

@@ -87,6 +87,13 @@ WITH i WHERE coalesce(i.embedding_version, '') <> $version
 RETURN collect(i.id) AS unembedded
 """
 
+# The items of `$ids` the version has not embedded yet, for a run that leaves their degrees for later.
+ITEMS_UNEMBEDDED = """
+UNWIND $ids AS id
+MATCH (i:Item {id: id}) WHERE coalesce(i.embedding_version, '') <> $version
+RETURN collect(i.id) AS unembedded
+"""
+
 # `ig_rev`: the node revision the stored state accounts for; `ig_unseen` goes as in MARK_EDGES.
 MARK_USERS_SEEN = """
 UNWIND $rows AS row

@@ -4,7 +4,10 @@ With InterestSAGE an item's embedding is fixed by the model version, and a user'
 weighted sum of the fixed inputs of the items it touched. So a changed edge (u, i) reaches exactly:
 - u's embedding and degree, recomputed from all of u's current edges (not by differences, so weights
   that cancel leave exactly nothing behind);
-- i's degree, summed again over its edges by Neo4j in the write transaction;
+- i's degree, summed again over its edges by Neo4j in the write transaction of the run that leaves
+  nobody waiting (or, while users wait, of a run at most DEGREE_DELAY_MS after it went stale: it feeds
+  only the trending recipe, and summing every touched item's edges in every run of a flood cost more
+  than the users' vectors);
 - i's embedding only if i is new since the version was embedded (the version's zero row), or takes its
   rows from its content (a version with a content part, an item without a trained row) and its
   metadata changed: then also the embeddings of i's users, whose sums hold i's content row.
@@ -32,6 +35,23 @@ log = logging.getLogger(__name__)
 
 
 ALL = 2**31 - 1  # no bound on the users a run may take (IG_REFRESH_MAX_USERS 0)
+DEGREE_DELAY_MS = 10_000  # while users wait, items' degrees are summed again at most this long after
+
+
+class Phases:
+    """Seconds each phase of a run took, in order: where a run's time goes shows in its log line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 4)
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items())
 
 
 class TooLarge(Exception):
@@ -39,30 +59,40 @@ class TooLarge(Exception):
 
 
 def refresh(driver, cfg: Config, lm: LoadedModel, full: bool = False, progress: bool = False,
-            owner: str | None = None) -> dict:
-    """One run over the changes since the watermark: incremental when possible, else full."""
+            owner: str | None = None, max_users: int | None = None) -> dict:
+    """One run over the changes since the watermark: incremental when possible, else full; a capped
+    run takes at most `max_users` changed users (default: `refresh_max_users`)."""
     with driver.session(database=cfg.neo4j_database) as session:
         status = store.refresh_state(session)
         reason = ("requested" if full else "interrupted full recompute" if status["full_pending"]
                   else "no watermark yet" if status["watermark"] is None else None)
         if reason is None:
             started = time.monotonic()
+            phases = Phases()
             now = store.server_time(session)
-            limit = cfg.refresh_max_users
+            limit = cfg.refresh_max_users and (max_users or cfg.refresh_max_users)  # 0: uncapped
             ids, left = take(*session.execute_read(store.pending_users, limit or ALL, limit), limit)
+            phases.done("pending")
             edges, users, items = session.execute_read(store.changes, ids)
-            if not (edges or users or items):
+            phases.done("changes")
+            if not (edges or users or items or status["deg_stale"]):
                 return {"mode": "noop", "seconds": round(time.monotonic() - started, 4)}
             try:
-                writes, run = incremental(session, cfg, lm, edges, users, items)
+                writes, run = incremental(session, cfg, lm, edges, users, items, phases)
             except TooLarge as exc:
                 reason = str(exc)
             else:
-                run.update(mode="incremental", version=lm.version, users_left=left,
+                phases.done("inference")
+                writes["degrees"] = degree_plan(status, writes["items"], now, left)
+                run["degrees"] = len(writes["degrees"][0])
+                run.update(mode="incremental", version=lm.version, users_left=left, phases=phases.seconds,
                            seconds=round(time.monotonic() - started, 4), finished_at=int(time.time() * 1000))
-                session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner, cfg.interest_history))
-                log.info("incremental refresh: %d edges, %d users, %d items in %.3fs (%d users wait)",
-                         run["changed_edges"], run["users"], run["items"], time.monotonic() - started, left)
+                session.execute_write(lambda tx: _write(tx, lm, writes, now, run, owner, cfg.interest_history,
+                                                        phases))
+                phases.done("commit")
+                log.info("incremental refresh: %d edges, %d users, %d items in %.3fs (%d users wait; %s)",
+                         run["changed_edges"], run["users"], run["items"], time.monotonic() - started, left,
+                         phases)
                 return run
     publish = False
     if status["full_pending"]:  # finish the interrupted run under the version it was writing
@@ -79,7 +109,7 @@ def take(waiting: int, oldest: list[str], newest: list[str], limit: int) -> tupl
     (their first vector turns trending answers into personal ones, and a shopper arriving right after a
     flood of new ones is not queued behind the whole flood), then again to the longest waiting.
     """
-    if not limit or waiting <= limit:
+    if not limit:
         return oldest, 0
     reserved = max(limit // 4, 1)
     chosen = dict.fromkeys(oldest[:reserved])
@@ -87,11 +117,48 @@ def take(waiting: int, oldest: list[str], newest: list[str], limit: int) -> tupl
         if len(chosen) == limit:
             break
         chosen.setdefault(uid)
-    return list(chosen), waiting - len(chosen)
+    return list(chosen), max(waiting - len(chosen), 0)
+
+
+class RunSize:
+    """How many users the worker's next run takes: as many as the last full runs' pace fits in
+    `refresh_target_seconds`, between a quarter of `refresh_max_users` and all of it.
+
+    A run's length is what a shopper arriving during a backlog waits for twice (the run in flight, then
+    its own), and on a busy machine a run of the full cap can take seconds; the floor keeps a run's
+    fixed costs from eating the users refreshed per second.
+    """
+
+    def __init__(self):
+        self.learned: float | None = None  # users the last runs' pace fits in the target
+
+    def limit(self, cfg: Config) -> int:
+        """Users the next run takes at most under `cfg`."""
+        cap = cfg.refresh_max_users
+        if not cap or cfg.refresh_target_seconds <= 0 or self.learned is None:
+            return cap
+        return int(min(max(self.learned, cap / 4, 1), cap))
+
+    def update(self, cfg: Config, run: dict | None, seconds: float) -> int:
+        """Learn from a run that took `seconds` in all (a full one: it left users waiting); the next limit."""
+        if run and run.get("users_left") and seconds > 0 and cfg.refresh_target_seconds > 0:
+            fits = run["users"] * cfg.refresh_target_seconds / seconds
+            # geometric mean with the last limit: one slow run (a lock wait) halves nothing at once
+            self.learned = (self.limit(cfg) * fits) ** 0.5
+        return self.limit(cfg)
+
+
+def degree_plan(status: dict, items: list[str], now: int, left: int) -> tuple[list[str], list[str], int | None]:
+    """The items whose degrees a run sums again, those it leaves stale and since when (ms): all of them
+    when the run leaves nobody waiting or the oldest stale one has waited DEGREE_DELAY_MS, else none."""
+    stale, since = sorted(set(status["deg_stale"]) | set(items)), status["deg_stale_since"]
+    if not left or not stale or (since is not None and now - since >= DEGREE_DELAY_MS):
+        return stale, [], None
+    return [], stale, now if since is None else since
 
 
 def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users: list[dict],
-                items: list[dict]) -> tuple[dict, dict]:
+                items: list[dict], phases: Phases | None = None) -> tuple[dict, dict]:
     """The writes of one incremental run over the changed edges and nodes, and its summary. Only
     uncapped runs (`refresh_max_users` 0) turn into a full recompute when large: a capped one is
     bounded already, and a full run would hold back every change behind it for its whole length."""
@@ -106,6 +173,8 @@ def incremental(session, cfg: Config, lm: LoadedModel, edges: list[dict], users:
     if not cfg.refresh_max_users and len(user_ids) + len(item_ids) > cfg.full_share * max(total, 1):
         raise TooLarge(f"affected set {len(user_ids) + len(item_ids)} > {cfg.full_share:.0%} of {total} nodes")
     edges_of = store.user_edges(session, user_ids)  # erased users are not there
+    if phases:
+        phases.done("edges")
     ids = sorted(edges_of)
     # All users at once: one sparse users x version-rows matrix of weights times the item inputs.
     counts = [len(edges_of[u][0]) for u in ids]
@@ -169,7 +238,8 @@ def _embed_new_items(tx, lm: LoadedModel, ids: list[str], content: dict) -> int:
     return len(ids)
 
 
-def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str | None, history: int) -> None:
+def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str | None, history: int,
+           phases: Phases) -> None:
     """Everything one run changes, in its single transaction.
 
     Locks are taken in the ingest path's order (items by id, then users by id, then edges), so a run
@@ -177,10 +247,17 @@ def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str |
     lease node before them all (the fence, as in every fenced transaction).
     """
     store.check_lease(tx, owner)
-    stale = set(store.item_degrees(tx, writes["items"], lm.version)) | set(writes["recontent"])
-    run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, sorted(stale), writes["content"])
+    summed, stale, since = writes["degrees"]  # summed holds the run's items whenever it is not empty
+    new = (store.item_degrees(tx, summed, lm.version) if summed
+           else store.unembedded_items(tx, writes["items"], lm.version))
+    phases.done("degrees")
+    run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, sorted(set(new) | set(writes["recontent"])),
+                                                                writes["content"])
     store.write_nodes(tx, USER, writes["users"], lm.version, history)
+    phases.done("vectors")
     for ntype in (ITEM, USER):
         store.mark_seen(tx, ntype, writes["seen"][ntype])
     store.mark_edges_changed(tx, writes["edges"])
-    store.advance(tx, mark, run, owner, users=writes["affected"], items=writes["items"])
+    phases.done("marks")
+    store.advance(tx, mark, run, owner, users=writes["affected"], items=writes["items"], stale=stale,
+                  stale_since=since)

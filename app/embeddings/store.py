@@ -119,6 +119,14 @@ def item_degrees(tx, ids: list[str], version: str) -> list[str]:
     return out
 
 
+def unembedded_items(tx, ids: list[str], version: str) -> list[str]:
+    """Those of the items `ids` not embedded by `version`."""
+    out = []
+    for chunk in chunks(sorted(ids), 2000):
+        out.extend(tx.run(cypher.ITEMS_UNEMBEDDED, ids=chunk, version=version).single()["unembedded"])
+    return out
+
+
 def mark_seen(tx, ntype: str, rows: list[dict]) -> None:
     """Record that the stored state of each node (`{id, rev}`, users with their `nonce`) reflects its revision `rev`."""
     for chunk in chunks(rows, 5000):
@@ -160,14 +168,16 @@ def check_lease(tx, owner: str | None) -> None:
 
 
 def advance(tx, mark: int, run: dict, owner: str | None, full_run: str | None = None,
-            users: list[str] | None = None, items: list[str] | None = None) -> None:
+            users: list[str] | None = None, items: list[str] | None = None,
+            stale: list[str] = (), stale_since: int | None = None) -> None:
     """Move the watermark and record the run (with its owner) inside the run's transaction, fenced by
     the lease; `full_run` (the full run's id) also lowers the `full_pending` that run raised. The
-    serving log gets the `users` and `items` an incremental run recomputed (None: a full run)."""
+    serving log gets the `users` and `items` an incremental run recomputed (None: a full run). `stale`:
+    the items whose degrees are left to a later run, since `stale_since` (none after a full run)."""
     if owner is None:
         raise LeaseLost("writing embeddings needs the refresh lease (no owner given)")
     record = tx.run(cypher.REFRESH_ADVANCE, watermark=mark, run=json.dumps({**run, "owner": owner}),
-                    owner=owner, full_run=full_run).single()
+                    owner=owner, full_run=full_run, deg_stale=ParamList(stale), deg_stale_since=stale_since).single()
     if record["updated"] == 0:
         raise LeaseLost(f"worker {owner} no longer holds the refresh lease")
     full = users is None
@@ -179,7 +189,10 @@ def pending_users(session, oldest: int, newest: int) -> tuple[int, list[str], li
     """How many users have a change not yet reflected, the `oldest` longest waiting of them (by their
     oldest such change) and the `newest` last of those without a vector yet, newest first."""
     r = session.run(cypher.PENDING_USERS, oldest=oldest, newest=newest).single()
-    return r["waiting"], r["oldest"], r["newest"]
+    first = {}
+    for uid, at in sorted(r["edges"] + r["nodes"], key=lambda x: (x[1], x[0])):
+        first.setdefault(uid)
+    return r["waiting"], list(first)[:oldest], r["newest"]
 
 
 def changes(session, ids: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
