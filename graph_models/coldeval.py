@@ -201,12 +201,15 @@ def heldout_protocol(path, cfg, ccfg, share=0.2, seed=0, progress=True, writer=N
     content = Content(desc, price, known)
     t0 = time.time()
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    # `fit` leaves the graph's rows stored in another order, and the validation split `holdout` draws
+    # depends on that order: a search run again without content starts from the graph as given.
+    given = graph.copy()
     model, result = fit(graph, cfg, progress=progress, fixed=fixed, budget_s=budget, content=content.feats)
     net, chosen = choose_and_train(lambda g: build(g, model.cfg, content=content.feats), graph, content.feats, ccfg,
                                    progress=progress, writer=writer, mix_check=True)
     seconds = time.time() - t0
     plain, plain_result = _without_content(model, result,
-                                           lambda: fit(graph, cfg, progress=progress, fixed=fixed, budget_s=budget))
+                                           lambda: fit(given, cfg, progress=progress, fixed=fixed, budget_s=budget))
     from .split import holdout
     fit_csr, val = holdout(graph, cfg.holdout, cfg.seed)
     lam = tune_ease(fit_csr, val, k=cfg.k, users=cfg.search_users, seed=cfg.seed)["lambda"]

@@ -131,8 +131,8 @@ def _fit_content(model, graph: sp.csr_matrix, items: list, described, progress: 
     from graph_models.coldstart import ColdConfig, fit_content
     from graph_models.train import _tensorboard
     writer = _tensorboard(log_dir) if train else None
-    part, report = fit_content(lambda g: build(g, model.cfg, content=described[1] if described[0] else None),
-                               graph, items,
+    feats = described[1] if described[0] is not None else None
+    part, report = fit_content(lambda g: build(g, model.cfg, content=feats), graph, items,
                                ColdConfig(seed=model.cfg.seed, score=score),
                                progress=progress, writer=writer, train=train, first=first, described=described)
     if writer is not None:
