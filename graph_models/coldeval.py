@@ -116,18 +116,25 @@ def _cold_truth(truth_all, cold):
     return {u: items for u, items in out.items() if items}
 
 
-def _scorers(model, net, graph, content, cold, ease_lambda):
+def _scorers(model, net, graph, content, cold, ease_lambda, plain):
     """Ours as served (the learned map and content-kNN's attention, mixing full scores; the learned map's
-    rows alone), today's model, EASE, popularity by category and content-kNN over `graph`'s columns."""
+    rows alone), the model chosen without content (`plain`), EASE, popularity by category and content-kNN
+    over `graph`'s columns."""
     known = np.flatnonzero(np.asarray((graph > 0).sum(axis=0)).ravel() > 0)
     untrained = ContentMap(content.feats.shape[1], net.neighbours)
     return {"ours_mix": _served(model, graph, net, content.feats, cold, known, True),
             "ours_knn_mix": _served(model, graph, untrained, content.feats, cold, known, True),
             "ours_rows": _served(model, graph, net, content.feats, cold, known, False),
-            "today": Scorer(model, graph),
+            "today": Scorer(plain, graph),
             "ease": ease_scorer(graph, ease_lambda),
             "category_popularity": category_popularity(graph, content.cats),
             "content_knn": content_knn(graph, content.tfidf())}
+
+
+def _without_content(model, result, refit):
+    """(model, fit's result) `train` chooses for a shop without content: `model`'s, unless its EASE reads
+    the items' content (then `refit()`'s, the settings searched again without it)."""
+    return refit() if model.cfg.ease_content else (model, result)
 
 
 def time_protocol(path, cfg, ccfg, progress=True, writer=None, fixed=None) -> dict:
@@ -156,20 +163,27 @@ def time_protocol(path, cfg, ccfg, progress=True, writer=None, fixed=None) -> di
     new_desc, new_price = metadata(future, new_ids)
     content = Content(np.concatenate([split.description, new_desc]), np.concatenate([split.unit_price, new_price]),
                       np.arange(w))
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    def fitted(feats=None):
+        return fit(split.train.astype(np.float64), cfg, progress=progress, fixed=fixed, budget_s=budget,
+                   split=(split.fit.astype(np.float64), split.val), content=feats)
     t0 = time.time()
-    model, result = fit(split.train.astype(np.float64), cfg, progress=progress,
-                        split=(split.fit.astype(np.float64), split.val), fixed=fixed,
-                        budget_s=cfg.max_minutes * 60 if cfg.max_minutes else None)
-    net, chosen = choose_and_train(lambda g: build(g, model.cfg), split.train.astype(np.float64),
-                                   content.feats[:w], ccfg, progress=progress, writer=writer, mix_check=True)
+    model, result = fitted(content.feats[:w])
+    net, chosen = choose_and_train(lambda g: build(g, model.cfg, content=content.feats[:w]),
+                                   split.train.astype(np.float64), content.feats[:w], ccfg, progress=progress,
+                                   writer=writer, mix_check=True)
     seconds = time.time() - t0
+    plain, plain_result = _without_content(model, result, fitted)
     lam = tune_ease(split.fit, split.val, k=cfg.k)["lambda"]
-    table = _measure(_scorers(model, net, graph, content, cold, lam), truth_all, _cold_truth(truth_all, cold),
+    table = _measure(_scorers(model, net, graph, content, cold, lam, plain), truth_all, _cold_truth(truth_all, cold),
                      cold, graph, cfg.k, truth_warm)
     return {"table": table, "content_map": chosen, "settings": model.cfg.to_dict(), "seconds": seconds,
-            "ease_lambda": lam, "split": {"cold_items": int(n_new), "cold_users": len(truth_all),
-                                          "cold_pairs": sum(map(len, truth_all.values())),
-                                          "warm_users": len(truth_warm), "items": int(w + n_new)}}
+            "validation": result["metrics"], "settings_without_content": plain.cfg.to_dict(),
+            "validation_without_content": plain_result["metrics"], "ease_lambda": lam,
+            "split": {"cold_items": int(n_new), "cold_users": len(truth_all),
+                      "cold_pairs": sum(map(len, truth_all.values())), "warm_users": len(truth_warm),
+                      "items": int(w + n_new)}}
 
 
 def heldout_protocol(path, cfg, ccfg, share=0.2, seed=0, progress=True, writer=None, fixed=None) -> dict:
@@ -187,15 +201,22 @@ def heldout_protocol(path, cfg, ccfg, share=0.2, seed=0, progress=True, writer=N
     content = Content(desc, price, known)
     t0 = time.time()
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    model, result = fit(graph, cfg, progress=progress, fixed=fixed, budget_s=budget)
-    net, chosen = choose_and_train(lambda g: build(g, model.cfg), graph, content.feats, ccfg,
+    # `fit` leaves the graph's rows stored in another order, and the validation split `holdout` draws
+    # depends on that order: a search run again without content starts from the graph as given.
+    given = graph.copy()
+    model, result = fit(graph, cfg, progress=progress, fixed=fixed, budget_s=budget, content=content.feats)
+    net, chosen = choose_and_train(lambda g: build(g, model.cfg, content=content.feats), graph, content.feats, ccfg,
                                    progress=progress, writer=writer, mix_check=True)
     seconds = time.time() - t0
+    plain, plain_result = _without_content(model, result,
+                                           lambda: fit(given, cfg, progress=progress, fixed=fixed, budget_s=budget))
     from .split import holdout
     fit_csr, val = holdout(graph, cfg.holdout, cfg.seed)
     lam = tune_ease(fit_csr, val, k=cfg.k, users=cfg.search_users, seed=cfg.seed)["lambda"]
-    table = _measure(_scorers(model, net, graph, content, cold, lam), truth_all, truth_cold, cold, graph, cfg.k)
+    table = _measure(_scorers(model, net, graph, content, cold, lam, plain), truth_all, truth_cold, cold, graph, cfg.k)
     return {"table": table, "content_map": chosen, "settings": model.cfg.to_dict(), "seconds": seconds,
+            "validation": result["metrics"], "settings_without_content": plain.cfg.to_dict(),
+            "validation_without_content": plain_result["metrics"],
             "ease_lambda": lam, "split": {"cold_items": int(len(cold)), "cold_users": len(truth_all),
                                           "cold_pairs": sum(map(len, truth_all.values())), "items": len(ids),
                                           "users": len(users), "seed": seed, "share": share}}

@@ -380,22 +380,30 @@ class ContentPart:
 MIN_DESCRIBED = 50  # items with text below which a version gets no content part: too little to learn from
 
 
-def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=True, writer=None, grid=GRID,
-                train: bool = True, first=None):
-    """A version's ContentPart from its items' metadata (dicts in graph column order) and its graph,
-    `build(graph)` making the version from a graph; (None, reason) when fewer than MIN_DESCRIBED items
-    have any text. Without `train`, the map stays untrained (A = I, tau = 10): content-kNN, each new
-    item the softmax mix of the rows of its K most alike known items. Returns (part, report)."""
+def describe(items, seed: int = 0):
+    """(the ContentEncoder fitted on item dicts' metadata, their feature rows), or (None, the reason)
+    when fewer than MIN_DESCRIBED items have any text."""
     from .content import ContentEncoder, item_text
     texts = [item_text(it.get("title"), it.get("description"), it.get("attributes")) for it in items]
     described = sum(bool(t) for t in texts)
     if described < MIN_DESCRIBED:
-        return None, {"skipped": f"{described} items with text (fewer than {MIN_DESCRIBED})"}
-    cfg = cfg or ColdConfig()
+        return None, f"{described} items with text (fewer than {MIN_DESCRIBED})"
     encoder = ContentEncoder.fit(texts, [it.get("category") for it in items], [it.get("price") for it in items],
-                                 seed=cfg.seed)
-    part = ContentPart(encoder, ContentMap(encoder.dim), cfg, np.zeros(0, dtype=np.int64), np.zeros((0, encoder.dim)))
-    feats = part.features(items)
+                                 seed=seed)
+    return encoder, encoder.transform(texts, [it.get("category") for it in items], [it.get("price") for it in items])
+
+
+def fit_content(build, graph, items, cfg: ColdConfig | None = None, progress=True, writer=None, grid=GRID,
+                train: bool = True, first=None, described=None):
+    """A version's ContentPart from its items' metadata (dicts in graph column order) and its graph,
+    `build(graph)` making the version from a graph; (None, reason) when fewer than MIN_DESCRIBED items
+    have any text (`described`: `describe(items)` if already made). Without `train`, the map stays
+    untrained (A = I, tau = 10): content-kNN, each new item the softmax mix of the rows of its K most
+    alike known items. Returns (part, report)."""
+    cfg = cfg or ColdConfig()
+    encoder, feats = described or describe(items, cfg.seed)
+    if encoder is None:
+        return None, {"skipped": feats}
     if train:
         net, report = choose_and_train(build, graph, feats, cfg, grid, progress=progress, writer=writer, first=first)
     else:

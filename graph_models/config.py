@@ -43,6 +43,9 @@ class ModelConfig:
     # EASE (graph_models.ease) as a term of the score: its L2 weight (0: none) and its weight in the score.
     ease_lambda: float = 0.0
     ease_weight: float = 0.0
+    # Weight of the items' content cosines in EASE's Gram (ease.content_gram; 0: EASE on the edges alone,
+    # as for a shop without item text).
+    ease_content: float = 0.0
     # The settings search (graph_models.search): seeded trials on the validation split; 0 = keep these settings.
     search_trials: int = 60
     search_users: int = 2000  # validation users each trial is measured on (a seeded sample)

@@ -14,6 +14,19 @@ def gram(csr) -> np.ndarray:
     return np.asarray((x.T @ x).todense())
 
 
+def content_gram(feats, graph) -> np.ndarray:
+    """F F^T of items' feature rows F scaled to length 1 (cosines), dense float64, for EASE with side
+    information (Jeunen, Van Balen & Goethals, RecSys 2020: the closed form on [X; sqrt(alpha) F^T]).
+
+    The rows of items without an edge in `graph` are zero: their columns of EASE stay zero, so that an
+    item nobody has bought is scored by the content map's mix alone (graph_models.coldstart), not twice."""
+    f = np.asarray(feats, dtype=np.float64)
+    n = np.sqrt((f * f).sum(axis=1, keepdims=True))
+    f = np.divide(f, n, out=np.zeros_like(f), where=n > 0)
+    f[np.asarray((sp.csr_matrix(graph) > 0).sum(axis=0)).ravel() == 0] = 0.0
+    return f @ f.T
+
+
 def ease_matrix(csr_or_gram, lam: float) -> np.ndarray:
     """B = I - P diag(1/diag(P)) with P = (X^T X + lam I)^-1, zero diagonal, dense float32 items x items.
 

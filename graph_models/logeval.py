@@ -22,14 +22,14 @@ def first_matrix(graph: sp.csr_matrix, u, i, first) -> sp.csr_matrix:
     return out.multiply(graph > 0).tocsr()
 
 
-def choose_and_fit(graph, first, cfg, fixed=None, budget_s=None, progress=True, log_dir=None):
+def choose_and_fit(graph, first, cfg, fixed=None, budget_s=None, progress=True, log_dir=None, content=None):
     """What `train` does: hold out each shopper's latest cfg.holdout of edges (`first`: first times on
-    `graph`'s pattern), choose the settings on them, rebuild on the whole graph. Returns (model, result,
-    (fit_csr, validation targets))."""
+    `graph`'s pattern), choose the settings on them (`content`: the items' feature rows, or None),
+    rebuild on the whole graph. Returns (model, result, (fit_csr, validation targets))."""
     split = user_latest_holdout(graph, first, cfg.holdout)
     model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=split,
                         trend=graph_trend(cfg, split[0], first),
-                        fixed=fixed, budget_s=budget_s)
+                        fixed=fixed, budget_s=budget_s, content=content)
     return model, result, split
 
 

@@ -19,8 +19,9 @@ class InterestSAGE(nn.Module):
       (x = V g(s), q = V), where s are the squared singular values and h, g learned polynomials;
     - `lin` is the linear graph filter of `spectral.LinearFilter`, computed from the live graph, with
       weight c = cfg.lin_weight;
-    - `ease` (with cfg.ease_weight = e > 0) is EASE's closed form fitted on the version's graph, read
-      through the shopper's binary row of live edges.
+    - `ease` (with cfg.ease_weight = e > 0) is EASE's closed form fitted on the version's graph (and,
+      with cfg.ease_content > 0, on its items' content too), read through the shopper's binary row of
+      live edges.
     The settings (sizes, weights, exponents) are chosen per data set by `graph_models.search`.
     With item biases on (`biased`), the ranking is `s_u / max |s_u| + b_j` (`bias.with_bias`).
     Initialised at h = alpha, g = 0, the score is GF-CF (Shen et al., CIKM 2021) truncated to `dim`.

@@ -6,7 +6,9 @@ raw low-rank block, and EASE at an L2 weight. Each term is computed once per var
 sample of validation users, so a trial costs a weighted sum and a top-k; terms are scaled to a common
 size first, so that the searched weights mean the same on any data set. Fixed settings (`fixed`) are
 not searched. Known-good points (GF-CF, the filter alone, EASE) are tried first, so the search cannot
-end below them on validation.
+end below them on validation. Where the items have content, the search's best is then tried with the
+content's cosines in EASE's Gram at each weight of CONTENT_WEIGHTS, kept only if validation improves:
+so a shop where content does not help keeps exactly the settings chosen without it.
 """
 from __future__ import annotations
 
@@ -19,15 +21,16 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .ease import MAX_ITEMS, ease_matrix, gram
+from .ease import MAX_ITEMS, content_gram, ease_matrix, gram
 from .evaluation import evaluate
 from .spectral import LIN_WEIGHTS, LinearFilter, degrees, inv_sqrt, item_basis, lin_weights, target_tilt
 
 RANKS = (32, 64, 128, 256, 512, 1024, 2048)
 LAMBDAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
+CONTENT_WEIGHTS = (3.0, 10.0, 30.0, 100.0)  # of the content cosines in EASE's Gram, on the lambdas' scale
 BETAS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 SEARCHED = ("rank", "alpha", "sharp_alpha", "lin_weight", "lin_weights", "lin_user_weights", "lin_beta",
-            "ease_lambda", "ease_weight")
+            "ease_lambda", "ease_weight", "ease_content")
 
 
 class SearchError(ValueError):
@@ -37,8 +40,9 @@ class SearchError(ValueError):
 class Terms:
     """The score's terms for a fixed sample of validation users, each computed once and kept."""
 
-    def __init__(self, fit_csr, users, cfg, basis=None):
+    def __init__(self, fit_csr, users, cfg, basis=None, content=None):
         self.x = sp.csr_matrix(fit_csr, dtype=np.float64)
+        self.content = content  # the items' feature rows, or None (then EASE reads the edges alone)
         self.cfg, self._cache = cfg, {}
         self.rows = self.x[np.asarray(users)]
         v, self.s2 = basis or item_basis(self.x, cfg.dim, cfg.seed, cfg.svd_iters)
@@ -81,14 +85,20 @@ class Terms:
         return self._kept(("sharp", k), lambda: torch.from_numpy(
             np.asarray(self.rows @ self.v[:, :k], dtype=np.float32)) @ vs.T)
 
-    def ease(self, lam):
-        """EASE at L2 weight `lam` on the sample's binary rows, and its scale (one inverse per lambda:
-        an eigendecomposition shared by all lambdas measured slower here than a few inverses)."""
+    def ease(self, lam, content=0.0):
+        """EASE at L2 weight `lam` (the content cosines at weight `content` in its Gram) on the sample's
+        binary rows, and its scale (one inverse per pair: an eigendecomposition shared by all lambdas
+        measured slower here than a few inverses)."""
         if "gram" not in self._cache:
             self._cache["gram"] = gram(self.x)
-        return self._kept(("ease", lam), lambda: torch.from_numpy(
-            np.asarray((self.rows > 0).todense(), dtype=np.float32)) @ torch.from_numpy(
-                ease_matrix(self._cache["gram"], lam)))
+        if content and "content" not in self._cache:
+            self._cache["content"] = content_gram(self.content, self.x)
+
+        def make():
+            g = self._cache["gram"] + content * self._cache["content"] if content else self._cache["gram"]
+            return torch.from_numpy(np.asarray((self.rows > 0).todense(), dtype=np.float32)) @ torch.from_numpy(
+                ease_matrix(g, lam))
+        return self._kept(("ease", lam, content), make)
 
     def scores(self, s: dict) -> torch.Tensor:
         """The sample's scores under normalised weights `s` (see `Search`)."""
@@ -101,7 +111,7 @@ class Terms:
         if s["sharp_alpha"]:
             out += s["sharp_alpha"] * self.sharp(s["rank"])[0]
         if s["ease_weight"]:
-            out += s["ease_weight"] * self.ease(s["ease_lambda"])[0]
+            out += s["ease_weight"] * self.ease(s["ease_lambda"], s["ease_content"])[0]
         return out
 
     def settings(self, s: dict) -> dict:
@@ -112,7 +122,8 @@ class Terms:
         out["lin_weight"] = 1.0 if s["lin_weight"] else 0.0
         out["alpha"] = s["alpha"] * lin_top / self.low(s["rank"])[1] if s["alpha"] else 0.0
         out["sharp_alpha"] = s["sharp_alpha"] * lin_top / self.sharp(s["rank"])[1] if s["sharp_alpha"] else 0.0
-        out["ease_weight"] = s["ease_weight"] * lin_top / self.ease(s["ease_lambda"])[1] if s["ease_weight"] else 0.0
+        out["ease_weight"] = (s["ease_weight"] * lin_top / self.ease(s["ease_lambda"], s["ease_content"])[1]
+                              if s["ease_weight"] else 0.0)
         return out
 
 
@@ -140,6 +151,7 @@ def _space(trial, cfg, terms, fixed) -> dict:
         s["ease_lambda"] = pick("ease_lambda", lambda: trial.suggest_categorical("ease_lambda", LAMBDAS))
     else:
         s.update(ease_weight=0.0, ease_lambda=0.0)
+    s["ease_content"] = fixed.get("ease_content", 0.0)  # chosen after the trials (`_with_content`)
     return s
 
 
@@ -156,13 +168,14 @@ def _starts(cfg, terms) -> list[dict]:
 
 
 def search(fit_csr, targets: dict, cfg, fixed: dict | None = None, budget_s: float | None = None,
-           progress: bool = True, log=None, basis=None):
+           progress: bool = True, log=None, basis=None, content=None):
     """Settings of `cfg`'s score chosen on the validation split (`fit_csr`, `targets`: user row -> held-out
     items), by cfg.search_trials seeded TPE trials (fewer if `budget_s` seconds run out, at least one).
 
     `fixed` maps setting names (SEARCHED) to values not to search. Returns (the best ModelConfig,
     a report with the chosen settings, each trial's validation figures and the seconds taken);
-    `log(row)` is called for each trial (e.g. TensorBoard). Raises SearchError without validation users.
+    `log(row)` is called for each trial (e.g. TensorBoard); `content` (the items' feature rows, or None)
+    lets EASE read the items' content. Raises SearchError without validation users.
     """
     t0 = time.time()
     fixed = {k: v for k, v in (fixed or {}).items() if k in SEARCHED and v is not None}
@@ -171,7 +184,7 @@ def search(fit_csr, targets: dict, cfg, fixed: dict | None = None, budget_s: flo
         raise SearchError("the validation split has no users with held-out interactions: nothing to choose on")
     if len(users) > cfg.search_users:
         users = np.sort(np.random.default_rng(cfg.seed).choice(users, size=cfg.search_users, replace=False))
-    terms = Terms(fit_csr, users, cfg, basis)
+    terms = Terms(fit_csr, users, cfg, basis, content)
     truth = {int(u): targets[int(u)] for u in users}
     rows = {int(u): k for k, u in enumerate(users)}
     k = cfg.k
@@ -206,8 +219,27 @@ def search(fit_csr, targets: dict, cfg, fixed: dict | None = None, budget_s: flo
     study.optimize(objective, n_trials=max(1, cfg.search_trials), timeout=left)
     bar.close()
     best = study.best_trial
-    chosen = terms.settings(best.user_attrs["settings"])
+    s, best_row = best.user_attrs["settings"], next(r for r in history if r["trial"] == best.number)
+    tried = []
+    if terms.content is not None and s["ease_weight"] and "ease_content" not in fixed:
+        s, best_row, tried = _with_content(s, best_row, measure, k)
+    chosen = terms.settings(s)
     model_cfg = replace(cfg, **chosen)
-    best_row = next(r for r in history if r["trial"] == best.number)
     return model_cfg, {"chosen": chosen, "validation": {**best_row, "users": int(len(users))},
-                       "trials": history, "seconds": time.time() - t0, "fixed": sorted(fixed)}
+                       "trials": history, "content_weights": tried, "seconds": time.time() - t0,
+                       "fixed": sorted(fixed)}
+
+
+def _with_content(s, row, measure, k):
+    """(settings, their validation row, the rows tried): the settings `s` (validation `row`) with the
+    items' content in EASE's Gram at each of CONTENT_WEIGHTS, the best by the trials' goal kept only if
+    it beats `s` itself (ties: the smaller weight, then none)."""
+    recall, ndcg = f"recall@{k}", f"ndcg@{k}"
+    tried = []
+    for weight in CONTENT_WEIGHTS:
+        r, n = measure({**s, "ease_content": weight})
+        tried.append({"ease_content": weight, recall: r, ndcg: n})
+    top = max(tried, key=lambda t: t[recall] + t[ndcg])
+    if top[recall] + top[ndcg] > row[recall] + row[ndcg]:
+        return {**s, "ease_content": top["ease_content"]}, {**row, **top}, tried
+    return s, row, tried

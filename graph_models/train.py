@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .baselines import popularity_scorer
 from .bias import fit_bias, prior, with_bias
 from .candidates import pattern, restricted, with_attending
-from .ease import ease_matrix
+from .ease import content_gram, ease_matrix, gram
 from .evaluation import evaluate
 from .graph import graph_from_csr
 from .model import InterestSAGE
@@ -19,10 +19,10 @@ from .spectral import LinearFilter, degrees, item_basis, table_topk
 from .split import holdout
 
 
-def build(graph_csr, cfg, like=None, basis=None):
+def build(graph_csr, cfg, like=None, basis=None, content=None):
     """A model whose basis comes from `graph_csr` (or is `basis`, a pair (V, s^2) of it with at least
     cfg.rank columns); learned responses copied from `like` if given; EASE's matrix fitted when the
-    settings use it."""
+    settings use it, with the items' feature rows `content` in its Gram when cfg.ease_content > 0."""
     rank = min(cfg.rank or cfg.dim, cfg.dim)
     basis, s2 = basis or item_basis(graph_csr, rank, cfg.seed, cfg.svd_iters)
     basis, s2 = basis[:, :rank], s2[:rank]
@@ -31,7 +31,12 @@ def build(graph_csr, cfg, like=None, basis=None):
         basis, s2 = np.pad(basis, ((0, 0), (0, pad))), np.pad(s2, (0, pad))
     model = InterestSAGE(basis, s2, degrees(graph_csr)[1], cfg)
     if cfg.ease_weight > 0:
-        model.ease = torch.from_numpy(ease_matrix(graph_csr, cfg.ease_lambda))
+        g = gram(graph_csr)
+        if cfg.ease_content > 0:
+            if content is None:
+                raise ValueError("the settings weigh the items' content in EASE, and no content was given")
+            g += cfg.ease_content * content_gram(content, graph_csr)
+        model.ease = torch.from_numpy(ease_matrix(g, cfg.ease_lambda))
     if like is not None:
         model.load_state_dict({k: v for k, v in like.state_dict().items()
                                if k in ("low", "sharp") or (k == "bias" and v.shape == model.bias.shape)},
@@ -274,7 +279,8 @@ def fit_checked_bias(model, fit_csr, targets, cfg, trend=None) -> dict:
 BIAS_TEMPERATURES = (0.1, 0.3)  # item-bias temperatures tried after the settings search
 
 
-def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fixed=None, budget_s=None):
+def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fixed=None, budget_s=None,
+        content=None):
     """The whole recipe: hide `cfg.holdout` of each user's items (or use `split`, a pair (graph
     without the targets, targets), e.g. a time-ordered one), choose the settings on them
     (`search.search`, unless cfg.search_trials is 0: then the responses are fitted by `train`), then
@@ -282,7 +288,8 @@ def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fix
     when `fixed` does not set them: each temperature of BIAS_TEMPERATURES (or the fixed one) is kept
     only if it passes `fit_checked_bias`'s check, the best on it wins; `trend` is the trend of the
     graph without the targets, for a model that reads one. `budget_s` bounds the search's seconds (and
-    searched biases are not tried past it)."""
+    searched biases are not tried past it). `content`, the items' feature rows (columns of `train_csr`),
+    lets the search weigh them in EASE (None: a shop without content, EASE on the edges alone)."""
     from .search import search
     cfg = replace(cfg, lin_topk=table_topk(train_csr.nnz, train_csr.shape[1], cfg))
     fit_csr, hidden = split or holdout(train_csr, cfg.holdout, cfg.seed)
@@ -294,22 +301,22 @@ def fit(train_csr, cfg, progress=True, log_dir=None, split=None, trend=None, fix
 
         def log(row):
             _log(writer, {"epoch": row["trial"], **{k: v for k, v in row.items() if k != "trial"}}, False)
-        cfg, found = search(fit_csr, hidden, cfg, fixed, budget_s, progress, log, basis)
+        cfg, found = search(fit_csr, hidden, cfg, fixed, budget_s, progress, log, basis, content)
         if writer is not None:
             writer.close()
-        first = build(fit_csr, cfg, basis=basis)
+        first = build(fit_csr, cfg, basis=basis, content=content)
         users = {u for u in hidden if hidden[u]}
         check = {int(u): hidden[int(u)] for u in sorted(users)[:cfg.search_users]}
         result = {"metrics": found["validation"], "history": found["trials"], "epochs": 0, "search": found,
                   "popularity": evaluate(popularity_scorer(fit_csr), check, fit_csr, cfg.k),
                   "seconds": time.time() - t0}
     else:
-        first = build(fit_csr, cfg)
+        first = build(fit_csr, cfg, content=content)
         result = train(first, fit_csr, hidden, cfg, progress=progress, log_dir=log_dir)
     deadline = None if budget_s is None else t0 + budget_s
     cfg, result["bias"] = _choose_bias(first, fit_csr, hidden, cfg, fixed, trend, deadline)
     first.cfg = cfg
-    model = build(train_csr, cfg, like=first)
+    model = build(train_csr, cfg, like=first, content=content)
     result["config"] = cfg
     result["basis_seconds"] = time.time() - t0 - result["seconds"]
     return model, result

@@ -87,13 +87,22 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
     if train_model:
         # Settings are chosen on each shopper's latest interactions (their next items), held out.
         first = _edge_matrix(snap, np.asarray(snap.first, dtype=np.float64))
+        # The items' content, described once: EASE may weigh it (searched), and the content map reads it.
+        items, described, feats = None, None, None
+        if cfg.content_map != "off":
+            from graph_models.coldstart import describe
+            items = [{"title": it.get("title"), "category": it.get("category"), "price": it.get("price")}
+                     for it in snap.items]
+            described = describe(items, mcfg.seed)
+            feats = described[1] if described[0] is not None else None
         model, result, _ = choose_and_fit(graph, first, mcfg, fixed_settings(cfg),
                                           mcfg.max_minutes * 60 if mcfg.max_minutes else None, progress,
-                                          str(cfg.home / "runs" / version))
+                                          str(cfg.home / "runs" / version), content=feats)
         mcfg, search = model.cfg, result.get("search")
         if cfg.content_map != "off":
-            result["content"] = _fit_content(model, graph, snap, progress, str(cfg.home / "runs" / version),
-                                             train=cfg.content_map == "on", score=cfg.content_score, first=first)
+            result["content"] = _fit_content(model, graph, items, described, progress,
+                                             str(cfg.home / "runs" / version), train=cfg.content_map == "on",
+                                             score=cfg.content_score, first=first)
     else:
         mcfg = replace(mcfg, lin_topk=table_topk(graph.nnz, graph.shape[1], mcfg))  # as `fit` sets it
         model = build(graph, mcfg)
@@ -113,19 +122,19 @@ def train_and_publish(driver, cfg: Config, progress: bool = True, owner: str | N
             "checkpoint": str(path), "runs": str(cfg.home / "runs" / version) if train_model else None}
 
 
-def _fit_content(model, graph: sp.csr_matrix, snap: store.Snapshot, progress: bool, log_dir: str,
+def _fit_content(model, graph: sp.csr_matrix, items: list, described, progress: bool, log_dir: str,
                  train: bool = True, score: str = "mix", first: sp.csr_matrix | None = None) -> dict:
-    """Fit the version's content part (encoder, and the map: learned with `train`, else content-kNN; its
-    items scored by `score`, ColdConfig.score) on the snapshot's item metadata (`first`: the edges' first
-    times, for a version that reads a trend); the learned map's curves go to TensorBoard next to the
-    settings search's. Returns the map's choice and validation."""
+    """Fit the version's content part (the map: learned with `train`, else content-kNN; its items scored
+    by `score`, ColdConfig.score) on the snapshot's item metadata `items` (`described`: coldstart.describe
+    of them; `first`: the edges' first times, for a version that reads a trend); the learned map's curves
+    go to TensorBoard next to the settings search's. Returns the map's choice and validation."""
     from graph_models.coldstart import ColdConfig, fit_content
     from graph_models.train import _tensorboard
     writer = _tensorboard(log_dir) if train else None
-    items = [{"title": it.get("title"), "category": it.get("category"), "price": it.get("price")} for it in snap.items]
-    part, report = fit_content(lambda g: build(g, model.cfg), graph, items,
+    feats = described[1] if described[0] is not None else None
+    part, report = fit_content(lambda g: build(g, model.cfg, content=feats), graph, items,
                                ColdConfig(seed=model.cfg.seed, score=score),
-                               progress=progress, writer=writer, train=train, first=first)
+                               progress=progress, writer=writer, train=train, first=first, described=described)
     if writer is not None:
         writer.close()
     model.content = part
