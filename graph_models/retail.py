@@ -144,6 +144,7 @@ def run_evaluation(path, cfg=None, progress=True, log_dir=None, fixed=None):
     """Ours against popularity, ItemKNN and GF-CF, trained on the first 80% of time and tested on the
     items each user first bought afterwards; ours and ItemKNN are tuned on the last 10% of train."""
     from .baselines import gfcf_scorer, itemknn_scorer, popularity_scorer, tune_itemknn
+    from .coldeval import Content
     from .config import ModelConfig
     from .ease import ease_scorer, tune_ease
     from .train import Scorer, fit
@@ -152,9 +153,11 @@ def run_evaluation(path, cfg=None, progress=True, log_dir=None, fixed=None):
     split = load_time_split(path)
     graph = split.train.astype(np.float64)  # weights: purchase lines per (customer, item)
     t0 = time.time()
+    # The items described as `train` describes a shop's (EASE may weigh their content, chosen on validation).
+    feats = Content(split.description, split.unit_price, np.arange(len(split.item_ids))).feats
     # Responses fitted on the later part of train against the earlier part, as ItemKNN is tuned.
     model, result = fit(graph, cfg, progress=progress, log_dir=log_dir, split=(split.fit.astype(np.float64), split.val),
-                        fixed=fixed, budget_s=cfg.max_minutes * 60 if cfg.max_minutes else None)
+                        fixed=fixed, budget_s=cfg.max_minutes * 60 if cfg.max_minutes else None, content=feats)
     report = {"model": {**evaluate(Scorer(model, graph), split.truth, split.train, cfg.k),
                         "seconds": time.time() - t0}}
     ease = tune_ease(split.fit, split.val, k=cfg.k)
