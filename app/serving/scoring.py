@@ -160,11 +160,11 @@ class Scoring:
         candidate would give them: p . q_j is read only where its bound (q's first columns exactly, the rest
         by its norm) leaves the item a chance, and with biases where it may be the largest magnitude."""
         exact = lambda at: self._low(p, cand[at]) + lin[at]  # noqa: E731
-        bias = self._bias
+        biased = self._bias is not None
+        bias = self._bias[cand] if biased else np.zeros(len(cand))
         if len(cand) < BOUND_FROM:
             s = exact(slice(None))
-            top = largest(s) if bias is not None else 1.0
-            return cand[ok], s[ok] / top + (0.0 if bias is None else bias[cand[ok]])
+            return cand[ok], s[ok] / (largest(s) if biased else 1.0) + bias[ok]
         tail, whole = np.linalg.norm(p[HEAD:]), ROUNDING * np.linalg.norm(p)
         w = np.zeros((HEAD + 2, 2), dtype=np.float32)
         w[:HEAD] = p[:HEAD, None]
@@ -175,16 +175,16 @@ class Scoring:
         if len(own):  # rows from content are not the version's: read, not bounded
             lo[own] = hi[own] = exact(own)
         top = 1.0
-        if bias is not None:  # the divisor is the largest magnitude of every candidate's score
+        if biased:  # the divisor is the largest magnitude of every candidate's score
             mag = np.maximum(np.abs(lo), np.abs(hi))
             first = int(np.argmax(mag))
             top = largest(exact(np.flatnonzero(mag >= min(mag[first], abs(exact([first])[0])))))
-            lo, hi = lo / top + bias[cand], hi / top + bias[cand]
+            lo, hi = lo / top + bias, hi / top + bias
         admitted = np.flatnonzero(ok)
         first = admitted[np.argpartition(-lo[admitted], k - 1)[:k]]
-        floor = (exact(first) / top + (0.0 if bias is None else bias[cand[first]])).min()
+        floor = (exact(first) / top + bias[first]).min()
         at = admitted[hi[admitted] >= floor]
-        return cand[at], exact(at) / top + (0.0 if bias is None else bias[cand[at]])
+        return cand[at], exact(at) / top + bias[at]
 
     def _low(self, p: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """p . q_j of items `cand`: their rows gathered, or (for many) every row's product, which is then cheaper."""
