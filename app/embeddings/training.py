@@ -163,7 +163,7 @@ def publish(driver, cfg: Config, mcfg: ModelConfig, model, meta: dict, owner: st
 def chosen_settings(mcfg: ModelConfig) -> dict:
     """The settings that decide a version's ranking, as served."""
     keys = ("rank", "alpha", "sharp_alpha", "lin_weight", "lin_weights", "lin_user_weights", "lin_beta",
-            "ease_lambda", "ease_weight", "bias_temperature", "trend_halflife", "trend_weight")
+            "ease_lambda", "ease_weight", "ease_content", "bias_temperature", "trend_halflife", "trend_weight")
     d = mcfg.to_dict()
     return {k: d[k] for k in keys}
 
