@@ -101,12 +101,32 @@ def footprint_mb(st: State) -> float:
     return (sum(size(x) for x in parts) + sum(t.nbytes for t in st.lm.tables) + st.lm.q32.nbytes) / 1e6
 
 
+def alternated(st: State, users: list[str], rng) -> dict[str, list[float]]:
+    """CPU seconds of each plain request for `users` reading every candidate's row of q ("rows") and
+    bounding them first ("table"), the two in random order request by request so that both see the same
+    host; stops if their rankings differ."""
+    cpu: dict[str, list[float]] = {"rows": [], "table": []}
+    for u in users:
+        ids = {}
+        for path in rng.permutation(["rows", "table"]):
+            scoring.BOUND_FROM = 10**12 if path == "rows" else BOUND_FROM
+            c0 = time.thread_time()
+            answer = recommend(None, st, u, 20, Filters(), False)
+            cpu[path].append(time.thread_time() - c0)
+            ids[path] = [r["item_id"] for r in answer["results"]]
+        assert ids["rows"] == ids["table"], "bounding changed a ranking"
+    scoring.BOUND_FROM = BOUND_FROM
+    return cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,1000000,10000000")
     parser.add_argument("--requests", type=int, default=1000, help="requests per size, path and variant")
     parser.add_argument("--exact-requests", type=int, default=200, help="the exact path's requests at 10M edges")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--alternate", action="store_true",
+                        help="only the table path, reading every row and bounding them in turn, request by request")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     rows = []
@@ -121,7 +141,8 @@ def main() -> None:
         answers = {}
         topk_table = table_topk(csr.nnz, n_items, cfg) or cfg.table_k
         # "rows": the table path reading every candidate's row of q; "table": bounding them first (as served)
-        for path, topk in (("exact", 0), ("rows", topk_table), ("table", topk_table)):
+        paths = (("table", topk_table),) if args.alternate else (("exact", 0), ("rows", topk_table), ("table", topk_table))
+        for path, topk in paths:
             scoring.BOUND_FROM = 10**12 if path == "rows" else BOUND_FROM
             mcfg = ModelConfig(**{**cfg.to_dict(), "lin_topk": topk})
             lm = LoadedModel(f"bench-{size}-{path}", model, mcfg,
@@ -136,6 +157,13 @@ def main() -> None:
                    "build_s": time.perf_counter() - t0, "basis_s": basis_s, "mb": footprint_mb(st), "rss_mb": rss_mb()}
             n = args.exact_requests if path == "exact" and size >= 10_000_000 else args.requests
             timed(st, sample[:20], "plain")  # warm
+            if args.alternate:
+                cpu = alternated(st, sample, rng)
+                print(f"{size:>10,} edges, plain, CPU ms p50 / p99: every candidate's row "
+                      f"{1e3 * np.percentile(cpu['rows'], 50):.3f} / {1e3 * np.percentile(cpu['rows'], 99):.3f}, "
+                      f"bounded {1e3 * np.percentile(cpu['table'], 50):.3f} / {1e3 * np.percentile(cpu['table'], 99):.3f} "
+                      f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+                continue
             for variant in VARIANTS:
                 wall, cpu, ids = timed(st, tqdm(sample[:n], desc=f"{size:,} {path} {variant}", leave=False,
                                                 mininterval=10), variant)
@@ -157,6 +185,8 @@ def main() -> None:
             del st, lm
         del csr, model, u, i
         gc.collect()
+    if not rows:  # --alternate printed its lines
+        return
     base = {r["path"]: r for r in rows if r["edges"] == rows[0]["edges"]}
     print(f"\nCPU ms per request (one thread), p50 / p99; the wall times are in the lines above")
     others = [v for v in VARIANTS if v != "plain"]

@@ -72,8 +72,7 @@ REMOVE r.ig_unseen
 """
 
 # An item's degree (sum of its positive raw edge weights), summed again over all its edges rather
-# than kept by differences, so weights that cancel leave exactly 0 and no float residue; returns the
-# items the version has not embedded yet (brand-new ones), which the same transaction then embeds.
+# than kept by differences, so weights that cancel leave exactly 0 and no float residue.
 ITEM_DEGREES = """
 UNWIND $ids AS id
 MATCH (i:Item {id: id})
@@ -83,11 +82,9 @@ CALL {
   RETURN sum(CASE WHEN r.w > 0 THEN r.w ELSE 0.0 END) AS d
 }
 SET i.ig_deg = d
-WITH i WHERE coalesce(i.embedding_version, '') <> $version
-RETURN collect(i.id) AS unembedded
 """
 
-# The items of `$ids` the version has not embedded yet, for a run that leaves their degrees for later.
+# The items of `$ids` the version has not embedded yet (brand-new ones), which the run then embeds.
 ITEMS_UNEMBEDDED = """
 UNWIND $ids AS id
 MATCH (i:Item {id: id}) WHERE coalesce(i.embedding_version, '') <> $version

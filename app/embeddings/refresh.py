@@ -248,8 +248,8 @@ def _write(tx, lm: LoadedModel, writes: dict, mark: int, run: dict, owner: str |
     """
     store.check_lease(tx, owner)
     summed, stale, since = writes["degrees"]  # summed holds the run's items whenever it is not empty
-    new = (store.item_degrees(tx, summed, lm.version) if summed
-           else store.unembedded_items(tx, writes["items"], lm.version))
+    store.item_degrees(tx, summed)
+    new = store.unembedded_items(tx, writes["items"], lm.version)
     phases.done("degrees")
     run["embeddings"] = len(writes["users"]) + _embed_new_items(tx, lm, sorted(set(new) | set(writes["recontent"])),
                                                                 writes["content"])

@@ -110,13 +110,10 @@ def mark_edges_changed(tx, rows: list[dict]) -> None:
         tx.run(cypher.MARK_EDGES_CHANGED, rows=chunk).consume()
 
 
-def item_degrees(tx, ids: list[str], version: str) -> list[str]:
-    """Recompute the degree of items from all their edges (after their edges changed); return those
-    of them not embedded by `version`."""
-    out = []
+def item_degrees(tx, ids: list[str]) -> None:
+    """Recompute the degree of items from all their edges (after their edges changed)."""
     for chunk in chunks(sorted(ids), 2000):
-        out.extend(tx.run(cypher.ITEM_DEGREES, ids=chunk, version=version).single()["unembedded"])
-    return out
+        tx.run(cypher.ITEM_DEGREES, ids=chunk).consume()
 
 
 def unembedded_items(tx, ids: list[str], version: str) -> list[str]:
