@@ -157,7 +157,7 @@ class Scoring:
     def _bounded(self, p: np.ndarray, cand: np.ndarray, lin: np.ndarray, ok: np.ndarray,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
         """The admitted (`ok`) candidates that may be among the k best and their scores, as scoring every
-        candidate would give them: p . q_j is read only where its bound (q's first columns exactly, the rest
+        candidate would give them (to float32's last bit): p . q_j is read only where its bound (q's first columns exactly, the rest
         by its norm) leaves the item a chance, and with biases where it may be the largest magnitude."""
         exact = lambda at: self._low(p, cand[at]) + lin[at]  # noqa: E731
         biased = self._bias is not None
